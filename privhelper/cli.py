@@ -1,0 +1,120 @@
+"""``agentiso-helper``: the daemon (``serve``) and its admin commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+import msgspec
+import structlog
+
+from agentiso.protocol import helper as hp
+from agentiso.protocol.blocking import BlockingHelperClient
+from agentiso.protocol.errors import ProtocolError
+
+from . import __version__, log, systemd
+from .config import DEFAULT_CONFIG_PATH, HelperConfig, load_config
+from .errors import HelperError
+from .server import HelperServer, bind_listener, listener_from_fd
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentiso-helper", description=__doc__)
+    p.add_argument("--version", action="version", version=f"agentiso-helper {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the helper daemon")
+    s.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    s.add_argument("--socket", type=Path, help="bind this path (ignored under socket activation)")
+    s.add_argument("--group", help="group allowed to connect (name or gid)")
+    s.add_argument("--state-dir", type=Path)
+    s.add_argument("--images-dir", type=Path)
+    s.add_argument("--log-level", default="info")
+
+    st = sub.add_parser("status", help="connect to the helper and show who it sees")
+    st.add_argument("--socket", type=Path, default=None)
+    st.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    st.add_argument("--timeout", type=float, default=10.0)
+    return p
+
+
+def _apply_overrides(cfg: HelperConfig, args: argparse.Namespace) -> HelperConfig:
+    server, paths = cfg.server, cfg.paths
+    if args.socket is not None:
+        server = msgspec.structs.replace(server, socket=str(args.socket))
+    if getattr(args, "group", None) is not None:
+        server = msgspec.structs.replace(server, group=args.group)
+    if getattr(args, "state_dir", None) is not None:
+        paths = msgspec.structs.replace(paths, state_dir=str(args.state_dir))
+    if getattr(args, "images_dir", None) is not None:
+        paths = msgspec.structs.replace(paths, images_dir=str(args.images_dir))
+    return msgspec.structs.replace(cfg, server=server, paths=paths)
+
+
+async def _serve(cfg: HelperConfig) -> None:
+    logger = structlog.get_logger("agentiso.helper")
+    server = HelperServer(cfg)
+    fds = systemd.listen_fds()
+    systemd.clear_listen_env()
+    if fds:
+        listener = await listener_from_fd(fds[0])
+        logger.info("listening", fd=fds[0], activation="systemd")
+    else:
+        path = Path(cfg.server.socket)
+        listener = await bind_listener(path, cfg.server.socket_mode, server.allowed_gid)
+        logger.info("listening", socket=str(path), group_gid=server.allowed_gid)
+    if server.allowed_gid is None:
+        logger.warning("group_missing", group=cfg.server.group, effect="only root may connect")
+    systemd.notify("READY=1")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, listener)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                logger.info("stopping", signal=signal.Signals(signum).name)
+                tg.cancel_scope.cancel()
+                break
+
+
+def _status(args: argparse.Namespace) -> int:
+    path = args.socket
+    if path is None:
+        path = Path(load_config(args.config).server.socket)
+    try:
+        with BlockingHelperClient(str(path), timeout=args.timeout, client="status") as c:
+            who = c.request(hp.WhoAmI(id=0))
+            assert isinstance(who, hp.Identity)
+            print(f"helper:   {c.hello.server} (protocol {c.hello.version})")
+            print(f"socket:   {path}")
+            print(f"uptime:   {c.hello.uptime_s:.1f} s")
+            print(f"you are:  uid {who.uid} gid {who.gid} pid {who.pid}"
+                  f"{' (admin)' if who.admin else ''}")
+    except (OSError, ProtocolError) as exc:
+        print(f"agentiso-helper status: cannot talk to {path}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "status":
+        return _status(args)
+    log.configure(args.log_level)
+    try:
+        cfg = _apply_overrides(load_config(args.config), args)
+    except HelperError as exc:
+        print(f"agentiso-helper: {exc}", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        structlog.get_logger("agentiso.helper").warning(
+            "not_root", effect="privileged operations will fail"
+        )
+    anyio.run(_serve, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

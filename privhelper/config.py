@@ -1,0 +1,75 @@
+"""Helper configuration: a TOML file, every key optional.
+
+A missing file means all defaults.  Unknown keys are an error, so a typo in
+the operator's file is reported instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import grp
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/agentiso/helper.toml")
+DEFAULT_SOCKET_PATH = Path("/run/agentiso/helper.sock")
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    socket: str = str(DEFAULT_SOCKET_PATH)
+    #: Group whose members may use the helper (besides root): a name or a gid.
+    group: str | int = "agentiso"
+    socket_mode: Annotated[int, Meta(ge=0, le=0o777)] = 0o660
+    #: Concurrent requests served per connection; more wait (backpressure).
+    max_inflight_per_connection: Annotated[int, Meta(ge=1, le=4096)] = 64
+    max_connections: Annotated[int, Meta(ge=1, le=65536)] = 1024
+
+
+class PathsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    state_dir: str = "/var/lib/agentiso"
+    images_dir: str = "/var/lib/agentiso/images"
+
+
+class HelperConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
+
+
+def parse_config(text: str, source: str = "<string>") -> HelperConfig:
+    """Parse TOML text into a validated config (pure)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return msgspec.convert(raw, HelperConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: Path) -> HelperConfig:
+    """Read ``path``; a file that does not exist yields the defaults."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return HelperConfig()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_config(text, str(path))
+
+
+def resolve_gid(group: str | int) -> int | None:
+    """The gid of the configured group, or None if no such group exists."""
+    if isinstance(group, int):
+        return group
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        return None

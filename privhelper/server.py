@@ -1,0 +1,264 @@
+"""The helper's socket server: authentication, handshake, concurrent dispatch.
+
+One connection = one authenticated peer.  The server:
+
+1. reads the peer's uid/gid/groups from the kernel (SO_PEERCRED) and refuses
+   anyone who is neither root nor in the configured group, with a typed error,
+   before reading a single byte from them;
+2. expects ``Hello`` with a matching protocol version;
+3. serves every further request in its own task (bounded per connection, so a
+   flood waits instead of growing memory), answering each with its id.
+
+A peer that sends garbage gets a typed error; a peer that breaks framing
+(oversize length, truncated frame) is disconnected.  Neither affects other
+connections.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import SocketAttribute, SocketListener, SocketStream
+
+from agentiso.protocol import helper as hp
+from agentiso.protocol.codec import peek_request_id
+from agentiso.protocol.errors import DecodeError, ErrorCode, FramingError, TruncatedFrame
+from agentiso.protocol.framing import encode_frame
+from agentiso.protocol.stream import FrameReader
+
+from . import __version__
+from .config import HelperConfig, resolve_gid
+from .errors import RequestFailed
+from .peercred import PeerCredentials, get_peer_credentials, is_authorized
+
+log = structlog.get_logger("agentiso.helper.server")
+
+HELLO_TIMEOUT_S = 10.0
+
+
+@dataclass
+class RequestContext:
+    """What a handler knows about the request beyond its body."""
+
+    peer: PeerCredentials
+    server: HelperServer
+
+
+Handler = Callable[[Any, RequestContext], Awaitable[hp.HelperResponse]]
+
+
+@dataclass
+class HelperServer:
+    config: HelperConfig
+    handlers: dict[type[Any], Handler] = field(default_factory=dict)
+    started_monotonic: float = field(default_factory=time.monotonic)
+    allowed_gid: int | None = None
+    connections: int = 0
+
+    def __post_init__(self) -> None:
+        if self.allowed_gid is None:
+            self.allowed_gid = resolve_gid(self.config.server.group)
+        self.handlers.setdefault(hp.Ping, _ping)
+        self.handlers.setdefault(hp.WhoAmI, _whoami)
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started_monotonic
+
+    async def serve(self, listener: SocketListener) -> None:
+        """Serve until cancelled."""
+        async with listener:
+            await listener.serve(self._guarded_connection)
+
+    async def _guarded_connection(self, stream: SocketStream) -> None:
+        # A failure in one connection must never take the server down.
+        self.connections += 1
+        try:
+            async with stream:
+                await self.handle_connection(stream)
+        except Exception:
+            log.exception("connection_failed")
+        finally:
+            self.connections -= 1
+
+    async def handle_connection(self, stream: SocketStream) -> None:
+        sock = stream.extra(SocketAttribute.raw_socket)
+        peer = get_peer_credentials(sock)
+        conn = _Connection(stream)
+        logc = log.bind(peer_uid=peer.uid, peer_pid=peer.pid)
+
+        if not is_authorized(peer, self.allowed_gid):
+            logc.warning("peer_refused")
+            await conn.send_error(
+                0,
+                ErrorCode.PERMISSION_DENIED,
+                f"uid {peer.uid} is neither root nor a member of the helper's group",
+            )
+            return
+        if self.connections > self.config.server.max_connections:
+            await conn.send_error(0, ErrorCode.LIMIT_EXCEEDED, "too many connections")
+            return
+
+        async def receive() -> bytes:
+            try:
+                return await stream.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError):
+                return b""
+
+        reader = FrameReader(receive, hp.HELPER_MAX_FRAME)
+        try:
+            if not await self._handshake(conn, reader):
+                return
+            await self._request_loop(conn, reader, RequestContext(peer=peer, server=self))
+        except TruncatedFrame:
+            logc.info("peer_truncated_frame")
+        except FramingError as exc:
+            logc.warning("peer_framing_error", error=str(exc))
+            await conn.send_error(0, ErrorCode.PROTOCOL, str(exc))
+
+    async def _handshake(self, conn: _Connection, reader: FrameReader) -> bool:
+        with anyio.move_on_after(HELLO_TIMEOUT_S):
+            body = await reader.read()
+            if body is None:
+                return False
+            try:
+                req = hp.request_codec.decode(body)
+            except DecodeError as exc:
+                rid = peek_request_id(body)
+                await conn.send_error(rid, ErrorCode.PROTOCOL, f"bad hello: {exc}")
+                return False
+            if not isinstance(req, hp.Hello):
+                await conn.send_error(req.id, ErrorCode.PROTOCOL, "the first request must be hello")
+                return False
+            if req.version != hp.HELPER_PROTOCOL_VERSION:
+                await conn.send_error(
+                    req.id,
+                    ErrorCode.VERSION_MISMATCH,
+                    f"helper speaks protocol {hp.HELPER_PROTOCOL_VERSION}, client {req.version}",
+                )
+                return False
+            await conn.send(
+                hp.HelloOk(
+                    id=req.id,
+                    version=hp.HELPER_PROTOCOL_VERSION,
+                    server=f"agentiso-helper {__version__}",
+                    uptime_s=self.uptime_s,
+                )
+            )
+            return True
+        await conn.send_error(0, ErrorCode.TIMEOUT, "no hello received")
+        return False
+
+    async def _request_loop(
+        self, conn: _Connection, reader: FrameReader, ctx: RequestContext
+    ) -> None:
+        limiter = anyio.CapacityLimiter(self.config.server.max_inflight_per_connection)
+        async with anyio.create_task_group() as tg:
+            try:
+                while (body := await reader.read()) is not None:
+                    try:
+                        req = hp.request_codec.decode(body)
+                    except DecodeError as exc:
+                        await conn.send_error(peek_request_id(body), ErrorCode.INVALID, str(exc))
+                        continue
+                    await limiter.acquire_on_behalf_of(req)
+                    tg.start_soon(self._serve_one, conn, req, ctx, limiter)
+            finally:
+                # Peer gone: in-flight requests have nobody to answer to.
+                tg.cancel_scope.cancel()
+
+    async def _serve_one(
+        self, conn: _Connection, req: Any, ctx: RequestContext, limiter: anyio.CapacityLimiter
+    ) -> None:
+        try:
+            handler = self.handlers.get(type(req))
+            if isinstance(req, hp.Hello):
+                resp: hp.HelperResponse = _error(req.id, ErrorCode.PROTOCOL, "hello already done")
+            elif handler is None:
+                name = type(req).__name__
+                resp = _error(req.id, ErrorCode.INVALID, f"unsupported request {name}")
+            else:
+                try:
+                    resp = await handler(req, ctx)
+                except RequestFailed as exc:
+                    resp = _error(req.id, exc.code, exc.message)
+                except Exception:
+                    log.exception("handler_failed", request=type(req).__name__)
+                    resp = _error(req.id, ErrorCode.INTERNAL, "internal error in the helper")
+            await conn.send(resp)
+        finally:
+            limiter.release_on_behalf_of(req)
+
+
+class _Connection:
+    """Serialises frames written by concurrent handlers onto one stream."""
+
+    def __init__(self, stream: SocketStream) -> None:
+        self._stream = stream
+        self._lock = anyio.Lock()
+
+    async def send(self, msg: hp.HelperResponse) -> None:
+        frame = encode_frame(hp.response_codec.encode(msg), hp.HELPER_MAX_FRAME)
+        try:
+            async with self._lock:
+                await self._stream.send(frame)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
+            pass  # peer went away; the read side will notice and end the connection
+
+    async def send_error(self, rid: int, code: ErrorCode, message: str) -> None:
+        await self.send(_error(rid, code, message))
+
+
+def _error(rid: int, code: ErrorCode, message: str) -> hp.Error:
+    return hp.Error(id=rid, code=code, message=message[:4096])
+
+
+async def _ping(req: hp.Ping, ctx: RequestContext) -> hp.Pong:
+    return hp.Pong(id=req.id)
+
+
+async def _whoami(req: hp.WhoAmI, ctx: RequestContext) -> hp.Identity:
+    p = ctx.peer
+    return hp.Identity(id=req.id, uid=p.uid, gid=p.gid, pid=p.pid, admin=p.is_root)
+
+
+# --- listening socket ------------------------------------------------------------------
+
+
+async def listener_from_fd(fd: int) -> SocketListener:
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ValueError(f"fd {fd} is not a Unix stream socket")
+    sock.setblocking(False)
+    return await SocketListener.from_socket(sock)
+
+
+async def bind_listener(path: Path, mode: int, gid: int | None) -> SocketListener:
+    """Bind ``path`` (replacing a stale socket, never another kind of file),
+    then set its mode and group."""
+    _clear_socket_path(path)
+    listener = await anyio.create_unix_listener(path)
+    os.chmod(path, mode)
+    if gid is not None:
+        os.chown(path, -1, gid)
+    return listener
+
+
+def _clear_socket_path(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    path.unlink()
