@@ -43,6 +43,8 @@ from .peercred import PeerCredentials, get_peer_credentials, is_authorized
 log = structlog.get_logger("agentiso.helper.server")
 
 HELLO_TIMEOUT_S = 10.0
+LINGER_S = 1.0
+LINGER_MAX_BYTES = 1 << 20
 
 
 @dataclass
@@ -54,6 +56,7 @@ class RequestContext:
 
 
 Handler = Callable[[Any, RequestContext], Awaitable[hp.HelperResponse]]
+FrameSource = Callable[[], Awaitable[bytes | None]]
 
 
 @dataclass
@@ -103,9 +106,11 @@ class HelperServer:
                 ErrorCode.PERMISSION_DENIED,
                 f"uid {peer.uid} is neither root nor a member of the helper's group",
             )
+            await _linger(stream)
             return
         if self.connections > self.config.server.max_connections:
             await conn.send_error(0, ErrorCode.LIMIT_EXCEEDED, "too many connections")
+            await _linger(stream)
             return
 
         async def receive() -> bytes:
@@ -114,20 +119,24 @@ class HelperServer:
             except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError):
                 return b""
 
-        reader = FrameReader(receive, hp.HELPER_MAX_FRAME)
-        try:
-            if not await self._handshake(conn, reader):
-                return
-            await self._request_loop(conn, reader, RequestContext(peer=peer, server=self))
-        except TruncatedFrame:
-            logc.info("peer_truncated_frame")
-        except FramingError as exc:
-            logc.warning("peer_framing_error", error=str(exc))
-            await conn.send_error(0, ErrorCode.PROTOCOL, str(exc))
+        async def read_frame() -> bytes | None:
+            """Next frame, or None when the connection must end (EOF or broken framing)."""
+            try:
+                return await reader.read()
+            except TruncatedFrame:
+                logc.info("peer_truncated_frame")
+            except FramingError as exc:
+                logc.warning("peer_framing_error", error=str(exc))
+                await conn.send_error(0, ErrorCode.PROTOCOL, str(exc))
+            return None
 
-    async def _handshake(self, conn: _Connection, reader: FrameReader) -> bool:
+        reader = FrameReader(receive, hp.HELPER_MAX_FRAME)
+        if await self._handshake(conn, read_frame):
+            await self._request_loop(conn, read_frame, RequestContext(peer=peer, server=self))
+
+    async def _handshake(self, conn: _Connection, read_frame: FrameSource) -> bool:
         with anyio.move_on_after(HELLO_TIMEOUT_S):
-            body = await reader.read()
+            body = await read_frame()
             if body is None:
                 return False
             try:
@@ -159,25 +168,23 @@ class HelperServer:
         return False
 
     async def _request_loop(
-        self, conn: _Connection, reader: FrameReader, ctx: RequestContext
+        self, conn: _Connection, read_frame: FrameSource, ctx: RequestContext
     ) -> None:
-        limiter = anyio.CapacityLimiter(self.config.server.max_inflight_per_connection)
+        slots = anyio.Semaphore(self.config.server.max_inflight_per_connection)
+        # At end of stream, requests already in flight still complete (a client
+        # may half-close after sending); each handler bounds its own duration.
         async with anyio.create_task_group() as tg:
-            try:
-                while (body := await reader.read()) is not None:
-                    try:
-                        req = hp.request_codec.decode(body)
-                    except DecodeError as exc:
-                        await conn.send_error(peek_request_id(body), ErrorCode.INVALID, str(exc))
-                        continue
-                    await limiter.acquire_on_behalf_of(req)
-                    tg.start_soon(self._serve_one, conn, req, ctx, limiter)
-            finally:
-                # Peer gone: in-flight requests have nobody to answer to.
-                tg.cancel_scope.cancel()
+            while (body := await read_frame()) is not None:
+                try:
+                    req = hp.request_codec.decode(body)
+                except DecodeError as exc:
+                    await conn.send_error(peek_request_id(body), ErrorCode.INVALID, str(exc))
+                    continue
+                await slots.acquire()  # a flood waits here instead of growing memory
+                tg.start_soon(self._serve_one, conn, req, ctx, slots)
 
     async def _serve_one(
-        self, conn: _Connection, req: Any, ctx: RequestContext, limiter: anyio.CapacityLimiter
+        self, conn: _Connection, req: Any, ctx: RequestContext, slots: anyio.Semaphore
     ) -> None:
         try:
             handler = self.handlers.get(type(req))
@@ -196,7 +203,7 @@ class HelperServer:
                     resp = _error(req.id, ErrorCode.INTERNAL, "internal error in the helper")
             await conn.send(resp)
         finally:
-            limiter.release_on_behalf_of(req)
+            slots.release()
 
 
 class _Connection:
@@ -216,6 +223,20 @@ class _Connection:
 
     async def send_error(self, rid: int, code: ErrorCode, message: str) -> None:
         await self.send(_error(rid, code, message))
+
+
+async def _linger(stream: SocketStream) -> None:
+    """Close our side after a final error, but swallow what the peer already
+    sent (bounded, briefly) so its pending writes do not fail with EPIPE before
+    it has read our error."""
+    try:
+        await stream.send_eof()
+        with anyio.move_on_after(LINGER_S):
+            drained = 0
+            while drained < LINGER_MAX_BYTES:
+                drained += len(await stream.receive(65536))
+    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        pass
 
 
 def _error(rid: int, code: ErrorCode, message: str) -> hp.Error:

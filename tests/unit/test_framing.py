@@ -1,0 +1,108 @@
+"""The frame codec: round trips, arbitrary splits, hostile bytes, bounded memory."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentiso.protocol.errors import FrameTooLarge, ProtocolError, TruncatedFrame
+from agentiso.protocol.framing import HEADER, FrameDecoder, encode_frame
+
+LIMIT = 1024
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for p in points:
+        pieces.append(data[last:p])
+        last = p
+    pieces.append(data[last:])
+    return pieces
+
+
+@given(
+    bodies=st.lists(st.binary(max_size=LIMIT), max_size=20),
+    cuts=st.lists(st.integers(min_value=0), max_size=40),
+)
+def test_any_split_of_a_valid_stream_yields_the_same_frames(
+    bodies: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(encode_frame(b, LIMIT) for b in bodies)
+    dec = FrameDecoder(LIMIT)
+    out: list[bytes] = []
+    for piece in _split(stream, cuts):
+        out.extend(dec.feed(piece))
+    dec.close()
+    assert out == bodies
+    assert dec.buffered == 0
+
+
+@settings(max_examples=300)
+@given(chunks=st.lists(st.binary(max_size=3000), max_size=10))
+def test_random_bytes_give_frames_or_a_typed_error_with_bounded_buffer(
+    chunks: list[bytes],
+) -> None:
+    dec = FrameDecoder(LIMIT)
+    biggest_feed = max((len(c) for c in chunks), default=0)
+    try:
+        for chunk in chunks:
+            for frame in dec.feed(chunk):
+                assert len(frame) <= LIMIT
+            # Never more than one frame (+ header) plus what just arrived.
+            assert dec.buffered <= LIMIT + HEADER.size + biggest_feed
+        dec.close()
+    except ProtocolError:
+        pass  # FrameTooLarge / TruncatedFrame: typed, expected for garbage
+
+
+def test_oversize_length_is_refused_before_the_body_arrives() -> None:
+    dec = FrameDecoder(LIMIT)
+    with pytest.raises(FrameTooLarge) as info:
+        dec.feed(HEADER.pack(LIMIT + 1))
+    assert info.value.length == LIMIT + 1
+    assert dec.buffered == 0
+    with pytest.raises(FrameTooLarge):  # the stream stays dead
+        dec.feed(b"\0\0\0\0")
+
+
+def test_huge_length_prefix_allocates_nothing() -> None:
+    dec = FrameDecoder(LIMIT)
+    with pytest.raises(FrameTooLarge):
+        dec.feed(b"\xff\xff\xff\xff" + b"x" * 10)
+    assert dec.buffered == 0
+
+
+def test_truncated_frame_is_reported_at_eof() -> None:
+    dec = FrameDecoder(LIMIT)
+    assert dec.feed(encode_frame(b"hello", LIMIT)[:-2]) == []
+    with pytest.raises(TruncatedFrame):
+        dec.close()
+
+
+def test_truncated_header_is_reported_at_eof() -> None:
+    dec = FrameDecoder(LIMIT)
+    dec.feed(b"\0\0")
+    with pytest.raises(TruncatedFrame):
+        dec.close()
+
+
+def test_empty_frame_round_trips() -> None:
+    dec = FrameDecoder(LIMIT)
+    assert dec.feed(encode_frame(b"", LIMIT) * 3) == [b"", b"", b""]
+
+
+def test_sender_refuses_to_encode_an_oversize_frame() -> None:
+    with pytest.raises(FrameTooLarge):
+        encode_frame(b"x" * (LIMIT + 1), LIMIT)
+
+
+def test_frame_at_exactly_the_limit_is_accepted() -> None:
+    dec = FrameDecoder(LIMIT)
+    assert dec.feed(encode_frame(b"y" * LIMIT, LIMIT)) == [b"y" * LIMIT]
+
+
+def test_limit_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        FrameDecoder(0)
