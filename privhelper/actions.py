@@ -27,4 +27,23 @@ ACTION_FOR_REQUEST: dict[type[Any], Action] = {
     hp.Hello: Action.SESSION,
     hp.Ping: Action.SESSION,
     hp.WhoAmI: Action.SESSION,
+    hp.ImageList: Action.SESSION,
+    hp.VolumeCreate: Action.VOLUME,
+    hp.VolumeDestroy: Action.VOLUME,
+    hp.VolumeGet: Action.VOLUME,
+    hp.VolumeList: Action.VOLUME,
+    hp.VolumeGrow: Action.VOLUME,
+    hp.SnapshotCreate: Action.VOLUME,
+    hp.SnapshotRollback: Action.VOLUME,
+    hp.SnapshotDelete: Action.VOLUME,
+    hp.VmStart: Action.VM,
+    hp.VmStop: Action.VM,
+    hp.VmGet: Action.VM,
+    hp.VmList: Action.VM,
+    hp.VmConsole: Action.VM,
+    hp.GuestOpen: Action.GUEST,
+    hp.Gc: Action.ADMIN,
 }
+
+#: Classes only root may use.
+ADMIN_ONLY = frozenset({Action.ADMIN})

@@ -44,6 +44,7 @@ log = structlog.get_logger("agentiso.helper.server")
 
 HELLO_TIMEOUT_S = 10.0
 LINGER_S = 1.0
+INTERNAL_MESSAGE = "internal error in the helper (details are in its log)"
 LINGER_MAX_BYTES = 1 << 20
 
 
@@ -197,10 +198,15 @@ class HelperServer:
                 try:
                     resp = await handler(req, ctx)
                 except RequestFailed as exc:
-                    resp = _error(req.id, exc.code, exc.message)
+                    if exc.code == ErrorCode.INTERNAL:
+                        # Internal details (paths, stderr) are for the operator's log.
+                        log.error("request_failed", request=type(req).__name__, error=exc.message)
+                        resp = _error(req.id, exc.code, INTERNAL_MESSAGE)
+                    else:
+                        resp = _error(req.id, exc.code, exc.message)
                 except Exception:
                     log.exception("handler_failed", request=type(req).__name__)
-                    resp = _error(req.id, ErrorCode.INTERNAL, "internal error in the helper")
+                    resp = _error(req.id, ErrorCode.INTERNAL, INTERNAL_MESSAGE)
             await conn.send(resp)
         finally:
             slots.release()

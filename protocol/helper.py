@@ -13,11 +13,14 @@ Every struct forbids unknown fields and every field is bounded (see
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import msgspec
+from msgspec import Meta
 
 from .codec import Codec
 from .errors import ErrorCode
-from .types import Label, ProtocolVersion, RequestId, ShortText, Uid
+from .types import Label, Name, ProtocolVersion, RequestId, ShortText, Uid
 
 #: Bump on any incompatible change to this module's messages.
 HELPER_PROTOCOL_VERSION = 1
@@ -48,7 +51,159 @@ class WhoAmI(_Msg, tag="whoami"):
     """Ask how the helper sees us (uid/gid/pid from SO_PEERCRED)."""
 
 
-HelperRequest = Hello | Ping | WhoAmI
+# --- bounded values of workspace requests ---------------------------------------------
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+#: A disk size in bytes: 64 MiB .. 16 TiB.
+DiskBytes = Annotated[int, Meta(ge=64 * MiB, le=16 * 1024 * GiB)]
+MemoryMiB = Annotated[int, Meta(ge=64, le=1024 * 1024)]
+Vcpus = Annotated[int, Meta(ge=1, le=64)]
+StopTimeout = Annotated[float, Meta(ge=0, le=600)]
+ConsoleBytes = Annotated[int, Meta(ge=0, le=1024 * 1024)]
+Count = Annotated[int, Meta(ge=0, le=2**62)]
+ByteCount = Annotated[int, Meta(ge=0, le=2**62)]
+Timestamp = Annotated[float, Meta(ge=0, le=2**40)]
+
+
+class FromImage(msgspec.Struct, tag="image", forbid_unknown_fields=True):
+    """A new volume copy-on-write from a guest image the helper knows."""
+
+    image: Name
+
+
+class FromSnapshot(msgspec.Struct, tag="snapshot", forbid_unknown_fields=True):
+    """A new volume copy-on-write from a snapshot of one of the caller's volumes."""
+
+    volume: Name
+    snapshot: Name
+
+
+VolumeSource = FromImage | FromSnapshot
+
+
+class VolumeCreate(_Msg, tag="volume_create"):
+    name: Name
+    source: VolumeSource
+    #: Grow beyond the source's size (bytes); None keeps the source's size.
+    size_bytes: DiskBytes | None = None
+
+
+class VolumeDestroy(_Msg, tag="volume_destroy"):
+    name: Name
+
+
+class VolumeGet(_Msg, tag="volume_get"):
+    name: Name
+
+
+class VolumeList(_Msg, tag="volume_list"):
+    pass
+
+
+class VolumeGrow(_Msg, tag="volume_grow"):
+    name: Name
+    size_bytes: DiskBytes
+
+
+class SnapshotCreate(_Msg, tag="snapshot_create"):
+    """Snapshot a volume.  If a VM runs on it, the guest syncs and freezes
+    first; with ``memory`` the VM's memory state is saved beside it too."""
+
+    volume: Name
+    snapshot: Name
+    memory: bool = False
+
+
+class SnapshotRollback(_Msg, tag="snapshot_rollback"):
+    """Return a volume (not in use by a running VM) to a snapshot; later
+    snapshots are discarded."""
+
+    volume: Name
+    snapshot: Name
+
+
+class SnapshotDelete(_Msg, tag="snapshot_delete"):
+    volume: Name
+    snapshot: Name
+
+
+class ImageList(_Msg, tag="image_list"):
+    pass
+
+
+class VmStart(_Msg, tag="vm_start"):
+    """Boot VM ``name`` on volume ``volume``; with ``resume_snapshot`` resume
+    from that snapshot's saved memory instead of booting."""
+
+    name: Name
+    volume: Name
+    vcpus: Vcpus = 1
+    memory_mib: MemoryMiB = 256
+    resume_snapshot: Name | None = None
+
+
+class VmStop(_Msg, tag="vm_stop"):
+    """Stop gracefully (guest shutdown, then ACPI), killing after ``timeout_s``;
+    ``force`` kills at once."""
+
+    name: Name
+    timeout_s: StopTimeout = 30.0
+    force: bool = False
+
+
+class VmGet(_Msg, tag="vm_get"):
+    name: Name
+
+
+class VmList(_Msg, tag="vm_list"):
+    pass
+
+
+class VmConsole(_Msg, tag="vm_console"):
+    name: Name
+    max_bytes: ConsoleBytes = 64 * 1024
+
+
+class GuestOpen(_Msg, tag="guest_open"):
+    """Turn this connection into a channel to VM ``vm``'s guest agent.
+
+    After ``GuestOpened`` every frame on the connection, both ways, is a guest
+    protocol message (agentiso.protocol.guest); the helper relays them,
+    sharing the VM's one channel among all its clients.
+    """
+
+    vm: Name
+
+
+class Gc(_Msg, tag="gc"):
+    """Admin only: find (and unless ``dry_run``, remove) resources that no
+    registry entry owns."""
+
+    dry_run: bool = True
+
+
+HelperRequest = (
+    Hello
+    | Ping
+    | WhoAmI
+    | ImageList
+    | VolumeCreate
+    | VolumeDestroy
+    | VolumeGet
+    | VolumeList
+    | VolumeGrow
+    | SnapshotCreate
+    | SnapshotRollback
+    | SnapshotDelete
+    | VmStart
+    | VmStop
+    | VmGet
+    | VmList
+    | VmConsole
+    | GuestOpen
+    | Gc
+)
 
 
 # --- responses (helper -> client) ----------------------------------------------------
@@ -78,7 +233,93 @@ class Error(_Msg, tag="error"):
     message: ShortText
 
 
-HelperResponse = HelloOk | Pong | Identity | Error
+class ImageInfo(msgspec.Struct, forbid_unknown_fields=True):
+    name: Name
+    size_bytes: ByteCount
+    description: Label = ""
+
+
+class Images(_Msg, tag="images"):
+    images: Annotated[list[ImageInfo], Meta(max_length=1024)]
+
+
+class SnapshotInfo(msgspec.Struct, forbid_unknown_fields=True):
+    name: Name
+    created: Timestamp
+    used_bytes: ByteCount
+    #: A memory state was saved with it (the VM can be resumed from it).
+    memory: bool = False
+
+
+class VolumeInfo(_Msg, tag="volume"):
+    name: Name
+    size_bytes: ByteCount
+    used_bytes: ByteCount
+    created: Timestamp
+    #: What it was created from: "image:<name>" or "snapshot:<volume>@<snapshot>".
+    origin: Label
+    snapshots: Annotated[list[SnapshotInfo], Meta(max_length=4096)] = []
+    #: The VM currently running on it, if any.
+    vm: Name | None = None
+
+
+class Volumes(_Msg, tag="volumes"):
+    volumes: Annotated[list[VolumeInfo], Meta(max_length=65536)]
+
+
+VmState = Literal["starting", "running", "stopping", "stopped", "crashed"]
+
+
+class VmInfo(_Msg, tag="vm"):
+    name: Name
+    volume: Name
+    state: VmState
+    vcpus: Vcpus
+    memory_mib: MemoryMiB
+    created: Timestamp
+    #: Accelerator in use: "kvm" or "tcg".
+    accel: Label = ""
+    #: Why it stopped, with the tail of its console, when it crashed.
+    reason: ShortText = ""
+
+
+class Vms(_Msg, tag="vms"):
+    vms: Annotated[list[VmInfo], Meta(max_length=65536)]
+
+
+class ConsoleText(_Msg, tag="console"):
+    text: Annotated[str, Meta(max_length=4 * 1024 * 1024)]
+
+
+class GuestOpened(_Msg, tag="guest_opened"):
+    vm: Name
+
+
+class GcReport(_Msg, tag="gc_report"):
+    dry_run: bool
+    #: Human-readable descriptions of what was found (and removed).
+    orphans: Annotated[list[ShortText], Meta(max_length=65536)]
+
+
+class Done(_Msg, tag="done"):
+    """Success of a request that returns nothing else."""
+
+
+HelperResponse = (
+    HelloOk
+    | Pong
+    | Identity
+    | Error
+    | Images
+    | VolumeInfo
+    | Volumes
+    | VmInfo
+    | Vms
+    | ConsoleText
+    | GuestOpened
+    | GcReport
+    | Done
+)
 
 request_codec: Codec[HelperRequest] = Codec(HelperRequest)
 response_codec: Codec[HelperResponse] = Codec(HelperResponse)

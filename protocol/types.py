@@ -18,7 +18,7 @@ RequestId = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 #: letter or digit, at most 63 characters.  No '/', '.', NUL, spaces or shell
 #: metacharacters can get through, so a name is safe in a path, a dataset name,
 #: an interface name suffix or a log line.
-NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+NAME_PATTERN = r"\A[a-z0-9][a-z0-9-]{0,62}\Z"  # \Z: "$" would allow a trailing newline
 Name = Annotated[str, Meta(pattern=NAME_PATTERN, min_length=1, max_length=63)]
 
 #: Free text we show to humans (error messages, version strings): bounded.

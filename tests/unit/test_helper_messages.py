@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import msgspec
 import pytest
 
@@ -78,3 +80,117 @@ def test_remote_error_maps_codes_to_classes() -> None:
     assert isinstance(remote_error(ErrorCode.PERMISSION_DENIED, "x"), PermissionDenied)
     err = remote_error("from_the_future", "x")
     assert isinstance(err, InternalError) and "from_the_future" in err.message
+
+
+HOSTILE_NAMES = [
+    "a/b",
+    "..",
+    "../etc",
+    "a\x00b",
+    "x" * 300,
+    "x" * 64,
+    "",
+    "-leading-dash",
+    "UPPER",
+    "a b",
+    "a;rm -rf /",
+    "$(reboot)",
+    "`id`",
+    "a|b",
+    "a&b",
+    "a>b",
+    "a.b",
+    "é",
+    "name\n",
+]
+
+
+def _request(template: dict[str, object]) -> bytes:
+    return enc({"id": 1, **template})
+
+
+#: A valid message of each request with a name, and the (dotted) name fields in it.
+VALID_WITH_NAMES: list[tuple[dict[str, object], list[str]]] = [
+    (
+        {"type": "volume_create", "name": "a", "source": {"type": "image", "image": "b"}},
+        ["name", "source.image"],
+    ),
+    (
+        {"type": "volume_create", "name": "a",
+         "source": {"type": "snapshot", "volume": "b", "snapshot": "c"}},
+        ["source.volume", "source.snapshot"],
+    ),
+    ({"type": "volume_destroy", "name": "a"}, ["name"]),
+    ({"type": "volume_get", "name": "a"}, ["name"]),
+    ({"type": "volume_grow", "name": "a", "size_bytes": 2**30}, ["name"]),
+    ({"type": "snapshot_create", "volume": "a", "snapshot": "b"}, ["volume", "snapshot"]),
+    ({"type": "snapshot_rollback", "volume": "a", "snapshot": "b"}, ["volume", "snapshot"]),
+    ({"type": "snapshot_delete", "volume": "a", "snapshot": "b"}, ["volume", "snapshot"]),
+    (
+        {"type": "vm_start", "name": "a", "volume": "b", "resume_snapshot": "c"},
+        ["name", "volume", "resume_snapshot"],
+    ),
+    ({"type": "vm_stop", "name": "a"}, ["name"]),
+    ({"type": "vm_get", "name": "a"}, ["name"]),
+    ({"type": "vm_console", "name": "a"}, ["name"]),
+    ({"type": "guest_open", "vm": "a"}, ["vm"]),
+]
+NAME_CASES = [(msg, f) for msg, fields in VALID_WITH_NAMES for f in fields]
+
+
+def _set(template: dict[str, object], dotted: str, value: object) -> dict[str, object]:
+    out = copy.deepcopy(template)
+    *parents, leaf = dotted.split(".")
+    node = out
+    for p in parents:
+        child = node[p]
+        assert isinstance(child, dict)
+        node = child
+    node[leaf] = value
+    return out
+
+
+@pytest.mark.parametrize(("template", "field"), NAME_CASES)
+def test_every_name_field_accepts_a_good_name(template: dict[str, object], field: str) -> None:
+    hp.request_codec.decode(_request(_set(template, field, "good-name-1")))
+    hp.request_codec.decode(_request(_set(template, field, "x" * 63)))
+
+
+@pytest.mark.parametrize(("template", "field"), NAME_CASES)
+@pytest.mark.parametrize("bad", HOSTILE_NAMES)
+def test_every_name_field_refuses_hostile_names(
+    template: dict[str, object], field: str, bad: str
+) -> None:
+    with pytest.raises(DecodeError):
+        hp.request_codec.decode(_request(_set(template, field, bad)))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"type": "volume_grow", "name": "v", "size_bytes": -1},
+        {"type": "volume_grow", "name": "v", "size_bytes": 0},
+        {"type": "volume_grow", "name": "v", "size_bytes": 1024},  # below 64 MiB
+        {"type": "volume_grow", "name": "v", "size_bytes": 2**60},  # absurd
+        {"type": "volume_grow", "name": "v", "size_bytes": 1.5},
+        {"type": "volume_create", "name": "v", "source": {"type": "image", "image": "m"},
+         "size_bytes": 2**62},
+        {"type": "vm_start", "name": "v", "volume": "v", "vcpus": 0},
+        {"type": "vm_start", "name": "v", "volume": "v", "vcpus": -2},
+        {"type": "vm_start", "name": "v", "volume": "v", "vcpus": 1000},
+        {"type": "vm_start", "name": "v", "volume": "v", "memory_mib": 1},
+        {"type": "vm_start", "name": "v", "volume": "v", "memory_mib": -256},
+        {"type": "vm_start", "name": "v", "volume": "v", "memory_mib": 2**40},
+        {"type": "vm_stop", "name": "v", "timeout_s": -1},
+        {"type": "vm_stop", "name": "v", "timeout_s": 1e9},
+        {"type": "vm_console", "name": "v", "max_bytes": -5},
+        {"type": "vm_console", "name": "v", "max_bytes": 2**31},
+        {"type": "volume_create", "name": "v", "source": {"type": "path", "path": "/etc/shadow"}},
+        {"type": "volume_create", "name": "v", "source": {"type": "image", "image": "m",
+                                                          "path": "/etc"}},
+        {"type": "gc", "dry_run": "yes"},
+    ],
+)
+def test_absurd_sizes_counts_and_host_paths_are_refused(raw: dict[str, object]) -> None:
+    with pytest.raises(DecodeError):
+        hp.request_codec.decode(_request(raw))
