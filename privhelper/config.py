@@ -15,6 +15,7 @@ import msgspec
 from msgspec import Meta
 
 from .errors import ConfigError
+from .limits import LimitsConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/agentiso/helper.toml")
 DEFAULT_SOCKET_PATH = Path("/run/agentiso/helper.sock")
@@ -38,6 +39,7 @@ class PathsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class HelperConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
 
 
 def parse_config(text: str, source: str = "<string>") -> HelperConfig:

@@ -1,0 +1,196 @@
+"""The helper's registry: every volume and VM it holds, with its owner uid.
+
+Names are per owner: uid 1000's volume ``ws`` and uid 1001's volume ``ws`` are
+different volumes, and neither uid can learn that the other's exists (a
+lookup of someone else's resource is :class:`~agentiso.protocol.errors.NotFound`,
+exactly as for a name nobody uses).  Below this layer, resources are known by a
+random ``key`` (``v`` + 12 hex digits for volumes, ``m`` + 12 for VMs) that is
+a valid backend name whatever the owner's name was.
+
+The registry is one msgpack-free JSON document written atomically (temp file,
+fsync, rename, fsync of the directory), so a crash leaves either the old or
+the new state, never a torn one.  All methods are synchronous and cheap; the
+caller serialises mutations (one lock in the service layer).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+import msgspec
+
+from agentiso.protocol.errors import ErrorCode
+
+from .errors import RequestFailed
+
+REGISTRY_VERSION = 1
+
+
+class SnapshotRecord(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    created: float
+    #: File name (in the VM state directory) of the saved memory, if any.
+    memory_file: str | None = None
+
+
+class VolumeRecord(msgspec.Struct, forbid_unknown_fields=True):
+    key: str
+    owner: int
+    name: str
+    created: float
+    origin: str
+    size_bytes: int
+    snapshots: list[SnapshotRecord] = msgspec.field(default_factory=list)
+
+    def snapshot(self, name: str) -> SnapshotRecord:
+        for s in self.snapshots:
+            if s.name == name:
+                return s
+        raise RequestFailed(
+            ErrorCode.NOT_FOUND, f"volume {self.name!r} has no snapshot {name!r}"
+        )
+
+
+class VmRecord(msgspec.Struct, forbid_unknown_fields=True):
+    key: str
+    owner: int
+    name: str
+    volume_key: str
+    vcpus: int
+    memory_mib: int
+    created: float
+
+
+class RegistryData(msgspec.Struct, forbid_unknown_fields=True):
+    version: int = REGISTRY_VERSION
+    volumes: list[VolumeRecord] = msgspec.field(default_factory=list)
+    vms: list[VmRecord] = msgspec.field(default_factory=list)
+
+
+class Registry:
+    """In-memory registry backed by an atomically replaced JSON file."""
+
+    def __init__(self, path: Path, data: RegistryData | None = None) -> None:
+        self.path = path
+        self.data = data if data is not None else RegistryData()
+
+    # --- persistence -------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: Path) -> Registry:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return cls(path)
+        try:
+            data = msgspec.json.decode(raw, type=RegistryData)
+        except msgspec.DecodeError as exc:
+            raise RequestFailed(
+                ErrorCode.INTERNAL, f"registry {path} is corrupt: {exc}"
+            ) from None
+        return cls(path, data)
+
+    def save(self) -> None:
+        atomic_write(self.path, msgspec.json.format(msgspec.json.encode(self.data)))
+
+    # --- volumes -----------------------------------------------------------------------
+
+    def volume(self, owner: int, name: str) -> VolumeRecord:
+        for v in self.data.volumes:
+            if v.owner == owner and v.name == name:
+                return v
+        raise RequestFailed(ErrorCode.NOT_FOUND, f"volume {name!r} does not exist")
+
+    def volume_by_key(self, key: str) -> VolumeRecord:
+        for v in self.data.volumes:
+            if v.key == key:
+                return v
+        raise RequestFailed(ErrorCode.NOT_FOUND, f"volume {key!r} does not exist")
+
+    def volumes(self, owner: int | None = None) -> list[VolumeRecord]:
+        return [v for v in self.data.volumes if owner is None or v.owner == owner]
+
+    def add_volume(self, owner: int, name: str, origin: str, size_bytes: int) -> VolumeRecord:
+        if any(v.owner == owner and v.name == name for v in self.data.volumes):
+            raise RequestFailed(ErrorCode.ALREADY_EXISTS, f"volume {name!r} already exists")
+        rec = VolumeRecord(
+            key=self._new_key("v", {v.key for v in self.data.volumes}),
+            owner=owner,
+            name=name,
+            created=time.time(),
+            origin=origin,
+            size_bytes=size_bytes,
+        )
+        self.data.volumes.append(rec)
+        return rec
+
+    def remove_volume(self, key: str) -> None:
+        self.data.volumes = [v for v in self.data.volumes if v.key != key]
+
+    # --- VMs ---------------------------------------------------------------------------
+
+    def vm(self, owner: int, name: str) -> VmRecord:
+        for m in self.data.vms:
+            if m.owner == owner and m.name == name:
+                return m
+        raise RequestFailed(ErrorCode.NOT_FOUND, f"VM {name!r} does not exist")
+
+    def vms(self, owner: int | None = None) -> list[VmRecord]:
+        return [m for m in self.data.vms if owner is None or m.owner == owner]
+
+    def vm_on_volume(self, volume_key: str) -> VmRecord | None:
+        for m in self.data.vms:
+            if m.volume_key == volume_key:
+                return m
+        return None
+
+    def add_vm(
+        self, owner: int, name: str, volume_key: str, vcpus: int, memory_mib: int
+    ) -> VmRecord:
+        if any(m.owner == owner and m.name == name for m in self.data.vms):
+            raise RequestFailed(ErrorCode.ALREADY_EXISTS, f"VM {name!r} already exists")
+        rec = VmRecord(
+            key=self._new_key("m", {m.key for m in self.data.vms}),
+            owner=owner,
+            name=name,
+            volume_key=volume_key,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            created=time.time(),
+        )
+        self.data.vms.append(rec)
+        return rec
+
+    def remove_vm(self, key: str) -> None:
+        self.data.vms = [m for m in self.data.vms if m.key != key]
+
+    @staticmethod
+    def _new_key(prefix: str, taken: set[str]) -> str:
+        while True:
+            key = prefix + secrets.token_hex(6)
+            if key not in taken:
+                return key
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
