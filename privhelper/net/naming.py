@@ -40,4 +40,3 @@ def bridge_mac(gateway: ipaddress.IPv4Address) -> str:
     collide with a workspace MAC.
     """
     return mac_for(gateway)
-

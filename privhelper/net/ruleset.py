@@ -132,8 +132,16 @@ class _Batch:
 
     def rule(self, chain: str, *expr: JsonObj) -> None:
         self.rules.append(
-            {"add": {"rule": {"family": self.family, "table": TABLE, "chain": chain,
-                              "expr": list(expr)}}}
+            {
+                "add": {
+                    "rule": {
+                        "family": self.family,
+                        "table": TABLE,
+                        "chain": chain,
+                        "expr": list(expr),
+                    }
+                }
+            }
         )
 
     def commands(self) -> list[JsonObj]:
@@ -233,15 +241,30 @@ def _bridge_table(
         b.chain(chain)
         ether_type = _payload("ether", "type")
         b.rule(chain, _match(_payload("ether", "saddr"), ws.mac, "!="), _DROP)
-        b.rule(chain, _match(ether_type, "arp"),
-               _match(_payload("arp", "saddr ether"), ws.mac, "!="), _DROP)
-        b.rule(chain, _match(ether_type, "arp"),
-               _match(_payload("arp", "saddr ip"), ws.address, "!="), _DROP)
-        b.rule(chain, _match(ether_type, "ip"),
-               _match(_payload("ip", "saddr"), ws.address, "!="), _DROP)
-        b.rule(chain, _match(ether_type, "ip"),
-               _match(_payload("ip", "daddr"), _net(ipaddress.IPv4Network("127.0.0.0/8"))),
-               _DROP)
+        b.rule(
+            chain,
+            _match(ether_type, "arp"),
+            _match(_payload("arp", "saddr ether"), ws.mac, "!="),
+            _DROP,
+        )
+        b.rule(
+            chain,
+            _match(ether_type, "arp"),
+            _match(_payload("arp", "saddr ip"), ws.address, "!="),
+            _DROP,
+        )
+        b.rule(
+            chain,
+            _match(ether_type, "ip"),
+            _match(_payload("ip", "saddr"), ws.address, "!="),
+            _DROP,
+        )
+        b.rule(
+            chain,
+            _match(ether_type, "ip"),
+            _match(_payload("ip", "daddr"), _net(ipaddress.IPv4Network("127.0.0.0/8"))),
+            _DROP,
+        )
         b.rule(chain, _match(ether_type, {"set": ["ip", "arp"]}, "!="), _DROP)
         b.rule(chain, _ACCEPT)
 
@@ -253,10 +276,10 @@ def _bridge_table(
     b.rule("prerouting", _match(_meta("iifname"), wildcard), _DROP)
 
     b.chain("forward", ("filter", "forward", BRIDGE_FILTER_PRIO))
-    b.rule("forward",
-           _match({"concat": [_meta("iifname"), _meta("oifname")]}, "@ws_pairs"), _ACCEPT)
-    b.rule("forward", _match(_meta("iifname"), wildcard),
-           _match(_meta("oifname"), wildcard), _DROP)
+    b.rule(
+        "forward", _match({"concat": [_meta("iifname"), _meta("oifname")]}, "@ws_pairs"), _ACCEPT
+    )
+    b.rule("forward", _match(_meta("iifname"), wildcard), _match(_meta("oifname"), wildcard), _DROP)
     return b.commands()
 
 
@@ -293,22 +316,31 @@ def _inet_table(
         for rule in ws.policy.allow:
             b.rule(chain, *_allow_rule_exprs(rule), _ACCEPT)
         if dns:
-            b.rule(chain, _match(_payload("ip", "daddr"), _set(dns)),
-                   _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
-                   _match(_payload("th", "dport"), 53), _ACCEPT)
+            b.rule(
+                chain,
+                _match(_payload("ip", "daddr"), _set(dns)),
+                _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
+                _match(_payload("th", "dport"), 53),
+                _ACCEPT,
+            )
 
     b.chain("forward", ("filter", "forward", FILTER_PRIO))
     b.rule("forward", _ESTABLISHED, _ACCEPT)
     b.rule("forward", from_br, _match({"ct": {"key": "state"}}, "invalid", "in"), _DROP)
-    b.rule("forward", from_br, to_br,
-           _match({"concat": [_payload("ip", "saddr"), _payload("ip", "daddr")]}, "@ws_pairs"),
-           _ACCEPT)
+    b.rule(
+        "forward",
+        from_br,
+        to_br,
+        _match({"concat": [_payload("ip", "saddr"), _payload("ip", "daddr")]}, "@ws_pairs"),
+        _ACCEPT,
+    )
     b.rule("forward", from_br, to_br, _DROP)
     b.rule("forward", from_br, _match(_payload("ip", "daddr"), "@blocked"), _DROP)
     if egress_wss:
         vmap = [[ws.address, {"jump": {"target": f"eg-{ws.name}"}}] for ws in egress_wss]
-        b.rule("forward", from_br,
-               {"vmap": {"key": _payload("ip", "saddr"), "data": {"set": vmap}}})
+        b.rule(
+            "forward", from_br, {"vmap": {"key": _payload("ip", "saddr"), "data": {"set": vmap}}}
+        )
     b.rule("forward", from_br, _DROP)
     b.rule("forward", to_br, _match({"ct": {"key": "status"}}, "dnat", "in"), _ACCEPT)
     b.rule("forward", to_br, _DROP)
@@ -316,21 +348,35 @@ def _inet_table(
     gw = str(s.gateway)
     b.chain("input", ("filter", "input", FILTER_PRIO))
     b.rule("input", from_br, _ESTABLISHED, _ACCEPT)
-    b.rule("input", from_br, _match(_payload("ip", "daddr"), gw),
-           _match(_payload("icmp", "type"), "echo-request"),
-           {"limit": {"rate": PING_RATE_PER_S, "per": "second"}}, _ACCEPT)
+    b.rule(
+        "input",
+        from_br,
+        _match(_payload("ip", "daddr"), gw),
+        _match(_payload("icmp", "type"), "echo-request"),
+        {"limit": {"rate": PING_RATE_PER_S, "per": "second"}},
+        _ACCEPT,
+    )
     if s.gateway_dns:
-        b.rule("input", from_br, _match(_payload("ip", "daddr"), gw),
-               _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
-               _match(_payload("th", "dport"), 53), _ACCEPT)
+        b.rule(
+            "input",
+            from_br,
+            _match(_payload("ip", "daddr"), gw),
+            _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
+            _match(_payload("th", "dport"), 53),
+            _ACCEPT,
+        )
     b.rule("input", from_br, _DROP)
 
     b.chain("output", ("filter", "output", FILTER_PRIO))
     b.rule("output", to_br, _ESTABLISHED, _ACCEPT)
     b.rule("output", to_br, _match({"ct": {"key": "status"}}, "dnat", "in"), _ACCEPT)
-    b.rule("output", to_br, _match(_meta("l4proto"), "tcp"),
-           _match({"concat": [_payload("ip", "daddr"), _payload("tcp", "dport")]}, "@inbound"),
-           _ACCEPT)
+    b.rule(
+        "output",
+        to_br,
+        _match(_meta("l4proto"), "tcp"),
+        _match({"concat": [_payload("ip", "daddr"), _payload("tcp", "dport")]}, "@inbound"),
+        _ACCEPT,
+    )
     b.rule("output", to_br, _match(_payload("icmp", "type"), "echo-request"), _ACCEPT)
     b.rule("output", to_br, _match(_meta("l4proto"), {"set": ["tcp", "udp"]}), _DROP)
 
@@ -349,11 +395,18 @@ def _inet_table(
             b.rule("nat-output", local, l4, dport, dnat)
 
     b.chain("postrouting", ("nat", "postrouting", SRCNAT_PRIO))
-    b.rule("postrouting", to_br,
-           _match(_payload("ip", "saddr"), _net(ipaddress.IPv4Network("127.0.0.0/8"))),
-           {"masquerade": None})
-    b.rule("postrouting", _match(_meta("oifname"), br, "!="),
-           _match(_payload("ip", "saddr"), "@egress_on"), {"masquerade": None})
+    b.rule(
+        "postrouting",
+        to_br,
+        _match(_payload("ip", "saddr"), _net(ipaddress.IPv4Network("127.0.0.0/8"))),
+        {"masquerade": None},
+    )
+    b.rule(
+        "postrouting",
+        _match(_meta("oifname"), br, "!="),
+        _match(_payload("ip", "saddr"), "@egress_on"),
+        {"masquerade": None},
+    )
     return b.commands()
 
 

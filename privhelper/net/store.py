@@ -1,0 +1,64 @@
+"""The persistent network state: one JSON file, replaced atomically.
+
+A save writes a temporary file in the same directory, fsyncs it, renames it
+over the old one and fsyncs the directory, so a crash leaves either the old or
+the new state, never a torn one.  A file that cannot be decoded raises
+:class:`StateCorrupt` rather than being taken as empty: silently forgetting
+allocations would hand one address to two workspaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import msgspec
+
+from .errors import StateCorrupt
+from .model import STATE_VERSION, NetState
+
+STATE_FILE_NAME = "net.json"
+
+
+def load_state(path: Path) -> NetState:
+    """Read the state; a missing file is the empty state."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return NetState()
+    except OSError as exc:
+        raise StateCorrupt(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        state = msgspec.json.decode(data, type=NetState)
+    except msgspec.DecodeError as exc:
+        raise StateCorrupt(f"{path}: not a valid network state: {exc}") from None
+    if state.version != STATE_VERSION:
+        raise StateCorrupt(f"{path}: state version {state.version}, expected {STATE_VERSION}")
+    return state
+
+
+def save_state(path: Path, state: NetState) -> None:
+    """Atomically replace ``path`` with ``state`` (mode 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data = msgspec.json.format(msgspec.json.encode(state), indent=1)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
