@@ -1,0 +1,50 @@
+"""What each image is made of (the contract shared with the guest and VM engines)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+#: Bump when a build step changes what it produces, to invalidate every cache.
+BUILDER_VERSION = 1
+
+SUITE = "bookworm"
+ARCH = "amd64"
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+
+#: The kernel command line every image boots with (recorded in manifest.json).
+#: panic=-1 reboots at once on a panic and reboot=t resets by triple fault (microvm
+#: has no reset register the kernel trusts), so QEMU with -no-reboot exits instead
+#: of hanging; quiet keeps the slow emulated UART out of the boot path.
+CMDLINE = "console=ttyS0 panic=-1 reboot=t quiet"
+
+#: Modules the initramfs loads, by name; dependencies are resolved from modules.dep
+#: and built-in ones (ext4 in the cloud kernel) skipped.
+INITRAMFS_MODULES = (
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "vsock",
+    "vmw_vsock_virtio_transport",
+    "qemu_fw_cfg",
+    "ext4",
+)
+
+_BASE_PACKAGES = ("python3", "iproute2", "e2fsprogs", "util-linux", "procps", "kmod")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """One image: its name and the Debian packages debootstrap installs."""
+
+    name: str
+    packages: tuple[str, ...]
+    hostname: str = "agentiso"
+
+
+IMAGES: dict[str, ImageSpec] = {
+    "minimal": ImageSpec("minimal", _BASE_PACKAGES),
+    "dev": ImageSpec(
+        "dev", (*_BASE_PACKAGES, "git", "curl", "build-essential", "ca-certificates")
+    ),
+}
