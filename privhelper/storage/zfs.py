@@ -1,0 +1,450 @@
+"""The ZFS backend: clones, snapshots and rollback done by ZFS itself.
+
+See :mod:`.zfs_state` for the layout.  Volumes are zvols by default; where the
+pool cannot make zvols (zfs-fuse) or ``zvols = false``, each volume is a
+filesystem dataset holding a raw ``disk.img``: every other command path is the
+same.  Needs ``zfs``/``zpool`` and ``qemu-img`` (to import bases).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import anyio
+
+from . import commands as cmd
+from .config import ZfsConfig
+from .errors import (
+    AlreadyExists,
+    BackendUnavailable,
+    CommandFailed,
+    CorruptState,
+    HasDependents,
+    InvalidSize,
+    NotFound,
+    VolumeBusy,
+)
+from .model import (
+    Attachment,
+    BaseInfo,
+    BlockNode,
+    FromBase,
+    FromSnapshot,
+    ImageFormat,
+    Protocol,
+    SnapshotInfo,
+    SnapshotPlan,
+    VolumeInfo,
+    VolumeSource,
+)
+from .names import check_name, check_size
+from .qemu_img import parse_info
+from .runner import Runner
+from .zfs_state import (
+    BASE_SNAPSHOT,
+    DISK_FILE,
+    HIDDEN_PREFIX,
+    PROPS,
+    VSIZE_PROP,
+    Datasets,
+    Props,
+    clones_of,
+    int_prop,
+    is_hidden,
+    later_snapshot_dependents,
+    parse_get,
+    plan_promotion,
+    snapshots_of,
+)
+
+#: How long a new zvol's device node may take to appear (udev).
+_ZVOL_NODE_TIMEOUT_S = 10.0
+
+
+def _is_busy(exc: CommandFailed) -> bool:
+    return "busy" in exc.stderr.lower()
+
+
+class ZfsBackend:
+    """:class:`~.backend.VolumeBackend` on datasets below ``config.dataset``."""
+
+    kind = "zfs"
+
+    def __init__(
+        self,
+        config: ZfsConfig,
+        *,
+        runner: Runner | None = None,
+        min_size: int = 1024 * 1024,
+        max_size: int = 2 * 1024**4,
+        zvol_dir: Path = Path("/dev/zvol"),
+    ) -> None:
+        self.config = config
+        self.ds = Datasets(config.dataset)
+        self.runner = runner or Runner()
+        self.min_size = min_size
+        self.max_size = max_size
+        self.zvol_dir = zvol_dir
+        #: Decided by setup(): make new volumes/bases as zvols?
+        self.zvols = bool(config.zvols)
+        self.compression = config.compression
+        self._lock = anyio.Lock()
+
+    # --- setup and queries ------------------------------------------------------------
+
+    async def setup(self) -> None:
+        res = await self.runner.run(cmd.zpool_list(self.ds.pool), check=False)
+        if res.returncode != 0:
+            raise BackendUnavailable(
+                f"ZFS pool {self.ds.pool!r} is not available: {res.stderr.strip()[-300:]}"
+            )
+        if not await self._exists(self.ds.root):
+            try:
+                await self.runner.run(
+                    cmd.zfs_create(self.ds.root, {"compression": self.compression}, parents=True)
+                )
+            except CommandFailed as exc:
+                # zfs-fuse (pool version 23) predates lz4.
+                if "compression" not in exc.stderr:
+                    raise
+                self.compression = self.config.compression_fallback
+                await self.runner.run(
+                    cmd.zfs_create(self.ds.root, {"compression": self.compression}, parents=True)
+                )
+        for ds in (self.ds.images, self.ds.volumes):
+            if not await self._exists(ds):
+                await self.runner.run(cmd.zfs_create(ds))
+        self.zvols = await self._probe_zvols() if self.config.zvols is None else self.config.zvols
+
+    async def _probe_zvols(self) -> bool:
+        """Can this pool make a zvol?  (zfs-fuse's ``zfs create -V`` aborts.)"""
+        res = await self.runner.run(cmd.zfs_create_zvol(self.ds.probe, 1024 * 1024), check=False)
+        if await self._exists(self.ds.probe):
+            await self.runner.run(cmd.zfs_destroy(self.ds.probe), check=False)
+        return res.returncode == 0
+
+    async def _exists(self, dataset: str) -> bool:
+        res = await self.runner.run(cmd.zfs_get([dataset], ["type"]), check=False)
+        return res.returncode == 0
+
+    async def _props(self) -> dict[str, dict[str, str]]:
+        res = await self.runner.run(cmd.zfs_get([self.ds.root], PROPS, recursive=True))
+        return parse_get(res.stdout)
+
+    def _disk_path(self, props: Props, dataset: str) -> Path:
+        mp = props[dataset].get("mountpoint", "-")
+        if not mp.startswith("/"):
+            raise BackendUnavailable(f"dataset {dataset!r} is not mounted (mountpoint={mp})")
+        return Path(mp) / DISK_FILE
+
+    def _node(self, props: Props, dataset: str, *, read_only: bool = False) -> BlockNode:
+        if props[dataset].get("type") == "volume":
+            return BlockNode(
+                self.zvol_dir / dataset, ImageFormat.RAW, Protocol.HOST_DEVICE, read_only
+            )
+        return BlockNode(self._disk_path(props, dataset), ImageFormat.RAW, Protocol.FILE, read_only)
+
+    def _virtual_size(self, props: Props, dataset: str) -> int:
+        if props[dataset].get("type") == "volume":
+            return int_prop(props, dataset, "volsize")
+        try:
+            return os.stat(self._disk_path(props, dataset)).st_size
+        except FileNotFoundError:
+            raise CorruptState(f"dataset {dataset!r} has no {DISK_FILE}") from None
+
+    def _require_volume(self, props: Props, name: str) -> str:
+        ds = self.ds.volume(name)
+        if ds not in props:
+            raise NotFound("volume", name)
+        return ds
+
+    def _require_snapshot(self, props: Props, volume: str, snapshot: str) -> str:
+        self._require_volume(props, volume)
+        full = self.ds.snapshot(volume, snapshot)
+        if full not in props:
+            raise NotFound("snapshot", f"{volume}@{snapshot}")
+        return full
+
+    def _info(self, props: Props, name: str) -> VolumeInfo:
+        ds = self.ds.volume(name)
+        snaps = tuple(
+            SnapshotInfo(
+                volume=name,
+                name=s,
+                virtual_size=int_prop(props, f"{ds}@{s}", VSIZE_PROP)
+                or int_prop(props, f"{ds}@{s}", "volsize"),
+                used_bytes=int_prop(props, f"{ds}@{s}", "used"),
+                dependents=tuple(
+                    n for c in clones_of(props, f"{ds}@{s}") if (n := self.ds.volume_name(c))
+                ),
+            )
+            for s in snapshots_of(props, ds)
+            if not is_hidden(s)
+        )
+        return VolumeInfo(
+            name=name,
+            virtual_size=self._virtual_size(props, ds),
+            used_bytes=int_prop(props, ds, "used"),
+            origin=self.ds.origin_label(props[ds].get("origin", "-")),
+            snapshots=snaps,
+        )
+
+    async def _wait_zvol(self, dataset: str) -> Path:
+        node = self.zvol_dir / dataset
+        # udev creates the node asynchronously; poll (no inotify on /dev/zvol here).
+        for _ in range(int(_ZVOL_NODE_TIMEOUT_S / 0.05)):
+            if node.exists():
+                return node
+            await anyio.sleep(0.05)
+        raise BackendUnavailable(f"zvol device {node} did not appear")
+
+    async def _destroy(self, target: str, *, recursive: bool, volume: str, op: str) -> None:
+        try:
+            await self.runner.run(cmd.zfs_destroy(target, recursive=recursive))
+        except CommandFailed as exc:
+            if _is_busy(exc):
+                raise VolumeBusy(volume, op) from None
+            raise
+
+    # --- bases ----------------------------------------------------------------------
+
+    async def import_base(self, name: str, source: Path) -> BaseInfo:
+        check_name("base", name)
+        async with self._lock:
+            ds = self.ds.base(name)
+            if await self._exists(ds):
+                raise AlreadyExists("base", name)
+            src = parse_info((await self.runner.run(cmd.qemu_img_info(Path(source)))).stdout)
+            if src.format not in ("raw", "qcow2") or src.backing_filename:
+                raise CorruptState(f"base source for {name!r} is not a standalone raw/qcow2 image")
+            try:
+                if self.zvols:
+                    await self.runner.run(
+                        cmd.zfs_create_zvol(
+                            ds, src.virtual_size, {"volblocksize": str(self.config.volblocksize)}
+                        )
+                    )
+                    dev = await self._wait_zvol(ds)
+                    await self.runner.run(
+                        cmd.qemu_img_convert_to_device(Path(source), src.format, dev)
+                    )
+                else:
+                    await self.runner.run(cmd.zfs_create(ds))
+                    disk = self._disk_path(await self._props(), ds)
+                    await self.runner.run(
+                        cmd.qemu_img_convert(Path(source), src.format, disk, "raw")
+                    )
+                await self.runner.run(cmd.zfs_snapshot(ds, BASE_SNAPSHOT))
+                await self.runner.run(
+                    cmd.zfs_set(f"{ds}@{BASE_SNAPSHOT}", VSIZE_PROP, str(src.virtual_size))
+                )
+                await self.runner.run(cmd.zfs_set(ds, "readonly", "on"))
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self.runner.run(cmd.zfs_destroy(ds, recursive=True), check=False)
+                raise
+            props = await self._props()
+            return BaseInfo(name, src.virtual_size, int_prop(props, ds, "used"))
+
+    async def delete_base(self, name: str) -> None:
+        check_name("base", name)
+        async with self._lock:
+            props = await self._props()
+            ds = self.ds.base(name)
+            if ds not in props:
+                raise NotFound("base", name)
+            deps = self._base_dependents(props, name)
+            if deps:
+                raise HasDependents("base", name, deps)
+            await self.runner.run(cmd.zfs_destroy(ds, recursive=True))
+
+    def _base_dependents(self, props: Props, name: str) -> list[str]:
+        clones = clones_of(props, self.ds.base_origin(name))
+        return [n for c in clones if (n := self.ds.volume_name(c))]
+
+    async def list_bases(self) -> list[BaseInfo]:
+        props = await self._props()
+        out = []
+        for ds in props:
+            name = self.ds.base_name(ds)
+            if name is None:
+                continue
+            out.append(
+                BaseInfo(
+                    name,
+                    int_prop(props, self.ds.base_origin(name), VSIZE_PROP),
+                    int_prop(props, ds, "used"),
+                    tuple(self._base_dependents(props, name)),
+                )
+            )
+        return out
+
+    # --- volumes --------------------------------------------------------------------
+
+    async def create_volume(
+        self, name: str, source: VolumeSource, size: int | None = None
+    ) -> VolumeInfo:
+        check_name("volume", name)
+        if size is not None:
+            check_size(size, minimum=self.min_size, maximum=self.max_size)
+        async with self._lock:
+            props = await self._props()
+            ds = self.ds.volume(name)
+            if ds in props:
+                raise AlreadyExists("volume", name)
+            if isinstance(source, FromBase):
+                check_name("base", source.base)
+                origin = self.ds.base_origin(source.base)
+                if origin not in props:
+                    raise NotFound("base", source.base)
+            elif isinstance(source, FromSnapshot):
+                check_name("volume", source.volume)
+                check_name("snapshot", source.snapshot)
+                origin = self._require_snapshot(props, source.volume, source.snapshot)
+            else:  # pragma: no cover - typing guards this
+                raise TypeError(source)
+            src_size = int_prop(props, origin, VSIZE_PROP) or int_prop(props, origin, "volsize")
+            if size is not None and size < src_size:
+                raise InvalidSize(size, f"smaller than its source ({src_size} bytes)")
+            # A clone of a readonly base would inherit nothing from it (properties
+            # come from the parent dataset), so the volume is writable.
+            await self.runner.run(cmd.zfs_clone(origin, ds))
+            try:
+                props = await self._props()
+                if size is not None and size > self._virtual_size(props, ds):
+                    await self._resize(props, ds, size)
+                    props = await self._props()
+                return self._info(props, name)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self.runner.run(cmd.zfs_destroy(ds, recursive=True), check=False)
+                raise
+
+    async def _resize(self, props: Props, dataset: str, size: int) -> None:
+        if props[dataset].get("type") == "volume":
+            await self.runner.run(cmd.zfs_set(dataset, "volsize", str(size)))
+        else:
+            os.truncate(self._disk_path(props, dataset), size)
+
+    async def destroy_volume(self, name: str) -> None:
+        check_name("volume", name)
+        async with self._lock:
+            props = await self._props()
+            ds = self._require_volume(props, name)
+            # Clones of this volume's snapshots outlive it: hand them the
+            # snapshots they stand on (zfs promote), then destroy the rest.
+            while (step := plan_promotion(props, ds)) is not None:
+                for s in step.hide:
+                    hidden = f"{HIDDEN_PREFIX}{secrets.token_hex(6)}"
+                    await self.runner.run(cmd.zfs_rename(f"{ds}@{s}", f"{ds}@{hidden}"))
+                await self.runner.run(cmd.zfs_promote(step.clone))
+                props = await self._props()
+            await self._destroy(ds, recursive=True, volume=name, op="destroy")
+            await self._reap_hidden()
+
+    async def _reap_hidden(self) -> None:
+        """Destroy hidden snapshots nothing depends on any more."""
+        props = await self._props()
+        for full in list(props):
+            ds, _, snap = full.partition("@")
+            if snap and is_hidden(snap) and self.ds.volume_name(ds) and not clones_of(props, full):
+                await self.runner.run(cmd.zfs_destroy(full), check=False)
+
+    async def volume_info(self, name: str) -> VolumeInfo:
+        check_name("volume", name)
+        props = await self._props()
+        self._require_volume(props, name)
+        return self._info(props, name)
+
+    async def list_volumes(self) -> list[VolumeInfo]:
+        props = await self._props()
+        return [self._info(props, n) for ds in props if (n := self.ds.volume_name(ds))]
+
+    async def grow_volume(self, name: str, size: int) -> VolumeInfo:
+        check_name("volume", name)
+        check_size(size, minimum=self.min_size, maximum=self.max_size)
+        async with self._lock:
+            props = await self._props()
+            ds = self._require_volume(props, name)
+            current = self._virtual_size(props, ds)
+            if size < current:
+                raise InvalidSize(size, f"volumes only grow (now {current} bytes)")
+            if size > current:
+                await self._resize(props, ds, size)
+                props = await self._props()
+            return self._info(props, name)
+
+    async def attachment(self, name: str) -> Attachment:
+        check_name("volume", name)
+        props = await self._props()
+        ds = self._require_volume(props, name)
+        return Attachment(name, (self._node(props, ds),), self._virtual_size(props, ds))
+
+    # --- snapshots ------------------------------------------------------------------
+
+    async def prepare_snapshot(self, volume: str, snapshot: str) -> SnapshotPlan:
+        check_name("volume", volume)
+        check_name("snapshot", snapshot)
+        props = await self._props()
+        ds = self._require_volume(props, volume)
+        if self.ds.snapshot(volume, snapshot) in props:
+            raise AlreadyExists("snapshot", f"{volume}@{snapshot}")
+        # ZFS snapshots atomically under a running VM: nothing for QEMU to switch.
+        return SnapshotPlan(volume, snapshot, None, self._node(props, ds))
+
+    async def commit_snapshot(self, plan: SnapshotPlan) -> SnapshotInfo:
+        check_name("volume", plan.volume)
+        check_name("snapshot", plan.snapshot)
+        async with self._lock:
+            props = await self._props()
+            ds = self._require_volume(props, plan.volume)
+            full = self.ds.snapshot(plan.volume, plan.snapshot)
+            if full in props:
+                raise AlreadyExists("snapshot", f"{plan.volume}@{plan.snapshot}")
+            size = self._virtual_size(props, ds)
+            await self.runner.run(cmd.zfs_snapshot(ds, plan.snapshot))
+            await self.runner.run(cmd.zfs_set(full, VSIZE_PROP, str(size)))
+            props = await self._props()
+            return SnapshotInfo(plan.volume, plan.snapshot, size, int_prop(props, full, "used"))
+
+    async def abort_snapshot(self, plan: SnapshotPlan) -> None:
+        # prepare_snapshot created nothing.
+        return None
+
+    async def snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
+        return await self.commit_snapshot(await self.prepare_snapshot(volume, snapshot))
+
+    async def rollback(self, volume: str, snapshot: str) -> VolumeInfo:
+        check_name("volume", volume)
+        check_name("snapshot", snapshot)
+        async with self._lock:
+            props = await self._props()
+            self._require_snapshot(props, volume, snapshot)
+            ds = self.ds.volume(volume)
+            deps = [
+                n
+                for c in later_snapshot_dependents(props, ds, snapshot)
+                if (n := self.ds.volume_name(c))
+            ]
+            if deps:
+                raise HasDependents("later snapshots of", f"{volume}@{snapshot}", deps)
+            try:
+                await self.runner.run(cmd.zfs_rollback(ds, snapshot, destroy_later=True))
+            except CommandFailed as exc:
+                if _is_busy(exc):
+                    raise VolumeBusy(volume, "rollback") from None
+                raise
+            return self._info(await self._props(), volume)
+
+    async def delete_snapshot(self, volume: str, snapshot: str) -> None:
+        check_name("volume", volume)
+        check_name("snapshot", snapshot)
+        async with self._lock:
+            props = await self._props()
+            full = self._require_snapshot(props, volume, snapshot)
+            deps = [n for c in clones_of(props, full) if (n := self.ds.volume_name(c))]
+            if deps:
+                raise HasDependents("snapshot", f"{volume}@{snapshot}", deps)
+            await self._destroy(full, recursive=False, volume=volume, op="delete-snapshot")

@@ -1,0 +1,1 @@
+"""Test harnesses that start real components (QEMU guests, zfs-fuse pools)."""
