@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -36,9 +36,13 @@ from agentiso.protocol.framing import encode_frame
 from agentiso.protocol.stream import FrameReader
 
 from . import __version__
+from .actions import ACTION_FOR_REQUEST, ADMIN_ONLY
 from .config import HelperConfig, resolve_gid
 from .errors import RequestFailed
 from .peercred import PeerCredentials, get_peer_credentials, is_authorized
+
+if TYPE_CHECKING:
+    from .relay import GuestChannel
 
 log = structlog.get_logger("agentiso.helper.server")
 
@@ -57,6 +61,8 @@ class RequestContext:
 
 
 Handler = Callable[[Any, RequestContext], Awaitable[hp.HelperResponse]]
+#: Finds the guest channel a GuestOpen asks for (checking ownership) or raises RequestFailed.
+GuestOpener = Callable[[hp.GuestOpen, RequestContext], Awaitable["GuestChannel"]]
 FrameSource = Callable[[], Awaitable[bytes | None]]
 
 
@@ -67,6 +73,7 @@ class HelperServer:
     started_monotonic: float = field(default_factory=time.monotonic)
     allowed_gid: int | None = None
     connections: int = 0
+    open_guest: GuestOpener | None = None
 
     def __post_init__(self) -> None:
         if self.allowed_gid is None:
@@ -181,8 +188,29 @@ class HelperServer:
                 except DecodeError as exc:
                     await conn.send_error(peek_request_id(body), ErrorCode.INVALID, str(exc))
                     continue
+                if isinstance(req, hp.GuestOpen):
+                    # The connection becomes a guest channel; requests already
+                    # in flight still complete first.
+                    await self._relay(conn, read_frame, req, ctx)
+                    return
                 await slots.acquire()  # a flood waits here instead of growing memory
                 tg.start_soon(self._serve_one, conn, req, ctx, slots)
+
+    async def _relay(
+        self, conn: _Connection, read_frame: FrameSource, req: hp.GuestOpen, ctx: RequestContext
+    ) -> None:
+        try:
+            if self.open_guest is None:
+                raise RequestFailed(ErrorCode.UNAVAILABLE, "this helper runs no VMs")
+            channel = await self.open_guest(req, ctx)
+        except RequestFailed as exc:
+            await conn.send_error(req.id, exc.code, exc.message)
+            return
+        await conn.send(hp.GuestOpened(id=req.id, vm=req.vm))
+        try:
+            await channel.serve_client(read_frame, conn.send_raw)
+        except RequestFailed as exc:
+            log.info("relay_ended", vm=req.vm, reason=exc.message)
 
     async def _serve_one(
         self, conn: _Connection, req: Any, ctx: RequestContext, slots: anyio.Semaphore
@@ -191,6 +219,8 @@ class HelperServer:
             handler = self.handlers.get(type(req))
             if isinstance(req, hp.Hello):
                 resp: hp.HelperResponse = _error(req.id, ErrorCode.PROTOCOL, "hello already done")
+            elif ACTION_FOR_REQUEST.get(type(req)) in ADMIN_ONLY and not ctx.peer.is_root:
+                resp = _error(req.id, ErrorCode.PERMISSION_DENIED, "only root may do this")
             elif handler is None:
                 name = type(req).__name__
                 resp = _error(req.id, ErrorCode.INVALID, f"unsupported request {name}")
@@ -226,6 +256,11 @@ class _Connection:
                 await self._stream.send(frame)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
             pass  # peer went away; the read side will notice and end the connection
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send bytes already framed (relayed guest frames).  Raises if the peer is gone."""
+        async with self._lock:
+            await self._stream.send(data)
 
     async def send_error(self, rid: int, code: ErrorCode, message: str) -> None:
         await self.send(_error(rid, code, message))

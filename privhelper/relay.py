@@ -1,0 +1,424 @@
+"""Guest relay: one channel to each VM's agent, shared by all its clients.
+
+Each VM has one :class:`GuestChannel`.  It keeps a connection to the agent
+(the VM's virtio-serial chardev socket, reconnecting when it drops), and
+routes by request id:
+
+* a client's request gets a fresh *upstream* id on the channel; responses and
+  stream events coming back are re-labelled with the client's own id and
+  queued to that client only;
+* continuations (transfer acks, upload chunks) and ``Cancel.target`` are
+  translated through the same table;
+* the helper itself uses the channel too (:meth:`GuestChannel.call`) to
+  freeze/thaw around snapshots, configure the network, shut the guest down.
+
+Guarantees:
+
+* A slow client never blocks the others: each has a bounded outbound queue;
+  a client that lets it overflow is disconnected (its requests' credit windows
+  already bound what a well-behaved client can have queued).
+* Every frame is decoded with the guest protocol's bounded types in both
+  directions; a guest that sends garbage or oversize frames loses its channel
+  (which is then re-established) and never crashes the helper.
+* If the channel drops (agent restart, VM resumed from a memory snapshot),
+  requests in flight fail with ``unavailable``, except idempotent ones, which
+  are sent again once after the reconnect.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import ByteStream
+
+from agentiso.protocol import guest as gp
+from agentiso.protocol.codec import peek_request_id
+from agentiso.protocol.errors import DecodeError, ErrorCode, FramingError, ProtocolError
+from agentiso.protocol.framing import encode_frame
+from agentiso.protocol.stream import FrameReader
+
+from .errors import RequestFailed
+
+log = structlog.get_logger("agentiso.helper.relay")
+
+#: Responses after which more frames of the same request follow.
+INTERMEDIATE: tuple[type[Any], ...] = (gp.ExecOutput, gp.DownloadChunk, gp.UploadAck)
+#: Requests that may be sent again after a channel drop without changing anything.
+IDEMPOTENT: tuple[type[Any], ...] = (
+    gp.Ping,
+    gp.FileRead,
+    gp.FileStat,
+    gp.ListDir,
+    gp.JobPoll,
+    gp.JobList,
+    gp.Sync,
+)
+#: Most bytes queued for one client before it is judged stuck and disconnected.
+CLIENT_QUEUE_BYTES = 64 * 1024 * 1024
+#: How much unframed noise may precede the agent's sync marker.
+MAX_SYNC_SCAN = 1024 * 1024
+HELLO_TIMEOUT_S = 30.0
+RECONNECT_RETRY_WINDOW_S = 15.0
+
+Connector = Callable[[], Awaitable[ByteStream]]
+
+
+class _Sink:
+    """Where the responses of one client's requests go."""
+
+    def deliver(self, msg: Any) -> None:
+        raise NotImplementedError
+
+    def forget(self, client_id: int) -> None:
+        """The request ``client_id`` is finished."""
+
+
+@dataclass
+class _Route:
+    sink: _Sink
+    client_id: int
+    request: Any
+    retried: bool = False
+
+
+class ClientSink(_Sink):
+    """Outbound queue of one relayed client connection (bounded in bytes)."""
+
+    def __init__(self, limit: int = CLIENT_QUEUE_BYTES) -> None:
+        self._send, self._recv = anyio.create_memory_object_stream[bytes](math.inf)
+        self._queued = 0
+        self._limit = limit
+        self.overflowed = False
+        #: client request id -> upstream id, while the request is in flight.
+        self.upstream: dict[int, int] = {}
+
+    def deliver(self, msg: Any) -> None:
+        if self.overflowed:
+            return
+        frame = encode_frame(gp.response_codec.encode(msg), gp.GUEST_MAX_FRAME)
+        if self._queued + len(frame) > self._limit:
+            self.overflowed = True
+            self._send.close()
+            return
+        self._queued += len(frame)
+        try:
+            self._send.send_nowait(frame)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    def forget(self, client_id: int) -> None:
+        self.upstream.pop(client_id, None)
+
+    async def next_frame(self) -> bytes | None:
+        try:
+            frame = await self._recv.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return None
+        self._queued -= len(frame)
+        return frame
+
+    def close(self) -> None:
+        self._send.close()
+
+
+class _CallSink(_Sink):
+    """Collects the single response of a helper-internal request."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.response: Any = None
+
+    def deliver(self, msg: Any) -> None:
+        if not isinstance(msg, INTERMEDIATE) and not self.done.is_set():
+            self.response = msg
+            self.done.set()
+
+
+@dataclass
+class GuestChannel:
+    """The helper's connection to one VM's agent.  Run :meth:`run` in a task."""
+
+    name: str
+    connect: Connector
+    hello: gp.Hello | None = None
+    _stream: ByteStream | None = None
+    _send_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    _ready: anyio.Event = field(default_factory=anyio.Event)
+    _routes: dict[int, _Route] = field(default_factory=dict)
+    _retry: list[_Route] = field(default_factory=list)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _closed: bool = False
+    _retry_deadline: float = 0.0
+    connects: int = 0
+    garbage_frames: int = 0
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep the channel up until cancelled: connect, handshake, relay, reconnect."""
+        backoff = 0.05
+        try:
+            while True:
+                try:
+                    stream = await self.connect()
+                except OSError as exc:
+                    log.debug("guest_connect_failed", vm=self.name, error=str(exc))
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    self._expire_retries()
+                    continue
+                async with stream:
+                    try:
+                        await self._session(stream)
+                        backoff = 0.05
+                    except (ProtocolError, OSError, anyio.BrokenResourceError) as exc:
+                        log.warning("guest_channel_broken", vm=self.name, error=str(exc))
+                    finally:
+                        self._on_drop()
+                await anyio.sleep(backoff)
+        finally:
+            self._closed = True
+            self._fail_all(ErrorCode.UNAVAILABLE, f"VM {self.name!r} is gone")
+
+    async def wait_ready(self, timeout: float) -> gp.Hello:
+        with anyio.fail_after(timeout):
+            await self._ready.wait()
+        assert self.hello is not None
+        return self.hello
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    async def _session(self, stream: ByteStream) -> None:
+        reader = await _synced_reader(stream)
+        with anyio.fail_after(HELLO_TIMEOUT_S):
+            body = await reader.read()
+        if body is None:
+            raise ProtocolError("guest closed the channel before hello")
+        hello = gp.response_codec.decode(body)
+        if not isinstance(hello, gp.Hello):
+            raise ProtocolError(f"guest sent {type(hello).__name__} before hello")
+        if hello.version != gp.GUEST_PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"guest agent speaks protocol {hello.version}, "
+                f"helper {gp.GUEST_PROTOCOL_VERSION}: rebuild the image"
+            )
+        self.hello = hello
+        self._stream = stream
+        self.connects += 1
+        self._ready.set()
+        log.info("guest_channel_up", vm=self.name, session=hello.session)
+        await self._resend_retries()
+        while (body := await reader.read()) is not None:
+            try:
+                msg = gp.response_codec.decode(body)
+            except DecodeError as exc:
+                # A hostile or broken guest: count it, never crash.
+                self.garbage_frames += 1
+                log.warning("guest_garbage", vm=self.name, error=str(exc)[:200])
+                continue
+            self._route(msg)
+        raise ProtocolError("guest closed the channel")
+
+    def _route(self, msg: Any) -> None:
+        if isinstance(msg, gp.Hello):
+            # The agent started a new session on the same connection: whatever
+            # was in flight is lost on its side.  Reconnect and resynchronise.
+            raise ProtocolError("the guest agent restarted its session")
+        route = self._routes.get(msg.id)
+        if route is None:
+            return  # late answer to a request already failed or cancelled
+        if not isinstance(msg, INTERMEDIATE):
+            del self._routes[msg.id]
+            route.sink.forget(route.client_id)
+        route.sink.deliver(msgspec.structs.replace(msg, id=route.client_id))
+
+    def _on_drop(self) -> None:
+        self._stream = None
+        self._ready = anyio.Event()
+        routes, self._routes = self._routes, {}
+        for r in routes.values():
+            if isinstance(r.request, IDEMPOTENT) and not r.retried:
+                r.retried = True
+                self._retry.append(r)
+            else:
+                self._fail(r, ErrorCode.UNAVAILABLE, "the guest channel dropped")
+        self._retry_deadline = anyio.current_time() + RECONNECT_RETRY_WINDOW_S
+
+    def _expire_retries(self) -> None:
+        if self._retry and anyio.current_time() > self._retry_deadline:
+            retry, self._retry = self._retry, []
+            for r in retry:
+                self._fail(r, ErrorCode.UNAVAILABLE, "the guest channel did not come back")
+
+    async def _resend_retries(self) -> None:
+        retry, self._retry = self._retry, []
+        for r in retry:
+            await self._send_upstream(r)
+
+    def _fail(self, r: _Route, code: ErrorCode, message: str) -> None:
+        r.sink.forget(r.client_id)
+        r.sink.deliver(gp.Error(id=r.client_id, code=code, message=message))
+
+    def _fail_all(self, code: ErrorCode, message: str) -> None:
+        routes = list(self._routes.values()) + self._retry
+        self._routes, self._retry = {}, []
+        for r in routes:
+            self._fail(r, code, message)
+
+    # --- sending -----------------------------------------------------------------------
+
+    async def _send_upstream(self, route: _Route, client_upstream: dict[int, int] | None = None
+                             ) -> None:
+        uid = next(self._ids)
+        self._routes[uid] = route
+        if client_upstream is not None:
+            client_upstream[route.client_id] = uid
+        await self._write(msgspec.structs.replace(route.request, id=uid))
+
+    async def _write(self, msg: Any) -> None:
+        stream = self._stream
+        if stream is None:
+            raise RequestFailed(ErrorCode.UNAVAILABLE, f"VM {self.name!r}: guest channel is down")
+        frame = encode_frame(gp.request_codec.encode(msg), gp.GUEST_MAX_FRAME)
+        async with self._send_lock:
+            await stream.send(frame)
+
+    async def call(self, msg: Any, timeout: float) -> Any:
+        """A helper-internal request with a single response; typed errors are raised."""
+        sink = _CallSink()
+        route = _Route(sink=sink, client_id=0, request=msg)
+        with anyio.fail_after(timeout):
+            await self._ready.wait()
+            await self._send_upstream(route)
+            await sink.done.wait()
+        resp = sink.response
+        if isinstance(resp, gp.Error):
+            raise RequestFailed(ErrorCode(resp.code), f"guest: {resp.message}")
+        return resp
+
+    # --- relaying a client connection -----------------------------------------------------
+
+    async def serve_client(
+        self,
+        read_frame: Callable[[], Awaitable[bytes | None]],
+        send_frame: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        """Relay one client until it disconnects (or overflows its queue).
+
+        The client first receives the sync marker and the agent's Hello, as if
+        it had connected to the agent directly.
+        """
+        if self._closed:
+            raise RequestFailed(ErrorCode.UNAVAILABLE, f"VM {self.name!r} is not running")
+        hello = await self.wait_ready(HELLO_TIMEOUT_S)
+        sink = ClientSink()
+        await send_frame(gp.GUEST_SYNC_MAGIC + _frame(hello))
+        async with anyio.create_task_group() as tg:
+
+            async def pump() -> None:
+                try:
+                    while (frame := await sink.next_frame()) is not None:
+                        await send_frame(frame)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    pass  # client gone
+                tg.cancel_scope.cancel()  # queue closed (overflow) or client gone
+
+            tg.start_soon(pump)
+            try:
+                while (body := await read_frame()) is not None:
+                    await self._from_client(body, sink)
+            finally:
+                # Client gone: cancel what it left running in the guest.
+                for client_id, upstream in list(sink.upstream.items()):
+                    self._routes.pop(upstream, None)
+                    sink.forget(client_id)
+                    if self._stream is not None:
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                            await self._write(gp.Cancel(id=next(self._ids), target=upstream))
+                sink.close()
+                if sink.overflowed:
+                    log.warning("relay_client_overflow", vm=self.name)
+
+    async def _from_client(self, body: bytes, sink: ClientSink) -> None:
+        try:
+            msg = gp.request_codec.decode(body)
+        except DecodeError as exc:
+            rid = peek_request_id(body)
+            sink.deliver(gp.Error(id=rid, code=ErrorCode.INVALID, message=str(exc)[:4000]))
+            return
+        if isinstance(msg, gp.Auth):
+            sink.deliver(gp.Error(id=msg.id, code=ErrorCode.INVALID,
+                                  message="auth is between the helper and the guest"))
+            return
+        if isinstance(msg, gp.CONTINUATIONS):
+            upstream = sink.upstream.get(msg.id)
+            if upstream is not None and self._stream is not None:
+                await self._write(msgspec.structs.replace(msg, id=upstream))
+            return
+        if isinstance(msg, gp.Cancel):
+            target = sink.upstream.get(msg.target)
+            if target is not None and self._stream is not None:
+                await self._write(gp.Cancel(id=next(self._ids), target=target))
+            sink.deliver(gp.Ok(id=msg.id))
+            return
+        if msg.id in sink.upstream:
+            sink.deliver(gp.Error(id=msg.id, code=ErrorCode.INVALID,
+                                  message=f"request id {msg.id} is already in flight"))
+            return
+        route = _Route(sink=sink, client_id=msg.id, request=msg)
+        if self._stream is None:
+            if isinstance(msg, IDEMPOTENT):
+                route.retried = True
+                self._retry.append(route)
+                return
+            self._fail(route, ErrorCode.UNAVAILABLE, "the guest channel is down")
+            return
+        try:
+            await self._send_upstream(route, sink.upstream)
+        except (anyio.BrokenResourceError, OSError, RequestFailed):
+            pass  # the read loop notices the drop and fails or retries the route
+
+
+def _frame(msg: Any) -> bytes:
+    return encode_frame(gp.response_codec.encode(msg), gp.GUEST_MAX_FRAME)
+
+
+async def _synced_reader(stream: ByteStream) -> FrameReader:
+    """Skip whatever precedes the agent's sync marker (stale bytes from an
+    earlier connection), then read frames from just after it."""
+    buf = b""
+    scanned = 0
+    magic = gp.GUEST_SYNC_MAGIC
+    with anyio.fail_after(HELLO_TIMEOUT_S):
+        while (at := buf.find(magic)) < 0:
+            if scanned > MAX_SYNC_SCAN:
+                raise FramingError("no sync marker from the guest agent")
+            try:
+                data = await stream.receive(65536)
+            except anyio.EndOfStream:
+                raise ProtocolError("guest closed the channel before its sync marker") from None
+            scanned += len(data)
+            # Keep only the tail that could hold the start of a split marker.
+            buf = buf[-(len(magic) - 1):] + data
+    leftover = buf[at + len(magic):]
+
+    async def receive() -> bytes:
+        nonlocal leftover
+        if leftover:
+            data, leftover = leftover, b""
+            return data
+        try:
+            return await stream.receive(65536)
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return b""
+
+    return FrameReader(receive, gp.GUEST_MAX_FRAME)
