@@ -1,0 +1,314 @@
+"""One host session over a channel: handshake, dispatch by id, resync.
+
+The session reads frames and starts one task per request; responses and
+stream events of concurrent requests interleave on the channel, each frame
+whole (a write lock).  At most ``max_inflight`` requests run at once: the
+reader waits for a free slot before starting another, so a flood of requests
+waits in the channel (backpressure) instead of growing memory.  Frames that
+continue an in-flight request (acks, upload chunks) are routed to it without a
+slot, so a full house can always make progress.
+
+Hostile input never ends the agent: a frame that is not a valid message gets a
+typed error and the session goes on.  A frame length above the limit breaks
+the stream (we cannot know where the next frame starts); on a socket the
+session then ends, on a byte pipe that cannot be reopened (virtio-serial,
+socketpair) it answers ``Error(id=0, protocol)`` and discards input until the
+host sends ``HOST_SYNC_MAGIC``, then greets again (sync marker + Hello).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentiso.protocol import guest as gp
+from agentiso.protocol.codec import peek_request_id
+from agentiso.protocol.errors import DecodeError, ErrorCode, FrameTooLarge
+from agentiso.protocol.framing import FrameDecoder, encode_frame
+
+from . import __version__
+from .channel import Channel
+from .errors import ChannelClosed, Failed
+from .state import AgentState, kernel_uptime
+
+log = logging.getLogger("agentiso.guest.connection")
+
+#: Sent by the host, raw, to end a resync (see module docstring).
+HOST_SYNC_MAGIC = b"\xffAGENTISO-HOST-SYNC-1\xff"
+AUTH_TIMEOUT_S = 10.0
+
+
+class Credit:
+    """Flow control of one outgoing stream: event ``seq`` may be sent once
+    the host acknowledged ``seq - window``."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.acked = 0
+        self._changed = asyncio.Event()
+
+    def ack(self, seq: int) -> None:
+        if seq > self.acked:
+            self.acked = seq
+            self._changed.set()
+
+    async def wait_for(self, seq: int) -> None:
+        while seq > self.acked + self.window:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+@dataclass
+class RequestContext:
+    id: int
+    state: AgentState
+    session: Session
+    credit: Credit = field(default_factory=lambda: Credit(1))
+    #: Continuation frames (upload chunks/end) for this request.
+    inbox: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(maxsize=1))
+    task: asyncio.Task[None] | None = None
+    #: Why the task was cancelled (None: the session is closing).
+    cancel_reason: tuple[ErrorCode, str] | None = None
+
+    async def send(self, msg: gp.GuestResponse) -> None:
+        await self.session.send(msg)
+
+    def configure_stream(self, window: int) -> None:
+        """Call first thing in handlers that stream or receive a stream."""
+        self.credit = Credit(window)
+        if self.inbox.maxsize != window + 1:
+            pending = []
+            while not self.inbox.empty():
+                pending.append(self.inbox.get_nowait())
+            self.inbox = asyncio.Queue(maxsize=window + 1)
+            for item in pending:
+                self.inbox.put_nowait(item)
+
+    def cancel(self, code: ErrorCode, message: str) -> None:
+        if self.task is not None and not self.task.done():
+            self.cancel_reason = (code, message)
+            self.task.cancel()
+
+
+Handler = Callable[[Any, RequestContext], Awaitable["gp.GuestResponse | None"]]
+
+
+class Session:
+    def __init__(
+        self,
+        channel: Channel,
+        state: AgentState,
+        handlers: dict[type[Any], Handler],
+        secret: bytes | None = None,
+    ) -> None:
+        self.channel = channel
+        self.state = state
+        self.handlers = handlers
+        self.secret = secret
+        self._lock = asyncio.Lock()
+        self._inflight: dict[int, RequestContext] = {}
+        self._slots = asyncio.Semaphore(state.max_inflight)
+        self._decoder = FrameDecoder(gp.GUEST_MAX_FRAME)
+        self._resyncing = False
+        self._tail = b""
+
+    # --- sending ---------------------------------------------------------------------
+
+    async def send(self, msg: gp.GuestResponse) -> None:
+        frame = encode_frame(gp.response_codec.encode(msg), gp.GUEST_MAX_FRAME)
+        async with self._lock:
+            await self.channel.send(frame)
+
+    async def send_error(self, rid: int, code: ErrorCode, message: str) -> None:
+        await self.send(gp.Error(id=rid, code=code, message=message[:4096]))
+
+    async def hello(self) -> None:
+        st = self.state
+        st.sessions += 1
+        listen = st.listen if st.listen is not None else st.agent_start
+        msg = gp.Hello(
+            id=0,
+            version=gp.GUEST_PROTOCOL_VERSION,
+            agent=f"agentiso-guest {__version__}",
+            boot=gp.BootTimings(
+                init_t0=st.init_t0, agent_start=st.agent_start, listen=listen,
+                hello=kernel_uptime(),
+            ),
+            transport=self.channel.name,
+            max_frame=gp.GUEST_MAX_FRAME,
+            max_chunk=gp.MAX_CHUNK,
+            max_inflight=st.max_inflight,
+            session=st.sessions,
+            pid1=st.pid1,
+        )
+        frame = encode_frame(gp.response_codec.encode(msg), gp.GUEST_MAX_FRAME)
+        async with self._lock:
+            await self.channel.send(gp.GUEST_SYNC_MAGIC + frame)
+
+    # --- the session -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until the host goes away (or the agent is asked to exit)."""
+        try:
+            if self.secret is not None:
+                if not await self._authenticate():
+                    return
+            else:
+                await self.hello()
+            while not self.state.exit_requested:
+                data = await self.channel.receive()
+                if not data:
+                    return
+                if not await self._feed(data):
+                    return
+        except ChannelClosed:
+            return
+        finally:
+            await self._cancel_all()
+
+    async def _feed(self, data: bytes) -> bool:
+        """Handle received bytes; False when the session must end."""
+        if self._resyncing:
+            return await self._scan_for_sync(data)
+        window = self._tail + data
+        self._tail = window[-(len(HOST_SYNC_MAGIC) - 1) :]
+        try:
+            bodies = self._decoder.feed(data)
+        except FrameTooLarge as exc:
+            await self.send_error(0, ErrorCode.PROTOCOL, str(exc))
+            if not self.channel.resyncable:
+                return False
+            log.warning("framing broken (%s); waiting for host sync", exc)
+            await self._cancel_all()
+            self._resyncing = True
+            self._tail = b""
+            # The host may have sent the sync marker itself: that is what broke it.
+            return await self._scan_for_sync(window)
+        for body in bodies:
+            await self._dispatch(body)
+        return True
+
+    async def _scan_for_sync(self, data: bytes) -> bool:
+        buf = self._tail + data
+        idx = buf.find(HOST_SYNC_MAGIC)
+        if idx < 0:
+            self._tail = buf[-(len(HOST_SYNC_MAGIC) - 1) :]
+            return True
+        self._resyncing = False
+        self._tail = b""
+        self._decoder = FrameDecoder(gp.GUEST_MAX_FRAME)
+        await self.hello()
+        rest = buf[idx + len(HOST_SYNC_MAGIC) :]
+        return await self._feed(rest) if rest else True
+
+    async def _authenticate(self) -> bool:
+        assert self.secret is not None
+        body: bytes | None = None
+        rest: list[bytes] = []
+        try:
+            async with asyncio.timeout(AUTH_TIMEOUT_S):
+                while body is None:
+                    data = await self.channel.receive()
+                    if not data:
+                        return False
+                    bodies = self._decoder.feed(data)
+                    if bodies:
+                        body = bodies[0]
+                        rest = bodies[1:]
+        except (TimeoutError, FrameTooLarge):
+            return False
+        try:
+            msg = gp.request_codec.decode(body)
+        except DecodeError:
+            msg = None
+        if not isinstance(msg, gp.Auth) or not hmac.compare_digest(msg.secret, self.secret):
+            await self.send_error(0, ErrorCode.PERMISSION_DENIED, "authentication failed")
+            return False
+        await self.hello()
+        # Requests pipelined right behind Auth are served after the Hello.
+        for extra in rest:
+            await self._dispatch(extra)
+        return True
+
+    async def _dispatch(self, body: bytes) -> None:
+        try:
+            msg = gp.request_codec.decode(body)
+        except DecodeError as exc:
+            await self.send_error(peek_request_id(body), ErrorCode.INVALID, str(exc))
+            return
+        if isinstance(msg, gp.CONTINUATIONS):
+            ctx = self._inflight.get(msg.id)
+            if ctx is not None:
+                self._continue(ctx, msg)
+            return  # a stale continuation of a finished request: ignore
+        if isinstance(msg, gp.Cancel):
+            target = self._inflight.get(msg.target)
+            if target is not None:
+                target.cancel(ErrorCode.CANCELLED, "cancelled by the host")
+            await self.send(gp.Ok(id=msg.id))
+            return
+        if msg.id == 0:
+            await self.send_error(0, ErrorCode.INVALID, "request id 0 is reserved")
+            return
+        if msg.id in self._inflight:
+            await self.send_error(msg.id, ErrorCode.CONFLICT, "request id already in flight")
+            return
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            await self.send_error(msg.id, ErrorCode.INVALID, f"unexpected {type(msg).__name__}")
+            return
+        await self._slots.acquire()
+        ctx = RequestContext(id=msg.id, state=self.state, session=self)
+        self._inflight[msg.id] = ctx
+        ctx.task = asyncio.get_running_loop().create_task(self._serve(handler, msg, ctx))
+
+    def _continue(self, ctx: RequestContext, msg: Any) -> None:
+        if isinstance(msg, gp.TransferAck):
+            ctx.credit.ack(msg.seq)
+            return
+        try:
+            ctx.inbox.put_nowait(msg)
+        except asyncio.QueueFull:
+            ctx.cancel(ErrorCode.PROTOCOL, "host sent more chunks than its window allows")
+
+    async def _serve(self, handler: Handler, msg: Any, ctx: RequestContext) -> None:
+        resp: gp.GuestResponse | None
+        try:
+            try:
+                resp = await handler(msg, ctx)
+            except Failed as exc:
+                resp = gp.Error(id=ctx.id, code=exc.code, message=exc.message[:4096])
+            except asyncio.CancelledError:
+                if ctx.cancel_reason is None:
+                    raise
+                code, text = ctx.cancel_reason
+                resp = gp.Error(id=ctx.id, code=code, message=text)
+            except ChannelClosed:
+                return
+            except Exception:
+                log.exception("handler %s failed", type(msg).__name__)
+                resp = gp.Error(id=ctx.id, code=ErrorCode.INTERNAL, message="internal error")
+            if resp is not None:
+                # Free the id before answering: the host may reuse it at once.
+                self._release(ctx)
+                await self.send(resp)
+        except ChannelClosed:
+            pass
+        finally:
+            self._release(ctx)
+
+    def _release(self, ctx: RequestContext) -> None:
+        if self._inflight.get(ctx.id) is ctx:
+            del self._inflight[ctx.id]
+            self._slots.release()
+
+    async def _cancel_all(self) -> None:
+        tasks = [c.task for c in self._inflight.values() if c.task is not None]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,177 @@
+"""Where the host comes from: the virtio-serial port, vsock, a unix socket, an fd.
+
+virtio-serial (the path that runs on hosts without vhost-vsock), as the Linux
+driver behaves:
+
+* The guest end is ``/dev/vportNpM``; its name is in
+  ``/sys/class/virtio-ports/vportNpM/name``.  There is no udev in the guest:
+  devtmpfs creates the node, and if it is missing we make it from the ``dev``
+  attribute.
+* While no host is connected to the chardev, poll() reports POLLHUP (and
+  POLLIN), read() returns 0 and write() blocks (EAGAIN when non-blocking).  So
+  "read returned 0" means the host went away, not that the port is finished;
+  we keep the port open and wait until POLLHUP clears.  The driver sends
+  SIGIO on host connect/disconnect to an O_ASYNC owner, which wakes us at once;
+  a slow poll backs it up.
+* Each time a host connects we start a fresh session: new frame decoder,
+  sync marker + Hello.
+
+vsock: a listener on port 5000; every connection must authenticate with the
+per-VM secret before it sees a Hello.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+
+from .channel import FdChannel
+from .fdio import close_quietly, hung_up
+
+log = logging.getLogger("agentiso.guest.transport")
+
+PORT_NAME = "org.agentiso.agent.0"
+VSOCK_PORT = 5000
+SECRET_PATH = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.agentiso/secret/raw"
+
+ServeChannel = Callable[[FdChannel, "bytes | None"], Awaitable[None]]
+
+
+def find_virtio_port(name: str = PORT_NAME, sysfs: str = "/sys/class/virtio-ports",
+                     devdir: str = "/dev") -> str | None:
+    """Path of the device node of the port named ``name`` (made if missing)."""
+    try:
+        ports = sorted(os.listdir(sysfs))
+    except OSError:
+        return None
+    for port in ports:
+        try:
+            with open(os.path.join(sysfs, port, "name")) as f:
+                if f.read().strip() != name:
+                    continue
+        except OSError:
+            continue
+        node = os.path.join(devdir, port)
+        if os.path.exists(node):
+            return node
+        return _make_node(os.path.join(sysfs, port, "dev"), port)
+    return None
+
+
+def _make_node(dev_attr: str, port: str) -> str | None:
+    try:
+        with open(dev_attr) as f:
+            major, minor = (int(x) for x in f.read().strip().split(":"))
+        os.makedirs("/run/agentiso", exist_ok=True)
+        node = f"/run/agentiso/{port}"
+        if not os.path.exists(node):
+            os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(major, minor))
+        return node
+    except (OSError, ValueError):
+        log.exception("cannot make a device node for %s", port)
+        return None
+
+
+async def _wait_host(fd: int, woken: asyncio.Event) -> None:
+    while hung_up(fd):
+        woken.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.25):
+                await woken.wait()
+
+
+async def serve_virtio_serial(serve: ServeChannel, on_listen: Callable[[], None],
+                              name: str = PORT_NAME) -> None:
+    """Serve host sessions on the virtio port forever."""
+    loop = asyncio.get_running_loop()
+    woken = asyncio.Event()
+    with contextlib.suppress(RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGIO, woken.set)
+    warned = False
+    while True:
+        path = find_virtio_port(name)
+        if path is None:
+            if not warned:
+                log.warning("virtio port %s not found yet", name)
+                warned = True
+            await asyncio.sleep(0.2)
+            continue
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("cannot open %s: %s", path, exc)
+            await asyncio.sleep(1.0)
+            continue
+        try:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+            on_listen()
+            log.info("listening on %s", path)
+            while True:
+                await _wait_host(fd, woken)
+                await serve(FdChannel(fd, "virtio-serial", virtio=True), None)
+                log.info("host disconnected from %s", path)
+        except OSError:
+            log.exception("virtio port %s failed; reopening", path)
+            await asyncio.sleep(0.5)
+        finally:
+            close_quietly(fd)
+
+
+def read_secret(path: str = SECRET_PATH) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(257)
+    except OSError:
+        return None
+    return data if 16 <= len(data) <= 256 else None
+
+
+async def serve_listener(sock: socket.socket, name: str, serve: ServeChannel,
+                         secret: bytes | None) -> None:
+    """Accept connections on ``sock`` forever; one session per connection."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    tasks: set[asyncio.Task[None]] = set()
+    while True:
+        try:
+            conn, _ = await loop.sock_accept(sock)
+        except OSError as exc:
+            log.warning("%s accept failed: %s", name, exc)
+            await asyncio.sleep(0.5)
+            continue
+        fd = conn.detach()
+
+        async def one(fd: int = fd) -> None:
+            try:
+                await serve(FdChannel(fd, name), secret)
+            finally:
+                close_quietly(fd)
+
+        task = loop.create_task(one())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+
+def vsock_listener(port: int = VSOCK_PORT) -> socket.socket:
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.bind((socket.VMADDR_CID_ANY, port))
+    sock.listen(16)
+    return sock
+
+
+def unix_listener(path: str) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.bind(path)
+    sock.listen(16)
+    return sock
