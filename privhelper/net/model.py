@@ -155,8 +155,7 @@ def parse_network(text: object) -> ipaddress.IPv4Network:
         net = ipaddress.IPv4Network(text, strict=True)
     except ValueError as exc:
         raise InvalidNetInput(f"invalid IPv4 CIDR {_show(text)}: {exc}") from None
-    addr_part = text.split("/", 1)[0]
-    if str(net.network_address) != addr_part:
+    if text not in (str(net), str(net.network_address)):
         raise InvalidNetInput(f"IPv4 CIDR not in canonical form: {_show(text)}")
     return net
 
