@@ -181,7 +181,7 @@ class Builder:
                 "initrd",
                 {
                     **kernel,
-                    "modules": list(specs.INITRAMFS_MODULES),
+                    "modules": [*specs.INITRAMFS_MODULES],
                     "busybox": self.busybox_version,
                     "builder": builder_digest,
                 },
@@ -242,8 +242,9 @@ class Builder:
     def guest_python_minor(self, tree: Path) -> str:
         versions = dpkgstatus.installed_versions((tree / "var/lib/dpkg/status").read_text())
         minors = sorted(
-            p.removeprefix("python") for p in versions if p.startswith("python3.")
-            and p.removeprefix("python").replace(".", "").isdigit()
+            p.removeprefix("python")
+            for p in versions
+            if p.startswith("python3.") and p.removeprefix("python").replace(".", "").isdigit()
         )
         if not minors:
             raise ImageBuildError("no python3.X package in the base tree")
@@ -269,16 +270,15 @@ class Builder:
                 f"/{SITE}/agentiso", f"/{SITE}/msgspec",
             ]
         )  # fmt: skip
-        steps.replace_file(stage / "sbin/agentiso-init", (HERE / "agentiso-init.sh").read_bytes(),
-                           0o755)
+        steps.replace_file(
+            stage / "sbin/agentiso-init", (HERE / "agentiso-init.sh").read_bytes(), 0o755
+        )
         host = self.spec.hostname
         steps.replace_file(stage / "etc/hostname", f"{host}\n".encode())
-        steps.replace_file(
-            stage / "etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost\n".encode()
-        )
-        steps.replace_file(
-            stage / "etc/resolv.conf", b"# written by the agentiso guest agent from the host's config\n"
-        )
+        hosts = f"127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost\n"
+        steps.replace_file(stage / "etc/hosts", hosts.encode())
+        # Placeholder: the guest agent writes the DNS servers the host hands it.
+        steps.replace_file(stage / "etc/resolv.conf", b"# written by the agentiso guest agent\n")
         used = steps.tree_size(stage)
         # ext4 metadata (inode tables, journal, bitmaps) is about 5% plus a fixed part.
         size = used * 105 // 100 + (48 << 20) + HEADROOM_BYTES
@@ -316,7 +316,9 @@ class Builder:
         self.write_manifest(keys, old, stale)
         return stale
 
-    def write_manifest(self, keys: dict[str, str], old: dict[str, Any] | None, stale: list[str]) -> None:
+    def write_manifest(
+        self, keys: dict[str, str], old: dict[str, Any] | None, stale: list[str]
+    ) -> None:
         old_files = old.get("files", {}) if old else {}
         files: dict[str, Any] = {}
         for name in plan.OUTPUTS:
@@ -349,16 +351,20 @@ class Builder:
             "files": files,
             "inputs": keys,
         }
-        write_atomically(
-            self.out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-        )
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        write_atomically(self.out / "manifest.json", text.encode())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m images.build", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m images.build", description="Build a guest image under build/images/."
+    )
     parser.add_argument("--image", default="minimal", choices=sorted(specs.IMAGES))
-    parser.add_argument("--python", default=sys.executable,
-                        help="python whose msgspec is copied into the guest (same ABI)")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="python whose msgspec is copied into the guest (same ABI)",
+    )
     parser.add_argument("--build-dir", type=Path, default=REPO / "build")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

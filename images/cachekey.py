@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 # Bytecode caches and editor droppings do not change what a tree means.
 _IGNORED_DIRS = frozenset({"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"})
 _IGNORED_SUFFIXES = (".pyc", ".pyo", "~", ".swp")
 
-KeyInput = str | int | bool | None | list["KeyInput"] | dict[str, "KeyInput"]
+KeyInput = str | int | bool | None | Sequence["KeyInput"] | Mapping[str, "KeyInput"]
 
 
 def key_of(kind: str, inputs: Mapping[str, KeyInput]) -> str:

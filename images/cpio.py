@@ -69,7 +69,8 @@ def _header(ino: int, entry: Entry, name: bytes, mtime: int) -> bytes:
 
 def _validate(entry: Entry) -> None:
     p = entry.path
-    if not p or p.startswith("/") or "\0" in p or any(part in ("", ".", "..") for part in p.split("/")):
+    parts = p.split("/")
+    if not p or "\0" in p or any(part in ("", ".", "..") for part in parts):
         raise CpioError(f"bad archive path {p!r}")
     if stat.S_IFMT(entry.mode) not in (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR):
         raise CpioError(f"unsupported file type for {p!r}")

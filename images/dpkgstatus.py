@@ -21,7 +21,7 @@ def installed_versions(status_text: str) -> dict[str, str]:
 
 
 def parse_control(text: str) -> dict[str, str]:
-    """Fields (lower-cased names) of the first stanza of Debian control text, e.g. ``apt-cache show``."""
+    """Fields (lower-cased names) of the first stanza of control text (``apt-cache show``)."""
     fields: dict[str, str] = {}
     key: str | None = None
     for line in text.split("\n\n", 1)[0].splitlines():
@@ -41,6 +41,7 @@ def versioned_kernel_package(meta_fields: dict[str, str]) -> str:
     """The ``linux-image-<release>`` package a kernel metapackage depends on."""
     for dep in meta_fields.get("depends", "").split(","):
         name = dep.strip().split(" ", 1)[0].split(":", 1)[0]
-        if name.startswith("linux-image-") and name[len("linux-image-"):][:1].isdigit():
+        if name.startswith("linux-image-") and name[len("linux-image-") :][:1].isdigit():
             return name
-    raise PackageMetadataError(f"no versioned linux-image dependency in {meta_fields.get('depends')!r}")
+    depends = meta_fields.get("depends")
+    raise PackageMetadataError(f"no versioned linux-image dependency in {depends!r}")

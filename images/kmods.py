@@ -35,7 +35,7 @@ class ModuleIndex:
 
     @classmethod
     def parse(cls, modules_dep: str, modules_builtin: str) -> ModuleIndex:
-        """Parse ``modules.dep`` (``path: dep dep ...``) and ``modules.builtin`` (a path per line)."""
+        """Parse ``modules.dep`` (``path: dep dep ...``) and ``modules.builtin`` (path per line)."""
         deps: dict[str, tuple[str, tuple[str, ...]]] = {}
         for line in modules_dep.splitlines():
             if ":" not in line:
@@ -43,7 +43,9 @@ class ModuleIndex:
             path, rest = line.split(":", 1)
             path = path.strip()
             deps[module_name(path)] = (path, tuple(rest.split()))
-        builtin = frozenset(module_name(p.strip()) for p in modules_builtin.splitlines() if p.strip())
+        builtin = frozenset(
+            module_name(p.strip()) for p in modules_builtin.splitlines() if p.strip()
+        )
         return cls(deps, builtin)
 
 

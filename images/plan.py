@@ -38,10 +38,6 @@ def outputs_to_build(
         record = recorded_files.get(name)
         recorded_size = record.get("size") if isinstance(record, Mapping) else None
         size = sizes.get(name)
-        if (
-            recorded_keys.get(name) != wanted_keys[name]
-            or size is None
-            or recorded_size != size
-        ):
+        if recorded_keys.get(name) != wanted_keys[name] or size is None or recorded_size != size:
             stale.append(name)
     return stale

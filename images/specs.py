@@ -44,7 +44,5 @@ class ImageSpec:
 
 IMAGES: dict[str, ImageSpec] = {
     "minimal": ImageSpec("minimal", _BASE_PACKAGES),
-    "dev": ImageSpec(
-        "dev", (*_BASE_PACKAGES, "git", "curl", "build-essential", "ca-certificates")
-    ),
+    "dev": ImageSpec("dev", (*_BASE_PACKAGES, "git", "curl", "build-essential", "ca-certificates")),
 }
