@@ -19,7 +19,10 @@ from agentiso.protocol.errors import ProtocolError
 from . import __version__, log, systemd
 from .config import DEFAULT_CONFIG_PATH, HelperConfig, load_config
 from .errors import HelperError
+from .registry import Registry
 from .server import HelperServer, bind_listener, listener_from_fd
+from .service import WorkspaceService
+from .storage import make_backend
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,9 +58,31 @@ def _apply_overrides(cfg: HelperConfig, args: argparse.Namespace) -> HelperConfi
     return msgspec.structs.replace(cfg, server=server, paths=paths)
 
 
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+async def _build_service(cfg: HelperConfig) -> WorkspaceService:
+    state_dir = _ensure_dir(Path(cfg.paths.state_dir))
+    storage = make_backend(cfg.storage, state_dir)
+    try:
+        await storage.setup()
+    except HelperError as exc:
+        # Keep serving (status, gc, diagnostics); volume requests will fail typed.
+        structlog.get_logger("agentiso.helper").error("storage_unavailable", error=str(exc))
+    return WorkspaceService(
+        config=cfg,
+        registry=Registry.load(state_dir / "registry.json"),
+        storage=storage,
+        images_dir=Path(cfg.paths.images_dir),
+    )
+
+
 async def _serve(cfg: HelperConfig) -> None:
     logger = structlog.get_logger("agentiso.helper")
-    server = HelperServer(cfg)
+    service = await _build_service(cfg)
+    server = HelperServer(cfg, handlers=service.handlers())
     fds = systemd.listen_fds()
     systemd.clear_listen_env()
     if fds:

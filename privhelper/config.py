@@ -16,6 +16,7 @@ from msgspec import Meta
 
 from .errors import ConfigError
 from .limits import LimitsConfig
+from .storage.config import StorageConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/agentiso/helper.toml")
 DEFAULT_SOCKET_PATH = Path("/run/agentiso/helper.sock")
@@ -40,6 +41,7 @@ class HelperConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
 
 
 def parse_config(text: str, source: str = "<string>") -> HelperConfig:

@@ -45,7 +45,11 @@ def public_tmpdir(prefix: str) -> Path:
 
 @contextmanager
 def running_helper(
-    *, group: int | str = "agentiso", extra_args: tuple[str, ...] = (), timeout: float = 20.0
+    *,
+    group: int | str = "agentiso",
+    extra_args: tuple[str, ...] = (),
+    config: str = "",
+    timeout: float = 20.0,
 ) -> Iterator[HelperProcess]:
     if shutil.which("systemd-socket-activate") is None:
         import pytest
@@ -55,7 +59,7 @@ def running_helper(
     sock = workdir / "helper.sock"
     log_path = workdir / "helper.log"
     cfg = workdir / "helper.toml"
-    cfg.write_text("")
+    cfg.write_text(config)
     argv = [
         "systemd-socket-activate",
         "-l",

@@ -1,0 +1,247 @@
+"""The workspace service: what each helper request does.
+
+This is orchestration only: it checks ownership (through the per-owner
+:class:`~.registry.Registry`), enforces the limits, and calls the volume
+backend, the VM engine and the guest relay.  Every client-visible name is the
+caller's own; the layers below only ever see the registry's random keys.
+
+Mutations are serialised by one lock: they are short (qemu-img / zfs
+metadata operations, a QEMU spawn); waiting for a guest to boot happens
+outside it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from agentiso.protocol import helper as hp
+from agentiso.protocol.errors import ErrorCode
+
+from . import images, limits
+from .config import HelperConfig
+from .errors import RequestFailed
+from .registry import Registry, SnapshotRecord, VolumeRecord
+from .server import Handler, RequestContext
+from .storage import FromBase, FromSnapshot, VolumeBackend
+from .storage import VolumeInfo as BackendVolumeInfo
+
+log = structlog.get_logger("agentiso.helper.service")
+
+
+@dataclass
+class WorkspaceService:
+    config: HelperConfig
+    registry: Registry
+    storage: VolumeBackend
+    images_dir: Path
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    # --- wiring ------------------------------------------------------------------------
+
+    def handlers(self) -> dict[type[Any], Handler]:
+        table: dict[type[Any], Callable[[Any, RequestContext], Awaitable[Any]]] = {
+            hp.ImageList: self.image_list,
+            hp.VolumeCreate: self.volume_create,
+            hp.VolumeDestroy: self.volume_destroy,
+            hp.VolumeGet: self.volume_get,
+            hp.VolumeList: self.volume_list,
+            hp.VolumeGrow: self.volume_grow,
+            hp.SnapshotCreate: self.snapshot_create,
+            hp.SnapshotRollback: self.snapshot_rollback,
+            hp.SnapshotDelete: self.snapshot_delete,
+        }
+        return table
+
+    # --- usage and limits --------------------------------------------------------------
+
+    def usage(self, owner: int | None) -> limits.Usage:
+        vols = self.registry.volumes(owner)
+        vms = self.registry.vms(owner)
+        return limits.Usage(
+            vms=len(vms),
+            memory_mib=sum(m.memory_mib for m in vms),
+            disk_bytes=sum(v.size_bytes for v in vols),
+            volumes=len(vols),
+        )
+
+    def check_limits(self, owner: int, delta: limits.Usage) -> None:
+        limits.check(self.config.limits, self.usage(owner), self.usage(None), delta)
+
+    # --- images ------------------------------------------------------------------------
+
+    async def image_list(self, req: hp.ImageList, ctx: RequestContext) -> hp.Images:
+        found = images.list_images(self.images_dir)
+        return hp.Images(
+            id=req.id,
+            images=[
+                hp.ImageInfo(
+                    name=i.name,
+                    size_bytes=i.manifest.files["rootfs.img"].size,
+                    description=i.description[:256],
+                )
+                for i in found
+            ],
+        )
+
+    async def _base_for(self, image: images.Image) -> str:
+        """Import the image's rootfs as a storage base, once per build."""
+        have = {b.name for b in await self.storage.list_bases()}
+        if image.base_name not in have:
+            log.info("import_base", image=image.name, base=image.base_name)
+            await self.storage.import_base(image.base_name, image.rootfs)
+        return image.base_name
+
+    # --- volumes -----------------------------------------------------------------------
+
+    async def volume_create(self, req: hp.VolumeCreate, ctx: RequestContext) -> hp.VolumeInfo:
+        owner = ctx.peer.uid
+        async with self.lock:
+            if any(v.name == req.name for v in self.registry.volumes(owner)):
+                raise RequestFailed(ErrorCode.ALREADY_EXISTS, f"volume {req.name!r} already exists")
+            if isinstance(req.source, hp.FromImage):
+                image = images.load_image(self.images_dir, req.source.image)
+                source: FromBase | FromSnapshot = FromBase(await self._base_for(image))
+                origin = f"image:{image.name}"
+                source_size = image.manifest.files["rootfs.img"].size
+            else:
+                src = self.registry.volume(owner, req.source.volume)
+                src.snapshot(req.source.snapshot)  # NotFound unless it exists
+                source = FromSnapshot(src.key, req.source.snapshot)
+                origin = f"snapshot:{src.name}@{req.source.snapshot}"
+                source_size = src.size_bytes
+            size = max(req.size_bytes or 0, source_size)
+            self.check_limits(owner, limits.Usage(volumes=1, disk_bytes=size))
+            rec = self.registry.add_volume(owner, req.name, origin, size)
+            try:
+                info = await self.storage.create_volume(rec.key, source, req.size_bytes)
+            except BaseException:
+                self.registry.remove_volume(rec.key)
+                raise
+            rec.size_bytes = info.virtual_size
+            self.registry.save()
+        return self._volume_info(req.id, rec, info)
+
+    async def volume_destroy(self, req: hp.VolumeDestroy, ctx: RequestContext) -> hp.Done:
+        async with self.lock:
+            rec = self.registry.volume(ctx.peer.uid, req.name)
+            self._refuse_if_in_use(rec, "destroy")
+            await self.storage.destroy_volume(rec.key)
+            self.registry.remove_volume(rec.key)
+            self.registry.save()
+        return hp.Done(id=req.id)
+
+    async def volume_get(self, req: hp.VolumeGet, ctx: RequestContext) -> hp.VolumeInfo:
+        rec = self.registry.volume(ctx.peer.uid, req.name)
+        return self._volume_info(req.id, rec, await self.storage.volume_info(rec.key))
+
+    async def volume_list(self, req: hp.VolumeList, ctx: RequestContext) -> hp.Volumes:
+        out = []
+        for rec in self.registry.volumes(ctx.peer.uid):
+            out.append(self._volume_info(0, rec, await self.storage.volume_info(rec.key)))
+        return hp.Volumes(id=req.id, volumes=out)
+
+    async def volume_grow(self, req: hp.VolumeGrow, ctx: RequestContext) -> hp.VolumeInfo:
+        async with self.lock:
+            rec = self.registry.volume(ctx.peer.uid, req.name)
+            self._refuse_if_in_use(rec, "grow")
+            if req.size_bytes < rec.size_bytes:
+                raise RequestFailed(
+                    ErrorCode.INVALID,
+                    f"volume {req.name!r} is {rec.size_bytes} bytes; volumes only grow",
+                )
+            self.check_limits(
+                ctx.peer.uid, limits.Usage(disk_bytes=req.size_bytes - rec.size_bytes)
+            )
+            info = await self.storage.grow_volume(rec.key, req.size_bytes)
+            rec.size_bytes = info.virtual_size
+            self.registry.save()
+        return self._volume_info(req.id, rec, info)
+
+    # --- snapshots ---------------------------------------------------------------------
+
+    async def snapshot_create(self, req: hp.SnapshotCreate, ctx: RequestContext) -> hp.VolumeInfo:
+        async with self.lock:
+            rec = self.registry.volume(ctx.peer.uid, req.volume)
+            if any(s.name == req.snapshot for s in rec.snapshots):
+                raise RequestFailed(
+                    ErrorCode.ALREADY_EXISTS,
+                    f"volume {req.volume!r} already has a snapshot {req.snapshot!r}",
+                )
+            if req.memory:
+                raise RequestFailed(
+                    ErrorCode.CONFLICT, "a memory snapshot needs a running VM on the volume"
+                )
+            self._refuse_if_in_use(rec, "snapshot (live snapshots arrive with the VM engine)")
+            await self.storage.snapshot(rec.key, req.snapshot)
+            rec.snapshots.append(SnapshotRecord(name=req.snapshot, created=time.time()))
+            self.registry.save()
+            info = await self.storage.volume_info(rec.key)
+        return self._volume_info(req.id, rec, info)
+
+    async def snapshot_rollback(
+        self, req: hp.SnapshotRollback, ctx: RequestContext
+    ) -> hp.VolumeInfo:
+        async with self.lock:
+            rec = self.registry.volume(ctx.peer.uid, req.volume)
+            rec.snapshot(req.snapshot)
+            self._refuse_if_in_use(rec, "roll back")
+            info = await self.storage.rollback(rec.key, req.snapshot)
+            self._sync_snapshots(rec, info)
+            self.registry.save()
+        return self._volume_info(req.id, rec, info)
+
+    async def snapshot_delete(self, req: hp.SnapshotDelete, ctx: RequestContext) -> hp.Done:
+        async with self.lock:
+            rec = self.registry.volume(ctx.peer.uid, req.volume)
+            rec.snapshot(req.snapshot)
+            await self.storage.delete_snapshot(rec.key, req.snapshot)
+            rec.snapshots = [s for s in rec.snapshots if s.name != req.snapshot]
+            self.registry.save()
+        return hp.Done(id=req.id)
+
+    # --- helpers -----------------------------------------------------------------------
+
+    def _refuse_if_in_use(self, rec: VolumeRecord, what: str) -> None:
+        vm = self.registry.vm_on_volume(rec.key)
+        if vm is not None:
+            raise RequestFailed(
+                ErrorCode.CONFLICT,
+                f"cannot {what} volume {rec.name!r}: VM {vm.name!r} uses it (stop it first)",
+            )
+
+    @staticmethod
+    def _sync_snapshots(rec: VolumeRecord, info: BackendVolumeInfo) -> None:
+        """Keep the registry's snapshot list to what the backend still has."""
+        alive = {s.name for s in info.snapshots}
+        rec.snapshots = [s for s in rec.snapshots if s.name in alive]
+
+    def _volume_info(
+        self, rid: int, rec: VolumeRecord, info: BackendVolumeInfo
+    ) -> hp.VolumeInfo:
+        used = {s.name: s.used_bytes for s in info.snapshots}
+        vm = self.registry.vm_on_volume(rec.key)
+        return hp.VolumeInfo(
+            id=rid,
+            name=rec.name,
+            size_bytes=info.virtual_size,
+            used_bytes=info.used_bytes,
+            created=rec.created,
+            origin=rec.origin,
+            snapshots=[
+                hp.SnapshotInfo(
+                    name=s.name,
+                    created=s.created,
+                    used_bytes=used.get(s.name, 0),
+                    memory=s.memory_file is not None,
+                )
+                for s in rec.snapshots
+            ],
+            vm=vm.name if vm is not None else None,
+        )
