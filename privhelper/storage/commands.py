@@ -138,6 +138,10 @@ def zfs_destroy(target: str, *, recursive: bool = False) -> list[str]:
     return [*argv, target]
 
 
+def zfs_unmount(dataset: str) -> list[str]:
+    return [ZFS, "unmount", dataset]
+
+
 def zfs_promote(dataset: str) -> list[str]:
     return [ZFS, "promote", dataset]
 

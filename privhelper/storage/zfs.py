@@ -40,7 +40,7 @@ from .model import (
     VolumeSource,
 )
 from .names import check_name, check_size
-from .qemu_img import parse_info
+from .qemu_img import is_lock_error, parse_info
 from .runner import Runner
 from .zfs_state import (
     BASE_SNAPSHOT,
@@ -208,6 +208,35 @@ class ZfsBackend:
                 raise VolumeBusy(volume, op) from None
             raise
 
+    async def _forget(self, dataset: str) -> None:
+        """Best-effort removal of a dataset this call just made (failure path)."""
+        await self.runner.run(cmd.zfs_unmount(dataset), check=False)
+        await self.runner.run(cmd.zfs_destroy(dataset, recursive=True), check=False)
+
+    async def _ensure_idle(self, props: Props, dataset: str, volume: str, op: str) -> None:
+        """Refuse if a QEMU holds the volume (qemu-img's image-lock probe, no -U)."""
+        node = self._node(props, dataset)
+        argv = cmd.qemu_img_info(node.path, force_share=False)
+        res = await self.runner.run([*argv[:-1], "-f", "raw", argv[-1]], check=False)
+        if res.returncode != 0 and is_lock_error(res.stderr):
+            raise VolumeBusy(volume, op)
+
+    async def _destroy_volume_dataset(self, props: Props, dataset: str, volume: str) -> None:
+        await self._ensure_idle(props, dataset, volume, "destroy")
+        await self._unmount(props, dataset, volume)
+        await self._destroy(dataset, recursive=True, volume=volume, op="destroy")
+
+    async def _unmount(self, props: Props, dataset: str, volume: str) -> None:
+        if props[dataset].get("type") == "filesystem":
+            # zfs-fuse's own unmount inside destroy races its fresh mounts
+            # ("dataset is busy"); an explicit unmount first does not.
+            try:
+                await self.runner.run(cmd.zfs_unmount(dataset))
+            except CommandFailed as exc:
+                if _is_busy(exc):
+                    raise VolumeBusy(volume, "destroy") from None
+                raise
+
     # --- bases ----------------------------------------------------------------------
 
     async def import_base(self, name: str, source: Path) -> BaseInfo:
@@ -243,7 +272,7 @@ class ZfsBackend:
                 await self.runner.run(cmd.zfs_set(ds, "readonly", "on"))
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self.runner.run(cmd.zfs_destroy(ds, recursive=True), check=False)
+                    await self._forget(ds)
                 raise
             props = await self._props()
             return BaseInfo(name, src.virtual_size, int_prop(props, ds, "used"))
@@ -258,7 +287,8 @@ class ZfsBackend:
             deps = self._base_dependents(props, name)
             if deps:
                 raise HasDependents("base", name, deps)
-            await self.runner.run(cmd.zfs_destroy(ds, recursive=True))
+            await self._unmount(props, ds, name)
+            await self._destroy(ds, recursive=True, volume=name, op="delete-base")
 
     def _base_dependents(self, props: Props, name: str) -> list[str]:
         clones = clones_of(props, self.ds.base_origin(name))
@@ -319,7 +349,7 @@ class ZfsBackend:
                 return self._info(props, name)
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self.runner.run(cmd.zfs_destroy(ds, recursive=True), check=False)
+                    await self._forget(ds)
                 raise
 
     async def _resize(self, props: Props, dataset: str, size: int) -> None:
@@ -341,7 +371,7 @@ class ZfsBackend:
                     await self.runner.run(cmd.zfs_rename(f"{ds}@{s}", f"{ds}@{hidden}"))
                 await self.runner.run(cmd.zfs_promote(step.clone))
                 props = await self._props()
-            await self._destroy(ds, recursive=True, volume=name, op="destroy")
+            await self._destroy_volume_dataset(props, ds, name)
             await self._reap_hidden()
 
     async def _reap_hidden(self) -> None:
@@ -372,6 +402,7 @@ class ZfsBackend:
             if size < current:
                 raise InvalidSize(size, f"volumes only grow (now {current} bytes)")
             if size > current:
+                await self._ensure_idle(props, ds, name, "grow")
                 await self._resize(props, ds, size)
                 props = await self._props()
             return self._info(props, name)
@@ -430,6 +461,7 @@ class ZfsBackend:
             ]
             if deps:
                 raise HasDependents("later snapshots of", f"{volume}@{snapshot}", deps)
+            await self._ensure_idle(props, ds, volume, "rollback")
             try:
                 await self.runner.run(cmd.zfs_rollback(ds, snapshot, destroy_later=True))
             except CommandFailed as exc:
