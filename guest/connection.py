@@ -37,8 +37,7 @@ from .state import AgentState, kernel_uptime
 
 log = logging.getLogger("agentiso.guest.connection")
 
-#: Sent by the host, raw, to end a resync (see module docstring).
-HOST_SYNC_MAGIC = b"\xffAGENTISO-HOST-SYNC-1\xff"
+HOST_SYNC_MAGIC = gp.HOST_SYNC_MAGIC
 AUTH_TIMEOUT_S = 10.0
 
 

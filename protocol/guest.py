@@ -25,13 +25,14 @@ accept an unbounded list or string.
 from __future__ import annotations
 
 import ipaddress
+import struct
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
 from .codec import Codec
-from .errors import ErrorCode
+from .errors import ErrorCode, FrameTooLarge, FramingError
 from .types import Label, ProtocolVersion, RequestId, ShortText
 
 #: Bump on any incompatible change to this module's messages.
@@ -61,6 +62,8 @@ DEFAULT_MAX_INFLIGHT = 64
 #: the previous connection; it discards everything up to and including this
 #: marker, then decodes frames.
 GUEST_SYNC_MAGIC = b"\xffAGENTISO-GUEST-SYNC-1\xff"
+#: Sent by the host, raw, to end the agent's resync after a framing error.
+HOST_SYNC_MAGIC = b"\xffAGENTISO-HOST-SYNC-1\xff"
 
 # --- bounded scalar types --------------------------------------------------------------
 
@@ -308,7 +311,9 @@ class UploadBegin(_Msg, tag="upload_begin"):
     exclusive: bool = False
     #: fsync the file before the rename.
     fsync: bool = False
-    window: Window = 8
+    #: Chunks in flight; with chunks of up to MAX_CHUNK, bounds the agent's
+    #: buffer to MAX_WINDOW_BYTES.
+    window: Annotated[int, Meta(ge=1, le=MAX_WINDOW_BYTES // MAX_CHUNK)] = 8
 
 
 class UploadChunk(_Msg, tag="upload_chunk"):
@@ -626,3 +631,61 @@ STREAM_EVENTS: tuple[type[msgspec.Struct], ...] = (ExecOutput, DownloadChunk, Up
 
 request_codec: Codec[GuestRequest] = Codec(GuestRequest)
 response_codec: Codec[GuestResponse] = Codec(GuestResponse)
+
+
+class GuestStreamDecoder:
+    """Sans-io decoder of the guest -> host byte stream: sync markers and frames.
+
+    The stream is: any stale bytes, ``GUEST_SYNC_MAGIC``, frames; and again a
+    marker whenever the agent starts a new session on the same channel.  A
+    marker can only start where a frame header would: its first byte 0xff
+    cannot begin a valid header (that length exceeds any frame limit).
+
+    :meth:`feed` returns the items now complete: ``None`` for each marker (a
+    new session begins), ``bytes`` for each frame body.  Memory: at most one
+    frame plus one ``feed`` worth of input; scanning for a marker keeps only a
+    marker's length of bytes and gives up after ``max_scan``.
+    """
+
+    _HEADER = struct.Struct(">I")
+
+    def __init__(self, max_frame: int = GUEST_MAX_FRAME, max_scan: int = 64 * MiB) -> None:
+        self.max_frame = max_frame
+        self.max_scan = max_scan
+        self._buf = bytearray()
+        self._synced = False
+        self._scanned = 0
+
+    def feed(self, data: bytes) -> list[bytes | None]:
+        self._buf += data
+        out: list[bytes | None] = []
+        magic = GUEST_SYNC_MAGIC
+        while True:
+            if not self._synced:
+                idx = self._buf.find(magic)
+                if idx < 0:
+                    keep = len(magic) - 1
+                    self._scanned += max(len(self._buf) - keep, 0)
+                    del self._buf[:-keep]
+                    if self._scanned > self.max_scan:
+                        raise FramingError("no sync marker from the guest agent")
+                    return out
+                del self._buf[: idx + len(magic)]
+                self._synced = True
+                self._scanned = 0
+                out.append(None)
+                continue
+            if not self._buf:
+                return out
+            if self._buf[0] == magic[0]:
+                self._synced = False
+                continue
+            if len(self._buf) < 4:
+                return out
+            (length,) = self._HEADER.unpack_from(self._buf)
+            if length > self.max_frame:
+                raise FrameTooLarge(length, self.max_frame)
+            if len(self._buf) < 4 + length:
+                return out
+            out.append(bytes(self._buf[4 : 4 + length]))
+            del self._buf[: 4 + length]
