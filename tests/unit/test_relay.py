@@ -1,0 +1,265 @@
+"""The helper's guest relay against the real guest agent (run as a local
+process on a unix socket), and against a hostile guest.
+
+Clients speak raw guest-protocol frames over socketpairs, exactly what a
+relayed helper connection carries.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+from anyio.abc import ByteStream, UNIXSocketStream
+
+from agentiso.privhelper.relay import GuestChannel
+from agentiso.protocol import guest as gp
+from agentiso.protocol.framing import FrameDecoder, encode_frame
+from agentiso.protocol.stream import FrameReader
+
+pytestmark = pytest.mark.anyio
+
+
+class Agent:
+    """The real agent as a subprocess serving ``path``; restartable."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agentiso.guest", "--unix", str(self.path)],
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def agent() -> Iterator[Agent]:
+    d = Path(tempfile.mkdtemp(prefix="agentiso-relay-"))
+    a = Agent(d / "agent.sock")
+    a.start()
+    try:
+        yield a
+    finally:
+        a.stop()
+        for p in d.iterdir():
+            p.unlink()
+        d.rmdir()
+
+
+def connector(path: Path) -> Any:
+    async def connect() -> ByteStream:
+        return await anyio.connect_unix(path)
+
+    return connect
+
+
+class Client:
+    """A relayed client: raw guest frames over one end of a socketpair."""
+
+    def __init__(self, stream: UNIXSocketStream) -> None:
+        self.stream = stream
+        self.decoder = FrameDecoder(gp.GUEST_MAX_FRAME)
+        self.pending: list[Any] = []
+        self.synced = False
+        self.buf = b""
+
+    async def send(self, msg: Any) -> None:
+        await self.stream.send(encode_frame(gp.request_codec.encode(msg)))
+
+    async def recv(self) -> Any:
+        while not self.pending:
+            data = await self.stream.receive(65536)
+            if not self.synced:
+                self.buf += data
+                at = self.buf.find(gp.GUEST_SYNC_MAGIC)
+                if at < 0:
+                    continue
+                data = self.buf[at + len(gp.GUEST_SYNC_MAGIC):]
+                self.synced = True
+            self.pending.extend(gp.response_codec.decode(f) for f in self.decoder.feed(data))
+        return self.pending.pop(0)
+
+    async def until_final(self, rid: int) -> Any:
+        while True:
+            msg = await self.recv()
+            if msg.id == rid and not isinstance(msg, (gp.ExecOutput, gp.DownloadChunk)):
+                return msg
+
+
+@asynccontextmanager
+async def relayed_client(channel: GuestChannel) -> AsyncIterator[Client]:
+    a, b = socket.socketpair()
+    server_side = await UNIXSocketStream.from_socket(a)
+    client_side = await UNIXSocketStream.from_socket(b)
+
+    async def receive() -> bytes:
+        try:
+            return await server_side.receive(65536)
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return b""
+
+    reader = FrameReader(receive, gp.GUEST_MAX_FRAME)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(channel.serve_client, reader.read, server_side.send)
+        client = Client(client_side)
+        hello = await client.recv()
+        assert isinstance(hello, gp.Hello)
+        try:
+            yield client
+        finally:
+            await client_side.aclose()
+    await server_side.aclose()
+
+
+@asynccontextmanager
+async def running_channel(path: Path) -> AsyncIterator[GuestChannel]:
+    ch = GuestChannel(name="t", connect=connector(path))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ch.run)
+        await ch.wait_ready(20)
+        try:
+            yield ch
+        finally:
+            tg.cancel_scope.cancel()
+
+
+def _exec(rid: int, cmd: str) -> gp.Exec:
+    return gp.Exec(id=rid, shell=cmd)
+
+
+async def test_requests_of_many_clients_are_routed_back_by_their_own_ids(agent: Agent) -> None:
+    async with running_channel(agent.path) as ch:
+        async with relayed_client(ch) as c1, relayed_client(ch) as c2:
+            # Both clients use the same request ids: the relay must not mix them up.
+            await c1.send(_exec(1, "echo one"))
+            await c2.send(_exec(1, "echo two"))
+            r1, r2 = await c1.until_final(1), await c2.until_final(1)
+            assert isinstance(r1, gp.ExecResult) and r1.stdout == b"one\n"
+            assert isinstance(r2, gp.ExecResult) and r2.stdout == b"two\n"
+        assert ch.connects == 1
+
+
+async def test_a_slow_request_does_not_block_others(agent: Agent) -> None:
+    async with running_channel(agent.path) as ch, relayed_client(ch) as c:
+        await c.send(_exec(1, "sleep 3; echo slow"))
+        await c.send(gp.Ping(id=2))
+        with anyio.fail_after(2):
+            first = await c.recv()
+        assert isinstance(first, gp.Pong) and first.id == 2
+        slow = await c.until_final(1)
+        assert slow.stdout == b"slow\n"
+
+
+async def test_helper_internal_calls_share_the_channel(agent: Agent) -> None:
+    async with running_channel(agent.path) as ch, relayed_client(ch) as c:
+        await c.send(_exec(7, "sleep 1; echo x"))
+        pong = await ch.call(gp.Ping(id=0), timeout=5)
+        assert isinstance(pong, gp.Pong)
+        assert (await c.until_final(7)).stdout == b"x\n"
+
+
+async def test_client_garbage_gets_typed_error_and_relay_goes_on(agent: Agent) -> None:
+    async with running_channel(agent.path) as ch, relayed_client(ch) as c:
+        await c.stream.send(encode_frame(b"\xc1garbage"))
+        await c.stream.send(encode_frame(msgspec.msgpack.encode({"type": "exec", "id": 5})))
+        await c.send(gp.Auth(id=6, secret=b"x" * 16))
+        errs = [await c.recv() for _ in range(3)]
+        assert all(isinstance(e, gp.Error) for e in errs)
+        assert {e.id for e in errs} == {0, 5, 6}
+        await c.send(gp.Ping(id=9))
+        assert isinstance(await c.recv(), gp.Pong)
+
+
+async def test_channel_drop_fails_in_flight_and_retries_idempotent(agent: Agent) -> None:
+    async with running_channel(agent.path) as ch, relayed_client(ch) as c:
+        await c.send(_exec(1, "sleep 30"))
+        await anyio.sleep(0.5)
+        agent.stop()  # the agent dies with the exec in flight
+        failed = await c.until_final(1)
+        assert isinstance(failed, gp.Error) and failed.code == "unavailable"
+        await c.send(gp.Ping(id=2))  # idempotent: queued until the channel is back
+        agent.start()
+        with anyio.fail_after(20):
+            pong = await c.recv()
+        assert isinstance(pong, gp.Pong) and pong.id == 2
+        await c.send(_exec(3, "echo back"))
+        assert (await c.until_final(3)).stdout == b"back\n"
+        assert ch.connects == 2
+
+
+async def test_disconnecting_client_cancels_its_requests_in_the_guest(agent: Agent) -> None:
+    async with running_channel(agent.path) as ch:
+        async with relayed_client(ch) as c:
+            await c.send(gp.JobStart(id=1, argv=["sleep", "1001"]))
+            started = await c.recv()
+            assert isinstance(started, gp.JobStarted)
+            await c.send(gp.Exec(id=2, argv=["sleep", "1002"]))
+            await anyio.sleep(0.3)
+        # The exec was cancelled in the guest; the background job lives on.
+        count = "ps -eo args | grep -cx 'sleep {}' || true"
+        with anyio.fail_after(10):
+            while True:
+                r = await ch.call(gp.Exec(id=0, shell=count.format(1002)), 5)
+                if r.stdout.strip() == b"0":
+                    break
+                await anyio.sleep(0.2)
+        r = await ch.call(gp.Exec(id=0, shell=count.format(1001)), 5)
+        assert r.stdout.strip() == b"1"
+        await ch.call(gp.JobKill(id=0, job=started.job, signal=9), 5)
+
+
+async def test_hostile_guest_cannot_crash_the_relay(tmp_path: Path) -> None:
+    """A guest that sends garbage, then an oversize frame, loses its channel;
+    the relay reconnects and never raises."""
+    path = Path(tempfile.mkdtemp(prefix="agentiso-hostile-")) / "g.sock"
+    hello = gp.Hello(
+        id=0, version=gp.GUEST_PROTOCOL_VERSION, agent="evil", transport="unix",
+        boot=gp.BootTimings(init_t0=None, agent_start=0, listen=0, hello=0),
+        max_frame=gp.GUEST_MAX_FRAME, max_chunk=gp.MAX_CHUNK, max_inflight=1, session=1,
+        pid1=False,
+    )
+    connections = 0
+
+    async def evil(stream: ByteStream) -> None:
+        nonlocal connections
+        connections += 1
+        async with stream:
+            await stream.send(os.urandom(5000) + gp.GUEST_SYNC_MAGIC)
+            await stream.send(encode_frame(gp.response_codec.encode(hello)))
+            await stream.send(encode_frame(os.urandom(300)))  # garbage frame
+            await stream.send(b"\xff\xff\xff\xff")  # oversize length prefix
+            await anyio.sleep(5)
+
+    listener = await anyio.create_unix_listener(path)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, evil)
+            ch = GuestChannel(name="evil", connect=connector(path))
+            tg.start_soon(ch.run)
+            with anyio.fail_after(20):
+                while connections < 3:
+                    await anyio.sleep(0.05)
+            assert ch.garbage_frames >= 1
+            tg.cancel_scope.cancel()
+    finally:
+        path.unlink(missing_ok=True)
+        path.parent.rmdir()
