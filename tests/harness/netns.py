@@ -13,7 +13,8 @@
 
 Run as a script (``python netns.py CMD ...``, stdlib only) this file is also the
 probe used inside namespaces: ``serve`` (TCP banner + UDP echo servers),
-``tcp``/``udp``/``ping`` (exit 0 on success, 1 on failure), ``sink``/``blast``
+``tcp``/``udp``/``ping`` (exit 0 on success, 1 on failure), ``udpsend``
+(fire and forget), ``sink``/``blast``
 (TCP throughput).
 """
 
@@ -22,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 CLONE_NEWNET = 0x40000000
@@ -97,6 +99,30 @@ class NetNs:
         if line.strip() != "ready":
             raise RuntimeError(f"server in {self.name} did not start: {proc.stderr.read()!r}")
         return proc
+
+    def udp_counter(self, port: int) -> Callable[[], int]:
+        """Count UDP datagrams arriving here for ``port`` (an nft counter in this
+        namespace); returns a function reading the count."""
+        self.run(
+            "nft",
+            "-f",
+            "-",
+            input=(
+                "table inet observe {\n chain input {\n"
+                "  type filter hook input priority -300; policy accept;\n"
+                f"  udp dport {port} counter\n }}\n}}\n"
+            ),
+        )
+
+        def read() -> int:
+            out = self.run("nft", "-j", "list", "chain", "inet", "observe", "input").stdout
+            for obj in json.loads(out)["nftables"]:
+                for expr in obj.get("rule", {}).get("expr", []):
+                    if "counter" in expr:
+                        return int(expr["counter"]["packets"])
+            raise RuntimeError("observe counter not found")
+
+        return read
 
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
@@ -253,6 +279,18 @@ def _cmd_udp(host: str, port: int, timeout: float) -> int:
             return 1
 
 
+def _cmd_udpsend(host: str, port: int, src: str | None) -> int:
+    """Fire three datagrams (no answer expected): for one-way observations."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        if src:
+            s.bind((src, 0))
+        for _ in range(3):
+            s.sendto(b"x", (host, port))
+    return 0
+
+
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
@@ -334,6 +372,8 @@ def main(argv: list[str]) -> int:
         return _cmd_tcp(rest[0], int(rest[1]), float(rest[2]), opt_src(rest))
     if cmd == "udp":
         return _cmd_udp(rest[0], int(rest[1]), float(rest[2]))
+    if cmd == "udpsend":
+        return _cmd_udpsend(rest[0], int(rest[1]), opt_src(rest))
     if cmd == "ping":
         return _cmd_ping(rest[0], float(rest[1]), opt_src(rest))
     if cmd == "sink":

@@ -226,6 +226,25 @@ def test_spoofed_source_is_dropped(fresh: Lab) -> None:
     assert tcp_ok(fresh.a, INTERNET, 80) == "internet"
 
 
+def test_impersonating_another_workspace_gets_nothing_out(fresh: Lab) -> None:
+    """A sends with b's address while b may reach the internet: nothing leaves."""
+    fresh.mgr.set_policy("a", NetPolicy(egress=True))
+    fresh.mgr.set_policy("b", NetPolicy(egress=True))
+    count = fresh.net.udp_counter(9999)
+    b = addr(fresh, "b")
+    assert fresh.a.probe("udpsend", INTERNET, "9999").returncode == 0
+    assert count() == 3  # control: a's own address gets through
+    fresh.a.ip("addr", "add", f"{b}/32", "dev", "eth0")
+    try:
+        assert fresh.a.probe("udpsend", INTERNET, "9999", "--src", b).returncode == 0
+        assert tcp_blocked(fresh.a, INTERNET, 80, "--src", b)
+    finally:
+        fresh.a.ip("addr", "del", f"{b}/32", "dev", "eth0")
+    assert count() == 3
+    assert fresh.b.probe("udpsend", INTERNET, "9999").returncode == 0
+    assert count() == 6  # b itself still can
+
+
 def test_isolation_without_br_netfilter(fresh: Lab) -> None:
     """With bridged frames invisible to the inet table, the bridge table alone
     keeps workspaces apart and stops spoofing."""
