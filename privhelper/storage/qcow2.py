@@ -24,6 +24,7 @@ from .errors import (
     NotFound,
     VolumeBusy,
 )
+from .locks import image_in_use
 from .model import (
     Attachment,
     BaseInfo,
@@ -146,16 +147,10 @@ class Qcow2Backend:
                 raise VolumeBusy(volume, operation) from None
             raise
 
-    async def _ensure_idle(self, meta: VolumeMeta, operation: str) -> None:
-        """Refuse if a QEMU holds the volume's top (qemu-img's lock probe, no -U)."""
-        top = self.layout.layer(meta.top)
-        res = await self.runner.run(cmd.qemu_img_info(top, force_share=False), check=False)
-        if res.returncode != 0:
-            if is_lock_error(res.stderr):
-                raise VolumeBusy(meta.name, operation)
-            raise CommandFailed(
-                cmd.qemu_img_info(top, force_share=False), res.returncode, res.stderr
-            )
+    def _ensure_idle(self, meta: VolumeMeta, operation: str) -> None:
+        """Refuse if a QEMU has the volume's top open (it holds QEMU's image locks)."""
+        if image_in_use(self.layout.layer(meta.top)):
+            raise VolumeBusy(meta.name, operation)
 
     async def _make_overlay(self, backing: Path, size: int) -> str:
         """Create a new empty top over ``backing`` and return its layer id."""
@@ -309,7 +304,7 @@ class Qcow2Backend:
         check_name("volume", name)
         async with self._lock:
             meta = self._load(name)
-            await self._ensure_idle(meta, "destroy")
+            self._ensure_idle(meta, "destroy")
             self.layout.meta(name).unlink()
             _fsync_dir(self.layout.volumes)
             # Layers that clones still use stay; the oldest clone now owns them.
@@ -421,7 +416,7 @@ class Qcow2Backend:
             snap = meta.snapshot(snapshot)
             # Checks dependents before creating anything.
             plan_rollback(meta, snapshot, "x", metas)
-            await self._ensure_idle(meta, "rollback")
+            self._ensure_idle(meta, "rollback")
             top = await self._make_overlay(self.layout.layer(snap.layer), snap.virtual_size)
             plan = plan_rollback(meta, snapshot, top, metas)
             self._store(plan.meta)

@@ -26,6 +26,7 @@ from .errors import (
     NotFound,
     VolumeBusy,
 )
+from .locks import image_in_use
 from .model import (
     Attachment,
     BaseInfo,
@@ -40,7 +41,7 @@ from .model import (
     VolumeSource,
 )
 from .names import check_name, check_size
-from .qemu_img import is_lock_error, parse_info
+from .qemu_img import parse_info
 from .runner import Runner
 from .zfs_state import (
     BASE_SNAPSHOT,
@@ -213,16 +214,13 @@ class ZfsBackend:
         await self.runner.run(cmd.zfs_unmount(dataset), check=False)
         await self.runner.run(cmd.zfs_destroy(dataset, recursive=True), check=False)
 
-    async def _ensure_idle(self, props: Props, dataset: str, volume: str, op: str) -> None:
-        """Refuse if a QEMU holds the volume (qemu-img's image-lock probe, no -U)."""
-        node = self._node(props, dataset)
-        argv = cmd.qemu_img_info(node.path, force_share=False)
-        res = await self.runner.run([*argv[:-1], "-f", "raw", argv[-1]], check=False)
-        if res.returncode != 0 and is_lock_error(res.stderr):
+    def _ensure_idle(self, props: Props, dataset: str, volume: str, op: str) -> None:
+        """Refuse if a QEMU has the volume open (it holds QEMU's image locks)."""
+        if image_in_use(self._node(props, dataset).path):
             raise VolumeBusy(volume, op)
 
     async def _destroy_volume_dataset(self, props: Props, dataset: str, volume: str) -> None:
-        await self._ensure_idle(props, dataset, volume, "destroy")
+        self._ensure_idle(props, dataset, volume, "destroy")
         await self._unmount(props, dataset, volume)
         await self._destroy(dataset, recursive=True, volume=volume, op="destroy")
 
@@ -402,7 +400,7 @@ class ZfsBackend:
             if size < current:
                 raise InvalidSize(size, f"volumes only grow (now {current} bytes)")
             if size > current:
-                await self._ensure_idle(props, ds, name, "grow")
+                self._ensure_idle(props, ds, name, "grow")
                 await self._resize(props, ds, size)
                 props = await self._props()
             return self._info(props, name)
@@ -461,7 +459,7 @@ class ZfsBackend:
             ]
             if deps:
                 raise HasDependents("later snapshots of", f"{volume}@{snapshot}", deps)
-            await self._ensure_idle(props, ds, volume, "rollback")
+            self._ensure_idle(props, ds, volume, "rollback")
             try:
                 await self.runner.run(cmd.zfs_rollback(ds, snapshot, destroy_later=True))
             except CommandFailed as exc:
