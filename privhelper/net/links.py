@@ -124,7 +124,3 @@ def set_sysctl(key: str, value: str) -> None:
 
 def get_sysctl(key: str) -> str:
     return (PROC_SYS_NET / key).read_text().strip()
-
-
-def enable_ip_forwarding() -> None:
-    set_sysctl("ipv4/ip_forward", "1")

@@ -35,7 +35,7 @@ import msgspec
 
 from .config import NetSettings
 from .errors import NetConflict, PortUnavailable, WorkspaceNotFound
-from .links import Links, enable_ip_forwarding
+from .links import Links, set_sysctl
 from .model import (
     Forward,
     NetPolicy,
@@ -87,6 +87,7 @@ class NetworkManager:
         links: Links | None = None,
         tap_opener: Callable[[str, bool], int] = open_tap,
         port_probe: Callable[[int, str], bool] = port_is_free,
+        sysctl: Callable[[str, str], None] = set_sysctl,
         vnet_hdr: bool = True,
     ) -> None:
         self.settings = settings
@@ -95,6 +96,7 @@ class NetworkManager:
         self.links = links or Links()
         self._open_tap = tap_opener
         self._port_free = port_probe
+        self._sysctl = sysctl
         self._vnet_hdr = vnet_hdr
         self._lock = threading.RLock()
         self._state = load_state(self.state_path)
@@ -299,5 +301,5 @@ class NetworkManager:
         if any(ws.policy.egress or ws.forwards for ws in state.workspaces.values()):
             # Routing between the bridge and other interfaces.  Never switched
             # back off: other software on the host may rely on it too.
-            enable_ip_forwarding()
+            self._sysctl("ipv4/ip_forward", "1")
         self.nft.apply(doc)
