@@ -95,6 +95,8 @@ class _Pending:
         send, recv = anyio.create_memory_object_stream[Any](buffer)
         self.send: MemoryObjectSendStream[Any] = send
         self.recv: MemoryObjectReceiveStream[Any] = recv
+        #: The request's last message, once received (no Cancel needed then).
+        self.final: Any = None
 
 
 class GuestClient:
@@ -125,16 +127,24 @@ class GuestClient:
     ) -> AsyncIterator[GuestClient]:
         """Start the reader, (authenticate,) wait for Hello and check its version."""
         client = cls(stream, default_timeout)
+        error: BaseException | None = None
         async with anyio.create_task_group() as tg:
+            # The reader never raises (it records why it stopped in _closed),
+            # so the only exception here is the caller's: keep it out of the
+            # task group, so callers see it as is rather than in an ExceptionGroup.
             tg.start_soon(client._reader)
             try:
                 if secret is not None:
                     await client._send(gp.Auth(id=0, secret=secret))
                 await client.wait_hello(hello_timeout)
                 yield client
+            except BaseException as exc:
+                error = exc
             finally:
                 tg.cancel_scope.cancel()
                 client._fail_all(Unavailable("guest client closed"))
+        if error is not None:
+            raise error
 
     async def wait_hello(self, timeout: float) -> gp.Hello:
         with anyio.move_on_after(timeout):
@@ -167,10 +177,12 @@ class GuestClient:
         try:
             await self._read_loop()
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
-                ConnectionError):
+                ConnectionError, OSError):
             self._close(Unavailable("guest channel closed"))
         except ProtocolError as exc:
             self._close(exc)
+        except Exception as exc:  # a bug here must still fail the requests, not hang them
+            self._close(Unavailable(f"guest client reader failed: {exc!r}"))
         else:
             self._close(Unavailable("guest channel closed"))
 
@@ -246,13 +258,18 @@ class GuestClient:
             msg.id = rid
             pending = _Pending(buffer)
             self._pending[rid] = pending
+            finished = False
             try:
                 await self._send(msg)
                 yield pending
+                finished = True
             finally:
                 if self._pending.pop(rid, None) is not None:
                     pending.send.close()
                 pending.recv.close()
+                if not finished and pending.final is None and self._closed is None:
+                    # Abandoned (error, timeout, cancellation): stop the agent's work.
+                    await self._cancel_remote(rid)
 
     async def _next(self, pending: _Pending, deadline: float, rid: int) -> Any:
         with anyio.move_on_after(max(deadline - anyio.current_time(), 0)):
@@ -261,15 +278,17 @@ class GuestClient:
             except anyio.EndOfStream:
                 raise RemoteProtocolError("guest overflowed a stream's credit window") from None
             if isinstance(item, BaseException):
+                pending.final = item
                 raise item
+            if not isinstance(item, gp.STREAM_EVENTS):
+                pending.final = item
             if isinstance(item, gp.Error):
                 raise remote_error(item.code, item.message)
             return item
-        await self._cancel_remote(rid)
         raise RemoteTimeout("no answer from the guest agent in time")
 
     async def _cancel_remote(self, rid: int) -> None:
-        with anyio.move_on_after(1.0), anyio.CancelScope(shield=True):
+        with anyio.move_on_after(1.0, shield=True):
             try:
                 await self._send(gp.Cancel(id=next(self._ids), target=rid))
             except RemoteError:

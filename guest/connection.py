@@ -225,7 +225,11 @@ class Session:
         except DecodeError:
             msg = None
         if not isinstance(msg, gp.Auth) or not hmac.compare_digest(msg.secret, self.secret):
-            await self.send_error(0, ErrorCode.PERMISSION_DENIED, "authentication failed")
+            # Behind a sync marker: the host decodes nothing before one.
+            err = gp.Error(id=0, code=ErrorCode.PERMISSION_DENIED, message="authentication failed")
+            frame = encode_frame(gp.response_codec.encode(err), gp.GUEST_MAX_FRAME)
+            async with self._lock:
+                await self.channel.send(gp.GUEST_SYNC_MAGIC + frame)
             return False
         await self.hello()
         # Requests pipelined right behind Auth are served after the Hello.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,9 @@ class Pair:
 
 
 @asynccontextmanager
-async def agent_pair(max_inflight: int = 64, secret: bytes | None = None) -> AsyncIterator[Pair]:
+async def agent_pair(
+    max_inflight: int = 64, secret: bytes | None = None, client_secret: bytes | None = None
+) -> AsyncIterator[Pair]:
     """An in-process agent serving one end of a socketpair; a GuestClient on the other."""
     ours, theirs = socket.socketpair()
     agent = Agent(pid1=False, max_inflight=max_inflight)
@@ -33,13 +36,13 @@ async def agent_pair(max_inflight: int = 64, secret: bytes | None = None) -> Asy
     task = asyncio.get_running_loop().create_task(agent.serve(chan, secret))
     stream = await anyio.abc.SocketStream.from_socket(ours)
     try:
-        async with GuestClient.connect(stream, secret=secret, hello_timeout=10) as client:
+        async with GuestClient.connect(
+            stream, secret=client_secret or secret, hello_timeout=10
+        ) as client:
             yield Pair(agent, client, stream)
     finally:
         await stream.aclose()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         agent.close()
-        import os
-
         os.close(chan.fd)
