@@ -21,6 +21,8 @@ Decisions (see docs/vm-engine.md):
 
 from __future__ import annotations
 
+import json
+
 from .spec import (
     AGENT_PORT_NAME,
     SECRET_FW_CFG_NAME,
@@ -73,11 +75,20 @@ def _disk_args(spec: VmSpec) -> list[str]:
             filename = layer.path
         ro = "on" if layer.read_only else "off"
         file_node = f"{ROOT_DISK_NODE}-file{i}"
-        fmt = f"driver={layer.format},node-name={_layer_node(i)},file={file_node},read-only={ro}"
+        # JSON syntax: the key=value syntax cannot say "backing: null" (it would
+        # name a node "null"), and without it QEMU would open the backing path
+        # written in the image header itself.
+        node: dict[str, object] = {
+            "driver": layer.format,
+            "node-name": _layer_node(i),
+            "file": file_node,
+            "read-only": layer.read_only,
+        }
         if layer.format == "qcow2":
-            fmt += f",backing={_layer_node(i + 1) if i + 1 < n else 'null'}"
+            node["backing"] = _layer_node(i + 1) if i + 1 < n else None
         if i == 0:
-            fmt += ",discard=unmap,detect-zeroes=unmap"
+            node.update({"discard": "unmap", "detect-zeroes": "unmap"})
+        fmt = json.dumps(node, separators=(",", ":"))
         blockdevs += [
             "-blockdev",
             f"driver=file,node-name={file_node},filename={escape_opt(filename)},"
