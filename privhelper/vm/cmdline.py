@@ -111,6 +111,14 @@ def _machine(spec: VmSpec) -> str:
     return ",".join(opts)
 
 
+def kernel_cmdline(spec: VmSpec) -> str:
+    """The guest kernel command line: the image's, plus ``tsc_early_khz`` under TCG."""
+    cmdline = spec.cmdline
+    if spec.accel.kind == "tcg" and spec.tsc_khz is not None and "tsc_early_khz=" not in cmdline:
+        cmdline = f"{cmdline} tsc_early_khz={spec.tsc_khz}".strip()
+    return cmdline
+
+
 def build_argv(spec: VmSpec, qemu_binary: str = "qemu-system-x86_64") -> list[str]:
     """The complete QEMU argv for ``spec``; raises InvalidVmSpec on a bad spec."""
     validate_spec(spec)
@@ -128,7 +136,7 @@ def build_argv(spec: VmSpec, qemu_binary: str = "qemu-system-x86_64") -> list[st
     else:
         argv += ["-accel", f"tcg,tb-size={spec.accel.tb_size_mib}", "-cpu", "max"]
     argv += ["-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M"]
-    argv += ["-kernel", spec.kernel, "-append", spec.cmdline]
+    argv += ["-kernel", spec.kernel, "-append", kernel_cmdline(spec)]
     if spec.initrd is not None:
         argv += ["-initrd", spec.initrd]
     argv += _disk_args(spec)

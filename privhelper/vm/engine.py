@@ -66,6 +66,7 @@ from .procfs import (
     is_same_process,
     parse_status_ids,
     read_argv,
+    read_host_tsc_khz,
     read_stat,
     read_status,
     scan_agentiso_qemus,
@@ -269,6 +270,7 @@ class VmEngine:
         self._accel: accel_mod.AccelDecision | None = None
         self._accel_lock = anyio.Lock()
         self._subscribers: list[MemoryObjectSendStream[VmEvent]] = []
+        self._tsc_khz = read_host_tsc_khz()
         self._records.ensure()
         self._logs.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._run.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -414,6 +416,7 @@ class VmEngine:
             net=cfg.net,
             fw_cfg_secret_file=None if secret_file is None else str(secret_file),
             incoming=None if cfg.incoming_fd is None else Incoming(fd=cfg.incoming_fd),
+            tsc_khz=self._tsc_khz if decision.kind == "tcg" else None,
             start_paused=True,
         )
         disks: OpenedDisks | None = None
@@ -482,10 +485,12 @@ class VmEngine:
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._abort_start(vm)
+            stderr = self.stderr_tail(cfg.name, 1024).decode(errors="replace").strip()
+            if vm.exited.is_set():
+                self.forget(cfg.name)  # a failed start leaves nothing behind
             if isinstance(exc, VmError):
                 raise LaunchError(
-                    f"VM {cfg.name} failed to start: {exc.message}; QEMU said: "
-                    + self.stderr_tail(cfg.name, 1024).decode(errors="replace").strip()
+                    f"VM {cfg.name} failed to start: {exc.message}; QEMU said: {stderr}"
                 ) from None
             raise
         return self.status(cfg.name)

@@ -61,6 +61,36 @@ def vm_name_from_argv(argv: list[str]) -> str | None:
     return None
 
 
+def parse_cpuinfo_tsc_khz(text: str) -> int | None:
+    """The host TSC rate in kHz from /proc/cpuinfo, when the TSC is constant.
+
+    Only trusted with ``constant_tsc`` (the TSC ticks at a fixed rate, which
+    ``cpu MHz`` then reports on virtualised hosts); otherwise None.
+    """
+    mhz: float | None = None
+    constant = False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "cpu MHz" and mhz is None:
+            try:
+                mhz = float(value)
+            except ValueError:
+                return None
+        elif key == "flags" and not constant:
+            constant = "constant_tsc" in value.split()
+        if mhz is not None and constant:
+            break
+    if mhz is None or not constant or mhz <= 0:
+        return None
+    return round(mhz * 1000)
+
+
+def read_host_tsc_khz(proc: Path = Path("/proc")) -> int | None:
+    data = _read(proc / "cpuinfo")
+    return None if data is None else parse_cpuinfo_tsc_khz(data.decode(errors="replace"))
+
+
 def _read(path: Path) -> bytes | None:
     try:
         return path.read_bytes()

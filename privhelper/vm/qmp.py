@@ -31,11 +31,16 @@ class BoundedListener(EventListener):
             self._queue.put_nowait(event)
 
 
+def _reject_all(_event: Message) -> bool:
+    return False
+
+
 class Qmp:
     def __init__(self, vm_name: str, default_timeout: float = 10.0) -> None:
         self.default_timeout = default_timeout
         self._client = QMPClient(f"agentiso-{vm_name}")
-        self._client.remove_listener(self._client.events)
+        # The default listener cannot be removed; make it accept nothing.
+        self._client.events.event_filter = _reject_all
         self.events = BoundedListener(WATCHED_EVENTS)
         self._client.register_listener(self.events)
 

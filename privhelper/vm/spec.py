@@ -129,6 +129,10 @@ class VmSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     net: NetAttachment | None = None
     fw_cfg_secret_file: str | None = None
     incoming: Incoming | None = None
+    #: Under TCG the guest's TSC runs at the host's TSC rate; telling the kernel
+    #: (``tsc_early_khz``) spares it a PIT calibration that fails when the host
+    #: is loaded, after which a stock kernel hangs with no clocksource.
+    tsc_khz: int | None = None
     #: Start with the CPUs stopped (``-S``); the engine connects QMP and the
     #: console first, then resumes, so no early output is lost.
     start_paused: bool = True
@@ -224,6 +228,8 @@ def validate_spec(spec: VmSpec) -> None:
     if spec.accel.kind not in ("kvm", "tcg"):
         raise _fail(f"accelerator {spec.accel.kind!r} is not kvm or tcg")
     _check_int("tb_size_mib", spec.accel.tb_size_mib, MIN_TB_SIZE_MIB, MAX_TB_SIZE_MIB)
+    if spec.tsc_khz is not None:
+        _check_int("tsc_khz", spec.tsc_khz, 1000, 100_000_000)
     fds = _check_disks(spec.disks)
     check_path("qmp socket", spec.qmp_socket, limit=MAX_SOCKET_PATH)
     check_path("console socket", spec.console_socket, limit=MAX_SOCKET_PATH)
