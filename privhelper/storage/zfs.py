@@ -60,6 +60,8 @@ from .zfs_state import (
     snapshots_of,
 )
 
+#: Attempts of a zfs command failing with a transient "dataset is busy".
+_BUSY_RETRIES = 5
 #: How long a new zvol's device node may take to appear (udev).
 _ZVOL_NODE_TIMEOUT_S = 10.0
 
@@ -117,7 +119,15 @@ class ZfsBackend:
         for ds in (self.ds.images, self.ds.volumes):
             if not await self._exists(ds):
                 await self.runner.run(cmd.zfs_create(ds))
-        self.zvols = await self._probe_zvols() if self.config.zvols is None else self.config.zvols
+        if self.config.zvols is False:
+            self.zvols = False
+        else:
+            self.zvols = await self._probe_zvols()
+            if self.config.zvols and not self.zvols:
+                raise BackendUnavailable(
+                    f"pool {self.ds.pool!r} cannot create zvols (zfs-fuse?): "
+                    "set storage.zfs.zvols = false for file mode"
+                )
 
     async def _probe_zvols(self) -> bool:
         """Can this pool make a zvol?  (zfs-fuse's ``zfs create -V`` aborts.)"""
@@ -201,13 +211,25 @@ class ZfsBackend:
             await anyio.sleep(0.05)
         raise BackendUnavailable(f"zvol device {node} did not appear")
 
+    async def _run_unbusy(self, argv: list[str], volume: str, op: str) -> None:
+        """Run a zfs command that fails "busy" while the kernel still holds the mount.
+
+        Callers have checked that no QEMU holds the volume; what is left is a
+        transient reference (zfs-fuse's FUSE mount settling), so retry briefly.
+        """
+        for attempt in range(_BUSY_RETRIES):
+            try:
+                await self.runner.run(argv)
+                return
+            except CommandFailed as exc:
+                if not _is_busy(exc):
+                    raise
+                if attempt == _BUSY_RETRIES - 1:
+                    raise VolumeBusy(volume, op) from None
+                await anyio.sleep(0.1 * (attempt + 1))
+
     async def _destroy(self, target: str, *, recursive: bool, volume: str, op: str) -> None:
-        try:
-            await self.runner.run(cmd.zfs_destroy(target, recursive=recursive))
-        except CommandFailed as exc:
-            if _is_busy(exc):
-                raise VolumeBusy(volume, op) from None
-            raise
+        await self._run_unbusy(cmd.zfs_destroy(target, recursive=recursive), volume, op)
 
     async def _forget(self, dataset: str) -> None:
         """Best-effort removal of a dataset this call just made (failure path)."""
@@ -227,13 +249,8 @@ class ZfsBackend:
     async def _unmount(self, props: Props, dataset: str, volume: str) -> None:
         if props[dataset].get("type") == "filesystem":
             # zfs-fuse's own unmount inside destroy races its fresh mounts
-            # ("dataset is busy"); an explicit unmount first does not.
-            try:
-                await self.runner.run(cmd.zfs_unmount(dataset))
-            except CommandFailed as exc:
-                if _is_busy(exc):
-                    raise VolumeBusy(volume, "destroy") from None
-                raise
+            # ("dataset is busy"); an explicit unmount first is reliable.
+            await self._run_unbusy(cmd.zfs_unmount(dataset), volume, "destroy")
 
     # --- bases ----------------------------------------------------------------------
 
@@ -460,12 +477,9 @@ class ZfsBackend:
             if deps:
                 raise HasDependents("later snapshots of", f"{volume}@{snapshot}", deps)
             self._ensure_idle(props, ds, volume, "rollback")
-            try:
-                await self.runner.run(cmd.zfs_rollback(ds, snapshot, destroy_later=True))
-            except CommandFailed as exc:
-                if _is_busy(exc):
-                    raise VolumeBusy(volume, "rollback") from None
-                raise
+            await self._run_unbusy(
+                cmd.zfs_rollback(ds, snapshot, destroy_later=True), volume, "rollback"
+            )
             return self._info(await self._props(), volume)
 
     async def delete_snapshot(self, volume: str, snapshot: str) -> None:

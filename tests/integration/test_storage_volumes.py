@@ -21,6 +21,7 @@ import pytest
 from agentiso.privhelper.storage import FromBase, FromSnapshot, VolumeBackend, ZfsConfig
 from agentiso.privhelper.storage.errors import (
     AlreadyExists,
+    BackendUnavailable,
     HasDependents,
     InvalidName,
     InvalidSize,
@@ -64,7 +65,7 @@ def qemu_io(path: Path, fmt: str, command: str) -> str:
     return out
 
 
-@pytest.fixture(params=["qcow2", "zfs"])
+@pytest.fixture(params=["qcow2", "zfs", "zfs-zvol"])
 async def backend(
     request: pytest.FixtureRequest, tmp_path: Path, base_source: Path
 ) -> AsyncIterator[VolumeBackend]:
@@ -74,15 +75,24 @@ async def backend(
     else:
         pool: ZfsPool = request.getfixturevalue("zfs_pool")
         root = f"{pool.name}/t{secrets.token_hex(3)}"
-        b = ZfsBackend(ZfsConfig(dataset=root), min_size=MIB)
-    await b.setup()
+        zvols = request.param == "zfs-zvol"
+        b = ZfsBackend(ZfsConfig(dataset=root, zvols=zvols or None), min_size=MIB)
+    try:
+        await b.setup()
+    except BackendUnavailable as exc:
+        await _drop_root(b)
+        pytest.skip(reason=f"no zvols on this pool: {exc}")
     try:
         await b.import_base("minimal", base_source)
         yield b
     finally:
-        if isinstance(b, ZfsBackend):
-            # -R: whatever a failed test left (clones included) goes with the root.
-            await anyio.run_process(["zfs", "destroy", "-R", b.ds.root], check=False)
+        await _drop_root(b)
+
+
+async def _drop_root(b: VolumeBackend) -> None:
+    if isinstance(b, ZfsBackend):
+        # -R: whatever a failed test left (clones included) goes with the root.
+        await anyio.run_process(["zfs", "destroy", "-R", b.ds.root], check=False)
 
 
 async def write(
@@ -305,6 +315,8 @@ BAD_NAMES = [
 ]  # fmt: skip
 
 
+# Validation happens before any backend I/O: the zvol variant adds nothing here.
+@pytest.mark.parametrize("backend", ["qcow2", "zfs"], indirect=True)
 @pytest.mark.parametrize("bad", BAD_NAMES, ids=repr)
 async def test_bad_names_refused(backend: VolumeBackend, bad: str) -> None:
     await backend.create_volume("good", FromBase("minimal"))
@@ -336,6 +348,7 @@ async def test_bad_names_refused(backend: VolumeBackend, bad: str) -> None:
 BAD_SIZES: list[object] = [-1, 0, -(2**63), 2**63, 10**30, 1.5, True, "1G", None, 513, 100]
 
 
+@pytest.mark.parametrize("backend", ["qcow2", "zfs"], indirect=True)
 @pytest.mark.parametrize("bad", BAD_SIZES, ids=repr)
 async def test_bad_sizes_refused(backend: VolumeBackend, bad: object) -> None:
     await backend.create_volume("good", FromBase("minimal"))
