@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import cachekey, dpkgstatus, plan, specs, steps
+from . import cachekey, dpkgstatus, hosttsc, plan, specs, steps
 from .aptsources import choose_mirror, parse_sources_files
 from .errors import ImageBuildError
 
@@ -134,6 +134,13 @@ def write_atomically(path: Path, data: bytes) -> None:
     tmp.rename(path)
 
 
+def host_tsc_khz() -> int | None:
+    try:
+        return hosttsc.tsc_khz_from_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return None
+
+
 def agentiso_version() -> str:
     text = (REPO / "pyproject.toml").read_text()
     for line in text.splitlines():
@@ -151,6 +158,8 @@ class Builder:
         self.cache = build_dir / "cache"
         self.out = build_dir / "images" / spec.name
         self.kernel_tree: Path | None = None
+        self.tsc_khz = host_tsc_khz()
+        self.cmdline = hosttsc.with_tsc_khz(specs.CMDLINE, self.tsc_khz)
 
     # -- keys ------------------------------------------------------------------------
 
@@ -300,6 +309,10 @@ class Builder:
             sizes[name] = p.stat().st_size if p.is_file() else None
         stale = plan.outputs_to_build(keys, old, sizes)
         if not stale:
+            # The command line is no artefact: a change (another host's TSC rate)
+            # only rewrites the manifest.
+            if old is not None and old.get("cmdline") != self.cmdline:
+                self.write_manifest(keys, old, [])
             return []
         self.out.mkdir(parents=True, exist_ok=True)
         # Invalidate the manifest first: an interrupted build must not look complete.
@@ -344,7 +357,8 @@ class Builder:
         manifest = {
             "format": 1,
             "name": self.spec.name,
-            "cmdline": specs.CMDLINE,
+            "cmdline": self.cmdline,
+            "host_tsc_khz": self.tsc_khz,
             "versions": versions,
             "packages": sorted(self.spec.packages),
             "initramfs_modules": list(specs.INITRAMFS_MODULES),

@@ -11,11 +11,13 @@ SUITE = "bookworm"
 ARCH = "amd64"
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 
-#: The kernel command line every image boots with (recorded in manifest.json).
+#: The kernel command line every image boots with (recorded in manifest.json, where
+#: the build host's ``tsc_early_khz=`` is appended: see images/hosttsc.py).
 #: panic=-1 reboots at once on a panic and reboot=t resets by triple fault (microvm
 #: has no reset register the kernel trusts), so QEMU with -no-reboot exits instead
-#: of hanging; quiet keeps the slow emulated UART out of the boot path.
-CMDLINE = "console=ttyS0 panic=-1 reboot=t quiet"
+#: of hanging; tsc=reliable keeps the (host) TSC as clocksource under TCG; quiet
+#: keeps the slow emulated UART out of the boot path.
+CMDLINE = "console=ttyS0 panic=-1 reboot=t tsc=reliable quiet"
 
 #: Modules the initramfs loads, by name; dependencies are resolved from modules.dep
 #: and built-in ones (ext4 in the cloud kernel) skipped.
@@ -27,6 +29,9 @@ INITRAMFS_MODULES = (
     "vsock",
     "vmw_vsock_virtio_transport",
     "qemu_fw_cfg",
+    # Entropy from the host (-device virtio-rng-device): without it the first
+    # getrandom() in the guest blocks for about a second under TCG.
+    "virtio_rng",
     "ext4",
 )
 

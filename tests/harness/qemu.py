@@ -66,5 +66,7 @@ def qemu_argv(cfg: QemuConfig, qemu: str = "qemu-system-x86_64") -> list[str]:
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={cfg.channel},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        # Host entropy: without it the guest's first getrandom() blocks ~1 s under TCG.
+        "-device", "virtio-rng-device",
         "-serial", f"file:{cfg.console}",
     ]  # fmt: skip

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from images.hosttsc import tsc_khz_from_cpuinfo, with_tsc_khz
+
 from .images import ImageInfo
 from .qemu import QemuConfig, qemu_argv
 
@@ -140,6 +142,19 @@ def create_overlay(base: Path, overlay: Path, size: int | None = None) -> None:
         raise HarnessError(f"qemu-img create failed: {proc.stderr.strip()}")
 
 
+def host_cmdline(cmdline: str) -> str:
+    """The image's command line with this host's TSC rate (see images/hosttsc.py).
+
+    The manifest carries the build host's rate; a VM booted on another host must use
+    its own, or the guest kernel's clock runs at the wrong speed.
+    """
+    try:
+        khz = tsc_khz_from_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        khz = None
+    return with_tsc_khz(cmdline, khz)
+
+
 def boot_vm(
     image: ImageInfo,
     workdir: Path,
@@ -164,7 +179,7 @@ def boot_vm(
     cfg = QemuConfig(
         kernel=image.kernel,
         initrd=image.initrd,
-        cmdline=image.cmdline,
+        cmdline=host_cmdline(image.cmdline),
         disk=disk,
         channel=workdir / "agent.sock",
         console=workdir / "console.log",

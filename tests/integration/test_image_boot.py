@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agentiso.protocol.framing import FrameDecoder
+from agentiso.protocol import guest as gp
 from tests.harness.images import require_image
 from tests.harness.vm import BootedVM, boot_vm
 
@@ -60,29 +60,37 @@ def test_root_filesystem_grown_to_the_disk(booted: tuple[BootedVM, socket.socket
     assert int(match.group(1)) == DISK_SIZE >> 20
 
 
-def test_agent_sends_a_frame_on_the_channel(booted: tuple[BootedVM, socket.socket]) -> None:
+def test_agent_says_hello_on_the_channel(booted: tuple[BootedVM, socket.socket]) -> None:
+    """The agent, started by the init as PID 1, greets on the virtio-serial port."""
     vm, sock = booted
-    # Give python a moment to fail importing, if the agent is not in this image yet.
     deadline = time.monotonic() + 30.0
-    decoder = FrameDecoder()
+    decoder = gp.GuestStreamDecoder()
     sock.settimeout(0.5)
     while time.monotonic() < deadline:
-        if AGENT_MISSING in vm.console_text():
-            pytest.skip(reason="this image has no agent yet (guest/__main__.py missing)")
         try:
             chunk = sock.recv(65536)
         except TimeoutError:
             continue
         if not chunk:
-            vm.process.wait(5.0)  # QEMU exits when the guest panics (no agent)
+            vm.process.wait(5.0)  # QEMU exits when the guest panics (init died)
             if AGENT_MISSING in vm.console_text():
                 pytest.skip(reason="this image has no agent yet (guest/__main__.py missing)")
             pytest.fail(f"channel closed by QEMU\n{vm.tail()}")
-        frames = list(decoder.feed(chunk))
+        frames = [item for item in decoder.feed(chunk) if item is not None]
         if frames:
-            assert len(frames[0]) > 0
+            hello = gp.response_codec.decode(frames[0])
+            assert isinstance(hello, gp.Hello), hello
+            assert hello.transport == "virtio-serial"
+            assert hello.pid1
+            # The init's start time reached the agent through AGENTISO_INIT_T0.
+            init_t0 = hello.boot.init_t0
+            assert init_t0 is not None
+            started = re.search(INIT_STARTED, vm.console_text())
+            assert started is not None
+            assert abs(init_t0 - float(started.group(1))) < 0.01
+            assert init_t0 <= hello.boot.agent_start <= hello.boot.hello
             return
-    pytest.fail(f"no frame from the agent within 30 s\n{vm.tail()}")
+    pytest.fail(f"no hello from the agent within 30 s\n{vm.tail()}")
 
 
 def test_base_image_stays_pristine(booted: tuple[BootedVM, socket.socket]) -> None:

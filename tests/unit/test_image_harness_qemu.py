@@ -35,6 +35,7 @@ def test_microvm_tcg_bounded_with_agent_port_and_console_file() -> None:
     assert argv[argv.index("-serial") + 1] == "file:/w/console.log"
     assert argv[argv.index("-append") + 1] == "console=ttyS0 panic=-1"
     assert "virtio-blk-device,drive=root" in joined
+    assert "virtio-rng-device" in argv
 
 
 def test_memory_cpus_and_accel() -> None:
