@@ -23,7 +23,11 @@ PROC_SYS_NET = Path("/proc/sys/net")
 
 
 class Links:
-    """Netlink operations the network layer needs.  One instance per thread."""
+    """Netlink operations the network layer needs.
+
+    Not thread-safe: the netlink socket is opened on first use, in the network
+    namespace of the thread that uses it first; NetworkManager serialises calls.
+    """
 
     def __init__(self) -> None:
         self._ipr: IPRoute | None = None
@@ -85,6 +89,9 @@ class Links:
         except NetlinkError as exc:
             raise NetSystemError(f"bridge {s.bridge}: {exc}") from None
         set_sysctl(f"ipv4/conf/{s.bridge}/route_localnet", "1")
+        # Guests are IPv4-only; the host needs no IPv6 link-local on the bridge.
+        if (PROC_SYS_NET / f"ipv6/conf/{s.bridge}/disable_ipv6").exists():
+            set_sysctl(f"ipv6/conf/{s.bridge}/disable_ipv6", "1")
         return idx
 
     def enslave(self, name: str, bridge: str) -> None:

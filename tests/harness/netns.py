@@ -232,6 +232,12 @@ def _cmd_serve(banner: str, ports: list[int]) -> None:
             conn, _ = sock.accept()
             with conn, contextlib.suppress(OSError):
                 conn.sendall(banner.encode() + b"\n")
+                conn.shutdown(socket.SHUT_WR)
+                # Drain what the client sent (an HTTP request from curl) so the
+                # close is a FIN, not a reset for unread data.
+                conn.settimeout(2)
+                while conn.recv(4096):
+                    pass
 
     def udp(sock: socket.socket) -> None:
         while True:

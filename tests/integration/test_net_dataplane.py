@@ -279,6 +279,10 @@ def test_forwards_from_localhost_and_other_hosts(fresh: Lab) -> None:
     fresh.mgr.add_forward("a", Forward(host_port=18080, guest_port=80))
     fresh.mgr.add_forward("a", Forward(host_port=18053, guest_port=5353, protocol="udp"))
     assert tcp_ok(fresh.host, "127.0.0.1", 18080) == "a"
+    # The acceptance wording, literally: curl on the host (the server's banner is
+    # a bare line, hence HTTP/0.9).
+    curl = fresh.host.run("curl", "-s", "--http0.9", "-m", "5", "http://127.0.0.1:18080/")
+    assert curl.stdout.strip() == "a"
     assert tcp_ok(fresh.host, HOST_UPLINK, 18080) == "a"
     assert tcp_ok(fresh.net, HOST_UPLINK, 18080) == "a"  # another host
     r = fresh.host.probe("udp", "127.0.0.1", "18053", OK_TIMEOUT)
