@@ -18,11 +18,13 @@ from agentiso.protocol.errors import ProtocolError
 
 from . import __version__, log, systemd
 from .config import DEFAULT_CONFIG_PATH, HelperConfig, load_config
-from .errors import HelperError
+from .errors import ConfigError, HelperError
 from .registry import Registry
 from .server import HelperServer, bind_listener, listener_from_fd
 from .service import WorkspaceService
 from .storage import make_backend
+from .vm.engine import EngineSettings, VmEngine
+from .vmservice import VmService
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,8 +65,7 @@ def _ensure_dir(path: Path) -> Path:
     return path
 
 
-async def _build_service(cfg: HelperConfig) -> WorkspaceService:
-    state_dir = _ensure_dir(Path(cfg.paths.state_dir))
+async def _build_service(cfg: HelperConfig, state_dir: Path) -> WorkspaceService:
     storage = make_backend(cfg.storage, state_dir)
     try:
         await storage.setup()
@@ -79,26 +80,41 @@ async def _build_service(cfg: HelperConfig) -> WorkspaceService:
     )
 
 
+def engine_settings(cfg: HelperConfig, state_dir: Path) -> EngineSettings:
+    try:
+        return msgspec.convert({**cfg.vm, "state_dir": str(state_dir)}, EngineSettings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"[vm]: {exc}") from None
+
+
 async def _serve(cfg: HelperConfig) -> None:
     logger = structlog.get_logger("agentiso.helper")
-    service = await _build_service(cfg)
-    server = HelperServer(cfg, handlers=service.handlers())
+    state_dir = _ensure_dir(Path(cfg.paths.state_dir))
+    memory_dir = _ensure_dir(state_dir / "memory")
+    settings = engine_settings(cfg, state_dir)
+    service = await _build_service(cfg, state_dir)
     fds = systemd.listen_fds()
     systemd.clear_listen_env()
-    if fds:
-        listener = await listener_from_fd(fds[0])
-        logger.info("listening", fd=fds[0], activation="systemd")
-    else:
-        path = Path(cfg.server.socket)
-        listener = await bind_listener(path, cfg.server.socket_mode, server.allowed_gid)
-        logger.info("listening", socket=str(path), group_gid=server.allowed_gid)
-    if server.allowed_gid is None:
-        logger.warning("group_missing", group=cfg.server.group, effect="only root may connect")
-    systemd.notify("READY=1")
-    async with anyio.create_task_group() as tg:
+    async with VmEngine.running(settings) as engine, anyio.create_task_group() as tg:
+        vms = VmService(ws=service, engine=engine, tg=tg, memory_dir=memory_dir)
+        await vms.adopt()
+        server = HelperServer(
+            cfg, handlers={**service.handlers(), **vms.handlers()}, open_guest=vms.open_guest
+        )
+        if fds:
+            listener = await listener_from_fd(fds[0])
+            logger.info("listening", fd=fds[0], activation="systemd")
+        else:
+            path = Path(cfg.server.socket)
+            listener = await bind_listener(path, cfg.server.socket_mode, server.allowed_gid)
+            logger.info("listening", socket=str(path), group_gid=server.allowed_gid)
+        if server.allowed_gid is None:
+            logger.warning("group_missing", group=cfg.server.group, effect="only root may connect")
+        systemd.notify("READY=1")
         tg.start_soon(server.serve, listener)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
+                # VMs keep running; the next helper adopts them.
                 logger.info("stopping", signal=signal.Signals(signum).name)
                 tg.cancel_scope.cancel()
                 break
@@ -130,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     log.configure(args.log_level)
     try:
         cfg = _apply_overrides(load_config(args.config), args)
+        engine_settings(cfg, Path(cfg.paths.state_dir))  # fail early on a bad [vm]
     except HelperError as exc:
         print(f"agentiso-helper: {exc}", file=sys.stderr)
         return 2

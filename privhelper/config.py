@@ -42,6 +42,9 @@ class HelperConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    #: The VM engine's settings (privhelper.vm.engine.EngineSettings, without
+    #: state_dir, which comes from [paths]); validated at start-up.
+    vm: dict[str, object] = msgspec.field(default_factory=dict)
 
 
 def parse_config(text: str, source: str = "<string>") -> HelperConfig:

@@ -43,6 +43,8 @@ class VolumeRecord(msgspec.Struct, forbid_unknown_fields=True):
     created: float
     origin: str
     size_bytes: int
+    #: The guest image whose kernel boots this volume (its root ancestor).
+    image: str = ""
     snapshots: list[SnapshotRecord] = msgspec.field(default_factory=list)
 
     def snapshot(self, name: str) -> SnapshotRecord:
@@ -113,7 +115,9 @@ class Registry:
     def volumes(self, owner: int | None = None) -> list[VolumeRecord]:
         return [v for v in self.data.volumes if owner is None or v.owner == owner]
 
-    def add_volume(self, owner: int, name: str, origin: str, size_bytes: int) -> VolumeRecord:
+    def add_volume(
+        self, owner: int, name: str, origin: str, size_bytes: int, image: str = ""
+    ) -> VolumeRecord:
         if any(v.owner == owner and v.name == name for v in self.data.volumes):
             raise RequestFailed(ErrorCode.ALREADY_EXISTS, f"volume {name!r} already exists")
         rec = VolumeRecord(
@@ -123,6 +127,7 @@ class Registry:
             created=time.time(),
             origin=origin,
             size_bytes=size_bytes,
+            image=image,
         )
         self.data.volumes.append(rec)
         return rec

@@ -109,16 +109,18 @@ class WorkspaceService:
                 image = images.load_image(self.images_dir, req.source.image)
                 source: FromBase | FromSnapshot = FromBase(await self._base_for(image))
                 origin = f"image:{image.name}"
+                image_name = image.name
                 source_size = image.manifest.files["rootfs.img"].size
             else:
                 src = self.registry.volume(owner, req.source.volume)
                 src.snapshot(req.source.snapshot)  # NotFound unless it exists
                 source = FromSnapshot(src.key, req.source.snapshot)
                 origin = f"snapshot:{src.name}@{req.source.snapshot}"
+                image_name = src.image
                 source_size = src.size_bytes
             size = max(req.size_bytes or 0, source_size)
             self.check_limits(owner, limits.Usage(volumes=1, disk_bytes=size))
-            rec = self.registry.add_volume(owner, req.name, origin, size)
+            rec = self.registry.add_volume(owner, req.name, origin, size, image_name)
             try:
                 info = await self.storage.create_volume(rec.key, source, req.size_bytes)
             except BaseException:
@@ -126,7 +128,7 @@ class WorkspaceService:
                 raise
             rec.size_bytes = info.virtual_size
             self.registry.save()
-        return self._volume_info(req.id, rec, info)
+        return self.volume_info(req.id, rec, info)
 
     async def volume_destroy(self, req: hp.VolumeDestroy, ctx: RequestContext) -> hp.Done:
         async with self.lock:
@@ -139,12 +141,12 @@ class WorkspaceService:
 
     async def volume_get(self, req: hp.VolumeGet, ctx: RequestContext) -> hp.VolumeInfo:
         rec = self.registry.volume(ctx.peer.uid, req.name)
-        return self._volume_info(req.id, rec, await self.storage.volume_info(rec.key))
+        return self.volume_info(req.id, rec, await self.storage.volume_info(rec.key))
 
     async def volume_list(self, req: hp.VolumeList, ctx: RequestContext) -> hp.Volumes:
         out = []
         for rec in self.registry.volumes(ctx.peer.uid):
-            out.append(self._volume_info(0, rec, await self.storage.volume_info(rec.key)))
+            out.append(self.volume_info(0, rec, await self.storage.volume_info(rec.key)))
         return hp.Volumes(id=req.id, volumes=out)
 
     async def volume_grow(self, req: hp.VolumeGrow, ctx: RequestContext) -> hp.VolumeInfo:
@@ -162,7 +164,7 @@ class WorkspaceService:
             info = await self.storage.grow_volume(rec.key, req.size_bytes)
             rec.size_bytes = info.virtual_size
             self.registry.save()
-        return self._volume_info(req.id, rec, info)
+        return self.volume_info(req.id, rec, info)
 
     # --- snapshots ---------------------------------------------------------------------
 
@@ -183,7 +185,7 @@ class WorkspaceService:
             rec.snapshots.append(SnapshotRecord(name=req.snapshot, created=time.time()))
             self.registry.save()
             info = await self.storage.volume_info(rec.key)
-        return self._volume_info(req.id, rec, info)
+        return self.volume_info(req.id, rec, info)
 
     async def snapshot_rollback(
         self, req: hp.SnapshotRollback, ctx: RequestContext
@@ -193,9 +195,9 @@ class WorkspaceService:
             rec.snapshot(req.snapshot)
             self._refuse_if_in_use(rec, "roll back")
             info = await self.storage.rollback(rec.key, req.snapshot)
-            self._sync_snapshots(rec, info)
+            self.sync_snapshots(rec, info)
             self.registry.save()
-        return self._volume_info(req.id, rec, info)
+        return self.volume_info(req.id, rec, info)
 
     async def snapshot_delete(self, req: hp.SnapshotDelete, ctx: RequestContext) -> hp.Done:
         async with self.lock:
@@ -217,12 +219,12 @@ class WorkspaceService:
             )
 
     @staticmethod
-    def _sync_snapshots(rec: VolumeRecord, info: BackendVolumeInfo) -> None:
+    def sync_snapshots(rec: VolumeRecord, info: BackendVolumeInfo) -> None:
         """Keep the registry's snapshot list to what the backend still has."""
         alive = {s.name for s in info.snapshots}
         rec.snapshots = [s for s in rec.snapshots if s.name in alive]
 
-    def _volume_info(
+    def volume_info(
         self, rid: int, rec: VolumeRecord, info: BackendVolumeInfo
     ) -> hp.VolumeInfo:
         used = {s.name: s.used_bytes for s in info.snapshots}

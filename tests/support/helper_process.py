@@ -2,11 +2,14 @@
 
 The helper is started by ``systemd-socket-activate`` on a socket in a fresh
 world-traversable directory (so unprivileged test clients can reach it), with
-its state in a temporary directory.  It is stopped by pid at the end.
+its state, VM sockets and logs in that directory too.  It can be killed and
+restarted (VMs survive that, by design).  At the end it is stopped by pid,
+every QEMU it started is killed by pid, and the directory is removed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,24 +19,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agentiso.protocol.blocking import BlockingHelperClient
 
 REPO = Path(__file__).resolve().parents[2]
+IMAGES = REPO / "build" / "images"
 HELPER = [sys.executable, "-m", "agentiso.privhelper.cli"]
-
-
-@dataclass
-class HelperProcess:
-    socket: Path
-    workdir: Path
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 def public_tmpdir(prefix: str) -> Path:
@@ -43,64 +36,120 @@ def public_tmpdir(prefix: str) -> Path:
     return d
 
 
+@dataclass
+class HelperProcess:
+    workdir: Path
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    started: int = 0
+    _logs: list[str] = field(default_factory=list)
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "helper.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"helper-{self.started}.log"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
+
+    def log(self) -> str:
+        """Everything every incarnation of the helper logged."""
+        return "".join(
+            (self.workdir / f"helper-{i}.log").read_text(errors="replace")
+            for i in range(1, self.started + 1)
+        )
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.started += 1
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"helper exited early:\n{self.log_path.read_text()}")
+            try:
+                with BlockingHelperClient(str(self.socket), timeout=30):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        # The authorization under test must not rest on file permissions.
+        os.chmod(self.socket, 0o666)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def qemu_pids(self) -> list[int]:
+        """Pids of the live QEMUs this helper's engine recorded."""
+        pids = []
+        for rec in (self.state_dir / "vm" / "records").glob("*.json"):
+            try:
+                pid = int(json.loads(rec.read_text())["pid"])
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (OSError, ValueError, KeyError):
+                continue
+            if b"qemu-system" in cmdline and str(self.workdir).encode() in cmdline:
+                pids.append(pid)
+        return pids
+
+    def kill_vms(self) -> None:
+        for pid in self.qemu_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            for _ in range(100):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.05)
+
+
 @contextmanager
 def running_helper(
     *,
     group: int | str = "agentiso",
     extra_args: tuple[str, ...] = (),
     config: str = "",
-    timeout: float = 20.0,
+    timeout: float = 30.0,
 ) -> Iterator[HelperProcess]:
     if shutil.which("systemd-socket-activate") is None:
         import pytest
 
         pytest.skip("systemd-socket-activate is not installed (Debian package systemd)")
     workdir = public_tmpdir("agentiso-helper-")
-    sock = workdir / "helper.sock"
-    log_path = workdir / "helper.log"
     cfg = workdir / "helper.toml"
-    cfg.write_text(config)
+    # Private run dir for the VMs' sockets (short: socket paths <= 107 bytes).
+    cfg.write_text(f'[vm]\nrun_dir = "{workdir}/run"\n\n' + config)
     argv = [
-        "systemd-socket-activate",
-        "-l",
-        str(sock),
-        *HELPER,
-        "serve",
-        "--config",
-        str(cfg),
-        "--group",
-        str(group),
-        "--state-dir",
-        str(workdir / "state"),
-        *extra_args,
+        "systemd-socket-activate", "-l", str(workdir / "helper.sock"),
+        *HELPER, "serve", "--config", str(cfg), "--group", str(group),
+        "--state-dir", str(workdir / "state"), *extra_args,
     ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
-        )
+    helper = HelperProcess(workdir=workdir, argv=argv)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"helper exited early:\n{log_path.read_text()}")
-            try:
-                with BlockingHelperClient(str(sock), timeout=5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        # The check under test must not rest on file permissions.
-        os.chmod(sock, 0o666)
-        yield HelperProcess(socket=sock, workdir=workdir, proc=proc, log_path=log_path)
+        helper.start(timeout)
+        yield helper
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        helper.stop()
+        helper.kill_vms()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -1,0 +1,370 @@
+"""VM requests: start, stop, status, console, guest channel, snapshots of
+running VMs.
+
+A VM runs on one of its owner's volumes.  It exists from ``VmStart`` until
+``VmStop`` (a crashed VM stays, state ``crashed`` with its console tail, until
+its owner stops it).  The engine knows it by the registry key; its guest
+channel (:class:`~.relay.GuestChannel`) is kept up by a task of this service
+for as long as the VM exists.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import ByteStream, TaskGroup
+
+from agentiso.protocol import guest as gp
+from agentiso.protocol import helper as hp
+from agentiso.protocol.errors import ErrorCode
+
+from . import images, limits
+from .errors import HelperError, RequestFailed
+from .registry import SnapshotRecord, VmRecord, VolumeRecord
+from .relay import GuestChannel
+from .server import RequestContext
+from .service import WorkspaceService
+from .storage import Attachment
+from .vm.engine import VmConfig, VmEngine, VmState, VmStatus
+from .vm.spec import DiskLayer
+
+log = structlog.get_logger("agentiso.helper.vms")
+
+#: How long a started VM may take to say hello (TCG boots in ~3 s on 2 cores;
+#: leave room for a loaded machine).
+HELLO_TIMEOUT_S = 90.0
+GUEST_CALL_TIMEOUT_S = 30.0
+#: Longest a guest stays frozen for a snapshot if the helper died meanwhile.
+FREEZE_AUTO_THAW_S = 60.0
+MEMORY_FILE_SUFFIX = ".mem"
+
+
+@dataclass
+class _Running:
+    channel: GuestChannel
+    scope: anyio.CancelScope
+
+
+@dataclass
+class VmService:
+    ws: WorkspaceService
+    engine: VmEngine
+    tg: TaskGroup
+    memory_dir: Path
+    _running: dict[str, _Running] = field(default_factory=dict)
+
+    def handlers(self) -> dict[type[Any], Callable[[Any, RequestContext], Awaitable[Any]]]:
+        return {
+            hp.VmStart: self.vm_start,
+            hp.VmStop: self.vm_stop,
+            hp.VmGet: self.vm_get,
+            hp.VmList: self.vm_list,
+            hp.VmConsole: self.vm_console,
+            hp.SnapshotCreate: self.snapshot_create,
+        }
+
+    async def open_guest(self, req: hp.GuestOpen, ctx: RequestContext) -> GuestChannel:
+        vm = self.ws.registry.vm(ctx.peer.uid, req.vm)
+        return self._channel(vm)
+
+    # --- start-up ------------------------------------------------------------------------
+
+    async def adopt(self) -> None:
+        """After a helper restart: re-attach to the VMs still running and
+        bring their guest channels up again."""
+        report = await self.engine.adopt_all()
+        for name, why in report.unreadable.items():
+            log.error("vm_record_unreadable", vm=name, error=why)
+        known = {vm.key for vm in self.ws.registry.vms()}
+        for key in report.adopted:
+            if key in known:
+                self._start_channel(key)
+            else:
+                log.warning("vm_not_in_registry", vm=key, hint="agentiso-helper gc")
+        for st in report.dead:
+            log.warning("vm_died_while_helper_was_away", vm=st.name, reason=st.exit_reason)
+        log.info("adopted", vms=len(report.adopted), dead=len(report.dead))
+
+    # --- channels --------------------------------------------------------------------------
+
+    def _start_channel(self, key: str) -> GuestChannel:
+        async def connect() -> ByteStream:
+            return await anyio.connect_unix(self.engine.channel_socket(key))
+
+        channel = GuestChannel(name=key, connect=connect)
+        scope = anyio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                await channel.run()
+
+        self.tg.start_soon(run)
+        self._running[key] = _Running(channel=channel, scope=scope)
+        return channel
+
+    def _stop_channel(self, key: str) -> None:
+        running = self._running.pop(key, None)
+        if running is not None:
+            running.scope.cancel()
+
+    def _channel(self, vm: VmRecord) -> GuestChannel:
+        running = self._running.get(vm.key)
+        if running is None or self._engine_state(vm.key) not in (VmState.RUNNING, None):
+            raise RequestFailed(ErrorCode.UNAVAILABLE, f"VM {vm.name!r} is not running")
+        return running.channel
+
+    def _engine_state(self, key: str) -> VmState | None:
+        try:
+            return self.engine.status(key).state
+        except HelperError:
+            return None
+
+    # --- requests ------------------------------------------------------------------------
+
+    async def vm_start(self, req: hp.VmStart, ctx: RequestContext) -> hp.VmInfo:
+        owner = ctx.peer.uid
+        ws = self.ws
+        async with ws.lock:
+            vol = ws.registry.volume(owner, req.volume)
+            other = ws.registry.vm_on_volume(vol.key)
+            if other is not None:
+                raise RequestFailed(
+                    ErrorCode.CONFLICT, f"volume {vol.name!r} is in use by VM {other.name!r}"
+                )
+            if any(m.name == req.name for m in ws.registry.vms(owner)):
+                raise RequestFailed(ErrorCode.ALREADY_EXISTS, f"VM {req.name!r} already exists")
+            ws.check_limits(owner, limits.Usage(vms=1, memory_mib=req.memory_mib))
+            image = images.load_image(ws.images_dir, vol.image)
+            memory_fd: int | None = None
+            if req.resume_snapshot is not None:
+                snap = vol.snapshot(req.resume_snapshot)
+                if snap.memory_file is None:
+                    raise RequestFailed(
+                        ErrorCode.CONFLICT,
+                        f"snapshot {snap.name!r} has no saved memory to resume from",
+                    )
+                # The disk must be exactly as when the memory was saved.
+                info = await ws.storage.rollback(vol.key, snap.name)
+                ws.sync_snapshots(vol, info)
+                memory_fd = os.open(self.memory_dir / snap.memory_file, os.O_RDONLY | os.O_CLOEXEC)
+            attachment = await ws.storage.attachment(vol.key)
+            rec = ws.registry.add_vm(owner, req.name, vol.key, req.vcpus, req.memory_mib)
+            try:
+                await self.engine.start(
+                    VmConfig(
+                        name=rec.key,
+                        kernel=str(image.kernel),
+                        initrd=str(image.initrd),
+                        cmdline=image.manifest.cmdline,
+                        disks=_disk_layers(attachment),
+                        vcpus=req.vcpus,
+                        memory_mib=req.memory_mib,
+                        incoming_fd=memory_fd,
+                    )
+                )
+            except BaseException:
+                ws.registry.remove_vm(rec.key)
+                raise
+            finally:
+                if memory_fd is not None:
+                    os.close(memory_fd)
+            ws.registry.save()
+            channel = self._start_channel(rec.key)
+        try:
+            await channel.wait_ready(HELLO_TIMEOUT_S)
+        except TimeoutError:
+            st = self.engine.status(rec.key)
+            raise RequestFailed(
+                ErrorCode.TIMEOUT,
+                f"VM {req.name!r} did not say hello within {HELLO_TIMEOUT_S:.0f} s "
+                f"(state {st.state}); console: {self._console(rec.key)[-1500:]}",
+            ) from None
+        return self._info(req.id, rec)
+
+    async def vm_stop(self, req: hp.VmStop, ctx: RequestContext) -> hp.Done:
+        rec = self.ws.registry.vm(ctx.peer.uid, req.name)
+        channel = self._running.get(rec.key)
+
+        async def agent_shutdown() -> None:
+            if channel is not None and channel.channel.ready:
+                await channel.channel.call(gp.Shutdown(id=0), GUEST_CALL_TIMEOUT_S)
+                # The agent answers before powering off; wait for QEMU to end.
+                await anyio.sleep_forever()
+
+        if self._engine_state(rec.key) is not None:
+            if req.force:
+                await self.engine.kill(rec.key)
+            else:
+                t = max(req.timeout_s, 1.0)
+                await self.engine.stop(
+                    rec.key,
+                    agent_shutdown=agent_shutdown,
+                    agent_timeout=t,
+                    powerdown_timeout=t / 2,
+                )
+            self.engine.forget(rec.key)
+        self._stop_channel(rec.key)
+        async with self.ws.lock:
+            self.ws.registry.remove_vm(rec.key)
+            self.ws.registry.save()
+        return hp.Done(id=req.id)
+
+    async def vm_get(self, req: hp.VmGet, ctx: RequestContext) -> hp.VmInfo:
+        return self._info(req.id, self.ws.registry.vm(ctx.peer.uid, req.name))
+
+    async def vm_list(self, req: hp.VmList, ctx: RequestContext) -> hp.Vms:
+        return hp.Vms(
+            id=req.id, vms=[self._info(0, m) for m in self.ws.registry.vms(ctx.peer.uid)]
+        )
+
+    async def vm_console(self, req: hp.VmConsole, ctx: RequestContext) -> hp.ConsoleText:
+        rec = self.ws.registry.vm(ctx.peer.uid, req.name)
+        return hp.ConsoleText(id=req.id, text=self._console(rec.key, req.max_bytes))
+
+    # --- snapshots of running VMs ------------------------------------------------------------
+
+    async def snapshot_create(self, req: hp.SnapshotCreate, ctx: RequestContext) -> hp.VolumeInfo:
+        ws = self.ws
+        vol = ws.registry.volume(ctx.peer.uid, req.volume)
+        vm = ws.registry.vm_on_volume(vol.key)
+        if vm is None:
+            return await ws.snapshot_create(req, ctx)
+        if any(s.name == req.snapshot for s in vol.snapshots):
+            raise RequestFailed(
+                ErrorCode.ALREADY_EXISTS,
+                f"volume {req.volume!r} already has a snapshot {req.snapshot!r}",
+            )
+        channel = self._channel(vm)
+        async with ws.lock:
+            memory_file = await self._live_snapshot(vol, vm, channel, req.snapshot, req.memory)
+            vol.snapshots.append(
+                SnapshotRecord(name=req.snapshot, created=time.time(), memory_file=memory_file)
+            )
+            ws.registry.save()
+            info = await ws.storage.volume_info(vol.key)
+        return ws.volume_info(req.id, vol, info)
+
+    async def _live_snapshot(
+        self, vol: VolumeRecord, vm: VmRecord, channel: GuestChannel, snap: str, memory: bool
+    ) -> str | None:
+        """Consistent snapshot of a running VM's disk (and optionally memory).
+
+        Disk only: the guest syncs and freezes its filesystem, the disk is
+        snapshotted, the guest thaws.  With memory: the VM is paused and its
+        state saved (QEMU flushes the disk), the disk is snapshotted while
+        paused, then the VM resumes: disk and memory are of the same instant.
+        """
+        storage = self.ws.storage
+        memory_file: str | None = None
+        if memory:
+            memory_file = f"{vol.key}-{snap}{MEMORY_FILE_SUFFIX}"
+            path = self.memory_dir / memory_file
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                await channel.call(gp.Sync(id=0), GUEST_CALL_TIMEOUT_S)
+                await self.engine.save_memory(vm.key, fd)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                with anyio.CancelScope(shield=True):
+                    await self._resume_quietly(vm.key)
+                raise
+            finally:
+                os.close(fd)
+        else:
+            await channel.call(
+                gp.Freeze(id=0, auto_thaw_s=FREEZE_AUTO_THAW_S), GUEST_CALL_TIMEOUT_S
+            )
+        try:
+            plan = await storage.prepare_snapshot(vol.key, snap)
+            try:
+                if plan.new_top is not None:
+                    # Needs QMP add-fd support in the engine (the overlay is
+                    # handed to QEMU as an fd); not wired yet.
+                    raise RequestFailed(
+                        ErrorCode.UNAVAILABLE,
+                        "live snapshots of qcow2 volumes are not available yet: stop the VM",
+                    )
+                await storage.commit_snapshot(plan)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await storage.abort_snapshot(plan)
+                raise
+        except BaseException:
+            if memory_file is not None:
+                (self.memory_dir / memory_file).unlink(missing_ok=True)
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                if memory:
+                    await self._resume_quietly(vm.key)
+                else:
+                    await self._thaw_quietly(channel)
+        return memory_file
+
+    async def _resume_quietly(self, key: str) -> None:
+        try:
+            await self.engine.resume(key)
+        except HelperError as exc:
+            log.error("vm_resume_failed", vm=key, error=str(exc))
+
+    async def _thaw_quietly(self, channel: GuestChannel) -> None:
+        try:
+            await channel.call(gp.Thaw(id=0), GUEST_CALL_TIMEOUT_S)
+        except (HelperError, TimeoutError) as exc:
+            log.error("guest_thaw_failed", vm=channel.name, error=str(exc))
+
+    # --- views ---------------------------------------------------------------------------
+
+    def _console(self, key: str, nbytes: int = 64 * 1024) -> str:
+        try:
+            return self.engine.console_tail(key, nbytes).decode(errors="replace")
+        except HelperError:
+            return ""
+
+    def _info(self, rid: int, rec: VmRecord) -> hp.VmInfo:
+        vol = self.ws.registry.volume_by_key(rec.volume_key)
+        try:
+            st: VmStatus | None = self.engine.status(rec.key)
+        except HelperError:
+            st = None
+        state = "crashed" if st is None else _STATE.get(st.state, "crashed")
+        reason = ""
+        if st is not None and st.state == VmState.CRASHED:
+            reason = f"{st.exit_reason}; console: {(st.console_tail or '')[-2000:]}"
+        elif st is None:
+            reason = "QEMU is gone (it ended while the helper was not running)"
+        return hp.VmInfo(
+            id=rid,
+            name=rec.name,
+            volume=vol.name,
+            state=state,  # type: ignore[arg-type]
+            vcpus=rec.vcpus,
+            memory_mib=rec.memory_mib,
+            created=rec.created,
+            accel=self.engine.record(rec.key).spec.accel.kind if st is not None else "",
+            reason=reason[:4096],
+        )
+
+
+_STATE = {
+    VmState.STARTING: "starting",
+    VmState.RUNNING: "running",
+    VmState.PAUSED: "running",
+    VmState.STOPPING: "stopping",
+    VmState.STOPPED: "stopped",
+    VmState.CRASHED: "crashed",
+}
+
+
+def _disk_layers(att: Attachment) -> tuple[DiskLayer, ...]:
+    return tuple(
+        DiskLayer(format=n.format.value, path=str(n.path), read_only=n.read_only)
+        for n in att.chain
+    )
