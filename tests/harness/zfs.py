@@ -16,6 +16,7 @@ zfs-fuse, /dev/fuse or root is missing.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
@@ -110,10 +111,42 @@ def _stop_daemon(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
+#: Serialises harness users across processes (two engineers' test runs at once):
+#: one run stopping the daemon it started must not pull it from under another.
+_LOCK_PATH = Path(__file__).resolve().parents[2] / "build" / "zfs-harness.lock"
+_LOCK_WAIT_S = 600
+
+
+@contextmanager
+def _harness_lock() -> Iterator[None]:
+    _LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(_LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + _LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ZfsUnavailable(
+                        "another test run kept the zfs-fuse harness busy"
+                    ) from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def zfs_fuse_pool(workdir: Path, size: int = 4 * 1024**3) -> Iterator[ZfsPool]:
     """A fresh pool named ``agtest<hex>`` on a sparse file in ``workdir``."""
     _check_available()
+    with _harness_lock():
+        yield from _pool(workdir, size)
+
+
+def _pool(workdir: Path, size: int) -> Iterator[ZfsPool]:
     workdir.mkdir(parents=True, exist_ok=True)
     proc = None if _daemon_answers() else _start_daemon(workdir)
     name = f"agtest{secrets.token_hex(4)}"
