@@ -38,7 +38,7 @@ from agentiso.protocol.stream import FrameReader
 from . import __version__
 from .actions import ACTION_FOR_REQUEST, ADMIN_ONLY
 from .config import HelperConfig, resolve_gid
-from .errors import RequestFailed
+from .errors import HelperError, RequestFailed
 from .peercred import PeerCredentials, get_peer_credentials, is_authorized
 
 if TYPE_CHECKING:
@@ -227,13 +227,8 @@ class HelperServer:
             else:
                 try:
                     resp = await handler(req, ctx)
-                except RequestFailed as exc:
-                    if exc.code == ErrorCode.INTERNAL:
-                        # Internal details (paths, stderr) are for the operator's log.
-                        log.error("request_failed", request=type(req).__name__, error=exc.message)
-                        resp = _error(req.id, exc.code, INTERNAL_MESSAGE)
-                    else:
-                        resp = _error(req.id, exc.code, exc.message)
+                except HelperError as exc:
+                    resp = _typed_error(req, exc)
                 except Exception:
                     log.exception("handler_failed", request=type(req).__name__)
                     resp = _error(req.id, ErrorCode.INTERNAL, INTERNAL_MESSAGE)
@@ -278,6 +273,17 @@ async def _linger(stream: SocketStream) -> None:
                 drained += len(await stream.receive(65536))
     except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         pass
+
+
+def _typed_error(req: Any, exc: HelperError) -> hp.Error:
+    """Every helper error carries the code that says whose fault it is
+    (``internal`` when it does not); internal details stay in the log."""
+    code = getattr(exc, "code", ErrorCode.INTERNAL)
+    message = getattr(exc, "message", str(exc))
+    if not isinstance(code, ErrorCode) or code == ErrorCode.INTERNAL:
+        log.error("request_failed", request=type(req).__name__, error=message)
+        return _error(req.id, ErrorCode.INTERNAL, INTERNAL_MESSAGE)
+    return _error(req.id, code, message)
 
 
 def _error(rid: int, code: ErrorCode, message: str) -> hp.Error:
