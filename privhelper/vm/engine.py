@@ -239,15 +239,16 @@ def _uid_unassigned(uid: int) -> bool:
     return False
 
 
-def world_readable_path_problem(path: str) -> str | None:
-    """Why a uid with no groups could not read ``path`` (None if it can)."""
+def world_readable_path_problem(path: str, *, directory: bool = False) -> str | None:
+    """Why a uid with no groups could not read ``path`` (or enter it, for a directory)."""
     p = Path(path)
     try:
         st = p.stat()
     except OSError as e:
         return f"{path}: {e.strerror}"
-    if not st.st_mode & stat.S_IROTH:
-        return f"{path} is not readable by other uids"
+    need = stat.S_IXOTH if directory else stat.S_IROTH
+    if not st.st_mode & need:
+        return f"{path} is not {'traversable' if directory else 'readable'} by other uids"
     for parent in p.parents:
         try:
             if not parent.stat().st_mode & stat.S_IXOTH:
@@ -936,7 +937,7 @@ class VmEngine:
                     "(no per-VM uid isolation)",
                 )
             )
-        problem = world_readable_path_problem(str(self._run))
+        problem = world_readable_path_problem(str(self._run), directory=True)
         results.append(
             CheckResult("run-dir", problem is None, problem or f"{self._run} reachable by VM uids")
         )

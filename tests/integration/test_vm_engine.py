@@ -1,0 +1,415 @@
+"""The VM engine against real QEMU (TCG) and the real `minimal` guest image.
+
+Every QEMU here runs as a per-VM unprivileged uid (asserted from /proc), with
+the full seccomp sandbox, its disk passed as fds.  Each test creates its own
+temporary state/run directories and kills + forgets every VM it started, even
+on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import pytest
+
+from agentiso.frontend.guest_client import GuestClient
+from agentiso.privhelper.vm.engine import (
+    EngineSettings,
+    VmConfig,
+    VmEngine,
+    VmState,
+)
+from agentiso.privhelper.vm.errors import InvalidVmSpec, VmError, VmStateConflict
+from agentiso.privhelper.vm.procfs import parse_status_groups, parse_status_ids, read_status
+from agentiso.privhelper.vm.spec import DiskLayer
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE = REPO / "build" / "images" / "minimal"
+BOOT_TIMEOUT = 90.0  # TCG on 2 shared cores: a boot takes 3 s idle, far more under load
+
+
+def _image_or_skip() -> dict[str, str]:
+    manifest = IMAGE / "manifest.json"
+    if not manifest.exists():
+        pytest.skip(reason=f"guest image not built ({manifest} missing): run `make image`")
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
+        pytest.skip(reason="qemu-system-x86_64 / qemu-img not installed")
+    return json.loads(manifest.read_text())
+
+
+@dataclass
+class Env:
+    base: Path
+    settings: EngineSettings
+    cmdline: str
+    prefix: str
+
+    def overlay(self, name: str) -> Path:
+        """A fresh qcow2 overlay over the image's rootfs (the VM's writable disk)."""
+        path = self.base / f"{name}.qcow2"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+             "-b", str(IMAGE / "rootfs.img"), str(path)],
+            check=True,
+        )  # fmt: skip
+        return path
+
+    def config(self, name: str, disk: Path | None = None, **kw: object) -> VmConfig:
+        disk = disk or self.overlay(name)
+        return VmConfig(
+            name=name,
+            kernel=str(IMAGE / "vmlinuz"),
+            initrd=str(IMAGE / "initrd.img"),
+            cmdline=self.cmdline,
+            disks=(
+                DiskLayer(format="qcow2", path=str(disk)),
+                DiskLayer(format="raw", path=str(IMAGE / "rootfs.img"), read_only=True),
+            ),
+            **kw,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    manifest = _image_or_skip()
+    # Short (socket paths <= 107 bytes) and traversable by the VMs' uids.
+    base = Path(tempfile.mkdtemp(prefix="agvm", dir="/tmp"))
+    os.chmod(base, 0o711)
+    prefix = "t" + secrets.token_hex(3)
+    settings = EngineSettings(
+        state_dir=str(base / "state"), run_dir=str(base / "run"), accel="auto"
+    )
+    try:
+        yield Env(base, settings, manifest["cmdline"], prefix)
+    finally:
+        _kill_leftovers(base)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _kill_leftovers(base: Path) -> None:
+    """Kill any QEMU still using this test's run dir (by pid, after checking its argv)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (Path(entry.path) / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and any(str(base).encode() in a for a in argv):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+@contextlib.asynccontextmanager
+async def engine_for(env: Env) -> AsyncIterator[VmEngine]:
+    async with VmEngine.running(env.settings) as engine:
+        try:
+            yield engine
+        finally:
+            with anyio.CancelScope(shield=True):
+                for name in engine.names():
+                    with contextlib.suppress(VmError):
+                        await engine.kill(name)
+                        engine.forget(name)
+
+
+def _has_kvm() -> bool:
+    return os.path.exists("/dev/kvm")
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=REPO)
+
+
+def assert_unprivileged(pid: int) -> None:
+    text = read_status(pid)
+    assert text is not None, "QEMU is gone"
+    uids = parse_status_ids(text, "Uid")
+    gids = parse_status_ids(text, "Gid")
+    assert 0 not in uids, f"QEMU runs with a root uid: {uids}"
+    assert 0 not in gids, f"QEMU runs with a root gid: {gids}"
+    assert parse_status_groups(text) == []
+    assert "Seccomp:\t2" in text  # the -sandbox filter is installed
+
+
+async def wait_console(engine: VmEngine, name: str, needle: bytes, timeout: float) -> None:
+    with anyio.fail_after(timeout):
+        while needle not in engine.console_tail(name, 64 * 1024):
+            await anyio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def guest(engine: VmEngine, name: str) -> AsyncIterator[GuestClient]:
+    stream = await anyio.connect_unix(engine.channel_socket(name))
+    async with stream, GuestClient.connect(stream, hello_timeout=BOOT_TIMEOUT) as client:
+        yield client
+
+
+# --- tests ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_start_agent_hello_exec_memory_snapshot_and_graceful_stop(env: Env) -> None:
+    a, b = f"{env.prefix}-a", f"{env.prefix}-b"
+    disk = env.overlay(a)
+    async with engine_for(env) as engine:
+        t0 = time.monotonic()
+        st = await engine.start(env.config(a, disk=disk))
+        assert st.state is VmState.RUNNING
+        assert_unprivileged(st.pid)
+        assert await engine.query_status(a) == "running"
+        async with guest(engine, a) as g:
+            hello = g.hello
+            assert hello is not None and hello.transport == "virtio-serial" and hello.pid1
+            print(f"start -> agent hello: {time.monotonic() - t0:.2f}s")
+            out = await g.exec(["sh", "-c", "echo hi; id -u"])
+            assert out.ok and out.stdout.startswith(b"hi\n")
+            job = await g.job_start(["sleep", "1000"])
+            await g.write_file("/root/marker", b"before-snapshot")
+        await wait_console(engine, a, b"agentiso-init", 5)
+
+        mem = env.base / "a.mem"
+        fd = os.open(mem, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            saved = await engine.save_memory(a, fd)
+        finally:
+            os.close(fd)
+        assert saved.bytes_written > 1024 * 1024
+        print(f"memory save: {saved.seconds:.2f}s, {saved.bytes_written / 2**20:.0f} MiB")
+        assert engine.status(a).state is VmState.PAUSED
+        await engine.kill(a)
+        engine.forget(a)
+
+        fd = os.open(mem, os.O_RDONLY)
+        try:
+            t1 = time.monotonic()
+            st_b = await engine.start(env.config(b, disk=disk, incoming_fd=fd))
+            print(f"memory restore: {time.monotonic() - t1:.2f}s")
+        finally:
+            os.close(fd)
+        assert st_b.state is VmState.RUNNING
+        assert_unprivileged(st_b.pid)
+        async with guest(engine, b) as g:
+            assert g.hello is not None
+            # Same agent process, same boot: not a reboot.
+            assert g.hello.boot == hello.boot
+            assert g.hello.session > hello.session
+            jobs = {j.job: j for j in await g.job_list()}
+            assert jobs[job.job].running and jobs[job.job].pid == job.pid
+            alive = await g.exec(["kill", "-0", str(job.pid)])
+            assert alive.ok
+            assert (await g.read_file("/root/marker")).data == b"before-snapshot"
+
+            async def agent_shutdown() -> None:
+                await g.shutdown()
+
+            stopped = await engine.stop(b, agent_shutdown=agent_shutdown, agent_timeout=60)
+        assert stopped.state is VmState.STOPPED
+        assert stopped.exit_reason is not None and "agent shutdown" in stopped.exit_reason
+        engine.forget(b)
+        assert not (Path(env.settings.run_dir) / b).exists()
+
+
+@pytest.mark.anyio
+async def test_kill_9_of_qemu_is_a_crash_seen_within_a_second(env: Env) -> None:
+    name = f"{env.prefix}-c"
+    async with engine_for(env) as engine:
+        events = engine.subscribe()
+        st = await engine.start(env.config(name))
+        assert_unprivileged(st.pid)
+        await wait_console(engine, name, b"agentiso-init", BOOT_TIMEOUT)  # something to show
+        os.kill(st.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with anyio.fail_after(5):
+            event = await events.receive()
+        seen = time.monotonic() - t0
+        print(f"crash detected in {seen * 1000:.0f} ms")
+        assert seen < 1.0
+        assert event.name == name and event.state is VmState.CRASHED
+        status = engine.status(name)
+        assert status.state is VmState.CRASHED
+        assert status.exit_reason is not None and "SIGKILL" in status.exit_reason
+        assert status.console_tail and "agentiso-init" in status.console_tail
+        with pytest.raises(VmStateConflict):
+            await engine.qmp(name, "query-status")
+
+
+@pytest.mark.anyio
+async def test_forced_stop_and_stop_without_agent(env: Env) -> None:
+    n1, n2 = f"{env.prefix}-k", f"{env.prefix}-q"
+    async with engine_for(env) as engine:
+        s1 = await engine.start(env.config(n1))
+        s2 = await engine.start(env.config(n2))
+        killed = await engine.kill(n1)
+        assert killed.state is VmState.STOPPED and "SIGKILL" in (killed.exit_reason or "")
+        # No agent hook: ACPI powerdown (our guest has no handler) then QMP quit.
+        stopped = await engine.stop(n2, powerdown_timeout=1)
+        assert stopped.state is VmState.STOPPED
+        assert "exited with status 0 after QMP quit" in (stopped.exit_reason or "")
+        for pid in (s1.pid, s2.pid):
+            assert read_status(pid) is None or "State:\tZ" in (read_status(pid) or "")
+
+
+@pytest.mark.anyio
+async def test_bad_start_is_refused_and_leaves_nothing(env: Env) -> None:
+    name = f"{env.prefix}-x"
+    async with engine_for(env) as engine:
+        cfg = env.config(name)
+        bad_disk = VmConfig(
+            name=name,
+            kernel=cfg.kernel,
+            initrd=cfg.initrd,
+            cmdline=cfg.cmdline,
+            disks=(DiskLayer(format="qcow2", path=str(env.base / "missing.qcow2")),),
+        )
+        with pytest.raises(InvalidVmSpec):
+            await engine.start(bad_disk)
+        with pytest.raises(InvalidVmSpec):
+            await engine.start(VmConfig(name="Bad/Name", kernel="/k", cmdline="", disks=()))
+        private = env.base / "private"
+        private.mkdir(mode=0o700)
+        shutil.copy(IMAGE / "vmlinuz", private / "vmlinuz")
+        with pytest.raises(InvalidVmSpec, match="cannot read"):
+            await engine.start(
+                VmConfig(name=name, kernel=str(private / "vmlinuz"), cmdline="", disks=cfg.disks)
+            )
+        assert engine.names() == []
+        assert not (Path(env.settings.run_dir) / name).exists()
+        assert not list((Path(env.settings.state_dir) / "vm" / "records").iterdir())
+
+
+@pytest.mark.anyio
+async def test_accelerator_probe_decides_once_and_fast(env: Env) -> None:
+    async with engine_for(env) as engine:
+        t0 = time.monotonic()
+        d = await engine.probe_accelerator(str(IMAGE / "vmlinuz"))
+        took = time.monotonic() - t0
+        print(f"accelerator: {d.kind} ({d.reason}) in {took:.2f}s")
+        assert took < env.settings.probe_timeout_s + 3
+        if not _has_kvm():
+            assert d.kind == "tcg"
+        t1 = time.monotonic()
+        assert await engine.probe_accelerator(str(IMAGE / "vmlinuz")) is d  # cached
+        assert time.monotonic() - t1 < 0.05
+        checks = {c.name: c for c in await engine.check(str(IMAGE / "vmlinuz"))}
+        assert checks["qemu"].ok and checks["unprivileged-qemu"].ok and checks["run-dir"].ok
+        assert checks["accelerator"].detail.startswith(d.kind)
+
+
+@pytest.mark.anyio
+async def test_kvm_boot_test_on_this_host(env: Env) -> None:
+    """What a stock kernel does under this host's /dev/kvm, found by a real boot.
+
+    /dev/kvm is root-only here, so the engine's probe never gets to a boot: an
+    unprivileged QEMU could not open it.  This runs the boot test itself under
+    a throwaway unprivileged uid only if /dev/kvm is open to it.
+    """
+    from agentiso.privhelper.vm.accel import kvm_access, kvm_boot_test
+
+    if not _has_kvm():
+        pytest.skip(reason="no /dev/kvm on this host")
+    st = os.stat("/dev/kvm")
+    usable, gid, why = kvm_access(st.st_mode, st.st_gid)
+    if not usable:
+        pytest.skip(reason=f"boot test impossible unprivileged: {why}")
+    uid = env.settings.uid_base + env.settings.uid_count - 1
+    ok, detail = await kvm_boot_test(
+        "qemu-system-x86_64", str(IMAGE / "vmlinuz"), uid, gid or uid, 5.0
+    )
+    print(f"kvm boot test: {ok} {detail}")
+
+
+# --- adoption after kill -9 of the engine's process -------------------------------------
+
+CHILD = """
+import json, sys, anyio
+from agentiso.privhelper.vm.engine import EngineSettings, VmEngine, VmConfig
+import msgspec
+
+async def main():
+    settings = msgspec.json.decode(sys.argv[1].encode(), type=EngineSettings)
+    cfg = msgspec.json.decode(sys.argv[2].encode(), type=VmConfig)
+    async with VmEngine.running(settings) as engine:
+        st = await engine.start(cfg)
+        print(json.dumps({"pid": st.pid}), flush=True)
+        await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.anyio
+async def test_engine_killed_vm_survives_and_is_adopted(env: Env) -> None:
+    import msgspec
+
+    name = f"{env.prefix}-d"
+    cfg = env.config(name)
+    child = _spawn(
+        [sys.executable, "-c", CHILD,
+         msgspec.json.encode(env.settings).decode(), msgspec.json.encode(cfg).decode()],
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        with anyio.fail_after(BOOT_TIMEOUT):
+            line = await anyio.to_thread.run_sync(child.stdout.readline)
+        qemu_pid = json.loads(line)["pid"]
+    finally:
+        child.kill()  # kill -9 of the process running the engine
+        child.wait()
+    assert read_status(qemu_pid) is not None, "QEMU died with its engine"
+    assert_unprivileged(qemu_pid)
+
+    async with engine_for(env) as engine:
+        report = await engine.adopt_all()
+        assert report.adopted == [name] and report.dead == []
+        st = engine.status(name)
+        assert st.adopted and st.pid == qemu_pid and st.state is VmState.RUNNING
+        assert await engine.query_status(name) == "running"
+        async with guest(engine, name) as g:
+            assert (await g.exec(["true"])).ok
+        assert engine.find_orphans() == []
+        # The adopted QEMU is not our child: its death is still seen (pidfd).
+        events = engine.subscribe()
+        os.kill(qemu_pid, signal.SIGKILL)
+        with anyio.fail_after(2):
+            ev = await events.receive()
+        assert ev.state is VmState.CRASHED
+
+    # A record whose QEMU is gone is reported dead by the next engine.
+    async with engine_for(env) as engine:
+        report = await engine.adopt_all()
+        assert report.adopted == [] and [d.name for d in report.dead] == [name]
+        assert engine.status(name).state is VmState.CRASHED
+
+
+@pytest.mark.anyio
+async def test_orphan_qemu_is_found_and_killed(env: Env) -> None:
+    name = f"{env.prefix}-o"
+    async with VmEngine.running(env.settings) as engine:
+        st = await engine.start(env.config(name))
+    # The engine context is gone (VM left running, detached); a new engine that
+    # does not adopt sees an orphan.  Delete the record to simulate an unknown QEMU.
+    (Path(env.settings.state_dir) / "vm" / "records" / f"{name}.json").unlink()
+    async with engine_for(env) as engine:
+        orphans = [o for o in engine.find_orphans() if o.name == name]
+        assert [o.pid for o in orphans] == [st.pid]
+        assert orphans[0].uid == st.uid
+        assert engine.kill_orphan(orphans[0])
+        with anyio.fail_after(5):
+            while read_status(st.pid) is not None and "State:\tZ" not in (
+                read_status(st.pid) or ""
+            ):
+                await anyio.sleep(0.05)
