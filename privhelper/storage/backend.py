@@ -87,3 +87,13 @@ class VolumeBackend(Protocol):
     async def rollback(self, volume: str, snapshot: str) -> VolumeInfo: ...
 
     async def delete_snapshot(self, volume: str, snapshot: str) -> None: ...
+
+    # --- maintenance ------------------------------------------------------------
+    async def collect_garbage(self, *, dry_run: bool = True) -> list[str]:
+        """Storage objects no volume, base or pending snapshot accounts for.
+
+        (qcow2: layer and temporary files left by a crash between two steps;
+        zfs: promoted snapshots nothing depends on any more.)  Files a QEMU
+        holds open are never reported.  Returns one line per object; removes
+        them unless ``dry_run``.
+        """

@@ -94,6 +94,8 @@ class Qcow2Backend:
         self.max_size = max_size
         # One mutation at a time: metadata read-modify-write cycles never interleave.
         self._lock = anyio.Lock()
+        # Layers made by prepare_snapshot and not yet committed or aborted: not garbage.
+        self._pending: set[str] = set()
 
     # --- helpers ------------------------------------------------------------------
 
@@ -356,6 +358,7 @@ class Qcow2Backend:
                 raise AlreadyExists("snapshot", f"{volume}@{snapshot}")
             current = self.layout.layer(meta.top)
             new = await self._make_overlay(current, meta.virtual_size)
+            self._pending.add(new)
             return SnapshotPlan(
                 volume=volume,
                 snapshot=snapshot,
@@ -385,6 +388,7 @@ class Qcow2Backend:
                 meta, chain=[*meta.chain, new], snapshots=[*meta.snapshots, rec]
             )
             self._store(meta)
+            self._pending.discard(new)
             self._freeze(old)
             return SnapshotInfo(
                 plan.volume, plan.snapshot, rec.virtual_size, _allocated(self.layout.layer(old))
@@ -397,6 +401,7 @@ class Qcow2Backend:
             if not unreferenced([new], metas):
                 raise CorruptState("aborting a snapshot whose layer is already in use")
             self.layout.layer(new).unlink(missing_ok=True)
+            self._pending.discard(new)
 
     async def snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
         plan = await self.prepare_snapshot(volume, snapshot)
@@ -445,6 +450,23 @@ class Qcow2Backend:
                 os.chmod(child, mode)
             self._store(plan.meta)
             self._delete_layers([plan.layer])
+
+    # --- maintenance ----------------------------------------------------------------
+
+    async def collect_garbage(self, *, dry_run: bool = True) -> list[str]:
+        async with self._lock:
+            metas = self._load_all()
+            files = {p.name.removesuffix(".qcow2"): p for p in self.layout.layers.glob("*.qcow2")}
+            found: list[tuple[str, Path]] = [
+                (f"layer {lay}", files[lay])
+                for lay in unreferenced(sorted(files), metas)
+                if lay not in self._pending and not image_in_use(files[lay])
+            ]
+            found += [(f"temporary file {p.name}", p) for p in sorted(self.layout.tmp.iterdir())]
+            if not dry_run:
+                for _, path in found:
+                    path.unlink(missing_ok=True)
+            return [what for what, _ in found]
 
 
 def _fsync_dir(path: Path) -> None:

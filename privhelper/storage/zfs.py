@@ -492,3 +492,23 @@ class ZfsBackend:
             if deps:
                 raise HasDependents("snapshot", f"{volume}@{snapshot}", deps)
             await self._destroy(full, recursive=False, volume=volume, op="delete-snapshot")
+
+    # --- maintenance ----------------------------------------------------------------
+
+    async def collect_garbage(self, *, dry_run: bool = True) -> list[str]:
+        async with self._lock:
+            props = await self._props()
+            found = [
+                full
+                for full in props
+                if (ds := full.partition("@"))[2]
+                and is_hidden(ds[2])
+                and self.ds.volume_name(ds[0])
+                and not clones_of(props, full)
+            ]
+            if self.ds.probe in props:
+                found.append(self.ds.probe)
+            if not dry_run:
+                for target in found:
+                    await self.runner.run(cmd.zfs_destroy(target), check=False)
+            return [f"dataset {name}" for name in found]

@@ -360,3 +360,30 @@ async def test_bad_sizes_refused(backend: VolumeBackend, bad: object) -> None:
             await backend.create_volume("ok", FromBase("minimal"), size=bad)  # type: ignore[arg-type]
     assert _leftovers(backend) == before
     assert (await backend.volume_info("good")).virtual_size == BASE_SIZE
+
+
+async def test_garbage_after_an_interrupted_snapshot(backend: VolumeBackend) -> None:
+    await backend.create_volume("ws1", FromBase("minimal"))
+    await write(backend, "ws1", 0xAA)
+    plan = await backend.prepare_snapshot("ws1", "s1")
+    # A pending snapshot is not garbage.
+    assert await backend.collect_garbage() == []
+    # The helper "restarts" before commit: a fresh backend on the same storage.
+    if isinstance(backend, Qcow2Backend):
+        fresh: VolumeBackend = Qcow2Backend(backend.layout.root, min_size=MIB)
+        assert plan.new_top is not None
+        found = await fresh.collect_garbage()
+        assert found == [f"layer {plan.new_top.path.stem}"]
+        assert plan.new_top.path.exists()  # dry run by default
+        assert await fresh.collect_garbage(dry_run=False) == found
+        assert not plan.new_top.path.exists()
+    else:
+        assert isinstance(backend, ZfsBackend)
+        fresh = ZfsBackend(backend.config, min_size=MIB)
+        await fresh.setup()
+        assert plan.new_top is None  # nothing to leave behind
+        assert await fresh.collect_garbage(dry_run=False) == []
+    assert await fresh.collect_garbage() == []
+    await check(fresh, "ws1", 0xAA)
+    await fresh.snapshot("ws1", "s1")
+    await fresh.destroy_volume("ws1")
