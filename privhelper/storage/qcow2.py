@@ -214,6 +214,8 @@ class Qcow2Backend:
             tmp = self.layout.tmp / f"base-{name}-{secrets.token_hex(4)}.qcow2"
             try:
                 await self.runner.run(cmd.qemu_img_convert(Path(source), src.format, tmp, "qcow2"))
+                # Every volume will stand on this file: verify it before it is published.
+                await self.runner.run(cmd.qemu_img_check(tmp))
                 os.chmod(tmp, _FROZEN_MODE)
                 os.replace(tmp, dest)
             finally:
