@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import msgspec
 
@@ -52,6 +53,22 @@ from .ports import port_is_free
 from .ruleset import build_ruleset, delete_ruleset
 from .store import STATE_FILE_NAME, load_state, save_state
 from .tap import open_tap
+
+
+class RulesetApplier(Protocol):
+    """What the manager needs from :class:`~.nft.Nft`."""
+
+    def apply(self, doc: dict[str, Any]) -> None: ...
+
+
+class LinkOps(Protocol):
+    """What the manager needs from :class:`~.links.Links`."""
+
+    def ensure_bridge(self, s: NetSettings) -> int: ...
+    def enslave(self, name: str, bridge: str) -> None: ...
+    def names(self) -> list[str]: ...
+    def delete(self, name: str) -> bool: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -83,8 +100,8 @@ class NetworkManager:
         settings: NetSettings,
         state_dir: Path,
         *,
-        nft: Nft | None = None,
-        links: Links | None = None,
+        nft: RulesetApplier | None = None,
+        links: LinkOps | None = None,
         tap_opener: Callable[[str, bool], int] = open_tap,
         port_probe: Callable[[int, str], bool] = port_is_free,
         sysctl: Callable[[str, str], None] = set_sysctl,
@@ -92,8 +109,8 @@ class NetworkManager:
     ) -> None:
         self.settings = settings
         self.state_path = Path(state_dir) / STATE_FILE_NAME
-        self.nft = nft or Nft()
-        self.links = links or Links()
+        self.nft: RulesetApplier = nft or Nft()
+        self.links: LinkOps = links or Links()
         self._open_tap = tap_opener
         self._port_free = port_probe
         self._sysctl = sysctl
@@ -295,7 +312,7 @@ class NetworkManager:
             self._state = old
             raise
 
-    def _apply(self, state: NetState, doc: dict[str, object] | None = None) -> None:
+    def _apply(self, state: NetState, doc: dict[str, Any] | None = None) -> None:
         if doc is None:
             doc = build_ruleset(self.settings, state)
         if any(ws.policy.egress or ws.forwards for ws in state.workspaces.values()):

@@ -97,7 +97,8 @@ class NetNs:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if line.strip() != "ready":
-            raise RuntimeError(f"server in {self.name} did not start: {proc.stderr.read()!r}")
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"server in {self.name} did not start: {err!r}")
         return proc
 
     def udp_counter(self, port: int) -> Callable[[], int]:

@@ -48,7 +48,7 @@ class InHost:
     def __getattr__(self, name: str) -> Callable[..., Any]:
         attr = getattr(self.mgr, name)
         if not callable(attr):
-            return attr
+            return attr  # type: ignore[no-any-return]
 
         def call(*args: Any, **kwargs: Any) -> Any:
             with self.host.entered():

@@ -55,7 +55,7 @@ def test_small_subnet_exhausts_and_wraps() -> None:
 
 def test_gateway_in_the_middle_is_skipped() -> None:
     s = parse_net_config(NetConfig(subnet="192.168.7.0/29", gateway="192.168.7.3"))
-    got = []
+    got: list[str] = []
     cursor = 0
     for _ in range(5):
         addr, cursor = allocate(s, got, cursor)

@@ -84,6 +84,9 @@ class RecordingLinks:
     def names(self) -> list[str]:
         return sorted(self.existing)
 
+    def close(self) -> None:
+        pass
+
     def delete(self, name: str) -> bool:
         self.deleted.append(name)
         if name in self.existing:
@@ -100,7 +103,7 @@ def make(
         default_settings(),
         tmp_path,
         nft=nft,
-        links=links,  # type: ignore[arg-type]
+        links=links,
         tap_opener=lambda name, vnet: os.open("/dev/null", os.O_RDONLY),
         port_probe=lambda port, proto: free_ports,
         sysctl=lambda key, value: None,
