@@ -42,6 +42,7 @@ ACTION_FOR_REQUEST: dict[type[Any], Action] = {
     hp.VmList: Action.VM,
     hp.VmConsole: Action.VM,
     hp.GuestOpen: Action.GUEST,
+    hp.AdminList: Action.ADMIN,
     hp.Gc: Action.ADMIN,
 }
 

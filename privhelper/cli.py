@@ -40,16 +40,34 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--images-dir", type=Path)
     s.add_argument("--log-level", default="info")
 
-    st = sub.add_parser("status", help="connect to the helper and show who it sees")
-    st.add_argument("--socket", type=Path, default=None)
-    st.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
-    st.add_argument("--timeout", type=float, default=10.0)
+    def client_cmd(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--socket", type=Path, default=None)
+        c.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+        c.add_argument("--timeout", type=float, default=60.0)
+        return c
+
+    client_cmd("status", "connect to the helper and show who it sees")
+    client_cmd("list", "every user's volumes and VMs (root)")
+    g = client_cmd("gc", "find and remove resources no user owns (root)")
+    g.add_argument("--dry-run", action="store_true", help="only report")
+
+    lg = sub.add_parser("logs", help="a VM's serial console and QEMU stderr (root)")
+    lg.add_argument("vm", help="the VM's key (see 'list')")
+    lg.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    lg.add_argument("--state-dir", type=Path)
+    lg.add_argument("--bytes", type=int, default=16384)
+
+    ck = sub.add_parser("check", help="can this host run workspaces, and how")
+    ck.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    ck.add_argument("--state-dir", type=Path)
+    ck.add_argument("--images-dir", type=Path)
     return p
 
 
 def _apply_overrides(cfg: HelperConfig, args: argparse.Namespace) -> HelperConfig:
     server, paths = cfg.server, cfg.paths
-    if args.socket is not None:
+    if getattr(args, "socket", None) is not None:
         server = msgspec.structs.replace(server, socket=str(args.socket))
     if getattr(args, "group", None) is not None:
         server = msgspec.structs.replace(server, group=args.group)
@@ -120,30 +138,109 @@ async def _serve(cfg: HelperConfig) -> None:
                 break
 
 
-def _status(args: argparse.Namespace) -> int:
-    path = args.socket
-    if path is None:
-        path = Path(load_config(args.config).server.socket)
+def _socket_path(args: argparse.Namespace) -> Path:
+    if args.socket is not None:
+        return Path(args.socket)
+    return Path(load_config(args.config).server.socket)
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    path = _socket_path(args)
     try:
-        with BlockingHelperClient(str(path), timeout=args.timeout, client="status") as c:
-            who = c.request(hp.WhoAmI(id=0))
-            assert isinstance(who, hp.Identity)
-            print(f"helper:   {c.hello.server} (protocol {c.hello.version})")
-            print(f"socket:   {path}")
-            print(f"uptime:   {c.hello.uptime_s:.1f} s")
-            print(f"you are:  uid {who.uid} gid {who.gid} pid {who.pid}"
-                  f"{' (admin)' if who.admin else ''}")
+        with BlockingHelperClient(str(path), timeout=args.timeout, client=args.command) as c:
+            if args.command == "status":
+                _print_status(c, path)
+            elif args.command == "list":
+                _print_listing(c)
+            elif args.command == "gc":
+                report = c.request(hp.Gc(id=0, dry_run=args.dry_run))
+                assert isinstance(report, hp.GcReport)
+                verb = "would remove" if report.dry_run else "removed"
+                for line in report.orphans:
+                    print(f"{verb}: {line}")
+                print(f"{len(report.orphans)} orphan(s)")
     except (OSError, ProtocolError) as exc:
-        print(f"agentiso-helper status: cannot talk to {path}: {exc}", file=sys.stderr)
+        print(f"agentiso-helper {args.command}: {path}: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
+def _print_status(c: BlockingHelperClient, path: Path) -> None:
+    who = c.request(hp.WhoAmI(id=0))
+    assert isinstance(who, hp.Identity)
+    print(f"helper:   {c.hello.server} (protocol {c.hello.version})")
+    print(f"socket:   {path}")
+    print(f"uptime:   {c.hello.uptime_s:.1f} s")
+    admin = " (admin)" if who.admin else ""
+    print(f"you are:  uid {who.uid} gid {who.gid} pid {who.pid}{admin}")
+
+
+def _print_listing(c: BlockingHelperClient) -> None:
+    listing = c.request(hp.AdminList(id=0))
+    assert isinstance(listing, hp.AdminListing)
+    print(f"{'OWNER':>8}  {'VM':<20} {'KEY':<14} {'STATE':<9} {'PID':>7} {'QEMU UID':>9}  VOLUME")
+    for m in listing.vms:
+        print(f"{m.owner:>8}  {m.name:<20} {m.key:<14} {m.state:<9} {m.pid:>7} "
+              f"{m.qemu_uid:>9}  {m.volume}")
+    print()
+    print(f"{'OWNER':>8}  {'VOLUME':<20} {'KEY':<14} {'SIZE':>12}  SNAPSHOTS")
+    for v in listing.volumes:
+        print(f"{v.owner:>8}  {v.name:<20} {v.key:<14} {v.size_bytes:>12}  "
+              f"{','.join(v.snapshots) or '-'}")
+
+
+def _logs(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    state = args.state_dir or Path(cfg.paths.state_dir)
+    d = state / "vm" / "logs" / args.vm
+    if not d.is_dir():
+        print(f"agentiso-helper logs: no logs for VM {args.vm!r} in {d.parent}", file=sys.stderr)
+        return 1
+    for name in ("console.log", "stderr.log"):
+        f = d / name
+        print(f"==> {f} <==")
+        if f.exists():
+            with open(f, "rb") as fh:
+                fh.seek(max(0, f.stat().st_size - args.bytes))
+                sys.stdout.write(fh.read().decode(errors="replace"))
+        print()
+    return 0
+
+
+async def _check(cfg: HelperConfig, images_dir: Path) -> int:
+    from .images import list_images
+
+    state_dir = Path(cfg.paths.state_dir)
+    ok = True
+    rows: list[tuple[str, bool, str]] = []
+    imgs = list_images(images_dir)
+    rows.append(("images", bool(imgs),
+                 ", ".join(i.name for i in imgs) or f"none in {images_dir} (make image)"))
+    storage = make_backend(cfg.storage, state_dir)
+    try:
+        await storage.setup()
+        rows.append(("storage", True, f"{cfg.storage.backend} backend ready"))
+    except HelperError as exc:
+        rows.append(("storage", False, str(exc)))
+    async with VmEngine.running(engine_settings(cfg, state_dir)) as engine:
+        for r in await engine.check(str(imgs[0].kernel) if imgs else None):
+            rows.append((r.name, r.ok, r.detail))
+    for name, good, detail in rows:
+        ok = ok and good
+        print(f"{'ok ' if good else 'BAD'}  {name:<18} {detail}")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "status":
-        return _status(args)
-    log.configure(args.log_level)
+    if args.command in ("status", "list", "gc"):
+        return _client_command(args)
+    if args.command == "logs":
+        return _logs(args)
+    log.configure(getattr(args, "log_level", "warning"))
+    if args.command == "check":
+        cfg = _apply_overrides(load_config(args.config), args)
+        return anyio.run(_check, cfg, Path(cfg.paths.images_dir))
     try:
         cfg = _apply_overrides(load_config(args.config), args)
         engine_settings(cfg, Path(cfg.paths.state_dir))  # fail early on a bad [vm]

@@ -68,6 +68,8 @@ class VmService:
             hp.VmList: self.vm_list,
             hp.VmConsole: self.vm_console,
             hp.SnapshotCreate: self.snapshot_create,
+            hp.AdminList: self.admin_list,
+            hp.Gc: self.gc,
         }
 
     async def open_guest(self, req: hp.GuestOpen, ctx: RequestContext) -> GuestChannel:
@@ -319,6 +321,68 @@ class VmService:
             await channel.call(gp.Thaw(id=0), GUEST_CALL_TIMEOUT_S)
         except (HelperError, TimeoutError) as exc:
             log.error("guest_thaw_failed", vm=channel.name, error=str(exc))
+
+    # --- administration ------------------------------------------------------------------
+
+    async def admin_list(self, req: hp.AdminList, ctx: RequestContext) -> hp.AdminListing:
+        reg = self.ws.registry
+        vols = [
+            hp.AdminVolume(
+                owner=v.owner, name=v.name, key=v.key, size_bytes=v.size_bytes,
+                snapshots=[s.name for s in v.snapshots],
+                vm=(m.name if (m := reg.vm_on_volume(v.key)) is not None else None),
+            )
+            for v in reg.volumes()
+        ]
+        vms = []
+        for m in reg.vms():
+            info = self._info(0, m)
+            pid = qemu_uid = 0
+            if self._engine_state(m.key) is not None:
+                st = self.engine.status(m.key)
+                pid, qemu_uid = st.pid, st.uid
+            vms.append(hp.AdminVm(
+                owner=m.owner, name=m.name, key=m.key, volume=info.volume, state=info.state,
+                vcpus=m.vcpus, memory_mib=m.memory_mib, pid=pid, qemu_uid=qemu_uid,
+            ))
+        return hp.AdminListing(id=req.id, volumes=vols, vms=vms)
+
+    async def gc(self, req: hp.Gc, ctx: RequestContext) -> hp.GcReport:
+        """Find what no registry entry owns: QEMU processes, engine records,
+        volumes, memory files; remove them unless ``dry_run``."""
+        found: list[str] = []
+        ws = self.ws
+        async with ws.lock:
+            vm_keys = {m.key for m in ws.registry.vms()}
+            vol_keys = {v.key for v in ws.registry.volumes()}
+            for orphan in self.engine.find_orphans():
+                found.append(f"QEMU pid {orphan.pid} ({orphan.name}, uid {orphan.uid})")
+                if not req.dry_run:
+                    self.engine.kill_orphan(orphan)
+            for key in self.engine.names():
+                if key in vm_keys:
+                    continue
+                found.append(f"VM {key} known to the engine but to no user")
+                if not req.dry_run:
+                    if self._engine_state(key) not in (VmState.STOPPED, VmState.CRASHED):
+                        await self.engine.kill(key)
+                    self.engine.forget(key)
+            for vol in await ws.storage.list_volumes():
+                if vol.name in vol_keys:
+                    continue
+                found.append(f"volume {vol.name} ({vol.used_bytes} bytes used) of no user")
+                if not req.dry_run:
+                    await ws.storage.destroy_volume(vol.name)
+            wanted = {
+                s.memory_file for v in ws.registry.volumes() for s in v.snapshots if s.memory_file
+            }
+            for f in sorted(self.memory_dir.glob(f"*{MEMORY_FILE_SUFFIX}")):
+                if f.name not in wanted:
+                    found.append(f"memory file {f.name} of no snapshot")
+                    if not req.dry_run:
+                        f.unlink(missing_ok=True)
+        log.info("gc", dry_run=req.dry_run, found=len(found))
+        return hp.GcReport(id=req.id, dry_run=req.dry_run, orphans=[s[:4096] for s in found])
 
     # --- views ---------------------------------------------------------------------------
 

@@ -176,6 +176,10 @@ class GuestOpen(_Msg, tag="guest_open"):
     vm: Name
 
 
+class AdminList(_Msg, tag="admin_list"):
+    """Admin only: every volume and VM of every user."""
+
+
 class Gc(_Msg, tag="gc"):
     """Admin only: find (and unless ``dry_run``, remove) resources that no
     registry entry owns."""
@@ -202,6 +206,7 @@ HelperRequest = (
     | VmList
     | VmConsole
     | GuestOpen
+    | AdminList
     | Gc
 )
 
@@ -301,6 +306,32 @@ class GcReport(_Msg, tag="gc_report"):
     orphans: Annotated[list[ShortText], Meta(max_length=65536)]
 
 
+class AdminVolume(msgspec.Struct, forbid_unknown_fields=True):
+    owner: Uid
+    name: Name
+    key: Name
+    size_bytes: ByteCount
+    snapshots: Annotated[list[Name], Meta(max_length=4096)]
+    vm: Name | None = None
+
+
+class AdminVm(msgspec.Struct, forbid_unknown_fields=True):
+    owner: Uid
+    name: Name
+    key: Name
+    volume: Name
+    state: Label
+    vcpus: Vcpus
+    memory_mib: MemoryMiB
+    pid: Annotated[int, Meta(ge=0, le=2**32)] = 0
+    qemu_uid: Annotated[int, Meta(ge=0, le=2**32)] = 0
+
+
+class AdminListing(_Msg, tag="admin_listing"):
+    volumes: Annotated[list[AdminVolume], Meta(max_length=1 << 20)]
+    vms: Annotated[list[AdminVm], Meta(max_length=1 << 20)]
+
+
 class Done(_Msg, tag="done"):
     """Success of a request that returns nothing else."""
 
@@ -318,6 +349,7 @@ HelperResponse = (
     | ConsoleText
     | GuestOpened
     | GcReport
+    | AdminListing
     | Done
 )
 
