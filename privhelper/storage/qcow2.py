@@ -59,7 +59,7 @@ from .qemu_img import is_lock_error, parse_info
 from .runner import Runner
 
 #: Frozen layers and bases are never written again; the top is QEMU's.
-_FROZEN_MODE = 0o444
+_FROZEN_MODE = 0o400
 _TOP_MODE = 0o600
 
 

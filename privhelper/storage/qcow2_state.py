@@ -2,7 +2,7 @@
 
 Layout under the backend's root directory::
 
-    images/<base>.qcow2        immutable bases (mode 0444)
+    images/<base>.qcow2        immutable bases (mode 0400)
     layers/<id>.qcow2          every overlay file; ids are random hex, never names
     volumes/<volume>.json      one metadata file per volume (written atomically)
     tmp/                       files being built; renamed into place when complete

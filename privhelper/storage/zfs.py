@@ -280,6 +280,8 @@ class ZfsBackend:
                     await self.runner.run(
                         cmd.qemu_img_convert(Path(source), src.format, disk, "raw")
                     )
+                    # Clones inherit the file's mode: keep workspace disks private.
+                    os.chmod(disk, 0o600)
                 await self.runner.run(cmd.zfs_snapshot(ds, BASE_SNAPSHOT))
                 await self.runner.run(
                     cmd.zfs_set(f"{ds}@{BASE_SNAPSHOT}", VSIZE_PROP, str(src.virtual_size))

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import secrets
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
-from agentiso.privhelper.storage import FromBase, FromSnapshot, VolumeBackend, ZfsConfig
+from agentiso.privhelper.storage import (
+    FromBase,
+    FromSnapshot,
+    SnapshotPlan,
+    VolumeBackend,
+    ZfsConfig,
+)
 from agentiso.privhelper.storage.errors import (
     AlreadyExists,
     BackendUnavailable,
@@ -118,6 +124,11 @@ async def test_volume_starts_as_its_base(backend: VolumeBackend) -> None:
     assert info.used_bytes < 4 * MIB
     [base] = await backend.list_bases()
     assert base.name == "minimal" and base.dependents == ("ws1",)
+    # Disks are not readable by other local users.
+    att = await backend.attachment("ws1")
+    for node in att.chain:
+        if node.protocol == "file":
+            assert node.path.stat().st_mode & 0o077 == 0, node.path
 
 
 async def test_snapshot_change_rollback(backend: VolumeBackend) -> None:
@@ -322,7 +333,8 @@ async def test_bad_names_refused(backend: VolumeBackend, bad: str) -> None:
     await backend.create_volume("good", FromBase("minimal"))
     await backend.snapshot("good", "snap")
     before = _leftovers(backend)
-    calls = [
+    node = (await backend.attachment("good")).top
+    calls: list[Callable[[], Awaitable[object]]] = [
         lambda: backend.create_volume(bad, FromBase("minimal")),
         lambda: backend.create_volume("ok", FromBase(bad)),
         lambda: backend.create_volume("ok", FromSnapshot(bad, "snap")),
@@ -337,6 +349,9 @@ async def test_bad_names_refused(backend: VolumeBackend, bad: str) -> None:
         lambda: backend.volume_info(bad),
         lambda: backend.import_base(bad, Path("/dev/null")),
         lambda: backend.delete_base(bad),
+        # A forged plan is checked too.
+        lambda: backend.commit_snapshot(SnapshotPlan(bad, "s9", None, node)),
+        lambda: backend.commit_snapshot(SnapshotPlan("good", bad, None, node)),
     ]
     for call in calls:
         with pytest.raises(InvalidName) as err:
