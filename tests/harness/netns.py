@@ -14,7 +14,7 @@
 Run as a script (``python netns.py CMD ...``, stdlib only) this file is also the
 probe used inside namespaces: ``serve`` (TCP banner + UDP echo servers),
 ``tcp``/``udp``/``ping`` (exit 0 on success, 1 on failure), ``udpsend``
-(fire and forget), ``sink``/``blast``
+(fire and forget), ``arpspoof`` (forged ARP replies), ``sink``/``blast``
 (TCP throughput).
 """
 
@@ -109,7 +109,8 @@ class NetNs:
             "-f",
             "-",
             input=(
-                "table inet observe {\n chain input {\n"
+                "add table inet observe\ndelete table inet observe\n"
+            "table inet observe {\n chain input {\n"
                 "  type filter hook input priority -300; policy accept;\n"
                 f"  udp dport {port} counter\n }}\n}}\n"
             ),
@@ -298,6 +299,27 @@ def _cmd_udpsend(host: str, port: int, src: str | None) -> int:
     return 0
 
 
+def _cmd_arpspoof(iface: str, claimed_ip: str, target_ip: str, target_mac: str) -> int:
+    """Send ARP replies telling ``target`` that ``claimed_ip`` is at our MAC."""
+    import socket
+
+    with open(f"/sys/class/net/{iface}/address") as f:
+        ours = bytes.fromhex(f.read().strip().replace(":", ""))
+    theirs = bytes.fromhex(target_mac.replace(":", ""))
+    arp = (
+        b"\x00\x01\x08\x00\x06\x04\x00\x02"
+        + ours + socket.inet_aton(claimed_ip)
+        + theirs + socket.inet_aton(target_ip)
+    )  # fmt: skip
+    frame = theirs + ours + b"\x08\x06" + arp
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((iface, 0))
+        for _ in range(3):
+            s.send(frame)
+            time.sleep(0.05)
+    return 0
+
+
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
@@ -381,6 +403,8 @@ def main(argv: list[str]) -> int:
         return _cmd_udp(rest[0], int(rest[1]), float(rest[2]))
     if cmd == "udpsend":
         return _cmd_udpsend(rest[0], int(rest[1]), opt_src(rest))
+    if cmd == "arpspoof":
+        return _cmd_arpspoof(rest[0], rest[1], rest[2], rest[3])
     if cmd == "ping":
         return _cmd_ping(rest[0], float(rest[1]), opt_src(rest))
     if cmd == "sink":

@@ -18,6 +18,7 @@ host's masquerade.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,39 @@ def test_spoofed_source_is_dropped(fresh: Lab) -> None:
     finally:
         fresh.a.ip("link", "set", "eth0", "address", real_mac)
     assert tcp_ok(fresh.a, INTERNET, 80) == "internet"
+
+
+def test_arp_spoofing_does_not_poison_the_host(fresh: Lab) -> None:
+    """a claims b's address by ARP; the host's neighbour entry for b stays b's."""
+    fresh.mgr.set_policy("b", NetPolicy(inbound_ports=(80,)))
+    b = fresh.mgr.mgr.get("b")
+    a_mac = fresh.mgr.mgr.get("a").mac
+    assert tcp_ok(fresh.host, b.address, 80) == "b"  # the host learns b's MAC
+    bridge_mac = fresh.host.run("cat", "/sys/class/net/br-agentiso/address").stdout.strip()
+    time.sleep(1.1)  # past the neighbour locktime (1 s), when a reply may override
+    r = fresh.a.probe("arpspoof", "eth0", b.address, "10.42.0.1", bridge_mac)
+    assert r.returncode == 0, r.stderr
+    time.sleep(0.2)
+    neigh = fresh.host.ip("neigh", "show", b.address)
+    assert b.mac in neigh and a_mac not in neigh
+    assert tcp_ok(fresh.host, b.address, 80) == "b"
+
+
+def test_routed_hairpin_between_workspaces_is_blocked(fresh: Lab) -> None:
+    """a sends to b through the gateway (routed, not bridged): still isolated,
+    even with egress on (which must not count as a way to other workspaces)."""
+    fresh.mgr.set_policy("a", NetPolicy(egress=True))
+    b = addr(fresh, "b")
+    count = fresh.b.udp_counter(9998)
+    fresh.a.ip("route", "add", f"{b}/32", "via", "10.42.0.1")
+    try:
+        # One-way: b's answer would go straight back over the bridge and be
+        # dropped there, so only a counter at b shows whether the host routed it.
+        assert fresh.a.probe("udpsend", b, "9998").returncode == 0
+        assert tcp_blocked(fresh.a, b, 80)
+    finally:
+        fresh.a.ip("route", "del", f"{b}/32")
+    assert count() == 0
 
 
 def test_impersonating_another_workspace_gets_nothing_out(fresh: Lab) -> None:
