@@ -116,6 +116,9 @@ class ZfsBackend:
                 await self.runner.run(
                     cmd.zfs_create(self.ds.root, {"compression": self.compression}, parents=True)
                 )
+        else:
+            res = await self.runner.run(cmd.zfs_get([self.ds.root], ["compression"]))
+            self.compression = parse_get(res.stdout)[self.ds.root]["compression"]
         for ds in (self.ds.images, self.ds.volumes):
             if not await self._exists(ds):
                 await self.runner.run(cmd.zfs_create(ds))

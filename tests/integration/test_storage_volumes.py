@@ -402,3 +402,27 @@ async def test_garbage_after_an_interrupted_snapshot(backend: VolumeBackend) -> 
     await check(fresh, "ws1", 0xAA)
     await fresh.snapshot("ws1", "s1")
     await fresh.destroy_volume("ws1")
+
+
+async def test_zfs_setup_facts(zfs_pool: ZfsPool) -> None:
+    """Missing pool is typed; compression falls back where lz4 is unknown; layout exists."""
+    with pytest.raises(BackendUnavailable):
+        await ZfsBackend(ZfsConfig(dataset=f"nopool{secrets.token_hex(3)}/x")).setup()
+    b = ZfsBackend(ZfsConfig(dataset=f"{zfs_pool.name}/f{secrets.token_hex(3)}"))
+    try:
+        await b.setup()
+        await b.setup()  # idempotent
+        res = await anyio.run_process(
+            ["zfs", "get", "-H", "-o", "value", "compression", b.ds.root, b.ds.volumes]
+        )
+        values = res.stdout.decode().split()
+        assert values == [b.compression, b.compression]
+        assert b.compression in ("lz4", b.config.compression_fallback)
+        restarted = ZfsBackend(b.config)
+        await restarted.setup()
+        assert restarted.compression == b.compression
+        names = pool_datasets(zfs_pool.name)
+        assert b.ds.images in names and b.ds.volumes in names
+        assert b.ds.probe not in names  # the zvol probe leaves nothing
+    finally:
+        await _drop_root(b)
