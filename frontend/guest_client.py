@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from agentiso.protocol import guest as gp
 from agentiso.protocol.errors import (
     DecodeError,
+    ErrorCode,
     InvalidRequest,
     ProtocolError,
     RemoteError,
@@ -57,6 +59,8 @@ from agentiso.protocol.errors import (
 from agentiso.protocol.framing import encode_frame
 
 DEFAULT_TIMEOUT_S = 60.0
+#: How often the host sync marker is resent until the agent answers it.
+SYNC_RETRY_S = 1.0
 
 R = TypeVar("R")
 OutputCallback = Callable[[gp.OutputStream, bytes], Awaitable[None] | None]
@@ -108,6 +112,8 @@ class GuestClient:
         self._pending: dict[int, _Pending] = {}
         self._hello_event = anyio.Event()
         self.hello: gp.Hello | None = None
+        #: The nonce of our last sync marker until its Hello arrives.
+        self._await_nonce: bytes | None = None
         self._slots: anyio.Semaphore | None = None
         self._closed: BaseException | None = None
         #: Connection-level errors (id 0) received from the agent.
@@ -136,7 +142,7 @@ class GuestClient:
             try:
                 if secret is not None:
                     await client._send(gp.Auth(id=0, secret=secret))
-                await client.wait_hello(hello_timeout)
+                await client._sync(hello_timeout)
                 yield client
             except BaseException as exc:
                 error = exc
@@ -156,15 +162,33 @@ class GuestClient:
         return self.hello
 
     async def resync(self, timeout: float = 10.0) -> gp.Hello:
-        """After a framing error: send the host sync marker and wait for a new Hello."""
-        old = self.hello.session if self.hello else 0
+        """Restart the session in place (e.g. after a framing error): every
+        in-flight request fails with Unavailable; returns the new Hello."""
+        return await self._sync(timeout)
+
+    async def _sync(self, timeout: float) -> gp.Hello:
+        """Send the host sync marker with a fresh nonce and wait for the Hello
+        that echoes it (earlier, unprompted Hellos are ignored)."""
+        nonce = secrets.token_bytes(gp.SYNC_NONCE_LEN)
+        self._await_nonce = nonce
         self._hello_event = anyio.Event()
-        async with self._send_lock:
-            await self._stream.send(gp.HOST_SYNC_MAGIC)
-        hello = await self.wait_hello(timeout)
-        if hello.session == old:
-            raise Unavailable("agent did not resynchronise")
-        return hello
+        self.hello = None
+        deadline = anyio.current_time() + timeout
+        # Resent until answered: the agent may be mid-frame of a vanished host
+        # (it abandons such a frame after a few seconds) or still booting.
+        while True:
+            async with self._send_lock:
+                try:
+                    await self._stream.send(gp.HOST_SYNC_MAGIC + nonce)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
+                    raise Unavailable("guest channel closed") from None
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                return await self.wait_hello(0)
+            with anyio.move_on_after(min(SYNC_RETRY_S, left)):
+                await self._hello_event.wait()
+            if self._hello_event.is_set():
+                return await self.wait_hello(0)
 
     async def send_raw(self, data: bytes) -> None:
         """Write raw bytes on the channel (tests of hostile input)."""
@@ -199,10 +223,17 @@ class GuestClient:
         except DecodeError as exc:
             raise RemoteProtocolError(f"guest sent an invalid message: {exc}") from None
         if isinstance(msg, gp.Hello):
+            if self._await_nonce is not None:
+                if msg.sync_nonce != self._await_nonce:
+                    return  # a greeting from before our sync marker
+                self._await_nonce = None
+            elif self.hello is not None and msg.sync_nonce \
+                    and msg.sync_nonce == self.hello.sync_nonce:
+                return  # an answer to a resent marker of the sync already done
             if msg.version != gp.GUEST_PROTOCOL_VERSION:
                 raise VersionMismatch(gp.GUEST_PROTOCOL_VERSION, msg.version)
-            if self.hello is not None:
-                self._fail_all(Unavailable(f"guest agent started session {msg.session}"))
+            # A new session: whatever was in flight will never be answered.
+            self._fail_all(Unavailable(f"guest agent started session {msg.session}"))
             self.hello = msg
             if self._slots is None:
                 self._slots = anyio.Semaphore(msg.max_inflight)
@@ -211,8 +242,8 @@ class GuestClient:
         if msg.id == 0:
             if isinstance(msg, gp.Error):
                 self.connection_errors.append(msg)
-                if self.hello is None:
-                    raise remote_error(msg.code, msg.message)
+                if msg.code == ErrorCode.PERMISSION_DENIED:
+                    raise remote_error(msg.code, msg.message)  # authentication refused
             return
         pending = self._pending.get(msg.id)
         if pending is None:

@@ -13,7 +13,13 @@ typed error and the session goes on.  A frame length above the limit breaks
 the stream (we cannot know where the next frame starts); on a socket the
 session then ends, on a byte pipe that cannot be reopened (virtio-serial,
 socketpair) it answers ``Error(id=0, protocol)`` and discards input until the
-host sends ``HOST_SYNC_MAGIC``, then greets again (sync marker + Hello).
+host sends ``HOST_SYNC_MAGIC`` + nonce, then greets again (sync marker + Hello).
+
+The host sends that marker whenever it connects, too: a sync marker where a
+frame header should be (its first byte makes an impossible length) restarts
+the session in place: in-flight requests are cancelled, the decoder is fresh,
+and the Hello echoes the nonce.  Frames that arrived in the same read just
+before the marker are dropped with the old session.
 """
 
 from __future__ import annotations
@@ -37,8 +43,15 @@ from .state import AgentState, kernel_uptime
 
 log = logging.getLogger("agentiso.guest.connection")
 
-HOST_SYNC_MAGIC = gp.HOST_SYNC_MAGIC
+_MAGIC = gp.HOST_SYNC_MAGIC
+
+
+def _is_magic_prefix(data: bytes) -> bool:
+    n = min(len(data), len(_MAGIC))
+    return data[:n] == _MAGIC[:n]
 AUTH_TIMEOUT_S = 10.0
+#: A frame that stays incomplete this long is abandoned (see ``run``).
+MID_FRAME_STALL_S = 3.0
 
 
 class Credit:
@@ -112,8 +125,11 @@ class Session:
         self._inflight: dict[int, RequestContext] = {}
         self._slots = asyncio.Semaphore(state.max_inflight)
         self._decoder = FrameDecoder(gp.GUEST_MAX_FRAME)
-        self._resyncing = False
+        #: Not None while discarding input until a host sync marker.
+        self._scan: bytearray | None = None
         self._tail = b""
+        #: Nonce of the host sync marker this session answered.
+        self._nonce: bytes | None = None
 
     # --- sending ---------------------------------------------------------------------
 
@@ -125,7 +141,7 @@ class Session:
     async def send_error(self, rid: int, code: ErrorCode, message: str) -> None:
         await self.send(gp.Error(id=rid, code=code, message=message[:4096]))
 
-    async def hello(self) -> None:
+    async def hello(self, nonce: bytes = b"") -> None:
         st = self.state
         st.sessions += 1
         listen = st.listen if st.listen is not None else st.agent_start
@@ -143,6 +159,7 @@ class Session:
             max_inflight=st.max_inflight,
             session=st.sessions,
             pid1=st.pid1,
+            sync_nonce=nonce,
         )
         frame = encode_frame(gp.response_codec.encode(msg), gp.GUEST_MAX_FRAME)
         async with self._lock:
@@ -159,7 +176,17 @@ class Session:
             else:
                 await self.hello()
             while not self.state.exit_requested:
-                data = await self.channel.receive()
+                try:
+                    async with asyncio.timeout(MID_FRAME_STALL_S if self._mid_frame() else None):
+                        data = await self.channel.receive()
+                except TimeoutError:
+                    # A host that vanished mid-frame (and a new one whose bytes
+                    # would be swallowed as that frame's body): give up the frame.
+                    log.warning("frame incomplete for %.0f s: discarding it", MID_FRAME_STALL_S)
+                    if not self.channel.resyncable:
+                        return
+                    self._scan = bytearray()
+                    continue
                 if not data:
                     return
                 if not await self._feed(data):
@@ -171,54 +198,84 @@ class Session:
 
     async def _feed(self, data: bytes) -> bool:
         """Handle received bytes; False when the session must end."""
-        if self._resyncing:
+        if self._scan is not None:
             return await self._scan_for_sync(data)
         window = self._tail + data
-        self._tail = window[-(len(HOST_SYNC_MAGIC) - 1) :]
+        self._tail = window[-(len(_MAGIC) - 1) :]
         try:
             bodies = self._decoder.feed(data)
         except FrameTooLarge as exc:
-            await self.send_error(0, ErrorCode.PROTOCOL, str(exc))
-            if not self.channel.resyncable:
-                return False
-            log.warning("framing broken (%s); waiting for host sync", exc)
-            await self._cancel_all()
-            self._resyncing = True
-            self._tail = b""
-            # The host may have sent the sync marker itself: that is what broke it.
-            return await self._scan_for_sync(window)
+            # A host sync marker where a frame header should be is a sync, not
+            # an error: its first bytes read as an impossible frame length.
+            at = window.find(_MAGIC[:4])
+            if at >= 0 and _is_magic_prefix(window[at:]):
+                rest = window[at:]
+            else:
+                await self.send_error(0, ErrorCode.PROTOCOL, str(exc))
+                if not self.channel.resyncable:
+                    return False
+                log.warning("framing broken (%s); waiting for a host sync marker", exc)
+                await self._cancel_all()
+                rest = b""
+            self._scan = bytearray()
+            return await self._scan_for_sync(rest)
         for body in bodies:
             await self._dispatch(body)
         return True
 
     async def _scan_for_sync(self, data: bytes) -> bool:
-        buf = self._tail + data
-        idx = buf.find(HOST_SYNC_MAGIC)
+        """Discard input up to a host sync marker and its nonce, then greet."""
+        assert self._scan is not None
+        buf = self._scan
+        buf += data
+        idx = buf.find(_MAGIC)
         if idx < 0:
-            self._tail = buf[-(len(HOST_SYNC_MAGIC) - 1) :]
+            del buf[: max(len(buf) - (len(_MAGIC) - 1), 0)]
             return True
-        self._resyncing = False
+        end = idx + len(_MAGIC) + gp.SYNC_NONCE_LEN
+        if len(buf) < end:
+            del buf[:idx]
+            return True
+        nonce = bytes(buf[idx + len(_MAGIC) : end])
+        rest = bytes(buf[end:])
+        self._scan = None
         self._tail = b""
         self._decoder = FrameDecoder(gp.GUEST_MAX_FRAME)
-        await self.hello()
-        rest = buf[idx + len(HOST_SYNC_MAGIC) :]
+        # A host resends its marker until answered; a repeat of the nonce this
+        # session already answered must not restart the session again.
+        if nonce != self._nonce:
+            await self._cancel_all()
+            self._nonce = nonce
+            await self.hello(nonce)
         return await self._feed(rest) if rest else True
 
+    def _mid_frame(self) -> bool:
+        if self._scan is not None:
+            return False
+        # FrameDecoder has no public "inside a frame" flag; a parsed header
+        # with no body bytes yet shows only in _need.
+        return self._decoder.buffered > 0 or getattr(self._decoder, "_need", None) is not None
+
     async def _authenticate(self) -> bool:
+        """vsock: the first frame must be Auth with the VM's secret.  Only that
+        frame is parsed here; what follows it goes through the normal path."""
         assert self.secret is not None
+        buf = b""
         body: bytes | None = None
-        rest: list[bytes] = []
         try:
             async with asyncio.timeout(AUTH_TIMEOUT_S):
                 while body is None:
                     data = await self.channel.receive()
                     if not data:
                         return False
-                    bodies = self._decoder.feed(data)
-                    if bodies:
-                        body = bodies[0]
-                        rest = bodies[1:]
-        except (TimeoutError, FrameTooLarge):
+                    buf += data
+                    if len(buf) >= 4:
+                        length = int.from_bytes(buf[:4], "big")
+                        if length > 4096:  # an Auth frame is small
+                            return False
+                        if len(buf) >= 4 + length:
+                            body, buf = buf[4 : 4 + length], buf[4 + length :]
+        except TimeoutError:
             return False
         try:
             msg = gp.request_codec.decode(body)
@@ -232,10 +289,7 @@ class Session:
                 await self.channel.send(gp.GUEST_SYNC_MAGIC + frame)
             return False
         await self.hello()
-        # Requests pipelined right behind Auth are served after the Hello.
-        for extra in rest:
-            await self._dispatch(extra)
-        return True
+        return await self._feed(buf) if buf else True
 
     async def _dispatch(self, body: bytes) -> None:
         try:

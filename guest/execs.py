@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from agentiso.protocol import guest as gp
 
@@ -102,6 +103,12 @@ class _Consumer:
             self.sink.kept += kept
 
 
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # Mark the outcome as seen: a cancelled gather must not be logged as lost.
+    if not fut.cancelled():
+        fut.exception()
+
+
 async def run_child(
     child: Child,
     timeout_s: float,
@@ -114,6 +121,7 @@ async def run_child(
     pumps = asyncio.gather(
         pump(child.stdout, exited, out), pump(child.stderr, exited, err)
     )
+    pumps.add_done_callback(_retrieve)
     timed_out = False
     try:
         try:

@@ -90,7 +90,8 @@ def _open_upload(req: gp.UploadBegin) -> tuple[str, int]:
 async def handle_upload(req: gp.UploadBegin, ctx: RequestContext) -> gp.UploadDone:
     ctx.configure_stream(req.window)
     try:
-        tmp, fd = await asyncio.to_thread(_open_upload, req)
+        # Not in a thread: a cancellation must not strand a file it created.
+        tmp, fd = _open_upload(req)
     except OSError as exc:
         raise from_oserror(exc, req.path) from None
     digest = hashlib.sha256()

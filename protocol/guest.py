@@ -4,7 +4,9 @@ Conversation (docs/guest-protocol.md has the full story)::
 
     channel opens (virtio-serial host side connects, or a vsock/unix connection)
     [vsock only] host -> Auth(id=0, secret)       (anything else: connection closed)
-    agent -> GUEST_SYNC_MAGIC, then Hello(id=0, version, boot timings, limits)
+    agent -> GUEST_SYNC_MAGIC, Hello(id=0, version, boot timings, limits)  (unprompted)
+    host  -> HOST_SYNC_MAGIC + nonce                          (raw, not a frame)
+    agent -> GUEST_SYNC_MAGIC, Hello(id=0, ..., sync_nonce=nonce)
     then any number of requests, concurrently, each answered with its id.
 
 Streams (exec output, downloads) are events that carry their request's id and a
@@ -62,8 +64,15 @@ DEFAULT_MAX_INFLIGHT = 64
 #: the previous connection; it discards everything up to and including this
 #: marker, then decodes frames.
 GUEST_SYNC_MAGIC = b"\xffAGENTISO-GUEST-SYNC-1\xff"
-#: Sent by the host, raw, to end the agent's resync after a framing error.
+#: Sent by the host, raw and followed by SYNC_NONCE_LEN random bytes, when it
+#: (re)connects and to recover from a framing error: the agent drops its
+#: decoder state and in-flight requests and answers with GUEST_SYNC_MAGIC and a
+#: Hello whose ``sync_nonce`` echoes the nonce.  The host ignores every Hello
+#: but the one with its nonce, so stale greetings cannot confuse it.  (A guest
+#: virtio port may not notice a host that disconnects and reconnects quickly:
+#: this handshake does not depend on noticing.)
 HOST_SYNC_MAGIC = b"\xffAGENTISO-HOST-SYNC-1\xff"
+SYNC_NONCE_LEN = 8
 
 # --- bounded scalar types --------------------------------------------------------------
 
@@ -463,6 +472,8 @@ class Hello(_Msg, tag="hello"):
     session: Annotated[int, Meta(ge=1, le=2**62)]
     #: Whether the agent is PID 1 in its VM.
     pid1: bool
+    #: The nonce of the host sync marker this Hello answers (empty: unprompted).
+    sync_nonce: Annotated[bytes, Meta(max_length=16)] = b""
 
 
 class Pong(_Msg, tag="pong"):

@@ -27,6 +27,7 @@ from agentiso.protocol.errors import (
     NotFound,
     PermissionDenied,
     RemoteTimeout,
+    Unavailable,
 )
 from agentiso.protocol.framing import encode_frame
 
@@ -54,7 +55,8 @@ async def test_hello_and_ping(pair: Pair) -> None:
     hello = pair.client.hello
     assert hello is not None
     assert hello.version == gp.GUEST_PROTOCOL_VERSION
-    assert hello.session == 1 and hello.transport == "socketpair" and not hello.pid1
+    assert hello.transport == "socketpair" and not hello.pid1
+    assert len(hello.sync_nonce) == gp.SYNC_NONCE_LEN  # the answer to our sync marker
     assert hello.boot.listen >= hello.boot.agent_start
     assert (await pair.client.ping()).uptime_s > 0
 
@@ -183,6 +185,8 @@ async def test_garbage_frames_get_typed_errors_and_the_agent_keeps_serving(pair:
 
 async def test_oversize_frame_then_resync(pair: Pair) -> None:
     c = pair.client
+    assert c.hello is not None
+    old = c.hello.session
     await c.send_raw((gp.GUEST_MAX_FRAME + 1).to_bytes(4, "big") + b"x" * 1000)
     with anyio.fail_after(5):
         while not c.connection_errors:
@@ -191,7 +195,7 @@ async def test_oversize_frame_then_resync(pair: Pair) -> None:
     # More junk while it waits for the marker is discarded.
     await c.send_raw(b"\x00\x00\x00\x05junk!" * 100)
     hello = await c.resync()
-    assert hello.session == 2
+    assert hello.session == old + 1
     assert (await c.exec(["echo", "back"])).stdout == b"back\n"
 
 
@@ -427,3 +431,33 @@ async def test_agent_as_a_subprocess() -> None:
             proc.kill()
             await proc.wait()
         ours.close()
+
+
+async def test_resync_restarts_the_session_in_place(pair: Pair, tmp_path: Path) -> None:
+    """What a reconnecting host does: the old session's work stops, a new one starts."""
+    c = pair.client
+    pidfile = tmp_path / "pid"
+    failed: list[BaseException] = []
+
+    async def long_exec() -> None:
+        try:
+            await c.exec(shell=f"echo $$ > {pidfile}; exec sleep 300")
+        except Unavailable as exc:
+            failed.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(long_exec)
+        with anyio.fail_after(10):
+            while not pidfile.exists() or not pidfile.read_text():
+                await anyio.sleep(0.02)
+        await c.send_raw(b"\x00\x00\x00")  # a partial frame header from the "old host"
+        await c.send_raw(gp.HOST_SYNC_MAGIC[:5])  # marker split across writes
+        await c.send_raw(gp.HOST_SYNC_MAGIC[5:] + b"N" * gp.SYNC_NONCE_LEN)
+        await c.resync()
+    assert failed, "the in-flight exec should fail when the session restarts"
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while not _gone_or_zombie(pid):
+        assert time.monotonic() < deadline, "the old session's command survived"
+        await anyio.sleep(0.05)
+    assert (await c.exec(["echo", "ok"])).stdout == b"ok\n"
