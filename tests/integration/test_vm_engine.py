@@ -154,8 +154,13 @@ async def wait_console(engine: VmEngine, name: str, needle: bytes, timeout: floa
 @contextlib.asynccontextmanager
 async def guest(engine: VmEngine, name: str) -> AsyncIterator[GuestClient]:
     stream = await anyio.connect_unix(engine.channel_socket(name))
-    async with stream, GuestClient.connect(stream, hello_timeout=BOOT_TIMEOUT) as client:
-        yield client
+    try:
+        async with stream, GuestClient.connect(stream, hello_timeout=BOOT_TIMEOUT) as client:
+            yield client
+    except BaseException:
+        # The guest's side of the story, for whoever reads the failure.
+        print(engine.console_tail(name, 8192).decode(errors="replace"))
+        raise
 
 
 # --- tests ---------------------------------------------------------------------------
@@ -205,7 +210,8 @@ async def test_start_agent_hello_exec_memory_snapshot_and_graceful_stop(env: Env
         async with guest(engine, b) as g:
             assert g.hello is not None
             # Same agent process, same boot: not a reboot.
-            assert g.hello.boot == hello.boot
+            before, after = hello.boot, g.hello.boot
+            assert (after.init_t0, after.agent_start) == (before.init_t0, before.agent_start)
             assert g.hello.session > hello.session
             jobs = {j.job: j for j in await g.job_list()}
             assert jobs[job.job].running and jobs[job.job].pid == job.pid
