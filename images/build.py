@@ -19,12 +19,15 @@ queries apt and hashes the agent sources.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +372,22 @@ class Builder:
         write_atomically(self.out / "manifest.json", text.encode())
 
 
+@contextlib.contextmanager
+def build_lock(build_dir: Path) -> Iterator[None]:
+    """Serialise builds sharing a build dir (several `make test` runs at once).
+
+    The second builder waits, then finds the image up to date.
+    """
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with (build_dir / ".image-build.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            steps.log("another image build is running; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m images.build", description="Build a guest image under build/images/."
@@ -386,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.monotonic()
     try:
-        stale = Builder(specs.IMAGES[args.image], args.python, args.build_dir.resolve()).build()
+        build_dir = args.build_dir.resolve()
+        with build_lock(build_dir):
+            stale = Builder(specs.IMAGES[args.image], args.python, build_dir).build()
     except (ImageBuildError, OSError, subprocess.SubprocessError) as exc:
         print(f"image build failed: {exc}", file=sys.stderr)
         return 1

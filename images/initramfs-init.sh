@@ -1,14 +1,17 @@
 #!/bin/sh
 # agentiso initramfs /init (busybox sh, PID 1).
-# Loads the virtio/vsock/fw_cfg modules listed in /etc/modules-load.order, mounts
-# the root disk (first virtio-blk device, no partition table) and switch_roots into
-# /sbin/agentiso-init.  Kernel command line knobs: agentiso.root=DEV (default
-# /dev/vda), agentiso.rootfstype=T (default ext4), agentiso.init=PATH.
+# Loads the virtio/vsock/fw_cfg/rng modules listed in /etc/modules-load.order, mounts
+# the root disk (first virtio-blk device, no partition table), mounts the API
+# filesystems into it and switch_roots into /sbin/agentiso-init.
+# The API filesystems are mounted here because busybox is static: under TCG every
+# exec of a dynamically linked program costs tens of milliseconds of ld.so work.
+# Kernel command line knobs: agentiso.root=DEV (default /dev/vda),
+# agentiso.rootfstype=T (default ext4), agentiso.init=PATH.
 # On any failure it says why on the console and powers off, so a host never waits
 # on a VM that cannot boot.
 /bin/busybox mkdir -p /proc /sys /dev /newroot
-/bin/busybox mount -t proc proc /proc
-/bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox mount -t proc -o nosuid,nodev,noexec proc /proc
+/bin/busybox mount -t devtmpfs -o nosuid devtmpfs /dev
 /bin/busybox --install -s /bin
 
 fail() {
@@ -20,7 +23,8 @@ fail() {
 root=/dev/vda
 fstype=ext4
 init=/sbin/agentiso-init
-for arg in $(cat /proc/cmdline); do
+read -r cmdline < /proc/cmdline
+for arg in $cmdline; do
     case "$arg" in
         agentiso.root=*) root="${arg#agentiso.root=}" ;;
         agentiso.rootfstype=*) fstype="${arg#agentiso.rootfstype=}" ;;
@@ -44,6 +48,21 @@ done
 
 mount -t "$fstype" -o rw "$root" /newroot || fail "cannot mount $root"
 [ -x "/newroot$init" ] || fail "$init is missing in the root filesystem"
-mount --move /dev /newroot/dev 2>/dev/null || umount /dev
-umount /proc
+
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /dev/shm
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+for d in run tmp; do
+    [ -d "/newroot/$d" ] || mkdir -p "/newroot/$d"
+done
+mount -t tmpfs -o nosuid,nodev,mode=755 tmpfs /newroot/run
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /newroot/tmp
+mkdir -p /newroot/run/lock
+ln -s /proc/self/fd /dev/fd
+ip link set lo up
+# Moving a mount moves the mounts below it (/dev/pts, /dev/shm) along.
+for d in dev proc sys; do
+    mount --move "/$d" "/newroot/$d" || fail "cannot move /$d into the root filesystem"
+done
 exec switch_root /newroot "$init"
