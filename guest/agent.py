@@ -11,7 +11,6 @@ Outside a VM (tests, benchmarks) the same code serves a unix socket
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -20,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from .channel import Channel
 from .connection import Session
@@ -27,10 +27,12 @@ from .handlers import HANDLERS
 from .reaper import Reaper
 from .state import AgentState, kernel_uptime
 from .transport import (
+    PORT_NAME,
     read_secret,
     serve_listener,
     serve_virtio_serial,
     unix_listener,
+    vsock_device_present,
     vsock_listener,
 )
 
@@ -92,7 +94,7 @@ def _load_vsock_secret() -> bytes | None:
     return secret
 
 
-async def amain(args: argparse.Namespace) -> int:
+async def amain(args: Args) -> int:
     agent = Agent()
     agent.start()
     tasks: list[asyncio.Task[None]] = []
@@ -101,9 +103,11 @@ async def amain(args: argparse.Namespace) -> int:
         if args.fd is not None:
             from .channel import FdChannel
 
+            fd: int = args.fd
+
             async def serve_fd() -> None:
                 agent.mark_listening()
-                await agent.serve(FdChannel(args.fd, "socketpair", resyncable=True))
+                await agent.serve(FdChannel(fd, "socketpair", resyncable=True))
                 agent.stopped.set()  # a socketpair cannot come back
 
             tasks.append(loop.create_task(serve_fd()))
@@ -116,10 +120,10 @@ async def amain(args: argparse.Namespace) -> int:
         if virtio:
             tasks.append(loop.create_task(_supervise("virtio-serial", lambda: serve_virtio_serial(
                 agent.serve, agent.mark_listening, args.port_name))))
-            if not args.no_vsock and await asyncio.to_thread(os.path.exists, "/dev/vsock"):
+            if not args.no_vsock and await asyncio.to_thread(vsock_device_present):
                 secret = await asyncio.to_thread(_load_vsock_secret)
                 if secret is None:
-                    log.warning("/dev/vsock exists but no secret in fw_cfg: vsock disabled")
+                    log.warning("a vsock device but no secret in fw_cfg: vsock disabled")
                 else:
                     async def vsock() -> None:
                         await serve_listener(vsock_listener(), "vsock", agent.serve, secret)
@@ -134,17 +138,34 @@ async def amain(args: argparse.Namespace) -> int:
         agent.close()
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+@dataclass
+class Args:
+    virtio_serial: bool = False
+    port_name: str = PORT_NAME
+    no_vsock: bool = False
+    unix: str | None = None
+    secret_file: str | None = None
+    fd: int | None = None
+    verbose: bool = False
+
+
+def parse_args(argv: list[str] | None) -> Args:
+    if argv is None:
+        argv = sys.argv[1:]
+    if not argv:
+        return Args()  # as PID 1: no argparse import on the boot path
+    import argparse
+
     p = argparse.ArgumentParser(prog="agentiso-guest", description=__doc__)
     p.add_argument("--virtio-serial", action="store_true",
                    help="serve the virtio-serial port (the default without --unix/--fd)")
-    p.add_argument("--port-name", default="org.agentiso.agent.0")
+    p.add_argument("--port-name", default=PORT_NAME)
     p.add_argument("--no-vsock", action="store_true", help="never listen on vsock")
     p.add_argument("--unix", metavar="PATH", help="serve a unix socket (tests, benchmarks)")
     p.add_argument("--secret-file", metavar="PATH", help="demand this secret on --unix")
     p.add_argument("--fd", type=int, metavar="N", help="serve an inherited socket fd")
     p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
+    return p.parse_args(argv, namespace=Args())
 
 
 def main(argv: list[str] | None = None) -> int:

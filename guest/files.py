@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import stat
 
 from agentiso.protocol import guest as gp
@@ -167,6 +166,8 @@ def _remove(req: gp.FileRemove) -> None:
         raise
     if stat.S_ISDIR(st.st_mode):
         if req.recursive:
+            import shutil  # rare; keeps its imports out of the boot path
+
             shutil.rmtree(req.path)
         else:
             os.rmdir(req.path)

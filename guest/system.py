@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
@@ -201,6 +200,8 @@ def _power_off(reboot: bool) -> None:
             os.kill(-1, sig)  # every process but ourselves
         time.sleep(pause)
     os.sync()
+    import ctypes  # only here: its import costs boot time
+
     libc = ctypes.CDLL(None, use_errno=True)
     libc.reboot(RB_AUTOBOOT if reboot else RB_POWER_OFF)
     log.error("reboot(2) failed: errno %d", ctypes.get_errno())

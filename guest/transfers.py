@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import secrets
 import stat
 
 from agentiso.protocol import guest as gp
@@ -62,7 +61,7 @@ async def handle_download(req: gp.Download, ctx: RequestContext) -> gp.DownloadE
 
 def _temp_path(path: str) -> str:
     d, name = os.path.split(path)
-    return os.path.join(d, f".{name[:180]}.agentiso-upload-{secrets.token_hex(6)}")
+    return os.path.join(d, f".{name[:180]}.agentiso-upload-{os.urandom(6).hex()}")
 
 
 def _commit(tmp: str, req: gp.UploadBegin, fd: int) -> None:

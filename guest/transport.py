@@ -161,6 +161,16 @@ async def serve_listener(sock: socket.socket, name: str, serve: ServeChannel,
         task.add_done_callback(tasks.discard)
 
 
+def vsock_device_present(sysfs: str = "/sys/bus/virtio/drivers/vmw_vsock_virtio_transport"
+                          ) -> bool:
+    """Whether a virtio-vsock device is bound (the vsock module alone makes
+    /dev/vsock even where there is no device)."""
+    try:
+        return any(name.startswith("virtio") for name in os.listdir(sysfs))
+    except OSError:
+        return False
+
+
 def vsock_listener(port: int = VSOCK_PORT) -> socket.socket:
     sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.bind((socket.VMADDR_CID_ANY, port))
