@@ -272,6 +272,12 @@ def make_ext4(tree: Path, image: Path, size_bytes: int, label: str) -> None:
             label,
             "-m",
             "0",
+            # Below 512 MiB mke2fs would pick its "small" profile: 1 KiB blocks and
+            # 4x the inodes; this filesystem is grown to the disk at boot.
+            "-T",
+            "default",
+            "-b",
+            "4096",
             # Zero the inode tables and journal now, so the guest kernel does not
             # spend emulated CPU on it after every boot.
             "-E",

@@ -1,0 +1,148 @@
+"""What the built images contain, read with the real tools (debugfs, the cpio reader).
+
+No VM is booted: ``debugfs`` reads the ext4 image file directly.  Each image is
+skipped with the reason when it is not built (``make image [IMAGE=dev]``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.harness.images import image_dir
+
+SITE = "/usr/lib/python3/dist-packages"
+
+
+def built(name: str) -> Path:
+    directory = image_dir(name)
+    if not (directory / "manifest.json").is_file():
+        pytest.skip(reason=f"image {name!r} is not built: run `make image IMAGE={name}`")
+    if shutil.which("debugfs") is None:
+        pytest.skip(reason="debugfs is not installed (apt-get install e2fsprogs)")
+    return directory
+
+
+def debugfs(image: Path, request: str) -> str:
+    proc = subprocess.run(
+        ["debugfs", "-R", request, str(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
+    return proc.stdout
+
+
+def file_mode(image: Path, path: str) -> int | None:
+    """st_mode of ``path`` in the ext4 image (symlinks not followed), None if absent."""
+    out = debugfs(image, f'stat "{path}"')
+    for line in out.splitlines():
+        if line.startswith("Inode:") and "Mode:" in line:
+            kind = line.split("Type:")[1].split()[0]
+            perm = int(line.split("Mode:")[1].split()[0], 8)
+            types = {"regular": stat.S_IFREG, "directory": stat.S_IFDIR, "symlink": stat.S_IFLNK}
+            return types.get(kind, 0) | perm
+    return None
+
+
+def exists(image: Path, *candidates: str) -> bool:
+    """True if one of the paths exists (usr-merged /bin, /sbin are symlinks)."""
+    return any(file_mode(image, p) is not None for p in candidates)
+
+
+def newc_names(blob: bytes) -> list[str]:
+    names: list[str] = []
+    pos = 0
+    while True:
+        head = blob[pos : pos + 110]
+        assert head[:6] == b"070701"
+        filesize = int(head[54:62], 16)
+        namesize = int(head[94:102], 16)
+        pos += 110
+        name = blob[pos : pos + namesize - 1].decode()
+        pos += namesize + (-(pos + namesize) % 4)
+        pos += filesize + (-(pos + filesize) % 4)
+        if name == "TRAILER!!!":
+            return names
+        names.append(name)
+
+
+def test_manifest_hashes_and_sizes_match_the_files() -> None:
+    directory = built("minimal")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for name in ("vmlinuz", "initrd.img", "rootfs.img"):
+        path = directory / name
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        assert manifest["files"][name] == {"sha256": h.hexdigest(), "size": path.stat().st_size}
+    versions = manifest["versions"]
+    for key in (
+        "kernel_package",
+        "kernel_version",
+        "debian_suite",
+        "python",
+        "msgspec",
+        "agentiso",
+    ):
+        assert versions.get(key), key
+    assert versions["python"].startswith("3.11")
+    assert "console=ttyS0" in manifest["cmdline"]
+
+
+def test_minimal_rootfs_has_the_contract_contents() -> None:
+    rootfs = built("minimal") / "rootfs.img"
+    init = file_mode(rootfs, "/usr/sbin/agentiso-init") or file_mode(rootfs, "/sbin/agentiso-init")
+    assert init is not None and stat.S_ISREG(init) and init & 0o111
+    for path in (
+        f"{SITE}/agentiso/guest/__main__.py",
+        f"{SITE}/agentiso/protocol/framing.py",
+        f"{SITE}/msgspec/__init__.py",
+        "/usr/bin/python3.11",
+        "/etc/hostname",
+        "/etc/resolv.conf",
+        "/var/lib/agentiso/rootfs-sectors",
+    ):
+        assert exists(rootfs, path), path
+    # The agent's bytecode is precompiled (compiling under TCG would slow every boot).
+    assert "cpython-311.pyc" in debugfs(rootfs, f"ls {SITE}/agentiso/guest/__pycache__")
+    assert ".cpython-311-x86_64-linux-gnu.so" in debugfs(rootfs, f"ls {SITE}/msgspec")
+    # The tools the agent and the init use: iproute2, e2fsprogs, util-linux, procps, kmod.
+    for tool in ("ip", "resize2fs", "fsfreeze", "ps", "modprobe"):
+        assert exists(rootfs, f"/usr/bin/{tool}", f"/usr/sbin/{tool}", f"/bin/{tool}"), tool
+    # Trimmed: no apt indexes or docs.
+    assert "Packages" not in debugfs(rootfs, "ls /var/lib/apt/lists")
+    # 4 KiB blocks even though the image is under 512 MiB.
+    assert (
+        "Block size:               4096"
+        in subprocess.run(
+            ["dumpe2fs", "-h", str(rootfs)], capture_output=True, text=True, check=True
+        ).stdout
+    )
+
+
+def test_initramfs_has_busybox_init_and_the_modules_in_order() -> None:
+    directory = built("minimal")
+    names = newc_names(gzip.decompress((directory / "initrd.img").read_bytes()))
+    assert {"init", "bin/busybox", "dev/console", "etc/modules-load.order"} <= set(names)
+    modules = [n.rsplit("/", 1)[1] for n in names if n.endswith(".ko")]
+    for wanted in ("virtio_mmio.ko", "virtio_blk.ko", "virtio_console.ko", "virtio_net.ko"):
+        assert wanted in modules
+    assert modules.index("virtio.ko") < modules.index("virtio_mmio.ko")
+
+
+def test_dev_rootfs_adds_the_toolchain() -> None:
+    rootfs = built("dev") / "rootfs.img"
+    for tool in ("git", "curl", "gcc", "make"):
+        assert exists(rootfs, f"/usr/bin/{tool}"), tool
+    assert exists(rootfs, "/etc/ssl/certs/ca-certificates.crt")
+    assert exists(rootfs, f"{SITE}/agentiso/guest/__main__.py")
