@@ -344,8 +344,10 @@ CHILD = """
 import json, sys, anyio
 from agentiso.privhelper.vm.engine import EngineSettings, VmEngine, VmConfig
 import msgspec
+from agentiso.privhelper import log
 
 async def main():
+    log.configure()  # logs on stderr: stdout carries only our JSON line
     settings = msgspec.json.decode(sys.argv[1].encode(), type=EngineSettings)
     cfg = msgspec.json.decode(sys.argv[2].encode(), type=VmConfig)
     async with VmEngine.running(settings) as engine:
@@ -378,7 +380,8 @@ async def test_engine_killed_vm_survives_and_is_adopted(env: Env) -> None:
     assert read_status(qemu_pid) is not None, "QEMU died with its engine"
     assert_unprivileged(qemu_pid)
 
-    async with engine_for(env) as engine:
+    # Not engine_for: its clean-up would forget the record checked below.
+    async with VmEngine.running(env.settings) as engine:
         report = await engine.adopt_all()
         assert report.adopted == [name] and report.dead == []
         st = engine.status(name)
