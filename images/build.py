@@ -152,6 +152,32 @@ def agentiso_version() -> str:
     return "unknown"
 
 
+def base_key(spec: specs.ImageSpec) -> str:
+    """Cache key of an image's debootstrap base tree."""
+    return cachekey.key_of(
+        "rootfs-base",
+        {
+            "suite": specs.SUITE,
+            "arch": specs.ARCH,
+            "packages": sorted(spec.packages),
+            "base_version": BASE_VERSION,
+        },
+    )
+
+
+def prune(directory: Path, keep: set[str]) -> None:
+    """Remove entries of a cache directory whose names are not in ``keep``.
+
+    Keeps build/ bounded: every guest change would otherwise leave an initramfs or
+    a base tree behind.  Temporary ``.tmp`` entries of a crashed build go too.
+    """
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if entry.name not in keep:
+            steps.remove_tree(entry)
+
+
 class Builder:
     """One image build: computes keys, consults the plan, runs the stale steps."""
 
@@ -177,15 +203,7 @@ class Builder:
             "package": self.kernel_package,
             "version": self.kernel_version,
         }
-        self.base_key = cachekey.key_of(
-            "rootfs-base",
-            {
-                "suite": specs.SUITE,
-                "arch": specs.ARCH,
-                "packages": sorted(self.spec.packages),
-                "base_version": BASE_VERSION,
-            },
-        )
+        self.base_key = base_key(self.spec)
         layer_digest = cachekey.tree_digest(agent_sources())
         return {
             "vmlinuz": cachekey.key_of("vmlinuz", kernel),
@@ -330,7 +348,16 @@ class Builder:
                 self.build_rootfs()
             steps.log(f"{self.spec.name}/{name}: built in {time.monotonic() - started:.1f} s")
         self.write_manifest(keys, old, stale)
+        self.prune_caches(keys)
         return stale
+
+    def prune_caches(self, keys: dict[str, str]) -> None:
+        """Drop cached artefacts no image of the current specs can use."""
+        prune(self.cache / "initramfs", {f"{keys['initrd.img']}.img"})
+        prune(self.cache / "rootfs-base", {base_key(s) for s in specs.IMAGES.values()})
+        kernel = f"{self.kernel_package}_{self.kernel_version}"
+        prune(self.cache / "kernel", {kernel})
+        prune(self.cache / "apt", {steps.deb_file_name(self.kernel_package, self.kernel_version)})
 
     def write_manifest(
         self, keys: dict[str, str], old: dict[str, Any] | None, stale: list[str]

@@ -85,6 +85,11 @@ def kernel_release(tree: Path) -> str:
     return releases[0]
 
 
+def deb_file_name(package: str, version: str) -> str:
+    """The file name ``apt-get download`` gives an amd64 package."""
+    return f"{package}_{version.replace(':', '%3a')}_amd64.deb"
+
+
 def fetch_kernel(cache: Path, package: str, version: str) -> Path:
     """Download (``apt-get download``) and extract the kernel package; run depmod on it.
 
@@ -95,7 +100,7 @@ def fetch_kernel(cache: Path, package: str, version: str) -> Path:
         return dest
     debs = cache / "apt"
     debs.mkdir(parents=True, exist_ok=True)
-    deb_name = f"{package}_{version.replace(':', '%3a')}_amd64.deb"
+    deb_name = deb_file_name(package, version)
     if not (debs / deb_name).exists():
         log(f"downloading {package}={version}")
         # The sandbox user _apt cannot write into a root-owned build tree.

@@ -62,3 +62,14 @@ def test_memory_cpus_and_accel() -> None:
 def test_bad_config_is_refused(over: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         cfg(**over)
+
+
+def test_boot_vm_refuses_a_disk_smaller_than_the_image(tmp_path: Path) -> None:
+    from tests.harness.images import ImageInfo
+    from tests.harness.vm import HarnessError, boot_vm
+
+    (tmp_path / "rootfs.img").write_bytes(b"\0" * 8192)
+    image = ImageInfo(tmp_path, "console=ttyS0", {})
+    with pytest.raises(HarnessError, match="smaller than the image"):
+        boot_vm(image, tmp_path / "work", disk_size=4096)
+    assert not (tmp_path / "work" / "disk.qcow2").exists()
