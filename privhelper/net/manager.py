@@ -45,6 +45,7 @@ from .model import (
     check_forward,
     check_name,
     check_policy,
+    check_uid,
 )
 from .naming import mac_for, tap_name
 from .nft import Nft
@@ -183,6 +184,7 @@ class NetworkManager:
         Idempotent for the same owner; a new ``policy`` replaces the old one.
         """
         check_name(workspace)
+        check_uid(owner_uid)
         with self._lock:
             ws = self._state.workspaces.get(workspace)
             if ws is not None:

@@ -102,7 +102,7 @@ class NetState(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """
 
     version: int = STATE_VERSION
-    cursor: int = 0
+    cursor: Annotated[int, Meta(ge=0, le=2**32)] = 0
     workspaces: dict[str, WorkspaceNet] = msgspec.field(default_factory=dict)
 
 
@@ -125,6 +125,12 @@ def check_mac(mac: object) -> str:
     if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac):
         raise InvalidNetInput(f"invalid MAC address: {_show(mac)}")
     return mac
+
+
+def check_uid(uid: object) -> int:
+    if not isinstance(uid, int) or isinstance(uid, bool) or not 0 <= uid <= 2**32 - 1:
+        raise InvalidNetInput(f"invalid owner uid: {_show(uid)}")
+    return uid
 
 
 def check_port(port: object, what: str = "port") -> int:
@@ -207,6 +213,7 @@ def check_forward(fwd: Forward, port_min: int) -> Forward:
 
 def check_workspace(ws: WorkspaceNet, port_min: int) -> WorkspaceNet:
     check_name(ws.name)
+    check_uid(ws.owner_uid)
     parse_address(ws.address)
     check_mac(ws.mac)
     check_ifname(ws.tap)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from .errors import StateCorrupt
+from .errors import InvalidNetInput, StateCorrupt
 from .model import STATE_VERSION, NetState
 
 STATE_FILE_NAME = "net.json"
@@ -39,9 +39,19 @@ def load_state(path: Path) -> NetState:
 
 
 def save_state(path: Path, state: NetState) -> None:
-    """Atomically replace ``path`` with ``state`` (mode 0600)."""
+    """Atomically replace ``path`` with ``state`` (mode 0600).
+
+    Raises :class:`InvalidNetInput` (and writes nothing) for a state that would
+    not decode back.
+    """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     data = msgspec.json.format(msgspec.json.encode(state), indent=1)
+    # Structs built in code skip the decoder's constraints: refuse to write a
+    # state that load_state would then reject after a restart.
+    try:
+        msgspec.json.decode(data, type=NetState)
+    except msgspec.ValidationError as exc:
+        raise InvalidNetInput(f"state would not load back: {exc}") from None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:

@@ -149,6 +149,21 @@ def test_invalid_input_changes_nothing(tmp_path: Path) -> None:
     assert len(nft.applied) == 1
 
 
+@pytest.mark.parametrize("uid", [-1, 2**32, True, "1000"])
+def test_owner_uid_checked(tmp_path: Path, uid: Any) -> None:
+    mgr, _, _ = make(tmp_path)
+    with pytest.raises(InvalidNetInput):
+        mgr.reserve("a", uid)
+    assert mgr.state.workspaces == {}
+
+
+def test_state_that_would_not_load_back_is_not_written(tmp_path: Path) -> None:
+    path = tmp_path / "net.json"
+    with pytest.raises(InvalidNetInput):
+        save_state(path, NetState(cursor=-5))
+    assert not path.exists()
+
+
 def test_kernel_refusal_rolls_back(tmp_path: Path) -> None:
     mgr, nft, _ = make(tmp_path)
     mgr.reserve("a", 1000)
