@@ -131,3 +131,19 @@ def test_qemu_holds_the_tap(host: tuple[NetNs, NetworkManager], tmp_path: Path) 
         if proc.stderr:
             proc.stderr.close()
     assert _wait_gone(ns, att.tap_name), "the TAP outlived QEMU"
+
+
+def test_preflight_in_a_fresh_namespace() -> None:
+    from agentiso.privhelper.net.preflight import check_network
+
+    try:
+        ctx = netns("aiq")
+    except NetnsUnavailable as exc:
+        pytest.skip(reason=str(exc))
+    with ctx as ns, ns.entered():
+        findings = check_network(default_settings())
+        assert [f for f in findings if f.severity == "error"] == []
+        assert any("created on demand" in f.message for f in findings)
+        ns.run("ip", "link", "add", "br-agentiso", "type", "veth", "peer", "name", "x0")
+        findings = check_network(default_settings())
+        assert any(f.severity == "error" and "not a bridge" in f.message for f in findings)
