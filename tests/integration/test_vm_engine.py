@@ -389,7 +389,8 @@ async def test_engine_killed_vm_survives_and_is_adopted(env: Env) -> None:
         assert await engine.query_status(name) == "running"
         async with guest(engine, name) as g:
             assert (await g.exec(["true"])).ok
-        assert engine.find_orphans() == []
+        # Other QEMUs of this host (other tests, other helpers) may be listed too.
+        assert [o for o in engine.find_orphans() if o.name.startswith(env.prefix)] == []
         # The adopted QEMU is not our child: its death is still seen (pidfd).
         events = engine.subscribe()
         os.kill(qemu_pid, signal.SIGKILL)
