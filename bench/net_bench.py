@@ -34,6 +34,7 @@ from agentiso.privhelper.net.model import (
 from agentiso.privhelper.net.naming import mac_for, tap_name
 from agentiso.privhelper.net.nft import Nft
 from agentiso.privhelper.net.ruleset import build_ruleset
+from tests.harness import netns as netns_mod
 from tests.harness.netns import NetnsUnavailable, netns, uplink, veth_guest
 
 N_WORKSPACES = 100
@@ -143,7 +144,7 @@ def bench_throughput() -> None:
                 with host.entered():
                     mgr.links.enslave(ws.tap, settings.bridge)
             for ns in (gb, net):
-                proc = ns.spawn(sys.executable, "-m", "tests.harness.netns", "sink", "5001")
+                proc = ns.spawn(sys.executable, netns_mod.__file__, "sink", "5001")
                 assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
             b = mgr.get("b").address
             for label, src, dst in (
@@ -151,10 +152,7 @@ def bench_throughput() -> None:
                 ("host -> guest (routed)", host, b),
                 ("guest -> internet (routed, masquerade)", ga, "198.51.100.2"),
             ):
-                r = src.run(
-                    sys.executable,
-                    "-m",
-                    "tests.harness.netns",
+                r = src.probe(
                     "blast",
                     dst,
                     "5001",
