@@ -217,6 +217,8 @@ class _Vm:
     state: VmState = VmState.STARTING
     qmp: Qmp | None = None
     tg: TaskGroup | None = None
+    events_scope: anyio.CancelScope | None = None
+    qmp_lock: anyio.Lock = field(default_factory=anyio.Lock)
     exited: anyio.Event = field(default_factory=anyio.Event)
     console_eof: anyio.Event = field(default_factory=anyio.Event)
     console: BoundedLog | None = None
@@ -272,6 +274,7 @@ class VmEngine:
         self._accel_lock = anyio.Lock()
         self._subscribers: list[MemoryObjectSendStream[VmEvent]] = []
         self._tsc_khz = read_host_tsc_khz()
+        self._starting: set[str] = set()
         self._records.ensure()
         self._logs.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._run.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -362,11 +365,20 @@ class VmEngine:
         open on the caller's side; close them after this returns.
         """
         check_name(cfg.name)
+        if cfg.name in self._starting:
+            raise VmAlreadyExists(f"VM {cfg.name} is being started")
         old = self._vms.get(cfg.name)
         if old is not None:
             if old.state not in FINISHED:
                 raise VmAlreadyExists(f"VM {cfg.name} is running")
             self.forget(cfg.name)
+        self._starting.add(cfg.name)
+        try:
+            return await self._start(cfg)
+        finally:
+            self._starting.discard(cfg.name)
+
+    async def _start(self, cfg: VmConfig) -> VmStatus:
         for what, p in (("kernel", cfg.kernel), ("initrd", cfg.initrd)):
             if p is not None and (problem := world_readable_path_problem(p)):
                 raise InvalidVmSpec(f"{what}: QEMU runs unprivileged and cannot read it: {problem}")
@@ -481,7 +493,7 @@ class VmEngine:
                 secret_file.unlink(missing_ok=True)  # QEMU read it during machine init
             if cfg.incoming_fd is not None:
                 await self._wait_incoming(vm)
-            await self._qmp(vm).execute("cont")
+            await self._exec(vm, "cont")
             vm.state = VmState.RUNNING
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -506,7 +518,7 @@ class VmEngine:
     async def _wait_incoming(self, vm: _Vm) -> None:
         with anyio.move_on_after(self.settings.incoming_timeout_s):
             while True:
-                info = await self._qmp(vm).execute("query-migrate")
+                info = await self._exec(vm, "query-migrate")
                 status = info.get("status") if isinstance(info, dict) else None
                 if status == "completed":
                     return
@@ -538,9 +550,8 @@ class VmEngine:
                 if anyio.current_time() > deadline:
                     raise VmTimeout("QEMU's QMP socket did not come up in time") from None
                 await anyio.sleep(0.02)
-        vm.qmp = qmp
         vm.tg.start_soon(self._pump_console, vm, console)
-        vm.tg.start_soon(self._pump_events, vm, qmp)
+        await self._use_qmp(vm, qmp)
 
     async def _supervise(self, vm: _Vm, *, task_status: TaskStatus[TaskGroup]) -> None:
         async with anyio.create_task_group() as tg:
@@ -622,7 +633,15 @@ class VmEngine:
             vm.console_eof.set()
             await anyio.sleep(0.1)
 
-    async def _pump_events(self, vm: _Vm, qmp: Qmp) -> None:
+    async def _pump_events(
+        self, vm: _Vm, qmp: Qmp, *, task_status: TaskStatus[anyio.CancelScope]
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            task_status.started(scope)
+            await self._follow_events(vm, qmp)
+
+    @staticmethod
+    async def _follow_events(vm: _Vm, qmp: Qmp) -> None:
         async for ev in qmp.events:
             kind = ev["event"]
             data = ev.get("data")
@@ -647,10 +666,42 @@ class VmEngine:
             raise VmStateConflict(f"VM {name} is {vm.state}")
         return vm
 
-    def _qmp(self, vm: _Vm) -> Qmp:
-        if vm.qmp is None:
-            raise VmUnavailable(f"VM {vm.name} has no QMP connection")
-        return vm.qmp
+    async def _connected_qmp(self, vm: _Vm) -> Qmp:
+        """The VM's QMP connection, reconnecting if it was lost while QEMU lives."""
+        # QEMU's QMP socket takes one client at a time: one reconnect at a time.
+        async with vm.qmp_lock:
+            if vm.qmp is not None:
+                return vm.qmp
+            if vm.exited.is_set() or vm.tg is None:
+                raise VmUnavailable(f"VM {vm.name} has no QMP connection")
+            qmp = Qmp(vm.name, self.settings.qmp_timeout_s)
+            await qmp.connect(vm.record.qmp_socket)
+            await self._use_qmp(vm, qmp)
+            log.info("vm_qmp_reconnected", vm=vm.name)
+            return qmp
+
+    async def _use_qmp(self, vm: _Vm, qmp: Qmp) -> None:
+        assert vm.tg is not None
+        if vm.events_scope is not None:
+            vm.events_scope.cancel()
+        vm.qmp = qmp
+        vm.events_scope = await vm.tg.start(self._pump_events, vm, qmp)
+
+    async def _exec(
+        self, vm: _Vm, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
+        """Run a QMP command; a lost connection is dropped so the next call reconnects.
+
+        The failed command is not retried: it may have run (``migrate``, ``quit``).
+        """
+        qmp = await self._connected_qmp(vm)
+        try:
+            return await qmp.execute(cmd, args, timeout)
+        except VmUnavailable:
+            if vm.qmp is qmp:
+                vm.qmp = None
+                await qmp.close()
+            raise
 
     def names(self) -> list[str]:
         return sorted(self._vms)
@@ -694,7 +745,7 @@ class VmEngine:
         self, name: str, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None
     ) -> Any:
         """Run a QMP command on a live VM (for the server's own use, never a client's)."""
-        return await self._qmp(self._alive(name)).execute(cmd, args, timeout)
+        return await self._exec(self._alive(name), cmd, args, timeout)
 
     async def query_status(self, name: str) -> str:
         info = await self.qmp(name, "query-status")
@@ -711,12 +762,12 @@ class VmEngine:
 
     async def pause(self, name: str) -> None:
         vm = self._alive(name)
-        await self._qmp(vm).execute("stop")
+        await self._exec(vm, "stop")
         vm.state = VmState.PAUSED
 
     async def resume(self, name: str) -> None:
         vm = self._alive(name)
-        await self._qmp(vm).execute("cont")
+        await self._exec(vm, "cont")
         vm.state = VmState.RUNNING
 
     async def stop(
@@ -756,9 +807,9 @@ class VmEngine:
                         assert agent_shutdown is not None
                         await agent_shutdown()
                     elif method == "ACPI powerdown":
-                        await self._qmp(vm).execute("system_powerdown", timeout=timeout)
+                        await self._exec(vm, "system_powerdown", timeout=timeout)
                     elif method == "QMP quit":
-                        await self._qmp(vm).execute("quit", timeout=timeout)
+                        await self._exec(vm, "quit", timeout=timeout)
                     else:
                         self._signal(vm, signal.SIGKILL)
                 except Exception as e:  # a failed step just moves on to the next one
@@ -803,7 +854,7 @@ class VmEngine:
         restarts the VM with ``VmConfig(incoming_fd=...)`` and the same spec.
         """
         vm = self._alive(name)
-        qmp = self._qmp(vm)
+        qmp = await self._connected_qmp(vm)
         t0 = time.monotonic()
         start_size = os.fstat(fd).st_size
         await qmp.execute("stop")
@@ -842,7 +893,7 @@ class VmEngine:
                 continue
             try:
                 await self._attach(vm, timeout=self.settings.qmp_timeout_s)
-                qstatus = await self._qmp(vm).execute("query-status")
+                qstatus = await self._exec(vm, "query-status")
                 running = isinstance(qstatus, dict) and qstatus.get("running")
                 vm.state = VmState.RUNNING if running else VmState.PAUSED
                 adopted.append(rec.name)

@@ -32,7 +32,12 @@ from agentiso.privhelper.vm.engine import (
     VmEngine,
     VmState,
 )
-from agentiso.privhelper.vm.errors import InvalidVmSpec, VmError, VmStateConflict
+from agentiso.privhelper.vm.errors import (
+    InvalidVmSpec,
+    VmError,
+    VmStateConflict,
+    VmUnavailable,
+)
 from agentiso.privhelper.vm.procfs import parse_status_groups, parse_status_ids, read_status
 from agentiso.privhelper.vm.spec import DiskLayer
 
@@ -259,6 +264,14 @@ async def test_forced_stop_and_stop_without_agent(env: Env) -> None:
     async with engine_for(env) as engine:
         s1 = await engine.start(env.config(n1))
         s2 = await engine.start(env.config(n2))
+        # A QMP connection lost while QEMU lives: the failing call says so, the
+        # next one reconnects (reaching into the engine to cut the connection).
+        qmp = engine._vms[n2].qmp
+        assert qmp is not None
+        await qmp._client.disconnect()
+        with pytest.raises(VmUnavailable):
+            await engine.query_status(n2)
+        assert await engine.query_status(n2) == "running"
         killed = await engine.kill(n1)
         assert killed.state is VmState.STOPPED and "SIGKILL" in (killed.exit_reason or "")
         # No agent hook: ACPI powerdown (our guest has no handler) then QMP quit.
