@@ -63,8 +63,18 @@ def remove_tree(path: Path) -> None:
 
 
 def resolve_kernel(metapackage: str) -> tuple[str, str]:
-    """(versioned package, its candidate version) the metapackage points at, per apt."""
-    meta = dpkgstatus.parse_control(run(["apt-cache", "show", "--no-all-versions", metapackage]))
+    """(versioned package, its candidate version) the metapackage points at, per apt.
+
+    A fresh CI machine may have no package indexes (images often delete them):
+    then ``apt-get update`` runs once and the lookup is retried.
+    """
+    try:
+        text = run(["apt-cache", "show", "--no-all-versions", metapackage])
+    except ToolError:
+        log(f"{metapackage} unknown to apt: running apt-get update")
+        run(["apt-get", "update", "-q"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        text = run(["apt-cache", "show", "--no-all-versions", metapackage])
+    meta = dpkgstatus.parse_control(text)
     package = dpkgstatus.versioned_kernel_package(meta)
     fields = dpkgstatus.parse_control(run(["apt-cache", "show", "--no-all-versions", package]))
     return package, fields["version"]
