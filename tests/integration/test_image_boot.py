@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from agentiso.protocol import guest as gp
+from tests.harness.fixtures import vm_fixture
 from tests.harness.images import require_image
-from tests.harness.vm import BootedVM, boot_vm
+from tests.harness.vm import BootedVM
 
 DISK_SIZE = 1 << 30  # larger than the image, so the init must grow the filesystem
 BOOT_TIMEOUT = 60.0  # generous: two cores shared with other VMs under TCG
@@ -26,21 +27,19 @@ INIT_EXEC = r"agentiso-init: exec python3 -m agentiso.guest"
 AGENT_MISSING = "No module named agentiso.guest.__main__"
 
 
+minimal_vm = vm_fixture("minimal", scope="module", disk_size=DISK_SIZE)
+
+
 @pytest.fixture(scope="module")
-def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BootedVM, socket.socket]]:
-    image = require_image("minimal")
-    vm = boot_vm(image, tmp_path_factory.mktemp("boot"), disk_size=DISK_SIZE)
-    sock: socket.socket | None = None
+def booted(minimal_vm: BootedVM) -> Iterator[tuple[BootedVM, socket.socket]]:
+    # Connect before the guest is up, as the helper does: the agent's first frame
+    # must not be lost to a late connection.
+    sock = minimal_vm.connect_channel()
     try:
-        # Connect before the guest is up, as the helper does: the agent's first frame
-        # must not be lost to a late connection.
-        sock = vm.connect_channel()
-        vm.wait_for_console(INIT_EXEC, BOOT_TIMEOUT)
-        yield vm, sock
+        minimal_vm.wait_for_console(INIT_EXEC, BOOT_TIMEOUT)
+        yield minimal_vm, sock
     finally:
-        if sock is not None:
-            sock.close()
-        vm.stop()
+        sock.close()
 
 
 def test_init_runs_and_execs_the_agent(booted: tuple[BootedVM, socket.socket]) -> None:
