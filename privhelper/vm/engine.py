@@ -56,6 +56,7 @@ from .errors import (
     VmUnavailable,
 )
 from .launch import (
+    QEMU_ENV,
     OpenedDisks,
     open_disk_layers,
     prepare_private_dir,
@@ -219,6 +220,7 @@ class _Vm:
     tg: TaskGroup | None = None
     events_scope: anyio.CancelScope | None = None
     qmp_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    tasks_done: anyio.Event | None = None
     exited: anyio.Event = field(default_factory=anyio.Event)
     console_eof: anyio.Event = field(default_factory=anyio.Event)
     console: BoundedLog | None = None
@@ -372,6 +374,9 @@ class VmEngine:
             if old.state not in FINISHED:
                 raise VmAlreadyExists(f"VM {cfg.name} is running")
             self.forget(cfg.name)
+        if old is None and self._records.path(cfg.name).exists():
+            # A record we have not adopted may be a live QEMU: never clobber it.
+            raise VmAlreadyExists(f"VM {cfg.name} has a record: call adopt_all() first")
         self._starting.add(cfg.name)
         try:
             return await self._start(cfg)
@@ -554,14 +559,23 @@ class VmEngine:
         await self._use_qmp(vm, qmp)
 
     async def _supervise(self, vm: _Vm, *, task_status: TaskStatus[TaskGroup]) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch, vm)
-            task_status.started(tg)
+        done = vm.tasks_done = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch, vm)
+                task_status.started(tg)
+        finally:
+            done.set()
 
-    async def _detach(self, vm: _Vm) -> None:
+    async def _detach(self, vm: _Vm, *, from_watcher: bool = False) -> None:
+        """Stop watching ``vm`` (QEMU keeps running) and release what we hold."""
         if vm.tg is not None:
             vm.tg.cancel_scope.cancel()
             vm.tg = None
+            if not from_watcher and vm.tasks_done is not None:
+                # The watcher must be off the pidfd before the fd is closed.
+                with anyio.move_on_after(5):
+                    await vm.tasks_done.wait()
         if vm.qmp is not None:
             await vm.qmp.close()
             vm.qmp = None
@@ -582,8 +596,8 @@ class VmEngine:
             cap_appended_file(stderr, self.settings.stderr_max_bytes)
         rc: int | None = None
         if vm.popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                rc = vm.popen.wait(timeout=1)
+            # The pidfd is readable: the child has exited, so this reaps at once.
+            rc = vm.popen.poll()
         # Give the console reader a moment to drain QEMU's last words.
         with anyio.move_on_after(0.5):
             await vm.console_eof.wait()
@@ -610,7 +624,7 @@ class VmEngine:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._subscribers.remove(s)
         with anyio.CancelScope(shield=True):
-            await self._detach(vm)
+            await self._detach(vm, from_watcher=True)
 
     async def _pump_console(self, vm: _Vm, stream: SocketStream | None) -> None:
         """Copy the serial console socket into the bounded log; reconnect if it drops."""
@@ -970,23 +984,10 @@ class VmEngine:
         results.append(
             CheckResult("qemu", qemu is not None, qemu or f"{self.settings.qemu_binary} not found")
         )
-        if os.geteuid() == 0:
+        if qemu is not None:
+            uid = self._uids.base + self._uids.count - 1
             results.append(
-                CheckResult(
-                    "unprivileged-qemu",
-                    True,
-                    f"each QEMU runs as its own uid from {self._uids.base}"
-                    f"+{self._uids.count}, no supplementary groups, full -sandbox",
-                )
-            )
-        else:
-            results.append(
-                CheckResult(
-                    "unprivileged-qemu",
-                    True,
-                    f"helper is not root: QEMU runs as the helper's uid {os.geteuid()} "
-                    "(no per-VM uid isolation)",
-                )
+                await anyio.to_thread.run_sync(_unprivileged_qemu_check, qemu, uid, self._uids)
             )
         problem = world_readable_path_problem(str(self._run), directory=True)
         results.append(
@@ -1000,6 +1001,41 @@ class VmEngine:
             except VmError as e:
                 results.append(CheckResult("accelerator", False, e.message))
         return results
+
+
+def _unprivileged_qemu_check(qemu: str, uid: int, rng: UidRange) -> CheckResult:
+    """Run ``qemu -version`` exactly as VMs are run: as a range uid, no groups."""
+    name = "unprivileged-qemu"
+    if os.geteuid() != 0:
+        return CheckResult(
+            name,
+            True,
+            f"helper is not root: QEMU runs as the helper's uid {os.geteuid()} "
+            "(no per-VM uid isolation)",
+        )
+    try:
+        out = subprocess.run(
+            [qemu, "-version"],
+            capture_output=True,
+            timeout=30,
+            user=uid,
+            group=uid,
+            extra_groups=[],
+            env=QEMU_ENV,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return CheckResult(
+            name, False, f"cannot run QEMU as uid {uid} ({e}); VMs will not start (never as root)"
+        )
+    if out.returncode != 0:
+        return CheckResult(name, False, f"QEMU as uid {uid} failed: {out.stderr[:200]!r}")
+    return CheckResult(
+        name,
+        True,
+        f"each QEMU runs as its own uid from {rng.base}+{rng.count}, "
+        "no supplementary groups, full -sandbox",
+    )
 
 
 def _vsock_check() -> CheckResult:

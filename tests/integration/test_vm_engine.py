@@ -34,6 +34,7 @@ from agentiso.privhelper.vm.engine import (
 )
 from agentiso.privhelper.vm.errors import (
     InvalidVmSpec,
+    VmAlreadyExists,
     VmError,
     VmStateConflict,
     VmUnavailable,
@@ -395,6 +396,9 @@ async def test_engine_killed_vm_survives_and_is_adopted(env: Env) -> None:
 
     # Not engine_for: its clean-up would forget the record checked below.
     async with VmEngine.running(env.settings) as engine:
+        # Starting over a record not yet adopted would clobber a live VM.
+        with pytest.raises(VmAlreadyExists):
+            await engine.start(cfg)
         report = await engine.adopt_all()
         assert report.adopted == [name] and report.dead == []
         st = engine.status(name)
@@ -402,6 +406,9 @@ async def test_engine_killed_vm_survives_and_is_adopted(env: Env) -> None:
         assert await engine.query_status(name) == "running"
         async with guest(engine, name) as g:
             assert (await g.exec(["true"])).ok
+            # The console keeps flowing into the log through the new engine.
+            await g.exec(["sh", "-c", "echo ADOPTED-CONSOLE > /dev/console"])
+        await wait_console(engine, name, b"ADOPTED-CONSOLE", 10)
         # Other QEMUs of this host (other tests, other helpers) may be listed too.
         assert [o for o in engine.find_orphans() if o.name.startswith(env.prefix)] == []
         # The adopted QEMU is not our child: its death is still seen (pidfd).
