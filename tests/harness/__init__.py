@@ -16,6 +16,9 @@ Boot harness (guest images; see docs/images.md):
         vm.wait_for_console("agentiso-init: exec")
         sock = vm.connect_channel()
 
+``boot_vm`` also takes an image directory (``image_dir("minimal")``) and skips the
+test itself when that image is not built.
+
 The production VM engine (privhelper/vm) owns launching VMs for real; the boot
 harness only serves tests and benchmarks.
 """

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import pytest
+
 from images.hosttsc import tsc_khz_from_cpuinfo, with_tsc_khz
 
-from .images import ImageInfo
+from .images import ImageInfo, missing_reason
 from .qemu import QemuConfig, qemu_argv
 
 
@@ -155,8 +157,25 @@ def host_cmdline(cmdline: str) -> str:
     return with_tsc_khz(cmdline, khz)
 
 
+def load_image(image_dir: Path) -> ImageInfo:
+    """The image in ``image_dir``; if it cannot boot here: ``pytest.skip`` under pytest
+    (with the reason), :class:`HarnessError` elsewhere (benchmarks, scripts)."""
+    reason = missing_reason(image_dir)
+    info: ImageInfo | None = None
+    if reason is None:
+        try:
+            info = ImageInfo.load(image_dir)
+        except (OSError, ValueError, KeyError) as exc:
+            reason = f"image {image_dir} has an unreadable manifest ({exc}): run `make image`"
+    if info is not None:
+        return info
+    if "PYTEST_CURRENT_TEST" in os.environ:
+        pytest.skip(reason=reason)
+    raise HarnessError(reason)
+
+
 def boot_vm(
-    image: ImageInfo,
+    image: ImageInfo | Path,
     workdir: Path,
     *,
     memory_mib: int = 256,
@@ -166,11 +185,17 @@ def boot_vm(
 ) -> BootedVM:
     """Start QEMU on a fresh overlay of ``image`` in ``workdir`` and return at once.
 
+    ``image`` is an :class:`ImageInfo` or an image directory (``build/images/<name>``,
+    see :func:`~tests.harness.images.image_dir`); a directory whose image is not built,
+    or a host without QEMU, skips the calling test (see :func:`load_image`).
+
     ``disk_size`` (bytes) makes the virtual disk larger than the image; the guest's
     init grows its filesystem to match.  The caller waits for what it needs
     (:meth:`BootedVM.wait_for_console`, :meth:`BootedVM.connect_channel`) and stops the
     VM (or uses it as a context manager).
     """
+    if isinstance(image, Path):
+        image = load_image(image)
     workdir.mkdir(parents=True, exist_ok=True)
     if disk_size is not None and disk_size < image.rootfs.stat().st_size:
         raise HarnessError(f"disk_size {disk_size} is smaller than the image")

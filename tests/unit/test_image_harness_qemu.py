@@ -73,3 +73,20 @@ def test_boot_vm_refuses_a_disk_smaller_than_the_image(tmp_path: Path) -> None:
     with pytest.raises(HarnessError, match="smaller than the image"):
         boot_vm(image, tmp_path / "work", disk_size=4096)
     assert not (tmp_path / "work" / "disk.qcow2").exists()
+
+
+def test_boot_vm_on_an_unbuilt_image_dir_skips_with_the_reason(tmp_path: Path) -> None:
+    from tests.harness.vm import boot_vm
+
+    with pytest.raises(pytest.skip.Exception, match=r"make image|qemu-system-x86_64"):
+        boot_vm(tmp_path / "images" / "nothing", tmp_path / "work")
+
+
+def test_outside_pytest_an_unbuilt_image_is_a_harness_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.harness.vm import HarnessError, load_image
+
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")
+    with pytest.raises(HarnessError):
+        load_image(tmp_path / "nothing")
