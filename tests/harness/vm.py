@@ -161,14 +161,11 @@ def load_image(image_dir: Path) -> ImageInfo:
     """The image in ``image_dir``; if it cannot boot here: ``pytest.skip`` under pytest
     (with the reason), :class:`HarnessError` elsewhere (benchmarks, scripts)."""
     reason = missing_reason(image_dir)
-    info: ImageInfo | None = None
     if reason is None:
         try:
-            info = ImageInfo.load(image_dir)
+            return ImageInfo.load(image_dir)
         except (OSError, ValueError, KeyError) as exc:
             reason = f"image {image_dir} has an unreadable manifest ({exc}): run `make image`"
-    if info is not None:
-        return info
     if "PYTEST_CURRENT_TEST" in os.environ:
         pytest.skip(reason=reason)
     raise HarnessError(reason)
