@@ -399,76 +399,79 @@ class VmEngine:
         logs = self._logs / cfg.name
         if len(str(run / "console.sock").encode()) > 107:
             raise InvalidVmSpec(f"run_dir {self._run} is too long for Unix socket paths")
-        prepare_private_dir(run, uid, gid)
-        logs.mkdir(mode=0o700, exist_ok=True)
-        for old_log in logs.iterdir():
-            old_log.unlink()
-
-        if cfg.channel == "virtio-serial":
-            channel: VirtioSerialChannel | VsockChannel = VirtioSerialChannel(
-                socket_path=str(run / "agent.sock")
-            )
-        else:
-            if cfg.guest_cid is None:
-                raise InvalidVmSpec("a vsock channel needs a guest CID")
-            channel = VsockChannel(guest_cid=cfg.guest_cid, vhost_fd=cfg.vhost_vsock_fd)
-        secret_file: Path | None = None
-        if cfg.secret is not None:
-            if not 16 <= len(cfg.secret) <= 4096:
-                raise InvalidVmSpec("the secret must be 16 to 4096 bytes")
-            secret_file = run / "secret"
-            write_owned_file(secret_file, cfg.secret, uid, gid)
-
-        spec = VmSpec(
-            name=cfg.name,
-            kernel=cfg.kernel,
-            initrd=cfg.initrd,
-            cmdline=cfg.cmdline,
-            disks=cfg.disks,
-            vcpus=cfg.vcpus,
-            memory_mib=cfg.memory_mib,
-            channel=channel,
-            qmp_socket=str(run / "qmp.sock"),
-            console_socket=str(run / "console.sock"),
-            accel=Accel(kind=decision.kind, tb_size_mib=self.settings.tb_size_mib),
-            net=cfg.net,
-            fw_cfg_secret_file=None if secret_file is None else str(secret_file),
-            incoming=None if cfg.incoming_fd is None else Incoming(fd=cfg.incoming_fd),
-            tsc_khz=self._tsc_khz if decision.kind == "tcg" else None,
-            start_paused=True,
-        )
-        disks: OpenedDisks | None = None
-        stderr_path = logs / "stderr.log"
         try:
-            build_argv(spec)  # validate before opening anything
-            disks = open_disk_layers(cfg.disks)
-            argv = build_argv(
-                msgspec.structs.replace(spec, disks=disks.layers), self.settings.qemu_binary
-            )
-            pass_fds = [*disks.fds]
-            for fd in (
-                cfg.net.tap_fd if cfg.net else None,
-                cfg.vhost_vsock_fd if cfg.channel == "vsock" else None,
-                cfg.incoming_fd,
-            ):
-                if fd is not None:
-                    pass_fds.append(fd)
-            stderr_fd = os.open(
-                stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
-            )
-            try:
-                popen = spawn_qemu(
-                    argv, uid=uid, gid=gid, pass_fds=pass_fds, stderr_fd=stderr_fd, cwd=run
-                )
-            finally:
-                os.close(stderr_fd)
-        except BaseException:
-            shutil.rmtree(run, ignore_errors=True)
-            raise
-        finally:
-            if disks is not None:
-                disks.close()
+            prepare_private_dir(run, uid, gid)
+            logs.mkdir(mode=0o700, exist_ok=True)
+            for old_log in logs.iterdir():
+                old_log.unlink()
 
+            if cfg.channel == "virtio-serial":
+                channel: VirtioSerialChannel | VsockChannel = VirtioSerialChannel(
+                    socket_path=str(run / "agent.sock")
+                )
+            else:
+                if cfg.guest_cid is None:
+                    raise InvalidVmSpec("a vsock channel needs a guest CID")
+                channel = VsockChannel(guest_cid=cfg.guest_cid, vhost_fd=cfg.vhost_vsock_fd)
+            secret_file: Path | None = None
+            if cfg.secret is not None:
+                if not 16 <= len(cfg.secret) <= 4096:
+                    raise InvalidVmSpec("the secret must be 16 to 4096 bytes")
+                secret_file = run / "secret"
+                write_owned_file(secret_file, cfg.secret, uid, gid)
+
+            spec = VmSpec(
+                name=cfg.name,
+                kernel=cfg.kernel,
+                initrd=cfg.initrd,
+                cmdline=cfg.cmdline,
+                disks=cfg.disks,
+                vcpus=cfg.vcpus,
+                memory_mib=cfg.memory_mib,
+                channel=channel,
+                qmp_socket=str(run / "qmp.sock"),
+                console_socket=str(run / "console.sock"),
+                accel=Accel(kind=decision.kind, tb_size_mib=self.settings.tb_size_mib),
+                net=cfg.net,
+                fw_cfg_secret_file=None if secret_file is None else str(secret_file),
+                incoming=None if cfg.incoming_fd is None else Incoming(fd=cfg.incoming_fd),
+                tsc_khz=self._tsc_khz if decision.kind == "tcg" else None,
+                start_paused=True,
+            )
+            build_argv(spec)  # validate before opening anything
+            disks: OpenedDisks | None = None
+            stderr_path = logs / "stderr.log"
+            try:
+                disks = open_disk_layers(cfg.disks)
+                argv = build_argv(
+                    msgspec.structs.replace(spec, disks=disks.layers), self.settings.qemu_binary
+                )
+                pass_fds = [*disks.fds]
+                for fd in (
+                    cfg.net.tap_fd if cfg.net else None,
+                    cfg.vhost_vsock_fd if cfg.channel == "vsock" else None,
+                    cfg.incoming_fd,
+                ):
+                    if fd is not None:
+                        pass_fds.append(fd)
+                stderr_fd = os.open(
+                    stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+                )
+                try:
+                    popen = spawn_qemu(
+                        argv, uid=uid, gid=gid, pass_fds=pass_fds, stderr_fd=stderr_fd, cwd=run
+                    )
+                finally:
+                    os.close(stderr_fd)
+            finally:
+                if disks is not None:
+                    disks.close()
+
+        except BaseException:
+            # Nothing of a VM that never ran is left behind.
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.rmtree(logs, ignore_errors=True)
+            raise
         pidfd = os.pidfd_open(popen.pid)
         st = read_stat(popen.pid)
         record = VmRecord(
@@ -540,21 +543,26 @@ class VmEngine:
         # QMP and the console socket appear during QEMU's init; retry until then.
         deadline = anyio.current_time() + timeout
         console: SocketStream | None = None
-        while True:
-            if vm.exited.is_set():
-                raise LaunchError(f"QEMU exited ({vm.exit_reason})")
-            try:
-                if console is None:
-                    console = await anyio.connect_unix(vm.record.console_socket)
-                qmp = Qmp(vm.name, self.settings.qmp_timeout_s)
-                await qmp.connect(
-                    vm.record.qmp_socket, timeout=max(0.1, deadline - anyio.current_time())
-                )
-                break
-            except (OSError, VmUnavailable):
-                if anyio.current_time() > deadline:
-                    raise VmTimeout("QEMU's QMP socket did not come up in time") from None
-                await anyio.sleep(0.02)
+        try:
+            while True:
+                if vm.exited.is_set():
+                    raise LaunchError(f"QEMU exited ({vm.exit_reason})")
+                try:
+                    if console is None:
+                        console = await anyio.connect_unix(vm.record.console_socket)
+                    qmp = Qmp(vm.name, self.settings.qmp_timeout_s)
+                    await qmp.connect(
+                        vm.record.qmp_socket, timeout=max(0.1, deadline - anyio.current_time())
+                    )
+                    break
+                except (OSError, VmUnavailable):
+                    if anyio.current_time() > deadline:
+                        raise VmTimeout("QEMU's QMP socket did not come up in time") from None
+                    await anyio.sleep(0.02)
+        except BaseException:
+            if console is not None:
+                await console.aclose()
+            raise
         vm.tg.start_soon(self._pump_console, vm, console)
         await self._use_qmp(vm, qmp)
 
