@@ -443,3 +443,40 @@ async def test_orphan_qemu_is_found_and_killed(env: Env) -> None:
                 read_status(st.pid) or ""
             ):
                 await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_tap_fd_passed_to_unprivileged_qemu_carries_traffic(env: Env) -> None:
+    """The helper opens the TAP (in a namespace this test owns) and QEMU only gets the fd."""
+    from agentiso.privhelper.net.tap import open_tap
+    from agentiso.privhelper.vm.spec import NetAttachment
+    from tests.harness.netns import NetnsUnavailable, check_available, netns
+
+    name = f"{env.prefix}-n"
+    mac = "52:54:00:4d:00:02"
+    try:
+        check_available()
+    except NetnsUnavailable as e:
+        pytest.skip(reason=f"network namespaces unavailable: {e}")
+    with netns("agvm") as ns:
+        with ns.entered():
+            tap_fd = open_tap("tap0", vnet_hdr=True)
+        try:
+            ns.ip("addr", "add", "192.168.77.1/24", "dev", "tap0")
+            ns.ip("link", "set", "tap0", "up")
+            async with engine_for(env) as engine:
+                st = await engine.start(env.config(name, net=NetAttachment(tap_fd=tap_fd, mac=mac)))
+                os.close(tap_fd)  # QEMU holds its own copy now
+                tap_fd = -1
+                assert_unprivileged(st.pid)
+                async with guest(engine, name) as g:
+                    await g.configure_network(address="192.168.77.2", prefix=24, mac=mac)
+                    link = await g.exec(["ip", "-o", "link", "show"])
+                    assert mac.encode() in link.stdout
+                probe = await anyio.to_thread.run_sync(
+                    lambda: ns.probe("ping", "192.168.77.2", "10")
+                )
+                assert probe.returncode == 0, probe.stderr
+        finally:
+            if tap_fd >= 0:
+                os.close(tap_fd)
