@@ -54,6 +54,15 @@ if [ "$sectors" != "$recorded" ] && [ "$sectors" != 0 ]; then
     fi
 fi
 
+# Python seeds its hash randomisation from /dev/urandom at start-up, and before the
+# kernel's entropy pool is ready that read waits for jitter entropy: about a second
+# under TCG when the VM has no virtio-rng device.  The kernel's per-boot random
+# boot_id (made without waiting) seeds it instead.
+if [ -z "${PYTHONHASHSEED:-}" ] && read -r boot_id < /proc/sys/kernel/random/boot_id; then
+    PYTHONHASHSEED=$((0x${boot_id%%-*}))
+    export PYTHONHASHSEED
+fi
+
 read -r now _ < /proc/uptime
 echo "agentiso-init: exec python3 -m agentiso.guest at ${now}s"
 cd /
