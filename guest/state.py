@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -54,8 +55,14 @@ class AgentState:
     #: Set by a Shutdown request when the agent is not PID 1: stop serving.
     exit_requested: bool = False
     on_exit: Callable[[], None] | None = None
+    _detached: set[asyncio.Task[None]] = field(default_factory=set)
     jobs: JobTable = field(init=False)
     freezer: Freezer = field(init=False)
+
+    def keep(self, task: asyncio.Task[None]) -> None:
+        """Hold a reference to a detached task until it ends."""
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
 
     def __post_init__(self) -> None:
         from .jobs import JobTable

@@ -18,7 +18,7 @@ from agentiso.protocol.errors import ErrorCode
 from . import netconfig
 from .connection import RequestContext
 from .errors import Failed, from_oserror
-from .state import kernel_uptime
+from .state import AgentState, kernel_uptime
 
 log = logging.getLogger("agentiso.guest.system")
 
@@ -211,13 +211,19 @@ async def handle_shutdown(req: gp.Shutdown, ctx: RequestContext) -> None:
     state = ctx.state
     # Answer first: after reboot(2) there is nobody to answer.
     await ctx.send(gp.Ok(id=req.id))
+    # Not in this request's task: the host may hang up on the Ok, which
+    # cancels the session's requests, and the shutdown must still happen.
+    state.keep(asyncio.get_running_loop().create_task(_shut_down(state, req.reboot)))
+
+
+async def _shut_down(state: AgentState, reboot: bool) -> None:
     if state.freezer.frozen:
         with contextlib.suppress(OSError):
             state.freezer.thaw()
     state.jobs.shutdown()
     if state.pid1:
         await asyncio.sleep(0.05)  # let the Ok leave
-        await asyncio.to_thread(_power_off, req.reboot)
+        await asyncio.to_thread(_power_off, reboot)
     else:
         state.exit_requested = True
         if state.on_exit is not None:

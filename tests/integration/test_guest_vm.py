@@ -170,3 +170,17 @@ async def test_hostile_bytes_on_the_virtio_port(guest_vm: BootedVM) -> None:
         await c.send_raw(os.urandom(100_000))
         await c.resync(timeout=30)
         assert (await c.exec(["true"])).exit_code == 0
+
+
+fresh_vm = vm_fixture("minimal", scope="function")
+
+
+async def test_shutdown_powers_the_vm_off(fresh_vm: BootedVM) -> None:
+    async with connect(fresh_vm) as c:
+        await c.write_file("/root/before-shutdown", b"synced")
+        await c.shutdown()
+    deadline = anyio.current_time() + 60
+    while fresh_vm.alive():
+        assert anyio.current_time() < deadline, f"still running; console:\n{fresh_vm.tail()}"
+        await anyio.sleep(0.1)
+    assert "reboot: Power down" in fresh_vm.console_text()
