@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import cpio, dpkgstatus, kmods
+from . import cpio, dpkgstatus, kernelimage, kmods
 from .errors import ImageBuildError, ToolError
 
 
@@ -137,6 +137,47 @@ def vmlinuz_path(tree: Path, release: str) -> Path:
     if not path.is_file():
         raise ImageBuildError(f"{path} is missing from the kernel package")
     return path
+
+
+def decompress(data: bytes, compression: str) -> bytes:
+    """Decompress a kernel payload: stdlib codecs, or the lz4/zstd tools."""
+    import bz2
+    import gzip
+    import lzma
+
+    if compression == "gzip":
+        return gzip.decompress(data)
+    if compression == "xz":
+        return lzma.decompress(data, format=lzma.FORMAT_XZ)
+    if compression == "lzma":
+        return lzma.decompress(data, format=lzma.FORMAT_ALONE)
+    if compression == "bzip2":
+        return bz2.decompress(data)
+    if compression in ("lz4", "zstd"):
+        try:
+            proc = subprocess.run(
+                [compression, "-d", "-c"], input=data, capture_output=True, check=False
+            )
+        except FileNotFoundError as exc:
+            raise ToolError(f"{compression}: not installed") from exc
+        if proc.returncode != 0:
+            raise ToolError(f"{compression} -d failed: {proc.stderr.decode(errors='replace')}")
+        return proc.stdout
+    raise ImageBuildError(f"no decompressor for a {compression} kernel")
+
+
+def pvh_kernel(bzimage: bytes) -> bytes | None:
+    """The uncompressed, PVH-bootable ELF inside ``bzimage``, or None if it has no PVH entry.
+
+    Raises :class:`ImageBuildError` when the bzImage cannot be taken apart.
+    """
+    start, length = kernelimage.bzimage_payload(bzimage)
+    payload = bzimage[start : start + length]
+    compressed, size = kernelimage.split_size_suffix(payload)
+    elf = decompress(compressed, kernelimage.compression_of(payload))
+    if len(elf) != size:
+        raise kernelimage.KernelImageError(f"vmlinux is {len(elf)} bytes, header says {size}")
+    return elf if kernelimage.has_pvh_entry(elf) else None
 
 
 # --- initramfs --------------------------------------------------------------------

@@ -146,3 +146,15 @@ def test_dev_rootfs_adds_the_toolchain() -> None:
         assert exists(rootfs, f"/usr/bin/{tool}"), tool
     assert exists(rootfs, "/etc/ssl/certs/ca-certificates.crt")
     assert exists(rootfs, f"{SITE}/agentiso/guest/__main__.py")
+
+
+def test_kernel_is_an_uncompressed_pvh_elf() -> None:
+    from images.kernelimage import has_pvh_entry
+
+    directory = built("minimal")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    kernel = (directory / "vmlinuz").read_bytes()
+    if manifest["versions"].get("kernel_format") == "bzimage":
+        pytest.skip(reason="this kernel has no PVH entry: the bzImage is shipped")
+    assert manifest["versions"]["kernel_format"] == "elf-pvh"
+    assert has_pvh_entry(kernel)
