@@ -1,0 +1,136 @@
+"""The real guest image boots from a volume of each backend, and grows with it.
+
+The ``minimal`` image's rootfs.img is imported as a base, a volume is made from
+it and grown with :meth:`grow_volume`, and a microVM (TCG) boots from exactly
+what :meth:`attachment` names (qcow2 chain / raw file on zfs-fuse).  The guest's
+init grows the root filesystem to the disk (resize2fs) and says so on the
+console; afterwards the ext4 superblock *in the volume* shows the new size while
+a fresh volume from the same base still shows the image's.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import struct
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from agentiso.privhelper.storage import Attachment, FromBase, VolumeBackend, ZfsConfig
+from agentiso.privhelper.storage.qcow2 import Qcow2Backend
+from agentiso.privhelper.storage.zfs import ZfsBackend
+from tests.harness.images import ImageInfo, require_image
+from tests.harness.qemu import QemuConfig, qemu_argv
+from tests.harness.vm import BootedVM, host_cmdline
+from tests.harness.zfs import ZfsPool, ZfsUnavailable, zfs_fuse_pool
+
+MIB = 1024 * 1024
+GROWN = 1024 * MIB
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def image() -> ImageInfo:
+    return require_image("minimal")  # skips with the reason if not built
+
+
+@pytest.fixture(scope="module")
+def zfs_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZfsPool]:
+    try:
+        with zfs_fuse_pool(tmp_path_factory.mktemp("zfs")) as pool:
+            yield pool
+    except ZfsUnavailable as exc:
+        pytest.skip(reason=f"zfs-fuse unavailable: {exc}")
+
+
+@pytest.fixture(params=["qcow2", "zfs"])
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, image: ImageInfo
+) -> AsyncIterator[VolumeBackend]:
+    b: VolumeBackend
+    if request.param == "qcow2":
+        b = Qcow2Backend(tmp_path / "storage", min_size=MIB)
+    else:
+        pool: ZfsPool = request.getfixturevalue("zfs_pool")
+        b = ZfsBackend(ZfsConfig(dataset=f"{pool.name}/b{secrets.token_hex(3)}"), min_size=MIB)
+    await b.setup()
+    try:
+        await b.import_base("minimal", image.rootfs)
+        yield b
+    finally:
+        if isinstance(b, ZfsBackend):
+            await anyio.run_process(["zfs", "destroy", "-R", b.ds.root], check=False)
+
+
+def boot_volume(image: ImageInfo, att: Attachment, workdir: Path) -> BootedVM:
+    """The harness's command line with its disk replaced by the volume's top node."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = QemuConfig(
+        kernel=image.kernel,
+        initrd=image.initrd,
+        cmdline=host_cmdline(image.cmdline),
+        disk=workdir / "unused",
+        channel=workdir / "agent.sock",
+        console=workdir / "console.log",
+    )
+    argv = qemu_argv(cfg)
+    i = argv.index("-drive")
+    node = {
+        "driver": str(att.top.format),
+        "node-name": "vol",
+        "file": {"driver": str(att.top.protocol), "filename": str(att.top.path)},
+    }
+    argv[i : i + 2] = ["-blockdev", json.dumps(node)]
+    argv[argv.index("virtio-blk-device,drive=root")] = "virtio-blk-device,drive=vol"
+    with (workdir / "qemu.stderr").open("wb") as err:
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
+        )
+    return BootedVM(proc, workdir, started)
+
+
+async def fs_bytes(att: Attachment, tmp: Path) -> int:
+    """Size of the ext4 filesystem recorded in the volume's superblock."""
+    out = tmp / f"head-{secrets.token_hex(3)}"
+    top = att.top
+    await anyio.run_process(
+        ["qemu-img", "dd", "-f", str(top.format), "-O", "raw", "bs=4096", "count=1",
+         f"if={top.path}", f"of={out}"]
+    )  # fmt: skip
+    sb = out.read_bytes()[1024:2048]
+    out.unlink()
+    assert struct.unpack_from("<H", sb, 56)[0] == 0xEF53, "no ext4 superblock"
+    blocks_lo, log_block = struct.unpack_from("<I", sb, 4)[0], struct.unpack_from("<I", sb, 24)[0]
+    blocks_hi = struct.unpack_from("<I", sb, 0x150)[0]
+    return ((blocks_hi << 32) | blocks_lo) * (1024 << log_block)
+
+
+async def test_boot_grown_volume(backend: VolumeBackend, image: ImageInfo, tmp_path: Path) -> None:
+    await backend.create_volume("ws", FromBase("minimal"))
+    info = await backend.grow_volume("ws", GROWN)
+    assert info.virtual_size == GROWN
+    att = await backend.attachment("ws")
+    original = await fs_bytes(att, tmp_path)
+    assert original < GROWN
+
+    vm = boot_volume(image, att, tmp_path / "vm")
+    try:
+        found = await anyio.to_thread.run_sync(
+            lambda: vm.wait_for_console(r"root filesystem grown to (\d+) MiB", 120)
+        )
+        assert int(found.group(1)) == GROWN // MIB, vm.tail()
+    finally:
+        await anyio.to_thread.run_sync(vm.stop)
+
+    # The guest wrote the grown filesystem into the volume, not into the base.
+    grown = await fs_bytes(att, tmp_path)
+    assert GROWN - 64 * MIB < grown <= GROWN
+    await backend.create_volume("fresh", FromBase("minimal"))
+    assert await fs_bytes(await backend.attachment("fresh"), tmp_path) == original
+    assert (await backend.volume_info("ws")).used_bytes > 0
