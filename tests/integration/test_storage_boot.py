@@ -106,8 +106,10 @@ async def fs_bytes(att: Attachment, tmp: Path) -> int:
     sb = out.read_bytes()[1024:2048]
     out.unlink()
     assert struct.unpack_from("<H", sb, 56)[0] == 0xEF53, "no ext4 superblock"
-    blocks_lo, log_block = struct.unpack_from("<I", sb, 4)[0], struct.unpack_from("<I", sb, 24)[0]
-    blocks_hi = struct.unpack_from("<I", sb, 0x150)[0]
+    # s_blocks_count_lo @4, s_log_block_size @24, s_blocks_count_hi @0x150.
+    blocks_lo: int = struct.unpack_from("<I", sb, 4)[0]
+    log_block: int = struct.unpack_from("<I", sb, 24)[0]
+    blocks_hi: int = struct.unpack_from("<I", sb, 0x150)[0]
     return ((blocks_hi << 32) | blocks_lo) * (1024 << log_block)
 
 
