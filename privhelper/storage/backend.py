@@ -16,7 +16,8 @@ Semantics common to both backends (tested by the same suite):
   The volume must not be in use by a VM.
 * ``delete_snapshot`` is refused with :class:`HasDependents` while a volume is
   cloned from that snapshot; otherwise its data is merged into what is built on
-  it, so the volume's content never changes.
+  it, so the volume's content never changes.  Like snapshots, it has a two-step
+  form (``prepare_delete_snapshot``/``commit_delete_snapshot``) for running VMs.
 * ``destroy(vol)`` removes the volume and its snapshots.  Clones made from its
   snapshots outlive it (ZFS: ``zfs promote``; qcow2: shared layers are kept
   until their last user goes).  It is refused only for a base with volumes.
@@ -31,7 +32,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from .model import Attachment, BaseInfo, SnapshotInfo, SnapshotPlan, VolumeInfo, VolumeSource
+from .model import (
+    Attachment,
+    BaseInfo,
+    SnapshotDeletion,
+    SnapshotInfo,
+    SnapshotPlan,
+    VolumeInfo,
+    VolumeSource,
+)
 
 
 class VolumeBackend(Protocol):
@@ -86,7 +95,16 @@ class VolumeBackend(Protocol):
 
     async def rollback(self, volume: str, snapshot: str) -> VolumeInfo: ...
 
-    async def delete_snapshot(self, volume: str, snapshot: str) -> None: ...
+    async def delete_snapshot(self, volume: str, snapshot: str) -> None:
+        """Delete a snapshot of an idle volume (prepare + commit)."""
+
+    async def prepare_delete_snapshot(self, volume: str, snapshot: str) -> SnapshotDeletion:
+        """First half of a deletion: check dependents, say what a running VM must do."""
+
+    async def commit_delete_snapshot(
+        self, plan: SnapshotDeletion, *, streamed: bool = False
+    ) -> None:
+        """Second half: merge offline (unless the engine ``streamed`` it live) and forget."""
 
     # --- maintenance ------------------------------------------------------------
     async def collect_garbage(self, *, dry_run: bool = True) -> list[str]:

@@ -135,3 +135,28 @@ class SnapshotPlan:
     current_top: BlockNode
     #: Backend-private token (e.g. the layer ids), opaque to the engine.
     token: str = ""
+
+
+@dataclass(frozen=True)
+class SnapshotDeletion:
+    """A snapshot deletion in the making; see :meth:`VolumeBackend.prepare_delete_snapshot`.
+
+    ``stream_into`` is set when the snapshot's data can be merged while a VM runs
+    (qcow2, the snapshot is the newest: its layer lies right under the top).  For a
+    running VM the engine then runs QMP ``block-stream`` with ``device`` = the
+    node of ``stream_into`` (the top), ``base-node`` = the node of ``new_backing``
+    and ``backing-file`` = ``str(new_backing.path)`` (so the header records the
+    real path, not an fd-set name), waits for the job to complete, may
+    ``blockdev-del`` the node of ``removed``, and calls
+    ``commit_delete_snapshot(plan, streamed=True)``.  A stopped VM, or a plan
+    without ``stream_into`` (ZFS deletes under a running VM; older qcow2
+    snapshots need the VM stopped), is completed by
+    ``commit_delete_snapshot(plan)`` alone.
+    """
+
+    volume: str
+    snapshot: str
+    stream_into: BlockNode | None = None
+    new_backing: BlockNode | None = None
+    removed: BlockNode | None = None
+    token: str = ""

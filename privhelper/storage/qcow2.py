@@ -33,6 +33,7 @@ from .model import (
     FromSnapshot,
     ImageFormat,
     Protocol,
+    SnapshotDeletion,
     SnapshotInfo,
     SnapshotPlan,
     VolumeInfo,
@@ -431,27 +432,69 @@ class Qcow2Backend:
             return self._info(plan.meta, self._load_all())
 
     async def delete_snapshot(self, volume: str, snapshot: str) -> None:
+        await self.commit_delete_snapshot(await self.prepare_delete_snapshot(volume, snapshot))
+
+    async def prepare_delete_snapshot(self, volume: str, snapshot: str) -> SnapshotDeletion:
         check_name("volume", volume)
         check_name("snapshot", snapshot)
         async with self._lock:
             meta = self._load(volume)
             plan = plan_delete_snapshot(meta, snapshot, self._load_all())
-            child = self.layout.layer(plan.child)
             new_backing = self.layout.backing_of(plan.meta, plan.child_index)
-            # Copies into the child what the deleted layer held; the child's content
-            # is unchanged.  A frozen child is made writable just for this.
-            mode = os.stat(child).st_mode & 0o777
-            os.chmod(child, 0o600)
-            try:
-                await self._run(
-                    cmd.qemu_img_rebase(child, new_backing, "qcow2"),
-                    volume,
-                    "deleting this snapshot",
+            live = plan.child == meta.top
+            return SnapshotDeletion(
+                volume=volume,
+                snapshot=snapshot,
+                stream_into=BlockNode(
+                    self.layout.layer(plan.child), ImageFormat.QCOW2, Protocol.FILE, False
                 )
-            finally:
-                os.chmod(child, mode)
-            self._store(plan.meta)
-            self._delete_layers([plan.layer])
+                if live
+                else None,
+                new_backing=BlockNode(new_backing, ImageFormat.QCOW2, Protocol.FILE, True),
+                removed=BlockNode(
+                    self.layout.layer(plan.layer), ImageFormat.QCOW2, Protocol.FILE, True
+                ),
+                token=f"{plan.layer}:{plan.child}",
+            )
+
+    async def commit_delete_snapshot(
+        self, plan: SnapshotDeletion, *, streamed: bool = False
+    ) -> None:
+        check_name("volume", plan.volume)
+        check_name("snapshot", plan.snapshot)
+        async with self._lock:
+            meta = self._load(plan.volume)
+            dplan = plan_delete_snapshot(meta, plan.snapshot, self._load_all())
+            if plan.token != f"{dplan.layer}:{dplan.child}":
+                raise CorruptState(f"volume {plan.volume!r} changed during the deletion")
+            child = self.layout.layer(dplan.child)
+            new_backing = self.layout.backing_of(dplan.meta, dplan.child_index)
+            if streamed:
+                # QEMU merged the layer (block-stream): the top must now stand on
+                # the new backing, or the layer is still needed.
+                info = parse_info((await self.runner.run(cmd.qemu_img_info(child))).stdout)
+                backing = info.full_backing_filename or info.backing_filename
+                if backing != str(new_backing):
+                    raise CorruptState(
+                        f"volume {plan.volume!r}: top is backed by {backing!r} after the "
+                        "stream, not by the snapshot's parent; snapshot kept"
+                    )
+            else:
+                await self._rebase(child, new_backing, plan.volume)
+            self._store(dplan.meta)
+            self._delete_layers([dplan.layer])
+
+    async def _rebase(self, child: Path, new_backing: Path, volume: str) -> None:
+        """Copy into ``child`` what its backing held beyond ``new_backing`` (content unchanged)."""
+        # A frozen child is made writable just for this.
+        mode = os.stat(child).st_mode & 0o777
+        os.chmod(child, 0o600)
+        try:
+            await self._run(
+                cmd.qemu_img_rebase(child, new_backing, "qcow2"), volume, "deleting this snapshot"
+            )
+        finally:
+            os.chmod(child, mode)
 
     # --- maintenance ----------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from .model import (
     FromSnapshot,
     ImageFormat,
     Protocol,
+    SnapshotDeletion,
     SnapshotInfo,
     SnapshotPlan,
     VolumeInfo,
@@ -488,15 +489,31 @@ class ZfsBackend:
             return self._info(await self._props(), volume)
 
     async def delete_snapshot(self, volume: str, snapshot: str) -> None:
+        await self.commit_delete_snapshot(await self.prepare_delete_snapshot(volume, snapshot))
+
+    async def prepare_delete_snapshot(self, volume: str, snapshot: str) -> SnapshotDeletion:
         check_name("volume", volume)
         check_name("snapshot", snapshot)
+        props = await self._props()
+        self._check_deletable(props, volume, snapshot)
+        # ZFS frees a snapshot under a running VM: nothing for QEMU to do.
+        return SnapshotDeletion(volume, snapshot)
+
+    async def commit_delete_snapshot(
+        self, plan: SnapshotDeletion, *, streamed: bool = False
+    ) -> None:
+        check_name("volume", plan.volume)
+        check_name("snapshot", plan.snapshot)
         async with self._lock:
-            props = await self._props()
-            full = self._require_snapshot(props, volume, snapshot)
-            deps = [n for c in clones_of(props, full) if (n := self.ds.volume_name(c))]
-            if deps:
-                raise HasDependents("snapshot", f"{volume}@{snapshot}", deps)
-            await self._destroy(full, recursive=False, volume=volume, op="delete-snapshot")
+            full = self._check_deletable(await self._props(), plan.volume, plan.snapshot)
+            await self._destroy(full, recursive=False, volume=plan.volume, op="delete-snapshot")
+
+    def _check_deletable(self, props: Props, volume: str, snapshot: str) -> str:
+        full = self._require_snapshot(props, volume, snapshot)
+        deps = [n for c in clones_of(props, full) if (n := self.ds.volume_name(c))]
+        if deps:
+            raise HasDependents("snapshot", f"{volume}@{snapshot}", deps)
+        return full
 
     # --- maintenance ----------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from agentiso.privhelper.storage import (
 from agentiso.privhelper.storage.errors import (
     AlreadyExists,
     BackendUnavailable,
+    CorruptState,
     HasDependents,
     InvalidName,
     InvalidSize,
@@ -426,3 +427,30 @@ async def test_zfs_setup_facts(zfs_pool: ZfsPool) -> None:
         assert b.ds.probe not in names  # the zvol probe leaves nothing
     finally:
         await _drop_root(b)
+
+
+async def test_two_step_snapshot_deletion(backend: VolumeBackend) -> None:
+    await backend.create_volume("ws1", FromBase("minimal"))
+    await write(backend, "ws1", 0xAA)
+    await backend.snapshot("ws1", "s1")
+    await write(backend, "ws1", 0xBB, 2 * MIB)
+    await backend.snapshot("ws1", "s2")
+    older = await backend.prepare_delete_snapshot("ws1", "s1")
+    newest = await backend.prepare_delete_snapshot("ws1", "s2")
+    assert older.stream_into is None  # an older qcow2 layer cannot be merged live
+    if isinstance(backend, Qcow2Backend):
+        assert newest.stream_into == (await backend.attachment("ws1")).top
+        # Claiming a stream that did not happen is caught; the snapshot stays.
+        with pytest.raises(CorruptState):
+            await backend.commit_delete_snapshot(newest, streamed=True)
+        assert len((await backend.volume_info("ws1")).snapshots) == 2
+    else:
+        assert newest.stream_into is None
+    # Both plans stay valid: deleting s1 does not touch s2's layer or its child.
+    await backend.commit_delete_snapshot(older)
+    await backend.commit_delete_snapshot(newest)
+    assert (await backend.volume_info("ws1")).snapshots == ()
+    await check(backend, "ws1", 0xAA)
+    await check(backend, "ws1", 0xBB, 2 * MIB)
+    with pytest.raises(NotFound):
+        await backend.commit_delete_snapshot(newest)
