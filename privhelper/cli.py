@@ -19,6 +19,8 @@ from agentiso.protocol.errors import ProtocolError
 from . import __version__, log, systemd
 from .config import DEFAULT_CONFIG_PATH, HelperConfig, load_config
 from .errors import ConfigError, HelperError
+from .net.config import parse_net_config
+from .net.manager import NetworkManager
 from .registry import Registry
 from .server import HelperServer, bind_listener, listener_from_fd
 from .service import WorkspaceService
@@ -98,6 +100,21 @@ async def _build_service(cfg: HelperConfig, state_dir: Path) -> WorkspaceService
     )
 
 
+async def _start_network(
+    cfg: HelperConfig, state_dir: Path, known: list[str]
+) -> NetworkManager | None:
+    """Bridge, ruleset (re-applied whole) and leftovers gc; None if impossible here."""
+    logger = structlog.get_logger("agentiso.helper")
+    try:
+        net = NetworkManager(parse_net_config(cfg.net), state_dir)
+        report = await anyio.to_thread.run_sync(net.start, known)
+    except HelperError as exc:
+        logger.error("network_unavailable", error=str(exc), effect="VMs get no network")
+        return None
+    logger.info("network_ready", bridge=cfg.net.bridge, removed=report.removed_links)
+    return net
+
+
 def engine_settings(cfg: HelperConfig, state_dir: Path) -> EngineSettings:
     try:
         return msgspec.convert({**cfg.vm, "state_dir": str(state_dir)}, EngineSettings)
@@ -113,8 +130,9 @@ async def _serve(cfg: HelperConfig) -> None:
     service = await _build_service(cfg, state_dir)
     fds = systemd.listen_fds()
     systemd.clear_listen_env()
+    net = await _start_network(cfg, state_dir, [m.key for m in service.registry.vms()])
     async with VmEngine.running(settings) as engine, anyio.create_task_group() as tg:
-        vms = VmService(ws=service, engine=engine, tg=tg, memory_dir=memory_dir)
+        vms = VmService(ws=service, engine=engine, tg=tg, memory_dir=memory_dir, net=net)
         await vms.adopt()
         server = HelperServer(
             cfg, handlers={**service.handlers(), **vms.handlers()}, open_guest=vms.open_guest

@@ -16,6 +16,7 @@ from msgspec import Meta
 
 from .errors import ConfigError
 from .limits import LimitsConfig
+from .net.config import NetConfig
 from .storage.config import StorageConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/agentiso/helper.toml")
@@ -42,6 +43,7 @@ class HelperConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    net: NetConfig = msgspec.field(default_factory=NetConfig)
     #: The VM engine's settings (privhelper.vm.engine.EngineSettings, without
     #: state_dir, which comes from [paths]); validated at start-up.
     vm: dict[str, object] = msgspec.field(default_factory=dict)

@@ -27,9 +27,11 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Awaitable, Callable
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,11 +42,11 @@ from anyio.abc import ByteStream
 
 from agentiso.protocol import guest as gp
 from agentiso.protocol.codec import peek_request_id
-from agentiso.protocol.errors import DecodeError, ErrorCode, FramingError, ProtocolError
+from agentiso.protocol.errors import DecodeError, ErrorCode, ProtocolError
 from agentiso.protocol.framing import encode_frame
-from agentiso.protocol.stream import FrameReader
 
 from .errors import RequestFailed
+from .hoststream import HostStreamDecoder, SyncMarker
 
 log = structlog.get_logger("agentiso.helper.relay")
 
@@ -65,6 +67,9 @@ CLIENT_QUEUE_BYTES = 64 * 1024 * 1024
 #: How much unframed noise may precede the agent's sync marker.
 MAX_SYNC_SCAN = 1024 * 1024
 HELLO_TIMEOUT_S = 30.0
+#: How often the sync marker is sent again while the agent does not answer
+#: (it may be booting, or abandoning a frame of a vanished host).
+SYNC_RETRY_S = 1.0
 RECONNECT_RETRY_WINDOW_S = 15.0
 
 Connector = Callable[[], Awaitable[ByteStream]]
@@ -112,6 +117,14 @@ class ClientSink(_Sink):
             self._send.send_nowait(frame)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             pass
+
+    def deliver_raw(self, data: bytes) -> None:
+        """Queue bytes already encoded (a sync marker and its Hello)."""
+        if self.overflowed:
+            return
+        self._queued += len(data)
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._send.send_nowait(data)
 
     def forget(self, client_id: int) -> None:
         self.upstream.pop(client_id, None)
@@ -198,26 +211,19 @@ class GuestChannel:
         return self._ready.is_set()
 
     async def _session(self, stream: ByteStream) -> None:
-        reader = await _synced_reader(stream)
-        with anyio.fail_after(HELLO_TIMEOUT_S):
-            body = await reader.read()
-        if body is None:
-            raise ProtocolError("guest closed the channel before hello")
-        hello = gp.response_codec.decode(body)
-        if not isinstance(hello, gp.Hello):
-            raise ProtocolError(f"guest sent {type(hello).__name__} before hello")
-        if hello.version != gp.GUEST_PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"guest agent speaks protocol {hello.version}, "
-                f"helper {gp.GUEST_PROTOCOL_VERSION}: rebuild the image"
-            )
+        items = _guest_items(stream)
+        hello = await _handshake(stream, items)
         self.hello = hello
         self._stream = stream
         self.connects += 1
         self._ready.set()
         log.info("guest_channel_up", vm=self.name, session=hello.session)
         await self._resend_retries()
-        while (body := await reader.read()) is not None:
+        async for body in items:
+            if body is None:
+                # The agent started a new session on its own (it restarted):
+                # whatever was in flight is lost on its side.  Resynchronise.
+                raise ProtocolError("the guest agent restarted its session")
             try:
                 msg = gp.response_codec.decode(body)
             except DecodeError as exc:
@@ -225,14 +231,12 @@ class GuestChannel:
                 self.garbage_frames += 1
                 log.warning("guest_garbage", vm=self.name, error=str(exc)[:200])
                 continue
+            if isinstance(msg, gp.Hello):
+                continue  # a late answer to an earlier sync marker
             self._route(msg)
         raise ProtocolError("guest closed the channel")
 
     def _route(self, msg: Any) -> None:
-        if isinstance(msg, gp.Hello):
-            # The agent started a new session on the same connection: whatever
-            # was in flight is lost on its side.  Reconnect and resynchronise.
-            raise ProtocolError("the guest agent restarted its session")
         route = self._routes.get(msg.id)
         if route is None:
             return  # late answer to a request already failed or cancelled
@@ -309,44 +313,65 @@ class GuestChannel:
 
     async def serve_client(
         self,
-        read_frame: Callable[[], Awaitable[bytes | None]],
-        send_frame: Callable[[bytes], Awaitable[None]],
+        receive: Callable[[], Awaitable[bytes]],
+        send: Callable[[bytes], Awaitable[None]],
     ) -> None:
         """Relay one client until it disconnects (or overflows its queue).
 
-        The client first receives the sync marker and the agent's Hello, as if
-        it had connected to the agent directly.
+        ``receive`` returns raw bytes (b"" at end of stream).  The client is
+        greeted like the agent greets a host: a sync marker and a Hello; when
+        it sends a host sync marker with a nonce, its session restarts (its
+        requests in flight are cancelled) and the Hello echoes the nonce.
         """
         if self._closed:
             raise RequestFailed(ErrorCode.UNAVAILABLE, f"VM {self.name!r} is not running")
         hello = await self.wait_ready(HELLO_TIMEOUT_S)
         sink = ClientSink()
-        await send_frame(gp.GUEST_SYNC_MAGIC + _frame(hello))
+        sessions = itertools.count(1)
+        sink.deliver_raw(_greeting(hello, b"", next(sessions)))
+        decoder = HostStreamDecoder(gp.GUEST_MAX_FRAME)
         async with anyio.create_task_group() as tg:
 
             async def pump() -> None:
                 try:
                     while (frame := await sink.next_frame()) is not None:
-                        await send_frame(frame)
+                        await send(frame)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                     pass  # client gone
                 tg.cancel_scope.cancel()  # queue closed (overflow) or client gone
 
             tg.start_soon(pump)
             try:
-                while (body := await read_frame()) is not None:
-                    await self._from_client(body, sink)
+                while data := await receive():
+                    try:
+                        items = decoder.feed(data)
+                    except ProtocolError as exc:
+                        sink.deliver(gp.Error(id=0, code=ErrorCode.PROTOCOL, message=str(exc)))
+                        break
+                    for item in items:
+                        if isinstance(item, SyncMarker):
+                            await self._cancel_client_requests(sink)
+                            current = self.hello or hello
+                            sink.deliver_raw(_greeting(current, item.nonce, next(sessions)))
+                        else:
+                            await self._from_client(item, sink)
             finally:
-                # Client gone: cancel what it left running in the guest.
-                for client_id, upstream in list(sink.upstream.items()):
-                    self._routes.pop(upstream, None)
-                    sink.forget(client_id)
-                    if self._stream is not None:
-                        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                            await self._write(gp.Cancel(id=next(self._ids), target=upstream))
+                with anyio.CancelScope(shield=True):
+                    await self._cancel_client_requests(sink)
                 sink.close()
                 if sink.overflowed:
                     log.warning("relay_client_overflow", vm=self.name)
+
+    async def _cancel_client_requests(self, sink: ClientSink) -> None:
+        """Forget a client's requests in flight and cancel them in the guest."""
+        for client_id, upstream in list(sink.upstream.items()):
+            self._routes.pop(upstream, None)
+            sink.forget(client_id)
+            if self._stream is not None:
+                with anyio.move_on_after(2), contextlib.suppress(
+                    anyio.BrokenResourceError, OSError, RequestFailed
+                ):
+                    await self._write(gp.Cancel(id=next(self._ids), target=upstream))
 
     async def _from_client(self, body: bytes, sink: ClientSink) -> None:
         try:
@@ -392,33 +417,54 @@ def _frame(msg: Any) -> bytes:
     return encode_frame(gp.response_codec.encode(msg), gp.GUEST_MAX_FRAME)
 
 
-async def _synced_reader(stream: ByteStream) -> FrameReader:
-    """Skip whatever precedes the agent's sync marker (stale bytes from an
-    earlier connection), then read frames from just after it."""
-    buf = b""
-    scanned = 0
-    magic = gp.GUEST_SYNC_MAGIC
-    with anyio.fail_after(HELLO_TIMEOUT_S):
-        while (at := buf.find(magic)) < 0:
-            if scanned > MAX_SYNC_SCAN:
-                raise FramingError("no sync marker from the guest agent")
-            try:
-                data = await stream.receive(65536)
-            except anyio.EndOfStream:
-                raise ProtocolError("guest closed the channel before its sync marker") from None
-            scanned += len(data)
-            # Keep only the tail that could hold the start of a split marker.
-            buf = buf[-(len(magic) - 1):] + data
-    leftover = buf[at + len(magic):]
+def _greeting(hello: gp.Hello, nonce: bytes, session: int) -> bytes:
+    """What the relay sends a client where the agent would: marker + Hello."""
+    h = msgspec.structs.replace(hello, sync_nonce=nonce, session=session)
+    return gp.GUEST_SYNC_MAGIC + _frame(h)
 
-    async def receive() -> bytes:
-        nonlocal leftover
-        if leftover:
-            data, leftover = leftover, b""
-            return data
+
+async def _guest_items(stream: ByteStream) -> AsyncIterator[bytes | None]:
+    """Frames (bytes) and session markers (None) from the agent, bounded."""
+    decoder = gp.GuestStreamDecoder(gp.GUEST_MAX_FRAME, MAX_SYNC_SCAN)
+    while True:
         try:
-            return await stream.receive(65536)
+            data = await stream.receive(65536)
         except (anyio.EndOfStream, anyio.BrokenResourceError):
-            return b""
+            return
+        for item in decoder.feed(data):
+            yield item
 
-    return FrameReader(receive, gp.GUEST_MAX_FRAME)
+
+async def _handshake(stream: ByteStream, items: AsyncIterator[bytes | None]) -> gp.Hello:
+    """Send a host sync marker (again every SYNC_RETRY_S) until the agent
+    answers with the Hello that echoes its nonce; check the version."""
+    nonce = secrets.token_bytes(gp.SYNC_NONCE_LEN)
+    hello: gp.Hello | None = None
+
+    async def resend() -> None:
+        while True:
+            await stream.send(gp.HOST_SYNC_MAGIC + nonce)
+            await anyio.sleep(SYNC_RETRY_S)
+
+    with anyio.fail_after(HELLO_TIMEOUT_S):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(resend)
+            async for body in items:
+                if body is None:
+                    continue
+                try:
+                    msg = gp.response_codec.decode(body)
+                except DecodeError:
+                    continue  # stale bytes of an earlier session
+                if isinstance(msg, gp.Hello) and msg.sync_nonce == nonce:
+                    hello = msg
+                    break
+            tg.cancel_scope.cancel()
+    if hello is None:
+        raise ProtocolError("guest closed the channel before its hello")
+    if hello.version != gp.GUEST_PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"guest agent speaks protocol {hello.version}, "
+            f"helper {gp.GUEST_PROTOCOL_VERSION}: rebuild the image"
+        )
+    return hello

@@ -138,9 +138,24 @@ class HelperServer:
                 await conn.send_error(0, ErrorCode.PROTOCOL, str(exc))
             return None
 
+        def unframed() -> Callable[[], Awaitable[bytes]]:
+            """The raw byte source from here on (the stream stops being
+            helper-framed), starting with what the reader already buffered."""
+            leftover = reader.detach()
+
+            async def raw() -> bytes:
+                nonlocal leftover
+                if leftover:
+                    data, leftover = leftover, b""
+                    return data
+                return await receive()
+
+            return raw
+
         reader = FrameReader(receive, hp.HELPER_MAX_FRAME)
+        ctx = RequestContext(peer=peer, server=self)
         if await self._handshake(conn, read_frame):
-            await self._request_loop(conn, read_frame, RequestContext(peer=peer, server=self))
+            await self._request_loop(conn, read_frame, unframed, ctx)
 
     async def _handshake(self, conn: _Connection, read_frame: FrameSource) -> bool:
         with anyio.move_on_after(HELLO_TIMEOUT_S):
@@ -176,7 +191,11 @@ class HelperServer:
         return False
 
     async def _request_loop(
-        self, conn: _Connection, read_frame: FrameSource, ctx: RequestContext
+        self,
+        conn: _Connection,
+        read_frame: FrameSource,
+        unframed: Callable[[], Callable[[], Awaitable[bytes]]],
+        ctx: RequestContext,
     ) -> None:
         slots = anyio.Semaphore(self.config.server.max_inflight_per_connection)
         # At end of stream, requests already in flight still complete (a client
@@ -191,13 +210,17 @@ class HelperServer:
                 if isinstance(req, hp.GuestOpen):
                     # The connection becomes a guest channel; requests already
                     # in flight still complete first.
-                    await self._relay(conn, read_frame, req, ctx)
+                    await self._relay(conn, unframed, req, ctx)
                     return
                 await slots.acquire()  # a flood waits here instead of growing memory
                 tg.start_soon(self._serve_one, conn, req, ctx, slots)
 
     async def _relay(
-        self, conn: _Connection, read_frame: FrameSource, req: hp.GuestOpen, ctx: RequestContext
+        self,
+        conn: _Connection,
+        unframed: Callable[[], Callable[[], Awaitable[bytes]]],
+        req: hp.GuestOpen,
+        ctx: RequestContext,
     ) -> None:
         try:
             if self.open_guest is None:
@@ -208,7 +231,7 @@ class HelperServer:
             return
         await conn.send(hp.GuestOpened(id=req.id, vm=req.vm))
         try:
-            await channel.serve_client(read_frame, conn.send_raw)
+            await channel.serve_client(unframed(), conn.send_raw)
         except RequestFailed as exc:
             log.info("relay_ended", vm=req.vm, reason=exc.message)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import structlog
 from anyio.abc import ByteStream, TaskGroup
 
@@ -27,13 +28,16 @@ from agentiso.protocol.errors import ErrorCode
 
 from . import images, limits
 from .errors import HelperError, RequestFailed
+from .net.manager import Attachment as NetAttachmentInfo
+from .net.manager import NetworkManager
+from .net.model import Forward, NetPolicy
 from .registry import SnapshotRecord, VmRecord, VolumeRecord
 from .relay import GuestChannel
 from .server import RequestContext
 from .service import WorkspaceService
 from .storage import Attachment
 from .vm.engine import VmConfig, VmEngine, VmState, VmStatus
-from .vm.spec import DiskLayer
+from .vm.spec import DiskLayer, NetAttachment
 
 log = structlog.get_logger("agentiso.helper.vms")
 
@@ -58,6 +62,8 @@ class VmService:
     engine: VmEngine
     tg: TaskGroup
     memory_dir: Path
+    #: None: the helper gives VMs no network (it could not set the bridge up).
+    net: NetworkManager | None = None
     _running: dict[str, _Running] = field(default_factory=dict)
 
     def handlers(self) -> dict[type[Any], Callable[[Any, RequestContext], Awaitable[Any]]]:
@@ -67,6 +73,9 @@ class VmService:
             hp.VmGet: self.vm_get,
             hp.VmList: self.vm_list,
             hp.VmConsole: self.vm_console,
+            hp.VmNetworkSet: self.vm_network_set,
+            hp.ForwardAdd: self.forward_add,
+            hp.ForwardRemove: self.forward_remove,
             hp.SnapshotCreate: self.snapshot_create,
             hp.AdminList: self.admin_list,
             hp.Gc: self.gc,
@@ -158,7 +167,10 @@ class VmService:
                 memory_fd = os.open(self.memory_dir / snap.memory_file, os.O_RDONLY | os.O_CLOEXEC)
             attachment = await ws.storage.attachment(vol.key)
             rec = ws.registry.add_vm(owner, req.name, vol.key, req.vcpus, req.memory_mib)
+            net: NetAttachmentInfo | None = None
             try:
+                if req.network is not None:
+                    net = await self._net_attach(owner, rec.key, req.network)
                 await self.engine.start(
                     VmConfig(
                         name=rec.key,
@@ -169,14 +181,20 @@ class VmService:
                         vcpus=req.vcpus,
                         memory_mib=req.memory_mib,
                         incoming_fd=memory_fd,
+                        net=None if net is None else NetAttachment(tap_fd=net.tap_fd, mac=net.mac),
                     )
                 )
             except BaseException:
                 ws.registry.remove_vm(rec.key)
+                if net is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self._net_detach(rec.key)
                 raise
             finally:
                 if memory_fd is not None:
                     os.close(memory_fd)
+                if net is not None:
+                    os.close(net.tap_fd)  # QEMU holds its own copy
             ws.registry.save()
             channel = self._start_channel(rec.key)
         try:
@@ -188,6 +206,15 @@ class VmService:
                 f"VM {req.name!r} did not say hello within {HELLO_TIMEOUT_S:.0f} s "
                 f"(state {st.state}); console: {self._console(rec.key)[-1500:]}",
             ) from None
+        await channel.call(gp.SetHostname(id=0, hostname=req.name), GUEST_CALL_TIMEOUT_S)
+        if net is not None:
+            await channel.call(
+                gp.ConfigureNetwork(
+                    id=0, mac=net.mac, address=net.address, prefix=net.prefix,
+                    gateway=net.gateway, dns=list(net.dns),
+                ),
+                GUEST_CALL_TIMEOUT_S,
+            )
         return self._info(req.id, rec)
 
     async def vm_stop(self, req: hp.VmStop, ctx: RequestContext) -> hp.Done:
@@ -195,10 +222,11 @@ class VmService:
         channel = self._running.get(rec.key)
 
         async def agent_shutdown() -> None:
-            if channel is not None and channel.channel.ready:
-                await channel.channel.call(gp.Shutdown(id=0), GUEST_CALL_TIMEOUT_S)
-                # The agent answers before powering off; wait for QEMU to end.
-                await anyio.sleep_forever()
+            # The agent answers, then syncs and powers off; the engine waits
+            # for QEMU to end.  Without a channel, go straight to ACPI.
+            if channel is None or not channel.channel.ready:
+                raise RequestFailed(ErrorCode.UNAVAILABLE, "no guest channel")
+            await channel.channel.call(gp.Shutdown(id=0), GUEST_CALL_TIMEOUT_S)
 
         if self._engine_state(rec.key) is not None:
             if req.force:
@@ -213,10 +241,74 @@ class VmService:
                 )
             self.engine.forget(rec.key)
         self._stop_channel(rec.key)
+        await self._net_detach(rec.key)
         async with self.ws.lock:
             self.ws.registry.remove_vm(rec.key)
             self.ws.registry.save()
         return hp.Done(id=req.id)
+
+    # --- network ---------------------------------------------------------------------------
+
+    def _policy(self, owner: int, wire: hp.NetworkPolicy) -> NetPolicy:
+        """The wire policy with peer VM names turned into their keys."""
+        raw = msgspec.to_builtins(wire)
+        raw["peers"] = [self.ws.registry.vm(owner, name).key for name in wire.peers]
+        # Groups are per owner: prefix them so two users' "dev" never meet.
+        raw["groups"] = [f"u{owner}-{g}"[:63] for g in wire.groups]
+        try:
+            return msgspec.convert(raw, NetPolicy)
+        except msgspec.ValidationError as exc:
+            raise RequestFailed(ErrorCode.INVALID, f"network policy: {exc}") from None
+
+    def _wire_policy(self, owner: int, policy: NetPolicy) -> hp.NetworkPolicy:
+        raw = msgspec.to_builtins(policy)
+        names = {m.key: m.name for m in self.ws.registry.vms(owner)}
+        raw["peers"] = [names[k] for k in policy.peers if k in names]
+        prefix = f"u{owner}-"
+        raw["groups"] = [g[len(prefix):] for g in policy.groups if g.startswith(prefix)]
+        return msgspec.convert(raw, hp.NetworkPolicy)
+
+    def _need_net(self) -> NetworkManager:
+        if self.net is None:
+            raise RequestFailed(
+                ErrorCode.UNAVAILABLE, "networking is not available on this helper (see its log)"
+            )
+        return self.net
+
+    async def _net_attach(
+        self, owner: int, key: str, wire: hp.NetworkPolicy
+    ) -> NetAttachmentInfo:
+        net = self._need_net()
+        policy = self._policy(owner, wire)
+        return await anyio.to_thread.run_sync(net.attach, key, owner, policy)
+
+    async def _net_detach(self, key: str) -> None:
+        if self.net is not None and key in self.net.state.workspaces:
+            await anyio.to_thread.run_sync(self.net.detach, key)
+
+    async def vm_network_set(self, req: hp.VmNetworkSet, ctx: RequestContext) -> hp.VmInfo:
+        rec = self.ws.registry.vm(ctx.peer.uid, req.name)
+        net = self._need_net()
+        if rec.key not in net.state.workspaces:
+            raise RequestFailed(ErrorCode.CONFLICT, f"VM {req.name!r} has no network interface")
+        policy = self._policy(ctx.peer.uid, req.policy)
+        await anyio.to_thread.run_sync(net.set_policy, rec.key, policy)
+        return self._info(req.id, rec)
+
+    async def forward_add(self, req: hp.ForwardAdd, ctx: RequestContext) -> hp.VmInfo:
+        rec = self.ws.registry.vm(ctx.peer.uid, req.vm)
+        net = self._need_net()
+        if rec.key not in net.state.workspaces:
+            raise RequestFailed(ErrorCode.CONFLICT, f"VM {req.vm!r} has no network interface")
+        fwd = Forward(host_port=req.host_port, guest_port=req.guest_port, protocol=req.protocol)
+        await anyio.to_thread.run_sync(net.add_forward, rec.key, fwd)
+        return self._info(req.id, rec)
+
+    async def forward_remove(self, req: hp.ForwardRemove, ctx: RequestContext) -> hp.VmInfo:
+        rec = self.ws.registry.vm(ctx.peer.uid, req.vm)
+        net = self._need_net()
+        await anyio.to_thread.run_sync(net.remove_forward, rec.key, req.host_port, req.protocol)
+        return self._info(req.id, rec)
 
     async def vm_get(self, req: hp.VmGet, ctx: RequestContext) -> hp.VmInfo:
         return self._info(req.id, self.ws.registry.vm(ctx.peer.uid, req.name))
@@ -381,6 +473,14 @@ class VmService:
                     found.append(f"memory file {f.name} of no snapshot")
                     if not req.dry_run:
                         f.unlink(missing_ok=True)
+            if self.net is not None:
+                net = self.net
+                stale = [k for k in net.state.workspaces if k not in vm_keys]
+                for k in stale:
+                    found.append(f"network of {k} (address {net.state.workspaces[k].address})")
+                if not req.dry_run:
+                    report = await anyio.to_thread.run_sync(net.gc, vm_keys)
+                    found += [f"network link {name}" for name in report.removed_links]
         log.info("gc", dry_run=req.dry_run, found=len(found))
         return hp.GcReport(id=req.id, dry_run=req.dry_run, orphans=[s[:4096] for s in found])
 
@@ -414,6 +514,23 @@ class VmService:
             created=rec.created,
             accel=self.engine.record(rec.key).spec.accel.kind if st is not None else "",
             reason=reason[:4096],
+            network=self._net_info(rec),
+        )
+
+    def _net_info(self, rec: VmRecord) -> hp.VmNetworkInfo | None:
+        if self.net is None:
+            return None
+        ws = self.net.state.workspaces.get(rec.key)
+        if ws is None:
+            return None
+        s = self.net.settings
+        return hp.VmNetworkInfo(
+            address=ws.address, prefix=s.prefixlen, gateway=str(s.gateway), mac=ws.mac,
+            policy=self._wire_policy(rec.owner, ws.policy),
+            forwards=[
+                hp.ForwardInfo(host_port=f.host_port, guest_port=f.guest_port, protocol=f.protocol)
+                for f in ws.forwards
+            ],
         )
 
 

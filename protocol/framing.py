@@ -87,6 +87,15 @@ class FrameDecoder:
             self._need = None
         return frames
 
+    def take_buffered(self) -> bytes:
+        """Hand back the bytes not yet returned as frames (a partial frame,
+        header included) and reset: for a stream that stops being framed."""
+        head = b"" if self._need is None else HEADER.pack(self._need)
+        data = head + bytes(self._buf)
+        self._buf.clear()
+        self._need = None
+        return data
+
     def close(self) -> None:
         """Declare end of stream; raise :class:`TruncatedFrame` on a partial frame."""
         pending = len(self._buf) + (HEADER_SIZE if self._need is not None else 0)

@@ -132,15 +132,80 @@ class ImageList(_Msg, tag="image_list"):
     pass
 
 
+Port = Annotated[int, Meta(ge=1, le=65535)]
+#: An IPv4 or IPv6 network in CIDR notation (checked fully by the helper).
+Cidr = Annotated[
+    str, Meta(min_length=2, max_length=43, pattern=r"\A[0-9a-fA-F.:]+(/[0-9]{1,3})?\Z")
+]
+
+
+class PortRange(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
+    """``[first, last]``, inclusive."""
+
+    first: Port
+    last: Port
+
+
+class AllowRule(msgspec.Struct, forbid_unknown_fields=True):
+    """Egress to ``cidr``; only on ``ports`` if any are given."""
+
+    cidr: Cidr
+    ports: Annotated[list[PortRange], Meta(max_length=32)] = []
+    protocol: Literal["tcp", "udp", "any"] = "any"
+
+
+class NetworkPolicy(msgspec.Struct, forbid_unknown_fields=True):
+    """What a VM may do on the network.  The default: nothing but talk to
+    the host's forwards; no internet, no other workspace.
+
+    * ``egress``: reach other networks (NAT); with ``allow``, only those.
+    * ``peers``: the caller's other VMs this one may talk to (both ways
+      once both name each other, or one names the other: same owner).
+    * ``groups``: VMs of the caller in a shared group may talk.
+    * ``inbound_ports``: guest TCP ports the host itself may connect to.
+    """
+
+    egress: bool = False
+    allow: Annotated[list[AllowRule], Meta(max_length=64)] = []
+    peers: Annotated[list[Name], Meta(max_length=64)] = []
+    groups: Annotated[list[Name], Meta(max_length=16)] = []
+    inbound_ports: Annotated[list[Port], Meta(max_length=64)] = []
+
+
 class VmStart(_Msg, tag="vm_start"):
     """Boot VM ``name`` on volume ``volume``; with ``resume_snapshot`` resume
-    from that snapshot's saved memory instead of booting."""
+    from that snapshot's saved memory instead of booting.  ``network`` None:
+    no network interface at all."""
 
     name: Name
     volume: Name
     vcpus: Vcpus = 1
     memory_mib: MemoryMiB = 256
     resume_snapshot: Name | None = None
+    network: NetworkPolicy | None = msgspec.field(default_factory=NetworkPolicy)
+
+
+class VmNetworkSet(_Msg, tag="vm_network_set"):
+    """Replace a running VM's network policy (atomically)."""
+
+    name: Name
+    policy: NetworkPolicy
+
+
+class ForwardAdd(_Msg, tag="forward_add"):
+    """Forward ``host_port`` (>= 1024, free) on every host address, 127.0.0.1
+    included, to ``guest_port`` of the VM."""
+
+    vm: Name
+    host_port: Port
+    guest_port: Port
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+class ForwardRemove(_Msg, tag="forward_remove"):
+    vm: Name
+    host_port: Port
+    protocol: Literal["tcp", "udp"] = "tcp"
 
 
 class VmStop(_Msg, tag="vm_stop"):
@@ -205,6 +270,9 @@ HelperRequest = (
     | VmGet
     | VmList
     | VmConsole
+    | VmNetworkSet
+    | ForwardAdd
+    | ForwardRemove
     | GuestOpen
     | AdminList
     | Gc
@@ -275,6 +343,21 @@ class Volumes(_Msg, tag="volumes"):
 VmState = Literal["starting", "running", "stopping", "stopped", "crashed"]
 
 
+class ForwardInfo(msgspec.Struct, forbid_unknown_fields=True):
+    host_port: Port
+    guest_port: Port
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+class VmNetworkInfo(msgspec.Struct, forbid_unknown_fields=True):
+    address: Label
+    prefix: Annotated[int, Meta(ge=0, le=128)]
+    gateway: Label
+    mac: Label
+    policy: NetworkPolicy
+    forwards: Annotated[list[ForwardInfo], Meta(max_length=64)] = []
+
+
 class VmInfo(_Msg, tag="vm"):
     name: Name
     volume: Name
@@ -286,6 +369,7 @@ class VmInfo(_Msg, tag="vm"):
     accel: Label = ""
     #: Why it stopped, with the tail of its console, when it crashed.
     reason: ShortText = ""
+    network: VmNetworkInfo | None = None
 
 
 class Vms(_Msg, tag="vms"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from .framing import DEFAULT_MAX_FRAME, FrameDecoder
+from .framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 
 
 class FrameReader:
@@ -39,3 +39,10 @@ class FrameReader:
                 continue
             self._ready.extend(self._decoder.feed(data))
         return self._ready.popleft()
+
+    def detach(self) -> bytes:
+        """Stop framing: return every byte received but not yet returned by
+        :meth:`read` (frames already decoded are framed again), in order."""
+        out = b"".join(encode_frame(f, self._decoder.max_frame) for f in self._ready)
+        self._ready.clear()
+        return out + self._decoder.take_buffered()

@@ -40,6 +40,9 @@ def public_tmpdir(prefix: str) -> Path:
 class HelperProcess:
     workdir: Path
     argv: list[str]
+    #: The network namespace the helper (and so its bridge, TAPs, nft table
+    #: and QEMUs) lives in; made for this helper and deleted after it.
+    netns: str
     proc: subprocess.Popen[bytes] | None = None
     started: int = 0
     _logs: list[str] = field(default_factory=list)
@@ -135,21 +138,27 @@ def running_helper(
 
         pytest.skip("systemd-socket-activate is not installed (Debian package systemd)")
     workdir = public_tmpdir("agentiso-helper-")
+    netns = f"agentiso-t{os.getpid()}-{workdir.name[-6:]}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
     cfg = workdir / "helper.toml"
     # Private run dir for the VMs' sockets (short: socket paths <= 107 bytes).
     cfg.write_text(f'[vm]\nrun_dir = "{workdir}/run"\n\n' + config)
     argv = [
+        "ip", "netns", "exec", netns,
         "systemd-socket-activate", "-l", str(workdir / "helper.sock"),
         *HELPER, "serve", "--config", str(cfg), "--group", str(group),
         "--state-dir", str(workdir / "state"), *extra_args,
     ]
-    helper = HelperProcess(workdir=workdir, argv=argv)
+    helper = HelperProcess(workdir=workdir, argv=argv, netns=netns)
     try:
         helper.start(timeout)
         yield helper
     finally:
         helper.stop()
         helper.kill_vms()
+        # Deleting the namespace takes its bridge, TAPs and nft table with it.
+        subprocess.run(["ip", "netns", "delete", netns], check=False)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

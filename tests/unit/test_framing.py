@@ -106,3 +106,37 @@ def test_frame_at_exactly_the_limit_is_accepted() -> None:
 def test_limit_must_be_positive() -> None:
     with pytest.raises(ValueError):
         FrameDecoder(0)
+
+
+@given(
+    bodies=st.lists(st.binary(max_size=50), min_size=1, max_size=5),
+    partial=st.binary(max_size=30),
+    keep=st.integers(min_value=0),
+    cut=st.integers(min_value=0),
+)
+def test_detach_returns_every_unread_byte_in_order(
+    bodies: list[bytes], partial: bytes, keep: int, cut: int
+) -> None:
+    import anyio
+
+    from agentiso.protocol.stream import FrameReader
+
+    tail_frame = encode_frame(partial, LIMIT)
+    tail = tail_frame[: keep % len(tail_frame)]  # a frame cut short
+    stream = b"".join(encode_frame(b, LIMIT) for b in bodies) + tail
+    split = 1 + cut % len(stream)  # an empty read would mean EOF
+    chunks = [stream[:split], stream[split:]]
+    received = bytearray()
+
+    async def run() -> tuple[bytes | None, bytes]:
+        async def receive() -> bytes:
+            data = chunks.pop(0) if chunks else b""
+            received.extend(data)
+            return data
+
+        reader = FrameReader(receive, LIMIT)
+        return await reader.read(), reader.detach()
+
+    first, rest = anyio.run(run)
+    assert first == bodies[0]
+    assert encode_frame(first, LIMIT) + rest == bytes(received)

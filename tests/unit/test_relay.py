@@ -25,8 +25,7 @@ from anyio.abc import ByteStream, UNIXSocketStream
 
 from agentiso.privhelper.relay import GuestChannel
 from agentiso.protocol import guest as gp
-from agentiso.protocol.framing import FrameDecoder, encode_frame
-from agentiso.protocol.stream import FrameReader
+from agentiso.protocol.framing import encode_frame
 
 pytestmark = pytest.mark.anyio
 
@@ -77,25 +76,27 @@ class Client:
 
     def __init__(self, stream: UNIXSocketStream) -> None:
         self.stream = stream
-        self.decoder = FrameDecoder(gp.GUEST_MAX_FRAME)
+        self.decoder = gp.GuestStreamDecoder(gp.GUEST_MAX_FRAME)
         self.pending: list[Any] = []
-        self.synced = False
-        self.buf = b""
 
     async def send(self, msg: Any) -> None:
         await self.stream.send(encode_frame(gp.request_codec.encode(msg)))
 
+    async def sync(self) -> gp.Hello:
+        """The host side of the handshake: marker + nonce, wait for the echo."""
+        nonce = os.urandom(gp.SYNC_NONCE_LEN)
+        await self.stream.send(gp.HOST_SYNC_MAGIC + nonce)
+        while True:
+            msg = await self.recv()
+            if isinstance(msg, gp.Hello) and msg.sync_nonce == nonce:
+                return msg
+
     async def recv(self) -> Any:
         while not self.pending:
             data = await self.stream.receive(65536)
-            if not self.synced:
-                self.buf += data
-                at = self.buf.find(gp.GUEST_SYNC_MAGIC)
-                if at < 0:
-                    continue
-                data = self.buf[at + len(gp.GUEST_SYNC_MAGIC):]
-                self.synced = True
-            self.pending.extend(gp.response_codec.decode(f) for f in self.decoder.feed(data))
+            for item in self.decoder.feed(data):
+                if item is not None:
+                    self.pending.append(gp.response_codec.decode(item))
         return self.pending.pop(0)
 
     async def until_final(self, rid: int) -> Any:
@@ -117,12 +118,10 @@ async def relayed_client(channel: GuestChannel) -> AsyncIterator[Client]:
         except (anyio.EndOfStream, anyio.BrokenResourceError):
             return b""
 
-    reader = FrameReader(receive, gp.GUEST_MAX_FRAME)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(channel.serve_client, reader.read, server_side.send)
+        tg.start_soon(channel.serve_client, receive, server_side.send)
         client = Client(client_side)
-        hello = await client.recv()
-        assert isinstance(hello, gp.Hello)
+        await client.sync()
         try:
             yield client
         finally:
@@ -243,8 +242,14 @@ async def test_hostile_guest_cannot_crash_the_relay(tmp_path: Path) -> None:
         nonlocal connections
         connections += 1
         async with stream:
+            # Wait for the host's marker and echo its nonce, like the agent.
+            buf = b""
+            while len(buf) < len(gp.HOST_SYNC_MAGIC) + gp.SYNC_NONCE_LEN:
+                buf += await stream.receive()
+            nonce = buf[len(gp.HOST_SYNC_MAGIC):][: gp.SYNC_NONCE_LEN]
+            greeting = msgspec.structs.replace(hello, sync_nonce=nonce)
             await stream.send(os.urandom(5000) + gp.GUEST_SYNC_MAGIC)
-            await stream.send(encode_frame(gp.response_codec.encode(hello)))
+            await stream.send(encode_frame(gp.response_codec.encode(greeting)))
             await stream.send(encode_frame(os.urandom(300)))  # garbage frame
             await stream.send(b"\xff\xff\xff\xff")  # oversize length prefix
             await anyio.sleep(5)
