@@ -45,6 +45,8 @@ from agentiso.privhelper.vm.spec import DiskLayer
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = REPO / "build" / "images" / "minimal"
 BOOT_TIMEOUT = 90.0  # TCG on 2 shared cores: a boot takes 3 s idle, far more under load
+SECRET = b"s3cr3t-" + secrets.token_hex(16).encode()
+SECRET_IN_GUEST = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.agentiso/secret/raw"
 
 
 def _image_or_skip() -> dict[str, str]:
@@ -132,6 +134,14 @@ async def engine_for(env: Env) -> AsyncIterator[VmEngine]:
                         engine.forget(name)
 
 
+def _exists(p: Path) -> bool:
+    return p.exists()
+
+
+def _read(p: Path) -> bytes:
+    return p.read_bytes()
+
+
 def _has_kvm() -> bool:
     return os.path.exists("/dev/kvm")
 
@@ -178,9 +188,13 @@ async def test_start_agent_hello_exec_memory_snapshot_and_graceful_stop(env: Env
     disk = env.overlay(a)
     async with engine_for(env) as engine:
         t0 = time.monotonic()
-        st = await engine.start(env.config(a, disk=disk))
+        st = await engine.start(env.config(a, disk=disk, secret=SECRET))
         assert st.state is VmState.RUNNING
         assert_unprivileged(st.pid)
+        # The secret reached fw_cfg through a file that is gone once QEMU read it,
+        # and never appeared in QEMU's (world-readable) argv.
+        assert not _exists(Path(env.settings.run_dir) / a / "secret")
+        assert SECRET not in _read(Path(f"/proc/{st.pid}/cmdline"))
         assert await engine.query_status(a) == "running"
         async with guest(engine, a) as g:
             hello = g.hello
@@ -188,6 +202,10 @@ async def test_start_agent_hello_exec_memory_snapshot_and_graceful_stop(env: Env
             print(f"start -> agent hello: {time.monotonic() - t0:.2f}s")
             out = await g.exec(["sh", "-c", "echo hi; id -u"])
             assert out.ok and out.stdout.startswith(b"hi\n")
+            fw = await g.exec(
+                ["sh", "-c", f"modprobe qemu_fw_cfg 2>/dev/null; cat {SECRET_IN_GUEST}"]
+            )
+            assert fw.ok and fw.stdout == SECRET, fw
             job = await g.job_start(["sleep", "1000"])
             await g.write_file("/root/marker", b"before-snapshot")
         await wait_console(engine, a, b"agentiso-init", 5)
@@ -207,7 +225,7 @@ async def test_start_agent_hello_exec_memory_snapshot_and_graceful_stop(env: Env
         fd = os.open(mem, os.O_RDONLY)
         try:
             t1 = time.monotonic()
-            st_b = await engine.start(env.config(b, disk=disk, incoming_fd=fd))
+            st_b = await engine.start(env.config(b, disk=disk, incoming_fd=fd, secret=SECRET))
             print(f"memory restore: {time.monotonic() - t1:.2f}s")
         finally:
             os.close(fd)
