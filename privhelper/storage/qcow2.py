@@ -41,6 +41,7 @@ from .model import (
 )
 from .names import check_name, check_size
 from .qcow2_state import (
+    LAYER_ID,
     METADATA_VERSION,
     Layout,
     SnapshotRecord,
@@ -372,7 +373,8 @@ class Qcow2Backend:
 
     def _plan_layers(self, plan: SnapshotPlan) -> tuple[str, str]:
         old, _, new = plan.token.partition(":")
-        if not old or not new:
+        # The ids become file names: only what _new_layer_id() makes is accepted.
+        if not (LAYER_ID.fullmatch(old) and LAYER_ID.fullmatch(new)):
             raise CorruptState("snapshot plan token is malformed")
         return old, new
 

@@ -21,15 +21,19 @@ how a clone outlives the volume it was cloned from.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
-from .errors import CorruptState, HasDependents, NotFound
+from .errors import CorruptState, HasDependents, InvalidName, NotFound
+from .names import check_name
 
 METADATA_VERSION = 1
+#: Layer ids are 24 random hex digits (never client input); they become file names.
+LAYER_ID = re.compile(r"[0-9a-f]{24}")
 
 
 class SnapshotRecord(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -70,12 +74,27 @@ def encode_meta(meta: VolumeMeta) -> bytes:
 
 
 def decode_meta(data: bytes, source: str) -> VolumeMeta:
+    """Parse and validate a volume's metadata: every id and name in it becomes a path."""
     try:
         meta = _meta_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise CorruptState(f"{source}: {exc}") from None
     if meta.version != METADATA_VERSION or not meta.chain:
         raise CorruptState(f"{source}: unsupported or empty volume metadata")
+    try:
+        for kind, name in [
+            ("volume", meta.name),
+            ("base", meta.base),
+            *(("snapshot", s.name) for s in meta.snapshots),
+        ]:
+            check_name(kind, name)
+    except InvalidName as exc:
+        raise CorruptState(f"{source}: {exc.message}") from None
+    layers = set(meta.chain)
+    if len(layers) != len(meta.chain) or not all(LAYER_ID.fullmatch(lay) for lay in layers):
+        raise CorruptState(f"{source}: malformed layer chain")
+    if any(s.layer not in layers or s.layer == meta.top for s in meta.snapshots):
+        raise CorruptState(f"{source}: a snapshot names a layer outside the chain")
     return meta
 
 

@@ -10,6 +10,7 @@ backend's :meth:`attachment` hands to the VM engine, i.e. the way QEMU sees it.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -454,3 +455,21 @@ async def test_two_step_snapshot_deletion(backend: VolumeBackend) -> None:
     await check(backend, "ws1", 0xBB, 2 * MIB)
     with pytest.raises(NotFound):
         await backend.commit_delete_snapshot(newest)
+
+
+async def test_forged_snapshot_plan_refused(backend: VolumeBackend, tmp_path: Path) -> None:
+    """A plan's opaque token becomes file names on qcow2: a forged one is refused."""
+    await backend.create_volume("ws1", FromBase("minimal"))
+    plan = await backend.prepare_snapshot("ws1", "s1")
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    if isinstance(backend, Qcow2Backend):
+        for token in (f"{'a' * 24}:../../../{victim}", "x:y", "", f"{'a' * 24}"):
+            forged = dataclasses.replace(plan, token=token)
+            with pytest.raises(CorruptState):
+                await backend.abort_snapshot(forged)
+            with pytest.raises(CorruptState):
+                await backend.commit_snapshot(forged)
+    assert victim.read_text() == "keep"
+    await backend.abort_snapshot(plan)
+    assert (await backend.volume_info("ws1")).snapshots == ()
