@@ -43,7 +43,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from . import accel as accel_mod
 from .boundedlog import BoundedLog, cap_appended_file, tail
-from .cmdline import build_argv
+from .cmdline import ROOT_DISK_NODE, build_argv
 from .errors import (
     InvalidVmSpec,
     LaunchError,
@@ -84,6 +84,7 @@ from .spec import (
     VmSpec,
     VsockChannel,
     check_name,
+    check_path,
 )
 from .uids import UidRange, allocate_uid
 
@@ -897,6 +898,76 @@ class VmEngine:
         with contextlib.suppress(VmError):
             await qmp.execute("migrate_cancel")
         raise VmTimeout(f"saving the memory of {name} took longer than {timeout}s")
+
+    # --- live disk snapshots -------------------------------------------------------------
+
+    async def switch_to_overlay(
+        self, name: str, path: str, fmt: Literal["qcow2"] = "qcow2", timeout: float = 30.0
+    ) -> str:
+        """Make a running VM write to a new top layer ``path`` (a live disk snapshot).
+
+        ``path`` is an existing qcow2 whose backing is the current top (the
+        storage layer made it).  The helper opens it and hands QEMU the fd
+        (``add-fd``); QEMU adds it with an explicit ``backing: null`` and
+        ``blockdev-snapshot`` puts it on top of the current top node, which
+        QEMU stops writing from then on.  The record's chain and top node are
+        updated so adoption and restarts see the new chain.  Returns the new
+        top node's name.  Pause or freeze the guest around it for consistency.
+        """
+        vm = self._alive(name)
+        check_path("overlay", path)
+        if fmt != "qcow2":
+            raise InvalidVmSpec("a live snapshot overlay must be qcow2")
+        qmp = await self._connected_qmp(vm)
+        rec = vm.record
+        gen = rec.overlay_generation + 1
+        node, file_node = f"{ROOT_DISK_NODE}-s{gen}", f"{ROOT_DISK_NODE}-s{gen}-file"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as e:
+            raise InvalidVmSpec(f"cannot open overlay {path}: {e.strerror}") from None
+        added: list[str] = []
+        fdset: int | None = None
+        try:
+            with anyio.fail_after(timeout):
+                sets = await self._exec(vm, "query-fdsets")
+                used = [int(s["fdset-id"]) for s in sets] if isinstance(sets, list) else []
+                fdset = max([len(rec.spec.disks), *used]) + 1
+                await qmp.add_fd(fd, fdset, f"overlay-{gen}")
+                await self._exec(
+                    vm,
+                    "blockdev-add",
+                    {"driver": "file", "node-name": file_node,
+                     "filename": f"/dev/fdset/{fdset}", "discard": "unmap"},
+                )  # fmt: skip
+                added.append(file_node)
+                await self._exec(
+                    vm,
+                    "blockdev-add",
+                    {"driver": fmt, "node-name": node, "file": file_node, "backing": None,
+                     "discard": "unmap", "detect-zeroes": "unmap"},
+                )  # fmt: skip
+                added.append(node)
+                await self._exec(vm, "blockdev-snapshot", {"node": rec.top_node, "overlay": node})
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                for n in reversed(added):
+                    with contextlib.suppress(VmError):
+                        await self._exec(vm, "blockdev-del", {"node-name": n})
+                if fdset is not None:
+                    with contextlib.suppress(VmError):
+                        await self._exec(vm, "remove-fd", {"fdset-id": fdset})
+            raise
+        finally:
+            os.close(fd)
+        old = [msgspec.structs.replace(layer, read_only=True) for layer in rec.spec.disks]
+        new_spec = msgspec.structs.replace(rec.spec, disks=(DiskLayer(format=fmt, path=path), *old))
+        vm.record = msgspec.structs.replace(
+            rec, spec=new_spec, top_node=node, overlay_generation=gen
+        )
+        self._records.save(vm.record)
+        log.info("vm_disk_overlay", vm=name, node=node, fdset=fdset)
+        return node
 
     # --- adoption and orphans --------------------------------------------------------------
 

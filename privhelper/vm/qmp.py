@@ -43,6 +43,7 @@ class Qmp:
         self._client.events.event_filter = _reject_all
         self.events = BoundedListener(WATCHED_EVENTS)
         self._client.register_listener(self.events)
+        self._fd_lock = anyio.Lock()
 
     async def connect(self, path: str, timeout: float | None = None) -> None:
         try:
@@ -69,11 +70,25 @@ class Qmp:
 
     async def pass_fd(self, fd: int, fdname: str, timeout: float | None = None) -> None:
         """Give QEMU a copy of ``fd`` under ``fdname`` (``getfd``); our fd stays open."""
+        async with self._fd_lock:
+            self._send_fd(fd)
+            await self.execute("getfd", {"fdname": fdname}, timeout)
+
+    async def add_fd(
+        self, fd: int, fdset_id: int, opaque: str, timeout: float | None = None
+    ) -> None:
+        """Add a copy of ``fd`` to fdset ``fdset_id`` (``add-fd``); our fd stays open."""
+        async with self._fd_lock:
+            self._send_fd(fd)
+            await self.execute("add-fd", {"fdset-id": fdset_id, "opaque": opaque}, timeout)
+
+    def _send_fd(self, fd: int) -> None:
+        # QEMU attaches the fd to the next command read on this connection: the
+        # caller holds _fd_lock so that command is the one that consumes it.
         try:
             self._client.send_fd_scm(fd)
         except (QMPError, OSError) as e:
             raise VmUnavailable(f"cannot pass an fd over QMP: {e}") from None
-        await self.execute("getfd", {"fdname": fdname}, timeout)
 
     async def close(self) -> None:
         # Never let a broken connection's teardown error escape a cleanup path.

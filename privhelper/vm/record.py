@@ -35,6 +35,10 @@ class VmRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     spec: VmSpec
     started_at: float
     version: int = RECORD_VERSION
+    #: QMP node name of the root disk's top layer (changes with live snapshots).
+    top_node: str = "disk0"
+    #: Live disk snapshots taken so far (names the next overlay's nodes).
+    overlay_generation: int = 0
 
 
 _encoder = msgspec.json.Encoder()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
 from agentiso.frontend.guest_client import GuestClient
@@ -498,3 +499,65 @@ async def test_tap_fd_passed_to_unprivileged_qemu_carries_traffic(env: Env) -> N
         finally:
             if tap_fd >= 0:
                 os.close(tap_fd)
+
+
+@pytest.mark.anyio
+async def test_live_disk_snapshot_switches_qemu_to_a_new_overlay(env: Env) -> None:
+    """The qcow2 live snapshot path: QEMU moves to a new top layer it gets as an fd."""
+    name, early, late = f"{env.prefix}-s", f"{env.prefix}-e", f"{env.prefix}-l"
+    a = env.overlay(name)
+
+    def overlay_on(parent: Path, child: Path) -> Path:
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(parent),
+             str(child)],
+            check=True,
+        )  # fmt: skip
+        return child
+
+    def chain(*tops: Path) -> tuple[DiskLayer, ...]:
+        layers = [
+            DiskLayer(format="qcow2", path=str(p), read_only=i > 0) for i, p in enumerate(tops)
+        ]
+        return (*layers, DiskLayer(format="raw", path=str(IMAGE / "rootfs.img"), read_only=True))
+
+    async with engine_for(env) as engine:
+        await engine.start(env.config(name, disk=a))
+        async with guest(engine, name) as g:
+            await g.write_file("/root/f1", b"one")
+            await g.sync()
+            b = await anyio.to_thread.run_sync(overlay_on, a, env.base / "b.qcow2")
+            await engine.pause(name)
+            assert await engine.switch_to_overlay(name, str(b)) == "disk0-s1"
+            await engine.resume(name)
+            await g.write_file("/root/f1", b"two")
+            await g.sync()
+            c = await anyio.to_thread.run_sync(overlay_on, b, env.base / "c.qcow2")
+            assert await engine.switch_to_overlay(name, str(c)) == "disk0-s2"
+            await g.write_file("/root/f2", b"after-second")
+            await g.sync()
+            with pytest.raises(InvalidVmSpec):
+                await engine.switch_to_overlay(name, str(env.base / "missing.qcow2"))
+            nodes = await engine.qmp(name, "query-named-block-nodes", {"flat": True})
+            assert {"disk0-s2", "disk0-s1", "disk0"} <= {n["node-name"] for n in nodes}
+
+            async def agent_shutdown() -> None:
+                await g.shutdown()
+
+            await engine.stop(name, agent_shutdown=agent_shutdown, agent_timeout=60)
+        rec = engine.record(name)
+        assert rec.top_node == "disk0-s2"
+        assert rec.spec.disks == chain(c, b, a)
+        engine.forget(name)
+
+        # The first snapshot layer holds the disk as it was at the switch...
+        await engine.start(env.config(early, disk=a))
+        async with guest(engine, early) as g:
+            assert (await g.read_file("/root/f1")).data == b"one"
+        await engine.kill(early)
+        # ... and the whole chain the latest state.
+        base_cfg = env.config(late, disk=c)
+        await engine.start(msgspec.structs.replace(base_cfg, disks=chain(c, b, a)))
+        async with guest(engine, late) as g:
+            assert (await g.read_file("/root/f1")).data == b"two"
+            assert (await g.read_file("/root/f2")).data == b"after-second"
