@@ -394,8 +394,6 @@ anyio.run(main)
 
 @pytest.mark.anyio
 async def test_engine_killed_vm_survives_and_is_adopted(env: Env) -> None:
-    import msgspec
-
     name = f"{env.prefix}-d"
     cfg = env.config(name)
     child = _spawn(

@@ -131,6 +131,14 @@ def test_record_roundtrip() -> None:
     assert decode_record(encode_record(rec)) == rec
 
 
+def test_record_without_newer_fields_still_decodes() -> None:
+    """Records written before live snapshots existed (no top_node) stay adoptable."""
+    raw = msgspec.json.decode(encode_record(make_record()))
+    del raw["top_node"], raw["overlay_generation"]
+    rec = decode_record(msgspec.json.encode(raw))
+    assert rec.top_node == "disk0" and rec.overlay_generation == 0
+
+
 def test_record_rejects_bad_content() -> None:
     with pytest.raises(InvalidVmSpec):
         decode_record(encode_record(make_record(name="../etc", spec=make_spec())))
