@@ -47,8 +47,15 @@ def qemu_img_convert(source: Path, source_format: str, dest: Path, dest_format: 
 
 
 def qemu_img_convert_to_device(source: Path, source_format: str, device: Path) -> list[str]:
-    """Write ``source`` onto an existing block device (a zvol); zeroes are skipped (-n)."""
-    return [QEMU_IMG, "convert", "-n", "-f", source_format, "-O", "raw", str(source), str(device)]
+    """Write ``source`` onto a fresh (all-zero, sparse) zvol.
+
+    ``-n``: the target exists; ``--target-is-zero``: zero regions are not written,
+    so the zvol stays as sparse as the source.
+    """
+    return [
+        QEMU_IMG, "convert", "-n", "--target-is-zero", "-f", source_format, "-O", "raw",
+        str(source), str(device),
+    ]  # fmt: skip
 
 
 def qemu_img_create_overlay(path: Path, backing: Path, backing_format: str, size: int) -> list[str]:

@@ -206,6 +206,11 @@ class ZfsBackend:
             snapshots=snaps,
         )
 
+    def _zvol_size(self, size: int) -> int:
+        """``size`` rounded up to the volblocksize (ZFS refuses other volsizes)."""
+        block = self.config.volblocksize
+        return -(-size // block) * block
+
     async def _wait_zvol(self, dataset: str) -> Path:
         node = self.zvol_dir / dataset
         # udev creates the node asynchronously; poll (no inotify on /dev/zvol here).
@@ -271,7 +276,9 @@ class ZfsBackend:
                 if self.zvols:
                     await self.runner.run(
                         cmd.zfs_create_zvol(
-                            ds, src.virtual_size, {"volblocksize": str(self.config.volblocksize)}
+                            ds,
+                            self._zvol_size(src.virtual_size),
+                            {"volblocksize": str(self.config.volblocksize)},
                         )
                     )
                     dev = await self._wait_zvol(ds)
@@ -364,6 +371,8 @@ class ZfsBackend:
             await self.runner.run(cmd.zfs_clone(origin, ds))
             try:
                 props = await self._props()
+                if props[ds].get("type") == "volume":
+                    await self._wait_zvol(ds)  # udev makes the clone's node
                 if size is not None and size > self._virtual_size(props, ds):
                     await self._resize(props, ds, size)
                     props = await self._props()
@@ -375,7 +384,7 @@ class ZfsBackend:
 
     async def _resize(self, props: Props, dataset: str, size: int) -> None:
         if props[dataset].get("type") == "volume":
-            await self.runner.run(cmd.zfs_set(dataset, "volsize", str(size)))
+            await self.runner.run(cmd.zfs_set(dataset, "volsize", str(self._zvol_size(size))))
         else:
             os.truncate(self._disk_path(props, dataset), size)
 

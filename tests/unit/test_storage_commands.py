@@ -57,7 +57,8 @@ def test_convert_and_resize() -> None:
         "qemu-img", "convert", "-f", "raw", "-O", "raw", "/i", "/o",
     ]  # fmt: skip
     assert "cluster_size=65536" in cmd.qemu_img_convert(Path("/i"), "raw", Path("/o"), "qcow2")
-    assert cmd.qemu_img_convert_to_device(Path("/i"), "qcow2", Path("/dev/zvol/p/x"))[2] == "-n"
+    to_dev = cmd.qemu_img_convert_to_device(Path("/i"), "qcow2", Path("/dev/zvol/p/x"))
+    assert to_dev[2:4] == ["-n", "--target-is-zero"] and to_dev[-1] == "/dev/zvol/p/x"
     assert cmd.qemu_img_resize(Path("/t"), "qcow2", 2048) == [
         "qemu-img", "resize", "-q", "-f", "qcow2", "/t", "2048",
     ]  # fmt: skip

@@ -69,3 +69,10 @@ def test_parse_qemu_img_info() -> None:
         'qemu-img: Failed to get "write" lock\nIs another process using the image?'
     )
     assert not is_lock_error("No such file or directory")
+
+
+def test_zvol_sizes_round_up_to_the_block_size() -> None:
+    b = ZfsBackend(ZfsConfig(volblocksize=16384))
+    assert b._zvol_size(16384) == 16384
+    assert b._zvol_size(16384 + 512) == 32768
+    assert b._zvol_size(461373440) == 461373440  # the minimal rootfs: already aligned
