@@ -12,6 +12,7 @@
 /bin/busybox mkdir -p /proc /sys /dev /newroot
 /bin/busybox mount -t proc -o nosuid,nodev,noexec proc /proc
 /bin/busybox mount -t devtmpfs -o nosuid devtmpfs /dev
+/bin/busybox mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
 /bin/busybox --install -s /bin
 
 fail() {
@@ -32,10 +33,29 @@ for arg in $cmdline; do
     esac
 done
 
-while read -r mod; do
-    [ -n "$mod" ] || continue
-    # A module that fails to load (e.g. vsock transport without a device) is not fatal.
-    insmod "/lib/modules/$mod" 2>/dev/null || echo "agentiso-initramfs: could not load $mod"
+# /etc/modules-load.order: "<condition> <module path>" in dependency order; the
+# condition is "always" or the virtio device ids (as sysfs prints them) a module
+# serves.  Load the unconditional ones (virtio-mmio among them, which registers the
+# VM's virtio devices), then only the drivers of devices this VM has: no vsock
+# modules, hence no /dev/vsock, on a VM without a vsock device.
+load() {
+    insmod "/lib/modules/$1" 2>/dev/null || echo "agentiso-initramfs: could not load $1"
+}
+while read -r cond mod; do
+    [ "$cond" = always ] && load "$mod"
+done < /etc/modules-load.order
+present=" "
+for dev in /sys/bus/virtio/devices/*/device; do
+    [ -r "$dev" ] && read -r id < "$dev" && present="$present$id "
+done
+while read -r cond mod; do
+    [ "$cond" = always ] && continue
+    ids=$(echo "$cond" | tr , ' ')
+    for id in $ids; do
+        case "$present" in
+            *" $id "*) load "$mod"; break ;;
+        esac
+    done
 done < /etc/modules-load.order
 
 # The virtio-mmio device probe is asynchronous; wait up to ~5 s for the disk.
@@ -52,7 +72,6 @@ mount -t "$fstype" -o rw "$root" /newroot || fail "cannot mount $root"
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /dev/shm
-mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
 for d in run tmp; do
     [ -d "/newroot/$d" ] || mkdir -p "/newroot/$d"
 done

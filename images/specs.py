@@ -20,14 +20,15 @@ KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 #: the boot to init); quiet keeps the slow emulated UART out of the boot path.
 CMDLINE = "console=ttyS0 panic=-1 reboot=t tsc=reliable cryptomgr.notests quiet"
 
-#: Modules the initramfs loads, by name; dependencies are resolved from modules.dep
-#: and built-in ones (ext4 in the cloud kernel) skipped.
+#: Modules the initramfs loads, by name; dependencies (vsock for the vsock
+#: transport, virtio, virtio_ring, failover) are resolved from modules.dep and
+#: built-in ones (ext4 in the cloud kernel) skipped.  Drivers of virtio devices are
+#: loaded only when the VM has such a device (see kmods.plan_loads).
 INITRAMFS_MODULES = (
     "virtio_mmio",
     "virtio_blk",
     "virtio_net",
     "virtio_console",
-    "vsock",
     "vmw_vsock_virtio_transport",
     "qemu_fw_cfg",
     # Entropy from the host (-device virtio-rng-device): without it the first

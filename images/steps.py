@@ -186,9 +186,13 @@ def pvh_kernel(bzimage: bytes) -> bytes | None:
 def initramfs_bytes(
     kernel_tree: Path, release: str, wanted: tuple[str, ...], busybox: Path, init_script: bytes
 ) -> tuple[bytes, list[str]]:
-    """The gzip-compressed newc archive and the module paths it loads (in order).
+    """The gzip-compressed newc archive and the module paths it may load (in order).
 
-    The kernel's config is checked for gzip initramfs support (CONFIG_RD_GZIP).
+    ``etc/modules-load.order`` lists ``<condition> <path>`` lines (see
+    :func:`kmods.plan_loads`): the init loads the ``always`` ones, then those whose
+    virtio device ids the VM has.  Module signatures are stripped
+    (:func:`kmods.strip_signature`).  The kernel's config is checked for gzip
+    initramfs support (CONFIG_RD_GZIP).
     """
     import gzip
 
@@ -199,7 +203,11 @@ def initramfs_bytes(
     index = kmods.ModuleIndex.parse(
         (mods / "modules.dep").read_text(), (mods / "modules.builtin").read_text()
     )
-    order = kmods.resolve_load_order(index, wanted)
+    plan = kmods.plan_loads(
+        index, wanted, kmods.virtio_device_ids((mods / "modules.alias").read_text())
+    )
+    order = [path for _cond, path in plan]
+    load_list = "".join(f"{cond} {path}\n" for cond, path in plan)
     entries: list[cpio.Entry] = [
         cpio.directory("bin"),
         cpio.directory("dev"),
@@ -214,7 +222,7 @@ def initramfs_bytes(
         cpio.regular("bin/busybox", busybox.read_bytes(), 0o755),
         cpio.symlink("bin/sh", "busybox"),
         cpio.regular("init", init_script, 0o755),
-        cpio.regular("etc/modules-load.order", ("\n".join(order) + "\n").encode()),
+        cpio.regular("etc/modules-load.order", load_list.encode()),
     ]
     made: set[str] = {"lib/modules"}
     for rel in order:
@@ -224,7 +232,8 @@ def initramfs_bytes(
             if d not in made:
                 made.add(d)
                 entries.append(cpio.directory(d))
-        entries.append(cpio.regular("lib/modules/" + rel, (mods / rel).read_bytes()))
+        module = kmods.strip_signature((mods / rel).read_bytes())
+        entries.append(cpio.regular("lib/modules/" + rel, module))
     archive = cpio.archive(entries)
     return gzip.compress(archive, compresslevel=9, mtime=0), order
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from images.kmods import module_name
 from tests.harness.images import image_dir
 
 SITE = "/usr/lib/python3/dist-packages"
@@ -58,8 +59,8 @@ def exists(image: Path, *candidates: str) -> bool:
     return any(file_mode(image, p) is not None for p in candidates)
 
 
-def newc_names(blob: bytes) -> list[str]:
-    names: list[str] = []
+def newc_members(blob: bytes) -> dict[str, bytes]:
+    members: dict[str, bytes] = {}
     pos = 0
     while True:
         head = blob[pos : pos + 110]
@@ -69,10 +70,11 @@ def newc_names(blob: bytes) -> list[str]:
         pos += 110
         name = blob[pos : pos + namesize - 1].decode()
         pos += namesize + (-(pos + namesize) % 4)
+        data = blob[pos : pos + filesize]
         pos += filesize + (-(pos + filesize) % 4)
         if name == "TRAILER!!!":
-            return names
-        names.append(name)
+            return members
+        members[name] = data
 
 
 def test_manifest_hashes_and_sizes_match_the_files() -> None:
@@ -132,12 +134,22 @@ def test_minimal_rootfs_has_the_contract_contents() -> None:
 
 def test_initramfs_has_busybox_init_and_the_modules_in_order() -> None:
     directory = built("minimal")
-    names = newc_names(gzip.decompress((directory / "initrd.img").read_bytes()))
-    assert {"init", "bin/busybox", "dev/console", "etc/modules-load.order"} <= set(names)
-    modules = [n.rsplit("/", 1)[1] for n in names if n.endswith(".ko")]
-    for wanted in ("virtio_mmio.ko", "virtio_blk.ko", "virtio_console.ko", "virtio_net.ko"):
-        assert wanted in modules
+    members = newc_members(gzip.decompress((directory / "initrd.img").read_bytes()))
+    assert {"init", "bin/busybox", "dev/console", "etc/modules-load.order"} <= set(members)
+    plan = [line.split() for line in members["etc/modules-load.order"].decode().splitlines()]
+    cond = {module_name(path) + ".ko": c for c, path in plan}
+    modules = list(cond)
     assert modules.index("virtio.ko") < modules.index("virtio_mmio.ko")
+    assert cond["virtio_mmio.ko"] == cond["qemu_fw_cfg.ko"] == "always"
+    assert cond["virtio_blk.ko"] == "0x0002"
+    assert cond["virtio_net.ko"] == "0x0001"
+    assert cond["virtio_console.ko"] == "0x0003"
+    assert cond["virtio_rng.ko"] == "0x0004"
+    assert cond["vsock.ko"] == cond["vmw_vsock_virtio_transport.ko"] == "0x0013"
+    for _c, path in plan:
+        module = members[f"lib/modules/{path}"]
+        assert module.startswith(b"\x7fELF")
+        assert not module.endswith(b"~Module signature appended~\n")
 
 
 def test_dev_rootfs_adds_the_toolchain() -> None:
