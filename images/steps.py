@@ -220,10 +220,12 @@ def initramfs_bytes(
         cpio.directory("proc"),
         cpio.directory("sys"),
         cpio.regular("bin/busybox", busybox.read_bytes(), 0o755),
-        cpio.symlink("bin/sh", "busybox"),
         cpio.regular("init", init_script, 0o755),
         cpio.regular("etc/modules-load.order", load_list.encode()),
     ]
+    # The applet links `busybox --install` would make at every boot, made here.
+    applets = sorted(set(run([str(busybox), "--list"]).split()) | {"sh"})
+    entries += [cpio.symlink(f"bin/{a}", "busybox") for a in applets if a != "busybox"]
     made: set[str] = {"lib/modules"}
     for rel in order:
         parts = rel.split("/")[:-1]
