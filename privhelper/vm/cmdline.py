@@ -105,7 +105,9 @@ def _layer_node(i: int) -> str:
 
 
 def _machine(spec: VmSpec) -> str:
-    opts = ["microvm", "acpi=on", "isa-serial=on", "rtc=on"]
+    # dump-guest-core=off: a QEMU core dump must not carry the guest's memory;
+    # mem-merge=off: no KSM page sharing between workspaces (dedup side channels).
+    opts = ["microvm", "acpi=on", "isa-serial=on", "rtc=on", "dump-guest-core=off", "mem-merge=off"]
     if spec.accel.kind == "kvm":
         opts += ["pit=off", "pic=off"]
     return ",".join(opts)

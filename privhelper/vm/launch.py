@@ -108,7 +108,7 @@ def spawn_qemu(
     check_identity(uid, gid)
     switch = os.geteuid() == 0
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=stderr_fd,
@@ -130,3 +130,4 @@ def spawn_qemu(
         ) from None
     except OSError as e:
         raise LaunchError(f"cannot execute {argv[0]}: {e.strerror}") from None
+    return proc

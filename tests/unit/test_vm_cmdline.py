@@ -45,7 +45,9 @@ def test_base_command_line() -> None:
     assert "elevateprivileges=deny" in SANDBOX and "spawn=deny" in SANDBOX
     assert "-runas" not in argv
     assert opt_values(argv, "-name") == ["guest=agentiso-ws1,process=agentiso-ws1"]
-    assert opt_values(argv, "-M") == ["microvm,acpi=on,isa-serial=on,rtc=on"]
+    assert opt_values(argv, "-M") == [
+        "microvm,acpi=on,isa-serial=on,rtc=on,dump-guest-core=off,mem-merge=off"
+    ]
     assert opt_values(argv, "-accel") == ["tcg,tb-size=64"]
     assert opt_values(argv, "-smp") == ["1"]
     assert opt_values(argv, "-m") == ["256M"]
@@ -78,7 +80,9 @@ def test_kvm_turns_off_legacy_timers() -> None:
     argv = build_argv(make_spec(accel=Accel(kind="kvm")))
     assert opt_values(argv, "-accel") == ["kvm"]
     assert opt_values(argv, "-cpu") == ["host"]
-    assert opt_values(argv, "-M") == ["microvm,acpi=on,isa-serial=on,rtc=on,pit=off,pic=off"]
+    assert opt_values(argv, "-M") == [
+        "microvm,acpi=on,isa-serial=on,rtc=on,dump-guest-core=off,mem-merge=off,pit=off,pic=off"
+    ]
 
 
 def test_tcg_keeps_pit_and_sets_tb_size() -> None:
