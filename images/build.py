@@ -2,8 +2,10 @@
 
 Outputs (the contract with the VM engine and the boot harness):
 
-* ``vmlinuz``      Debian's cloud kernel, extracted from its package;
-* ``initrd.img``   busybox + virtio/vsock/fw_cfg modules, mounts /dev/vda, switch_roots;
+* ``vmlinuz``      Debian's cloud kernel, extracted from its package, as the
+  uncompressed PVH ELF (the bzImage when it has no PVH entry);
+* ``initrd.img``   busybox + virtio/vsock/fw_cfg/rng modules, mounts /dev/vda,
+  switch_roots;
 * ``rootfs.img``   raw ext4 (no partition table) made by ``mkfs.ext4 -d``;
 * ``manifest.json`` versions, sha256 and size of each file, the kernel ``cmdline``,
   and the cache keys each output was built from.
@@ -147,11 +149,14 @@ def host_tsc_khz() -> int | None:
 
 
 def agentiso_version() -> str:
-    text = (REPO / "pyproject.toml").read_text()
-    for line in text.splitlines():
-        if line.startswith("version"):
-            return line.split("=", 1)[1].strip().strip('"')
-    return "unknown"
+    """The project version from pyproject.toml (what the guest layer is part of)."""
+    import tomllib
+
+    try:
+        version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+    return str(version)
 
 
 def base_key(spec: specs.ImageSpec) -> str:
@@ -189,6 +194,10 @@ class Builder:
         self.cache = build_dir / "cache"
         self.out = build_dir / "images" / spec.name
         self.kernel_tree: Path | None = None
+        # Learnt while building; None when that step did not run this time (the
+        # manifest then keeps the previous build's value).
+        self.kernel_format: str | None = None
+        self.python_version: str | None = None
         self.tsc_khz = host_tsc_khz()
         self.cmdline = hosttsc.with_tsc_khz(specs.CMDLINE, self.tsc_khz)
 
@@ -396,9 +405,9 @@ class Builder:
                 "busybox": self.busybox_version,
             }
         )
-        if hasattr(self, "kernel_format"):
+        if self.kernel_format is not None:
             versions["kernel_format"] = self.kernel_format
-        if hasattr(self, "python_version"):
+        if self.python_version is not None:
             versions["python"] = self.python_version
         manifest = {
             "format": 1,
