@@ -59,6 +59,7 @@ from .launch import (
     QEMU_ENV,
     OpenedDisks,
     open_disk_layers,
+    open_vhost_vsock,
     prepare_private_dir,
     spawn_qemu,
     write_owned_file,
@@ -413,6 +414,10 @@ class VmEngine:
             else:
                 if cfg.guest_cid is None:
                     raise InvalidVmSpec("a vsock channel needs a guest CID")
+                if cfg.secret is None:
+                    # Any local process may connect to a guest over vsock: the
+                    # agent only answers whoever presents the per-VM secret.
+                    raise InvalidVmSpec("a vsock channel needs a per-VM secret")
                 channel = VsockChannel(guest_cid=cfg.guest_cid, vhost_fd=cfg.vhost_vsock_fd)
             secret_file: Path | None = None
             if cfg.secret is not None:
@@ -442,7 +447,14 @@ class VmEngine:
             build_argv(spec)  # validate before opening anything
             disks: OpenedDisks | None = None
             stderr_path = logs / "stderr.log"
+            vhost_fd: int | None = None
             try:
+                if isinstance(channel, VsockChannel) and channel.vhost_fd is None:
+                    # QEMU (unprivileged) cannot open the device: the helper does.
+                    vhost_fd = open_vhost_vsock()
+                    spec = msgspec.structs.replace(
+                        spec, channel=msgspec.structs.replace(channel, vhost_fd=vhost_fd)
+                    )
                 disks = open_disk_layers(cfg.disks)
                 argv = build_argv(
                     msgspec.structs.replace(spec, disks=disks.layers), self.settings.qemu_binary
@@ -451,6 +463,7 @@ class VmEngine:
                 for fd in (
                     cfg.net.tap_fd if cfg.net else None,
                     cfg.vhost_vsock_fd if cfg.channel == "vsock" else None,
+                    vhost_fd,
                     cfg.incoming_fd,
                 ):
                     if fd is not None:
@@ -467,6 +480,8 @@ class VmEngine:
             finally:
                 if disks is not None:
                     disks.close()
+                if vhost_fd is not None:
+                    os.close(vhost_fd)
 
         except BaseException:
             # Nothing of a VM that never ran is left behind.

@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidVmSpec, LaunchError, UnprivilegedImpossible
+from .errors import InvalidVmSpec, LaunchError, UnprivilegedImpossible, VmUnavailable
 from .spec import DiskLayer
 
 #: The environment QEMU gets: nothing from the helper's.
@@ -63,6 +63,21 @@ def open_disk_layers(layers: tuple[DiskLayer, ...]) -> OpenedDisks:
         raise
     out.layers = tuple(rewritten)
     return out
+
+
+VHOST_VSOCK = "/dev/vhost-vsock"
+
+
+def open_vhost_vsock() -> int:
+    """Open /dev/vhost-vsock for a VM (QEMU gets the fd as ``vhostfd``)."""
+    try:
+        return os.open(VHOST_VSOCK, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise VmUnavailable(
+            f"no {VHOST_VSOCK} on this host: use the virtio-serial guest channel"
+        ) from None
+    except OSError as e:
+        raise VmUnavailable(f"cannot open {VHOST_VSOCK}: {e.strerror}") from None
 
 
 def prepare_private_dir(path: Path, uid: int, gid: int) -> None:

@@ -143,6 +143,10 @@ def _read(p: Path) -> bytes:
     return p.read_bytes()
 
 
+def _has_vhost_vsock() -> bool:
+    return os.path.exists("/dev/vhost-vsock")
+
+
 def _has_kvm() -> bool:
     return os.path.exists("/dev/kvm")
 
@@ -601,3 +605,19 @@ def _qemus_of_uid(uid: int) -> list[int]:
         ):
             pids.append(int(entry.name))
     return pids
+
+
+@pytest.mark.anyio
+async def test_vsock_channel_needs_a_secret_and_the_device(env: Env) -> None:
+    name = f"{env.prefix}-v"
+    async with engine_for(env) as engine:
+        with pytest.raises(InvalidVmSpec, match="secret"):
+            await engine.start(env.config(name, channel="vsock", guest_cid=77))
+        with pytest.raises(InvalidVmSpec, match="CID"):
+            await engine.start(env.config(name, channel="vsock", secret=SECRET))
+        if _has_vhost_vsock():
+            pytest.skip(reason="this host has /dev/vhost-vsock; the refusal path is not reachable")
+        with pytest.raises(VmUnavailable, match="vhost-vsock"):
+            await engine.start(env.config(name, channel="vsock", guest_cid=77, secret=SECRET))
+        assert engine.names() == []
+        assert not _exists(Path(env.settings.run_dir) / name)

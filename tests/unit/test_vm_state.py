@@ -275,3 +275,38 @@ def test_probe_argv_boots_without_root_disk() -> None:
 def test_probe_success_patterns() -> None:
     assert PROBE_SUCCESS.search(b"[ 0.5] Kernel panic - not syncing: VFS: Unable to mount root")
     assert not PROBE_SUCCESS.search(b"Probing EDD (edd=off to disable)... ok\r\n")
+
+
+# --- engine helpers ----------------------------------------------------------------
+
+
+def test_world_readable_path_problem(tmp_path: Path) -> None:
+    from agentiso.privhelper.vm.engine import world_readable_path_problem
+
+    base = tmp_path / "img"
+    base.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(base, 0o755)
+    k = base / "vmlinuz"
+    k.write_bytes(b"k")
+    os.chmod(k, 0o644)
+    # pytest's own base directories may be private: only judge from tmp_path down
+    parents_ok = all(p.stat().st_mode & stat.S_IXOTH for p in tmp_path.parents)
+    if parents_ok:
+        assert world_readable_path_problem(str(k)) is None
+        assert world_readable_path_problem(str(base), directory=True) is None
+    os.chmod(k, 0o600)
+    assert "not readable" in (world_readable_path_problem(str(k)) or "")
+    os.chmod(k, 0o644)
+    os.chmod(base, 0o750)
+    assert "not traversable" in (world_readable_path_problem(str(k)) or "")
+    assert "not traversable" in (world_readable_path_problem(str(base), directory=True) or "")
+    assert "No such file" in (world_readable_path_problem(str(base / "nope")) or "")
+    os.chmod(base, 0o755)
+
+
+def test_uid_unassigned() -> None:
+    from agentiso.privhelper.vm.engine import _uid_unassigned
+
+    assert not _uid_unassigned(0)  # root has an account
+    assert _uid_unassigned(3_999_999_999)
