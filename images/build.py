@@ -332,6 +332,11 @@ class Builder:
         steps.replace_file(stage / "etc/hosts", hosts.encode())
         # Placeholder: the guest agent writes the DNS servers the host hands it.
         steps.replace_file(stage / "etc/resolv.conf", b"# written by the agentiso guest agent\n")
+        # The root the initramfs mounts, for tools that read fstab (mount -o remount).
+        steps.replace_file(stage / "etc/fstab", b"/dev/vda\t/\text4\trw,relatime\t0\t1\n")
+        mtab = stage / "etc/mtab"
+        if not (mtab.exists() or mtab.is_symlink()):
+            mtab.symlink_to("../proc/self/mounts")
         used = steps.tree_size(stage)
         # ext4 metadata (inode tables, journal, bitmaps) is about 5% plus a fixed part.
         size = used * 105 // 100 + (48 << 20) + HEADROOM_BYTES

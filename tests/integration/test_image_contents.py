@@ -112,6 +112,8 @@ def test_minimal_rootfs_has_the_contract_contents() -> None:
         "/usr/bin/python3.11",
         "/etc/hostname",
         "/etc/resolv.conf",
+        "/etc/fstab",
+        "/etc/mtab",
         "/var/lib/agentiso/rootfs-sectors",
     ):
         assert exists(rootfs, path), path
