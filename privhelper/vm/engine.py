@@ -72,6 +72,7 @@ from .procfs import (
     read_stat,
     read_status,
     scan_agentiso_qemus,
+    uids_in_use,
     vm_name_from_argv,
 )
 from .qmp import Qmp
@@ -360,6 +361,8 @@ class VmEngine:
         taken = {v.record.uid for v in self._vms.values() if v.state not in FINISHED}
         records, _ = self._records.load_all()
         taken |= {r.uid for r in records if r.name not in self._vms}
+        # Also any process still running as a range uid (an orphan, another helper).
+        taken |= uids_in_use(self._uids.base, self._uids.base + self._uids.count)
         return taken
 
     async def start(self, cfg: VmConfig) -> VmStatus:

@@ -149,3 +149,24 @@ def scan_agentiso_qemus(proc: Path = Path("/proc")) -> dict[int, str]:
         if st is not None and st.state not in ("Z", "X"):
             found[pid] = name
     return found
+
+
+def uids_in_use(lo: int, hi: int, proc: Path = Path("/proc")) -> set[int]:
+    """Real uids in ``[lo, hi)`` of every live process (orphans, other helpers' VMs)."""
+    found: set[int] = set()
+    try:
+        entries = list(os.scandir(proc))
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            # The owner of /proc/<pid> is the process's effective uid (root for a
+            # non-dumpable process; QEMU started as a range uid stays dumpable).
+            uid = entry.stat(follow_symlinks=False).st_uid
+        except OSError:
+            continue
+        if lo <= uid < hi:
+            found.add(uid)
+    return found

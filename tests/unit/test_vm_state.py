@@ -310,3 +310,11 @@ def test_uid_unassigned() -> None:
 
     assert not _uid_unassigned(0)  # root has an account
     assert _uid_unassigned(3_999_999_999)
+
+
+def test_uids_in_use_sees_a_live_process_of_the_range() -> None:
+    from agentiso.privhelper.vm.procfs import uids_in_use
+
+    me = os.geteuid()
+    assert me in uids_in_use(me, me + 1)
+    assert uids_in_use(3_999_999_000, 3_999_999_100) == set()
