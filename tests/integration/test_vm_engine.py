@@ -542,6 +542,17 @@ async def test_live_disk_snapshot_switches_qemu_to_a_new_overlay(env: Env) -> No
                 await engine.switch_to_overlay(name, str(env.base / "missing.qcow2"))
             nodes = await engine.qmp(name, "query-named-block-nodes", {"flat": True})
             assert {"disk0-s2", "disk0-s1", "disk0"} <= {n["node-name"] for n in nodes}
+            # A memory snapshot leaves the VM paused with its disks handed off;
+            # resuming must give the guest a writable disk again.
+            fd = os.open(env.base / "s.mem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                await engine.save_memory(name, fd)
+            finally:
+                os.close(fd)
+            await engine.resume(name)
+            assert await engine.query_status(name) == "running"
+            await g.write_file("/root/f3", b"after-memory-save")
+            await g.sync()
 
             async def agent_shutdown() -> None:
                 await g.shutdown()
@@ -563,6 +574,7 @@ async def test_live_disk_snapshot_switches_qemu_to_a_new_overlay(env: Env) -> No
         async with guest(engine, late) as g:
             assert (await g.read_file("/root/f1")).data == b"two"
             assert (await g.read_file("/root/f2")).data == b"after-second"
+            assert (await g.read_file("/root/f3")).data == b"after-memory-save"
 
 
 @pytest.mark.anyio
