@@ -34,6 +34,11 @@ ensure_mounted /tmp tmpfs nosuid,nodev,mode=1777
 [ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx
 [ -d /run/lock ] || mkdir -p /run/lock
 
+# The kernel's hostname from /etc/hostname (the agent may change both later).
+if read -r name < /etc/hostname && [ -n "$name" ]; then
+    echo "$name" > /proc/sys/kernel/hostname
+fi
+
 read -r lo_flags < /sys/class/net/lo/flags
 [ $((lo_flags & 1)) = 1 ] || ip link set lo up  # IFF_UP
 
