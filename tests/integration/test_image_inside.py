@@ -119,3 +119,13 @@ async def test_dev_image_compiles_and_has_git_and_curl(dev_vm: BootedVM) -> None
     assert any(line.startswith("git version") for line in lines)
     assert any(line.startswith("curl ") for line in lines)
     assert any(line.startswith("GNU Make") for line in lines)
+
+
+async def test_commands_do_not_inherit_the_agents_hash_seed(minimal_vm: BootedVM) -> None:
+    async with connect(minimal_vm) as c:
+        agent_env = await sh(c, "tr '\\0' '\\n' < /proc/1/environ")
+        own_env = await sh(c, "env")
+    # The init seeds the agent's hash randomisation (no entropy wait at boot)...
+    assert "PYTHONHASHSEED=" in agent_env
+    # ...but the commands it runs get per-process randomisation.
+    assert "PYTHONHASHSEED" not in own_env
