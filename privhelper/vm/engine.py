@@ -829,17 +829,17 @@ class VmEngine:
         vm = self._get(name)
         if vm.exited.is_set():
             return self.status(name)
+        # A paused guest can neither answer its agent nor see the power button.
+        paused = vm.state == VmState.PAUSED
         vm.stop_requested = True
         vm.state = VmState.STOPPING
-        log.info("vm_stopping", vm=name)
+        log.info("vm_stopping", vm=name, paused=paused)
         steps: list[tuple[str, float]] = []
-        if agent_shutdown is not None:
+        if agent_shutdown is not None and not paused:
             steps.append(("agent shutdown", agent_timeout))
-        steps += [
-            ("ACPI powerdown", powerdown_timeout),
-            ("QMP quit", 3.0),
-            ("SIGKILL", kill_timeout),
-        ]
+        if not paused:
+            steps.append(("ACPI powerdown", powerdown_timeout))
+        steps += [("QMP quit", 3.0), ("SIGKILL", kill_timeout)]
         for method, timeout in steps:
             vm.stop_method = method
             with anyio.move_on_after(timeout):
@@ -853,8 +853,15 @@ class VmEngine:
                         await self._exec(vm, "quit", timeout=timeout)
                     else:
                         self._signal(vm, signal.SIGKILL)
-                except Exception as e:  # a failed step just moves on to the next one
+                except Exception as e:
+                    # A failed step moves on to the next one (a QMP error may also
+                    # just mean QEMU is exiting: give that a moment to show).
                     log.info("vm_stop_step_failed", vm=name, step=method, error=str(e))
+                    with anyio.move_on_after(0.5):
+                        await vm.exited.wait()
+                    if vm.exited.is_set():
+                        break
+                    continue
                 await vm.exited.wait()
             if vm.exited.is_set():
                 break

@@ -633,3 +633,26 @@ async def test_vsock_channel_needs_a_secret_and_the_device(env: Env) -> None:
             await engine.start(env.config(name, channel="vsock", guest_cid=77, secret=SECRET))
         assert engine.names() == []
         assert not _exists(Path(env.settings.run_dir) / name)
+
+
+@pytest.mark.anyio
+async def test_stop_skips_a_failing_agent_hook_and_a_paused_guest(env: Env) -> None:
+    n1, n2 = f"{env.prefix}-h", f"{env.prefix}-p"
+    async with engine_for(env) as engine:
+        await engine.start(env.config(n1))
+        await engine.start(env.config(n2))
+
+        async def no_channel() -> None:
+            raise RuntimeError("no guest channel")
+
+        t0 = time.monotonic()
+        st = await engine.stop(n1, agent_shutdown=no_channel, agent_timeout=30, powerdown_timeout=1)
+        assert time.monotonic() - t0 < 10  # not the agent's 30 s
+        assert st.state is VmState.STOPPED and "QMP quit" in (st.exit_reason or "")
+        await engine.pause(n2)
+        t0 = time.monotonic()
+        st = await engine.stop(
+            n2, agent_shutdown=no_channel, agent_timeout=30, powerdown_timeout=30
+        )
+        assert time.monotonic() - t0 < 5  # paused: straight to QMP quit
+        assert st.state is VmState.STOPPED and "QMP quit" in (st.exit_reason or "")
