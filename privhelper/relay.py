@@ -330,6 +330,7 @@ class GuestChannel:
         sessions = itertools.count(1)
         sink.deliver_raw(_greeting(hello, b"", next(sessions)))
         decoder = HostStreamDecoder(gp.GUEST_MAX_FRAME)
+        last_nonce: bytes | None = None
         async with anyio.create_task_group() as tg:
 
             async def pump() -> None:
@@ -350,6 +351,9 @@ class GuestChannel:
                         break
                     for item in items:
                         if isinstance(item, SyncMarker):
+                            if item.nonce == last_nonce:
+                                continue  # resent before our answer arrived: no new session
+                            last_nonce = item.nonce
                             await self._cancel_client_requests(sink)
                             current = self.hello or hello
                             sink.deliver_raw(_greeting(current, item.nonce, next(sessions)))

@@ -268,3 +268,17 @@ async def test_hostile_guest_cannot_crash_the_relay(tmp_path: Path) -> None:
     finally:
         path.unlink(missing_ok=True)
         path.parent.rmdir()
+
+
+async def test_a_resent_sync_marker_does_not_reset_the_session(agent: Agent) -> None:
+    """A client resends its marker until answered; the repeat must not cancel
+    the requests it sent after the first answer."""
+    async with running_channel(agent.path) as ch, relayed_client(ch) as c:
+        nonce = os.urandom(gp.SYNC_NONCE_LEN)
+        await c.stream.send(gp.HOST_SYNC_MAGIC + nonce)
+        while not (isinstance(h := await c.recv(), gp.Hello) and h.sync_nonce == nonce):
+            pass
+        await c.send(_exec(1, "sleep 1; echo done"))
+        await c.stream.send(gp.HOST_SYNC_MAGIC + nonce)  # the late repeat
+        result = await c.until_final(1)
+        assert isinstance(result, gp.ExecResult) and result.stdout == b"done\n"
