@@ -1017,8 +1017,14 @@ class VmEngine:
                 adopted.append(rec.name)
                 log.info("vm_adopted", vm=rec.name, pid=rec.pid)
             except VmError as e:
-                # Alive but unreachable: keep watching it; stop/kill still work.
+                if vm.exited.is_set():  # it died while we were attaching
+                    dead.append(self.status(rec.name))
+                    continue
+                # Alive but QMP unreachable: keep watching it (death is still seen,
+                # kill works, QMP reconnects on the next call) and keep its console.
                 vm.state = VmState.RUNNING
+                if vm.tg is not None:
+                    vm.tg.start_soon(self._pump_console, vm, None)
                 adopted.append(rec.name)
                 log.warning("vm_adopted_without_qmp", vm=rec.name, error=e.message)
         return AdoptReport(adopted=adopted, dead=dead, unreadable=bad)
