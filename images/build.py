@@ -217,7 +217,16 @@ class Builder:
         self.base_key = base_key(self.spec)
         layer_digest = cachekey.tree_digest(agent_sources())
         return {
-            "vmlinuz": cachekey.key_of("vmlinuz", {**kernel, "format": KERNEL_STEP_VERSION}),
+            "vmlinuz": cachekey.key_of(
+                "vmlinuz",
+                {
+                    **kernel,
+                    "format": KERNEL_STEP_VERSION,
+                    # Without the tool the bzImage is shipped; installing it must
+                    # bring the faster ELF.
+                    "decompressors": [t for t in ("lz4", "zstd") if shutil.which(t)],
+                },
+            ),
             "initrd.img": cachekey.key_of(
                 "initrd",
                 {
