@@ -656,3 +656,30 @@ async def test_stop_skips_a_failing_agent_hook_and_a_paused_guest(env: Env) -> N
         )
         assert time.monotonic() - t0 < 5  # paused: straight to QMP quit
         assert st.state is VmState.STOPPED and "QMP quit" in (st.exit_reason or "")
+
+
+@pytest.mark.anyio
+async def test_adopt_while_qmp_is_busy_then_reconnect(env: Env) -> None:
+    """QEMU serves one QMP client: adoption copes when another one holds it."""
+    name = f"{env.prefix}-b"
+    async with VmEngine.running(env.settings) as engine:
+        st = await engine.start(env.config(name))
+    # The first engine is gone (VM left running).  Someone else grabs QMP.
+    squatter = await anyio.connect_unix(str(Path(env.settings.run_dir) / name / "qmp.sock"))
+    try:
+        quick = msgspec.structs.replace(env.settings, qmp_timeout_s=1.0)
+        async with VmEngine.running(quick) as engine:
+            try:
+                report = await engine.adopt_all()
+                assert report.adopted == [name]
+                assert engine.status(name).state is VmState.RUNNING
+                await squatter.aclose()
+                assert await engine.query_status(name) == "running"  # reconnected
+                await wait_console(engine, name, b"agentiso-init", BOOT_TIMEOUT)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await engine.kill(name)
+                    engine.forget(name)
+    finally:
+        await squatter.aclose()
+    assert read_status(st.pid) is None or "State:\tZ" in (read_status(st.pid) or "")
