@@ -625,9 +625,13 @@ class VmEngine:
         if vm.popen is not None:
             # The pidfd is readable: the child has exited, so this reaps at once.
             rc = vm.popen.poll()
-        # Give the console reader a moment to drain QEMU's last words.
+        # Give the console reader a moment to drain QEMU's last words, and the
+        # QMP reader to deliver its last events (a guest-initiated SHUTDOWN).
         with anyio.move_on_after(0.5):
             await vm.console_eof.wait()
+        if vm.qmp is not None:
+            await vm.qmp.wait_disconnected(0.5)
+            vm.guest_shutdown |= vm.qmp.events.guest_shutdown
         if rc is None:
             reason = "QEMU exited"
         elif rc < 0:

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 import anyio
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 from qemu.qmp.message import Message
 
 from .errors import QmpError, VmTimeout, VmUnavailable
@@ -24,10 +24,21 @@ MAX_QUEUED_EVENTS = 64
 
 
 class BoundedListener(EventListener):
-    """An EventListener that keeps no history and at most MAX_QUEUED_EVENTS events."""
+    """An EventListener that keeps no history and at most MAX_QUEUED_EVENTS events.
+
+    ``guest_shutdown`` is set the moment a guest-initiated SHUTDOWN arrives,
+    without waiting for anyone to consume the queue.
+    """
+
+    guest_shutdown = False
 
     async def put(self, event: Message) -> None:
-        if self.accept(event) and self._queue.qsize() < MAX_QUEUED_EVENTS:
+        if not self.accept(event):
+            return
+        data = event.get("data")
+        if event["event"] == "SHUTDOWN" and isinstance(data, dict) and data.get("guest"):
+            self.guest_shutdown = True
+        if self._queue.qsize() < MAX_QUEUED_EVENTS:
             self._queue.put_nowait(event)
 
 
@@ -89,6 +100,16 @@ class Qmp:
             self._client.send_fd_scm(fd)
         except (QMPError, OSError) as e:
             raise VmUnavailable(f"cannot pass an fd over QMP: {e}") from None
+
+    async def wait_disconnected(self, timeout: float) -> None:
+        """Wait (bounded) until the reader has seen QEMU close the connection.
+
+        Messages are read in order, so after this every event QEMU sent
+        before exiting has been delivered to :attr:`events`.
+        """
+        with anyio.move_on_after(timeout):
+            while self._client.runstate == Runstate.RUNNING:
+                await self._client.runstate_changed()
 
     async def close(self) -> None:
         # Never let a broken connection's teardown error escape a cleanup path.
