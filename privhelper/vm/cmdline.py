@@ -114,11 +114,20 @@ def _machine(spec: VmSpec) -> str:
 
 
 def kernel_cmdline(spec: VmSpec) -> str:
-    """The guest kernel command line: the image's, plus ``tsc_early_khz`` under TCG."""
-    cmdline = spec.cmdline
-    if spec.accel.kind == "tcg" and spec.tsc_khz is not None and "tsc_early_khz=" not in cmdline:
-        cmdline = f"{cmdline} tsc_early_khz={spec.tsc_khz}".strip()
-    return cmdline
+    """The guest kernel command line: the image's, with this host's TSC rate under TCG.
+
+    An image may carry ``tsc_early_khz`` of the host it was built on; the
+    host that runs the VM is the one that counts.  Under TCG a known host rate
+    replaces it; under KVM (kvmclock) a foreign rate would only mislead, so it
+    is dropped.  With the host rate unknown, the image's value is kept.
+    """
+    words = spec.cmdline.split()
+    theirs = [w for w in words if w.startswith("tsc_early_khz=")]
+    if spec.accel.kind == "kvm" or (theirs and spec.tsc_khz is not None):
+        words = [w for w in words if not w.startswith("tsc_early_khz=")]
+    if spec.accel.kind == "tcg" and spec.tsc_khz is not None:
+        words.append(f"tsc_early_khz={spec.tsc_khz}")
+    return " ".join(words)
 
 
 def build_argv(spec: VmSpec, qemu_binary: str = "qemu-system-x86_64") -> list[str]:

@@ -93,13 +93,23 @@ def test_tcg_keeps_pit_and_sets_tb_size() -> None:
     assert opt_values(argv, "-m") == ["512M"]
 
 
-def test_tsc_khz_appended_under_tcg_only() -> None:
+def test_tsc_khz_under_tcg_is_this_hosts() -> None:
     spec = make_spec(tsc_khz=2596106)
     assert opt_values(build_argv(spec), "-append") == ["console=ttyS0 quiet tsc_early_khz=2596106"]
+    # an image built elsewhere carries its build host's rate: ours replaces it
+    foreign = make_spec(tsc_khz=3000000, cmdline="console=ttyS0 tsc_early_khz=2596105 quiet")
+    assert kernel_cmdline(foreign) == "console=ttyS0 quiet tsc_early_khz=3000000"
+    # host rate unknown: keep the image's
+    unknown = make_spec(tsc_khz=None, cmdline="console=ttyS0 tsc_early_khz=2596105")
+    assert kernel_cmdline(unknown) == "console=ttyS0 tsc_early_khz=2596105"
+    assert kernel_cmdline(make_spec(tsc_khz=None)) == "console=ttyS0 quiet"
+
+
+def test_no_tsc_khz_under_kvm() -> None:
     kvm = make_spec(tsc_khz=2596106, accel=Accel(kind="kvm"))
     assert kernel_cmdline(kvm) == "console=ttyS0 quiet"
-    already = make_spec(tsc_khz=1000, cmdline="console=ttyS0 tsc_early_khz=5")
-    assert kernel_cmdline(already) == "console=ttyS0 tsc_early_khz=5"
+    image = make_spec(accel=Accel(kind="kvm"), cmdline="console=ttyS0 tsc_early_khz=5 quiet")
+    assert kernel_cmdline(image) == "console=ttyS0 quiet"
 
 
 def blockdevs(argv: list[str]) -> list[dict[str, object]]:
