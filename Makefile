@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 # Every Debian package the project needs on the build/test host.
 APT_PACKAGES := python3 python3-venv python3-dev gcc make git \
-	qemu-system-x86 qemu-utils debootstrap busybox-static cpio zstd kmod e2fsprogs \
+	qemu-system-x86 qemu-utils debootstrap busybox-static cpio zstd lz4 kmod e2fsprogs \
 	nftables iproute2 zfs-fuse util-linux systemd procps curl socat ca-certificates
 
 PKG_DIRS := protocol frontend privhelper guest
@@ -60,7 +60,7 @@ typecheck-tree:
 
 lint: venv typecheck-tree
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy $(addprefix -p agentiso.,$(PKG_DIRS))
+	$(VENV)/bin/mypy $(addprefix -p agentiso.,$(PKG_DIRS)) -p images
 
 image: apt venv
 	$(MAKE) -C images IMAGE=$(IMAGE) PYTHON=$(abspath $(VPY))
