@@ -35,6 +35,7 @@ from agentiso.privhelper.vm.engine import (
 )
 from agentiso.privhelper.vm.errors import (
     InvalidVmSpec,
+    LaunchError,
     VmAlreadyExists,
     VmError,
     VmStateConflict,
@@ -329,8 +330,14 @@ async def test_bad_start_is_refused_and_leaves_nothing(env: Env) -> None:
             await engine.start(
                 VmConfig(name=name, kernel=str(private / "vmlinuz"), cmdline="", disks=cfg.disks)
             )
+        # QEMU itself refuses (a directory is no kernel): its stderr is in the error.
+        junk = env.base / "not-a-kernel"
+        junk.mkdir(mode=0o755)
+        with pytest.raises(LaunchError, match=r"QEMU said: .*kernel"):
+            await engine.start(VmConfig(name=name, kernel=str(junk), cmdline="", disks=cfg.disks))
         assert engine.names() == []
         assert not (Path(env.settings.run_dir) / name).exists()
+        assert not (Path(env.settings.state_dir) / "vm" / "logs" / name).exists()
         assert not list((Path(env.settings.state_dir) / "vm" / "records").iterdir())
 
 
