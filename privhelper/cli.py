@@ -97,6 +97,7 @@ async def _build_service(cfg: HelperConfig, state_dir: Path) -> WorkspaceService
         registry=Registry.load(state_dir / "registry.json"),
         storage=storage,
         images_dir=Path(cfg.paths.images_dir),
+        memory_dir=_ensure_dir(state_dir / "memory"),
     )
 
 
@@ -125,14 +126,13 @@ def engine_settings(cfg: HelperConfig, state_dir: Path) -> EngineSettings:
 async def _serve(cfg: HelperConfig) -> None:
     logger = structlog.get_logger("agentiso.helper")
     state_dir = _ensure_dir(Path(cfg.paths.state_dir))
-    memory_dir = _ensure_dir(state_dir / "memory")
     settings = engine_settings(cfg, state_dir)
     service = await _build_service(cfg, state_dir)
     fds = systemd.listen_fds()
     systemd.clear_listen_env()
     net = await _start_network(cfg, state_dir, [m.key for m in service.registry.vms()])
     async with VmEngine.running(settings) as engine, anyio.create_task_group() as tg:
-        vms = VmService(ws=service, engine=engine, tg=tg, memory_dir=memory_dir, net=net)
+        vms = VmService(ws=service, engine=engine, tg=tg, net=net)
         await vms.adopt()
         server = HelperServer(
             cfg, handlers={**service.handlers(), **vms.handlers()}, open_guest=vms.open_guest

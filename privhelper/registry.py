@@ -34,6 +34,9 @@ class SnapshotRecord(msgspec.Struct, forbid_unknown_fields=True):
     created: float
     #: File name (in the VM state directory) of the saved memory, if any.
     memory_file: str | None = None
+    #: The VM's network address when the memory was saved: the resumed guest
+    #: still has it (and its MAC), so a resume asks the pool for it again.
+    address: str | None = None
 
 
 class VolumeRecord(msgspec.Struct, forbid_unknown_fields=True):

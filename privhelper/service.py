@@ -41,6 +41,8 @@ class WorkspaceService:
     registry: Registry
     storage: VolumeBackend
     images_dir: Path
+    #: Saved VM memory of snapshots taken with ``memory``.
+    memory_dir: Path
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     # --- wiring ------------------------------------------------------------------------
@@ -135,6 +137,8 @@ class WorkspaceService:
             rec = self.registry.volume(ctx.peer.uid, req.name)
             self._refuse_if_in_use(rec, "destroy")
             await self.storage.destroy_volume(rec.key)
+            for snap in rec.snapshots:
+                self.drop_memory(snap)
             self.registry.remove_volume(rec.key)
             self.registry.save()
         return hp.Done(id=req.id)
@@ -204,6 +208,7 @@ class WorkspaceService:
             rec = self.registry.volume(ctx.peer.uid, req.volume)
             rec.snapshot(req.snapshot)
             await self.storage.delete_snapshot(rec.key, req.snapshot)
+            self.drop_memory(rec.snapshot(req.snapshot))
             rec.snapshots = [s for s in rec.snapshots if s.name != req.snapshot]
             self.registry.save()
         return hp.Done(id=req.id)
@@ -218,11 +223,17 @@ class WorkspaceService:
                 f"cannot {what} volume {rec.name!r}: VM {vm.name!r} uses it (stop it first)",
             )
 
-    @staticmethod
-    def sync_snapshots(rec: VolumeRecord, info: BackendVolumeInfo) -> None:
+    def sync_snapshots(self, rec: VolumeRecord, info: BackendVolumeInfo) -> None:
         """Keep the registry's snapshot list to what the backend still has."""
         alive = {s.name for s in info.snapshots}
+        for s in rec.snapshots:
+            if s.name not in alive:
+                self.drop_memory(s)
         rec.snapshots = [s for s in rec.snapshots if s.name in alive]
+
+    def drop_memory(self, snap: SnapshotRecord) -> None:
+        if snap.memory_file is not None:
+            (self.memory_dir / snap.memory_file).unlink(missing_ok=True)
 
     def volume_info(
         self, rid: int, rec: VolumeRecord, info: BackendVolumeInfo

@@ -14,7 +14,6 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -61,7 +60,6 @@ class VmService:
     ws: WorkspaceService
     engine: VmEngine
     tg: TaskGroup
-    memory_dir: Path
     #: None: the helper gives VMs no network (it could not set the bridge up).
     net: NetworkManager | None = None
     _running: dict[str, _Running] = field(default_factory=dict)
@@ -154,6 +152,7 @@ class VmService:
             ws.check_limits(owner, limits.Usage(vms=1, memory_mib=req.memory_mib))
             image = images.load_image(ws.images_dir, vol.image)
             memory_fd: int | None = None
+            address: str | None = None
             if req.resume_snapshot is not None:
                 snap = vol.snapshot(req.resume_snapshot)
                 if snap.memory_file is None:
@@ -164,13 +163,15 @@ class VmService:
                 # The disk must be exactly as when the memory was saved.
                 info = await ws.storage.rollback(vol.key, snap.name)
                 ws.sync_snapshots(vol, info)
-                memory_fd = os.open(self.memory_dir / snap.memory_file, os.O_RDONLY | os.O_CLOEXEC)
+                memory_path = ws.memory_dir / snap.memory_file
+                memory_fd = os.open(memory_path, os.O_RDONLY | os.O_CLOEXEC)
+                address = snap.address
             attachment = await ws.storage.attachment(vol.key)
             rec = ws.registry.add_vm(owner, req.name, vol.key, req.vcpus, req.memory_mib)
             net: NetAttachmentInfo | None = None
             try:
                 if req.network is not None:
-                    net = await self._net_attach(owner, rec.key, req.network)
+                    net = await self._net_attach(owner, rec.key, req.network, address)
                 await self.engine.start(
                     VmConfig(
                         name=rec.key,
@@ -276,11 +277,11 @@ class VmService:
         return self.net
 
     async def _net_attach(
-        self, owner: int, key: str, wire: hp.NetworkPolicy
+        self, owner: int, key: str, wire: hp.NetworkPolicy, address: str | None = None
     ) -> NetAttachmentInfo:
         net = self._need_net()
         policy = self._policy(owner, wire)
-        return await anyio.to_thread.run_sync(net.attach, key, owner, policy)
+        return await anyio.to_thread.run_sync(net.attach, key, owner, policy, address)
 
     async def _net_detach(self, key: str) -> None:
         if self.net is not None and key in self.net.state.workspaces:
@@ -338,8 +339,15 @@ class VmService:
         channel = self._channel(vm)
         async with ws.lock:
             memory_file = await self._live_snapshot(vol, vm, channel, req.snapshot, req.memory)
+            address = None
+            if memory_file is not None and self.net is not None:
+                ws_net = self.net.state.workspaces.get(vm.key)
+                address = ws_net.address if ws_net is not None else None
             vol.snapshots.append(
-                SnapshotRecord(name=req.snapshot, created=time.time(), memory_file=memory_file)
+                SnapshotRecord(
+                    name=req.snapshot, created=time.time(), memory_file=memory_file,
+                    address=address,
+                )
             )
             ws.registry.save()
             info = await ws.storage.volume_info(vol.key)
@@ -359,7 +367,7 @@ class VmService:
         memory_file: str | None = None
         if memory:
             memory_file = f"{vol.key}-{snap}{MEMORY_FILE_SUFFIX}"
-            path = self.memory_dir / memory_file
+            path = self.ws.memory_dir / memory_file
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 await channel.call(gp.Sync(id=0), GUEST_CALL_TIMEOUT_S)
@@ -379,12 +387,8 @@ class VmService:
             plan = await storage.prepare_snapshot(vol.key, snap)
             try:
                 if plan.new_top is not None:
-                    # Needs QMP add-fd support in the engine (the overlay is
-                    # handed to QEMU as an fd); not wired yet.
-                    raise RequestFailed(
-                        ErrorCode.UNAVAILABLE,
-                        "live snapshots of qcow2 volumes are not available yet: stop the VM",
-                    )
+                    # qcow2: QEMU switches to the new top the backend made.
+                    await self.engine.switch_to_overlay(vm.key, str(plan.new_top.path))
                 await storage.commit_snapshot(plan)
             except BaseException:
                 with anyio.CancelScope(shield=True):
@@ -392,7 +396,7 @@ class VmService:
                 raise
         except BaseException:
             if memory_file is not None:
-                (self.memory_dir / memory_file).unlink(missing_ok=True)
+                (self.ws.memory_dir / memory_file).unlink(missing_ok=True)
             raise
         finally:
             with anyio.CancelScope(shield=True):
@@ -449,8 +453,8 @@ class VmService:
             vol_keys = {v.key for v in ws.registry.volumes()}
             for orphan in self.engine.find_orphans():
                 found.append(f"QEMU pid {orphan.pid} ({orphan.name}, uid {orphan.uid})")
-                if not req.dry_run:
-                    self.engine.kill_orphan(orphan)
+                if not req.dry_run and self.engine.kill_orphan(orphan):
+                    await _wait_gone(orphan.pid)  # it must let go of its volume
             for key in self.engine.names():
                 if key in vm_keys:
                     continue
@@ -468,7 +472,7 @@ class VmService:
             wanted = {
                 s.memory_file for v in ws.registry.volumes() for s in v.snapshots if s.memory_file
             }
-            for f in sorted(self.memory_dir.glob(f"*{MEMORY_FILE_SUFFIX}")):
+            for f in sorted(self.ws.memory_dir.glob(f"*{MEMORY_FILE_SUFFIX}")):
                 if f.name not in wanted:
                     found.append(f"memory file {f.name} of no snapshot")
                     if not req.dry_run:
@@ -532,6 +536,19 @@ class VmService:
                 for f in ws.forwards
             ],
         )
+
+
+async def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    """Wait until process ``pid`` has exited (not our child: a pidfd tells)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        with anyio.move_on_after(timeout):
+            await anyio.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 _STATE = {

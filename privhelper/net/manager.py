@@ -177,7 +177,11 @@ class NetworkManager:
     # --- workspaces ----------------------------------------------------------------------
 
     def reserve(
-        self, workspace: str, owner_uid: int, policy: NetPolicy | None = None
+        self,
+        workspace: str,
+        owner_uid: int,
+        policy: NetPolicy | None = None,
+        address: str | None = None,
     ) -> WorkspaceNet:
         """Give ``workspace`` an address (if it has none yet) and its rules.
 
@@ -195,7 +199,7 @@ class NetworkManager:
                 return ws
             pol = check_policy(policy or NetPolicy())
             used = [w.address for w in self._state.workspaces.values()]
-            addr, cursor = allocate(self.settings, used, self._state.cursor)
+            addr, cursor = allocate(self.settings, used, self._state.cursor, prefer=address)
             ws = WorkspaceNet(
                 name=workspace,
                 owner_uid=owner_uid,
@@ -221,11 +225,17 @@ class NetworkManager:
                 raise
             return self._attachment(ws, fd)
 
-    def attach(self, workspace: str, owner_uid: int, policy: NetPolicy | None = None) -> Attachment:
+    def attach(
+        self,
+        workspace: str,
+        owner_uid: int,
+        policy: NetPolicy | None = None,
+        address: str | None = None,
+    ) -> Attachment:
         """:meth:`reserve` then :meth:`open_tap`; a failure undoes a new reservation."""
         with self._lock:
             new = workspace not in self._state.workspaces
-            self.reserve(workspace, owner_uid, policy)
+            self.reserve(workspace, owner_uid, policy, address)
             try:
                 return self.open_tap(workspace)
             except BaseException:

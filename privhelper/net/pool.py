@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from .config import NetSettings
-from .errors import PoolExhausted
+from .errors import NetConflict, PoolExhausted
 
 
 def host_index_range(settings: NetSettings) -> range:
@@ -22,17 +22,26 @@ def host_index_range(settings: NetSettings) -> range:
 
 
 def allocate(
-    settings: NetSettings, used: Iterable[str], cursor: int
+    settings: NetSettings, used: Iterable[str], cursor: int, prefer: str | None = None
 ) -> tuple[ipaddress.IPv4Address, int]:
     """Return a free address and the new cursor.
 
     ``used`` is every allocated address (strings, as in the state).  The gateway
-    is never returned.  Raises :class:`PoolExhausted` when nothing is left.
+    is never returned.  ``prefer`` (a VM resumed from a memory snapshot wants
+    the address its guest still has) is returned if it is a free host address
+    of the subnet; otherwise :class:`NetConflict`.  Raises
+    :class:`PoolExhausted` when nothing is left.
     """
     taken = {int(ipaddress.IPv4Address(a)) for a in used}
     taken.add(int(settings.gateway))
     base = int(settings.subnet.network_address)
     hosts = host_index_range(settings)
+    if prefer is not None:
+        want = ipaddress.IPv4Address(prefer)
+        idx = int(want) - base
+        if want not in settings.subnet or idx not in hosts or int(want) in taken:
+            raise NetConflict(f"address {prefer} is not free in {settings.subnet}")
+        return want, cursor
     n = len(hosts)
     start = cursor if hosts.start <= cursor < hosts.stop else hosts.start - 1
     for step in range(1, n + 1):

@@ -24,7 +24,7 @@ import pytest
 from agentiso.frontend.guest_channel import open_guest
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
-from agentiso.protocol.errors import LimitExceeded, NotFound, Unavailable
+from agentiso.protocol.errors import Conflict, LimitExceeded, NotFound, Unavailable
 from tests.support.helper_process import IMAGES, HelperProcess, run_as, running_helper
 
 GROUP = 64341
@@ -197,13 +197,13 @@ def test_helper_kill9_leaves_vms_running_and_restarted_helper_adopts_them(
     assert helper.qemu_pids() == []
 
 
-def test_snapshot_rollback_and_clone_keep_the_guests_files(helper: HelperProcess) -> None:
+def test_snapshot_of_a_running_vm_rollback_and_clone(helper: HelperProcess) -> None:
     with client(helper) as c:
         start(c, "orig", "orig-vol")
-        guest_sh(helper, "orig", "echo one > /root/f; sync")
-        c.request(hp.VmStop(id=0, name="orig"))
-        c.request(hp.SnapshotCreate(id=0, volume="orig-vol", snapshot="s1"))
-        start(c, "orig", "orig-vol")
+        guest_sh(helper, "orig", "echo one > /root/f")
+        # Taken while the VM runs: the guest syncs and freezes around it.
+        snap = c.request(hp.SnapshotCreate(id=0, volume="orig-vol", snapshot="s1"))
+        assert isinstance(snap, hp.VolumeInfo) and [s.name for s in snap.snapshots] == ["s1"]
         guest_sh(helper, "orig", "echo two > /root/f; sync")
         # Fork s1 into a second VM while the first runs.
         c.request(hp.VolumeCreate(
@@ -211,6 +211,8 @@ def test_snapshot_rollback_and_clone_keep_the_guests_files(helper: HelperProcess
         start(c, "fork", "fork-vol")
         assert guest_sh(helper, "fork", "cat /root/f") == b"one\n"
         assert guest_sh(helper, "orig", "cat /root/f") == b"two\n"
+        with pytest.raises(Conflict):  # rollback needs the VM stopped
+            c.request(hp.SnapshotRollback(id=0, volume="orig-vol", snapshot="s1"))
         c.request(hp.VmStop(id=0, name="orig"))
         c.request(hp.SnapshotRollback(id=0, volume="orig-vol", snapshot="s1"))
         start(c, "orig", "orig-vol")
@@ -221,3 +223,26 @@ def test_snapshot_rollback_and_clone_keep_the_guests_files(helper: HelperProcess
         c.request(hp.SnapshotDelete(id=0, volume="orig-vol", snapshot="s1"))
         c.request(hp.VolumeDestroy(id=0, name="orig-vol"))
     assert helper.qemu_pids() == []
+
+
+def test_memory_snapshot_keeps_processes_running(helper: HelperProcess) -> None:
+    with client(helper) as c:
+        start(c, "mem", "mem-vol")
+        pid = guest_sh(helper, "mem", "sleep 1000 >/dev/null 2>&1 & echo $!").strip().decode()
+        guest_sh(helper, "mem", "echo before > /root/f")
+        snap = c.request(hp.SnapshotCreate(id=0, volume="mem-vol", snapshot="m1", memory=True))
+        assert isinstance(snap, hp.VolumeInfo) and snap.snapshots[0].memory
+        # The VM runs on after the snapshot.
+        guest_sh(helper, "mem", "echo after > /root/f; sync")
+        c.request(hp.VmStop(id=0, name="mem"))
+        info = c.request(hp.VmStart(id=0, name="mem", volume="mem-vol", resume_snapshot="m1"))
+        assert isinstance(info, hp.VmInfo) and info.state == "running"
+        # The process started before the snapshot is still there; the disk is
+        # as at the snapshot.
+        assert guest_sh(helper, "mem", f"kill -0 {pid} && echo alive") == b"alive\n"
+        assert guest_sh(helper, "mem", "cat /root/f") == b"before\n"
+        c.request(hp.VmStop(id=0, name="mem"))
+        c.request(hp.SnapshotDelete(id=0, volume="mem-vol", snapshot="m1"))
+        c.request(hp.VolumeDestroy(id=0, name="mem-vol"))
+    assert helper.qemu_pids() == []
+    assert list((helper.state_dir / "memory").iterdir()) == []
