@@ -51,13 +51,42 @@ SECRET = b"s3cr3t-" + secrets.token_hex(16).encode()
 SECRET_IN_GUEST = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.agentiso/secret/raw"
 
 
-def _image_or_skip() -> dict[str, str]:
-    manifest = IMAGE / "manifest.json"
-    if not manifest.exists():
-        pytest.skip(reason=f"guest image not built ({manifest} missing): run `make image`")
+IMAGE_FILES = ("vmlinuz", "initrd.img", "rootfs.img")
+
+
+def _image_or_skip() -> None:
+    # A missing manifest in an existing image dir is a rebuild in progress:
+    # _pin_image waits for it.
+    if not (IMAGE / "vmlinuz").exists() and not (IMAGE / "manifest.json").exists():
+        pytest.skip(reason=f"guest image not built ({IMAGE} is empty or missing): run `make image`")
     if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
         pytest.skip(reason="qemu-system-x86_64 / qemu-img not installed")
-    return json.loads(manifest.read_text())
+
+
+def _pin_image(dest: Path) -> dict[str, str]:
+    """Hard-link the image into ``dest``: a rebuild (which writes new files and
+    renames them over the old) cannot change it under a running test.  Waits
+    out a rebuild in progress; retried until the linked files are the ones the
+    linked manifest describes."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            manifest = json.loads((IMAGE / "manifest.json").read_text())
+            dest.mkdir(mode=0o755, exist_ok=True)
+            for f in (*IMAGE_FILES, "manifest.json"):
+                (dest / f).unlink(missing_ok=True)
+                os.link(IMAGE / f, dest / f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            time.sleep(1)  # a rebuild is under way
+            continue
+        pinned = json.loads((dest / "manifest.json").read_text())
+        sizes = pinned.get("files", {})
+        if pinned == manifest and all(
+            (dest / f).stat().st_size == sizes.get(f, {}).get("size") for f in IMAGE_FILES
+        ):
+            return pinned
+        time.sleep(1)
+    pytest.skip(reason="the guest image kept changing (a rebuild in progress) for 5 minutes")
 
 
 @dataclass
@@ -66,13 +95,14 @@ class Env:
     settings: EngineSettings
     cmdline: str
     prefix: str
+    image: Path
 
     def overlay(self, name: str) -> Path:
         """A fresh qcow2 overlay over the image's rootfs (the VM's writable disk)."""
         path = self.base / f"{name}.qcow2"
         subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
-             "-b", str(IMAGE / "rootfs.img"), str(path)],
+             "-b", str(self.image / "rootfs.img"), str(path)],
             check=True,
         )  # fmt: skip
         return path
@@ -81,12 +111,12 @@ class Env:
         disk = disk or self.overlay(name)
         return VmConfig(
             name=name,
-            kernel=str(IMAGE / "vmlinuz"),
-            initrd=str(IMAGE / "initrd.img"),
+            kernel=str(self.image / "vmlinuz"),
+            initrd=str(self.image / "initrd.img"),
             cmdline=self.cmdline,
             disks=(
                 DiskLayer(format="qcow2", path=str(disk)),
-                DiskLayer(format="raw", path=str(IMAGE / "rootfs.img"), read_only=True),
+                DiskLayer(format="raw", path=str(self.image / "rootfs.img"), read_only=True),
             ),
             **kw,  # type: ignore[arg-type]
         )
@@ -94,7 +124,7 @@ class Env:
 
 @pytest.fixture
 def env() -> Iterator[Env]:
-    manifest = _image_or_skip()
+    _image_or_skip()
     # Short (socket paths <= 107 bytes) and traversable by the VMs' uids.
     base = Path(tempfile.mkdtemp(prefix="agvm", dir="/tmp"))
     os.chmod(base, 0o711)
@@ -103,7 +133,8 @@ def env() -> Iterator[Env]:
         state_dir=str(base / "state"), run_dir=str(base / "run"), accel="auto"
     )
     try:
-        yield Env(base, settings, manifest["cmdline"], prefix)
+        manifest = _pin_image(base / "image")
+        yield Env(base, settings, manifest["cmdline"], prefix, base / "image")
     finally:
         _kill_leftovers(base)
         shutil.rmtree(base, ignore_errors=True)
@@ -325,7 +356,7 @@ async def test_bad_start_is_refused_and_leaves_nothing(env: Env) -> None:
             await engine.start(VmConfig(name="Bad/Name", kernel="/k", cmdline="", disks=()))
         private = env.base / "private"
         private.mkdir(mode=0o700)
-        shutil.copy(IMAGE / "vmlinuz", private / "vmlinuz")
+        shutil.copy(env.image / "vmlinuz", private / "vmlinuz")
         with pytest.raises(InvalidVmSpec, match="cannot read"):
             await engine.start(
                 VmConfig(name=name, kernel=str(private / "vmlinuz"), cmdline="", disks=cfg.disks)
@@ -345,16 +376,16 @@ async def test_bad_start_is_refused_and_leaves_nothing(env: Env) -> None:
 async def test_accelerator_probe_decides_once_and_fast(env: Env) -> None:
     async with engine_for(env) as engine:
         t0 = time.monotonic()
-        d = await engine.probe_accelerator(str(IMAGE / "vmlinuz"))
+        d = await engine.probe_accelerator(str(env.image / "vmlinuz"))
         took = time.monotonic() - t0
         print(f"accelerator: {d.kind} ({d.reason}) in {took:.2f}s")
         assert took < env.settings.probe_timeout_s + 3
         if not _has_kvm():
             assert d.kind == "tcg"
         t1 = time.monotonic()
-        assert await engine.probe_accelerator(str(IMAGE / "vmlinuz")) is d  # cached
+        assert await engine.probe_accelerator(str(env.image / "vmlinuz")) is d  # cached
         assert time.monotonic() - t1 < 0.05
-        checks = {c.name: c for c in await engine.check(str(IMAGE / "vmlinuz"))}
+        checks = {c.name: c for c in await engine.check(str(env.image / "vmlinuz"))}
         assert checks["qemu"].ok and checks["unprivileged-qemu"].ok and checks["run-dir"].ok
         assert checks["accelerator"].detail.startswith(d.kind)
 
@@ -377,7 +408,7 @@ async def test_kvm_boot_test_on_this_host(env: Env) -> None:
         pytest.skip(reason=f"boot test impossible unprivileged: {why}")
     uid = env.settings.uid_base + env.settings.uid_count - 1
     ok, detail = await kvm_boot_test(
-        "qemu-system-x86_64", str(IMAGE / "vmlinuz"), uid, gid or uid, 5.0
+        "qemu-system-x86_64", str(env.image / "vmlinuz"), uid, gid or uid, 5.0
     )
     print(f"kvm boot test: {ok} {detail}")
 
@@ -528,7 +559,8 @@ async def test_live_disk_snapshot_switches_qemu_to_a_new_overlay(env: Env) -> No
         layers = [
             DiskLayer(format="qcow2", path=str(p), read_only=i > 0) for i, p in enumerate(tops)
         ]
-        return (*layers, DiskLayer(format="raw", path=str(IMAGE / "rootfs.img"), read_only=True))
+        raw = DiskLayer(format="raw", path=str(env.image / "rootfs.img"), read_only=True)
+        return (*layers, raw)
 
     async with engine_for(env) as engine:
         await engine.start(env.config(name, disk=a))
@@ -598,7 +630,7 @@ async def test_boot_test_machinery_under_tcg(env: Env) -> None:
 
     _image_or_skip()
     uid = env.settings.uid_base + env.settings.uid_count - 1
-    kernel = str(IMAGE / "vmlinuz")
+    kernel = str(env.image / "vmlinuz")
     t0 = time.monotonic()
     ok, why = await kvm_boot_test(
         "qemu-system-x86_64", kernel, uid, uid, 60.0, accel="tcg", tsc_khz=read_host_tsc_khz()
