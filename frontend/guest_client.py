@@ -227,9 +227,8 @@ class GuestClient:
                 if msg.sync_nonce != self._await_nonce:
                     return  # a greeting from before our sync marker
                 self._await_nonce = None
-            elif self.hello is not None and msg.sync_nonce \
-                    and msg.sync_nonce == self.hello.sync_nonce:
-                return  # an answer to a resent marker of the sync already done
+            elif self.hello is not None and msg.session == self.hello.session:
+                return  # the same session greeting again (the port saw us come back)
             if msg.version != gp.GUEST_PROTOCOL_VERSION:
                 raise VersionMismatch(gp.GUEST_PROTOCOL_VERSION, msg.version)
             # A new session: whatever was in flight will never be answered.

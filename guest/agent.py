@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(amain(args))
     # PID 1: the kernel ignores signals we do not handle, except that Python
     # turns SIGINT into KeyboardInterrupt; a console ^C must not kill init.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A no-op handler rather than SIG_IGN: handlers reset to the default at
+    # exec, so commands we start still get SIGINT's normal meaning.
+    signal.signal(signal.SIGINT, lambda _sig, _frame: None)
     while True:
         try:
             asyncio.run(amain(args))

@@ -3,19 +3,32 @@
 A channel is a bidirectional byte stream: ``receive`` returns ``b""`` when the
 host side is gone, ``send`` raises :class:`ChannelClosed`.  One class covers
 sockets (unix, vsock, socketpair) and the virtio-serial character device: all
-are non-blocking file descriptors.  On a virtio port, a read of 0 bytes means
-"no host connected" (the port itself stays usable), and a write blocks rather
-than fails while no host is connected, so POLLHUP is checked to notice that.
+are non-blocking file descriptors.
+
+A virtio port outlives its hosts.  While no host is connected, a read returns
+0 bytes, poll() reports POLLHUP, and a write blocks (EAGAIN).  Such a gap may
+also be a *flap* seen late: the guest driver applies the host's
+disconnect/connect notices asynchronously to the data, so a session can see
+"no host" for a moment while the new (or same) host is already sending.  So
+on a virtio port neither a 0-byte read nor a blocked write ends anything: the
+channel waits for a host to be connected again (``wait_reconnect``) and the
+session goes on; a genuinely new host announces itself with a sync marker.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 from typing import Protocol
 
 from .errors import ChannelClosed
-from .fdio import read_some, set_nonblocking, write_all
+from .fdio import _wait, hung_up, read_some, set_nonblocking
 
 RECEIVE_SIZE = 256 * 1024
+#: How often a virtio channel with no host checks whether one came back
+#: (a SIGIO from the driver wakes it sooner).
+RECONNECT_POLL_S = 0.25
 
 
 class Channel(Protocol):
@@ -28,14 +41,29 @@ class Channel(Protocol):
 
     async def send(self, data: bytes) -> None: ...
 
+    async def wait_reconnect(self) -> bool:
+        """After ``receive`` returned ``b""``: wait until a host is there
+        again and return True, or return False if the channel is finished."""
+        ...
+
 
 class FdChannel:
-    def __init__(self, fd: int, name: str, *, virtio: bool = False, resyncable: bool = False):
+    def __init__(
+        self,
+        fd: int,
+        name: str,
+        *,
+        virtio: bool = False,
+        resyncable: bool = False,
+        woken: asyncio.Event | None = None,
+    ) -> None:
         set_nonblocking(fd)
         self.fd = fd
         self.name = name
         self.virtio = virtio
         self.resyncable = resyncable or virtio
+        #: Set by the SIGIO handler (virtio: the host connected or went away).
+        self.woken = woken
 
     async def receive(self) -> bytes:
         try:
@@ -44,10 +72,33 @@ class FdChannel:
             return b""
         return data or b""
 
+    async def wait_reconnect(self) -> bool:
+        if not self.virtio:
+            return False
+        while hung_up(self.fd):
+            if self.woken is None:
+                await asyncio.sleep(RECONNECT_POLL_S)
+                continue
+            self.woken.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECONNECT_POLL_S):
+                    await self.woken.wait()
+        return True
+
     async def send(self, data: bytes) -> None:
-        try:
-            await write_all(self.fd, data, hup_is_eof=self.virtio)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise ChannelClosed(str(exc)) from None
-        except OSError as exc:
-            raise ChannelClosed(f"{self.name}: {exc}") from None
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+                continue
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ChannelClosed(str(exc)) from None
+            except OSError as exc:
+                raise ChannelClosed(f"{self.name}: {exc}") from None
+            if self.virtio and hung_up(self.fd):
+                # No host right now: the write would block until one comes.
+                await self.wait_reconnect()
+                continue
+            await _wait(self.fd, True, None)

@@ -25,6 +25,8 @@ before the marker are dropped with the old session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -85,20 +87,11 @@ class RequestContext:
     task: asyncio.Task[None] | None = None
     #: Why the task was cancelled (None: the session is closing).
     cancel_reason: tuple[ErrorCode, str] | None = None
+    #: The request's final message was produced (or will never be).
+    answered: bool = False
 
     async def send(self, msg: gp.GuestResponse) -> None:
         await self.session.send(msg)
-
-    def configure_stream(self, window: int) -> None:
-        """Call first thing in handlers that stream or receive a stream."""
-        self.credit = Credit(window)
-        if self.inbox.maxsize != window + 1:
-            pending = []
-            while not self.inbox.empty():
-                pending.append(self.inbox.get_nowait())
-            self.inbox = asyncio.Queue(maxsize=window + 1)
-            for item in pending:
-                self.inbox.put_nowait(item)
 
     def cancel(self, code: ErrorCode, message: str) -> None:
         if self.task is not None and not self.task.done():
@@ -130,6 +123,7 @@ class Session:
         self._tail = b""
         #: Nonce of the host sync marker this session answered.
         self._nonce: bytes | None = None
+        self._greeted = False
 
     # --- sending ---------------------------------------------------------------------
 
@@ -141,9 +135,13 @@ class Session:
     async def send_error(self, rid: int, code: ErrorCode, message: str) -> None:
         await self.send(gp.Error(id=rid, code=code, message=message[:4096]))
 
-    async def hello(self, nonce: bytes = b"") -> None:
+    async def hello(self, nonce: bytes = b"", new_session: bool = True) -> None:
+        """Greet: sync marker + Hello.  ``new_session`` False re-greets a host
+        that came back to a virtio port (same session number: nothing lost)."""
         st = self.state
-        st.sessions += 1
+        if new_session or not self._greeted:
+            st.sessions += 1
+            self._greeted = True
         listen = st.listen if st.listen is not None else st.agent_start
         msg = gp.Hello(
             id=0,
@@ -188,9 +186,16 @@ class Session:
                     self._scan = bytearray()
                     continue
                 if not data:
-                    return
+                    if not await self.channel.wait_reconnect():
+                        return
+                    log.info("host connected to %s again", self.channel.name)
+                    await self.hello(new_session=False)
+                    continue
                 if not await self._feed(data):
                     return
+                # Let the handlers just started run before reading on: a read
+                # that finds data ready never suspends.
+                await asyncio.sleep(0)
         except ChannelClosed:
             return
         finally:
@@ -319,9 +324,16 @@ class Session:
             await self.send_error(msg.id, ErrorCode.INVALID, f"unexpected {type(msg).__name__}")
             return
         await self._slots.acquire()
-        ctx = RequestContext(id=msg.id, state=self.state, session=self)
+        # Stream state exists before the handler first runs: continuation
+        # frames may arrive (and are routed) before the task is scheduled.
+        window = getattr(msg, "window", 1)
+        ctx = RequestContext(id=msg.id, state=self.state, session=self, credit=Credit(window),
+                             inbox=asyncio.Queue(maxsize=window + 1))
         self._inflight[msg.id] = ctx
         ctx.task = asyncio.get_running_loop().create_task(self._serve(handler, msg, ctx))
+        # A task cancelled before its first step never enters _serve's
+        # try/finally: clean up (and answer) from its done callback too.
+        ctx.task.add_done_callback(functools.partial(self._settle, ctx))
 
     def _continue(self, ctx: RequestContext, msg: Any) -> None:
         if isinstance(msg, gp.TransferAck):
@@ -349,6 +361,7 @@ class Session:
             except Exception:
                 log.exception("handler %s failed", type(msg).__name__)
                 resp = gp.Error(id=ctx.id, code=ErrorCode.INTERNAL, message="internal error")
+            ctx.answered = True
             if resp is not None:
                 # Free the id before answering: the host may reuse it at once.
                 self._release(ctx)
@@ -357,6 +370,18 @@ class Session:
             pass
         finally:
             self._release(ctx)
+
+    def _settle(self, ctx: RequestContext, _task: object = None) -> None:
+        if not ctx.answered and ctx.cancel_reason is not None:
+            code, text = ctx.cancel_reason
+            ctx.answered = True
+            self.state.keep(asyncio.get_running_loop().create_task(
+                self._send_quietly(gp.Error(id=ctx.id, code=code, message=text))))
+        self._release(ctx)
+
+    async def _send_quietly(self, msg: gp.GuestResponse) -> None:
+        with contextlib.suppress(ChannelClosed):
+            await self.send(msg)
 
     def _release(self, ctx: RequestContext) -> None:
         if self._inflight.get(ctx.id) is ctx:

@@ -143,8 +143,6 @@ async def run_child(
 
 
 async def handle_exec(req: gp.Exec, ctx: RequestContext) -> gp.ExecResult:
-    if req.stream:
-        ctx.configure_stream(req.window)
     state = ctx.state
     t0 = time.monotonic()
     child = spawn(

@@ -60,21 +60,16 @@ def hung_up(fd: int) -> bool:
     return any(ev & select.POLLHUP for _, ev in p.poll(0))
 
 
-async def write_all(fd: int, data: bytes | memoryview, hup_is_eof: bool = False) -> None:
-    """Write everything.  Raises BrokenPipeError when the reader is gone; with
-    ``hup_is_eof`` (virtio ports, where writes just block while no host is
-    connected) a POLLHUP counts as gone too, instead of spinning."""
+async def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write everything; BrokenPipeError when the reader is gone."""
     view = memoryview(data)
     while view:
         try:
-            n = os.write(fd, view)
-            view = view[n:]
+            view = view[os.write(fd, view) :]
             continue
         except BlockingIOError:
             pass
-        if hup_is_eof and hung_up(fd):
-            raise BrokenPipeError("host side of the port is not connected")
-        await _wait(fd, True, 0.5 if hup_is_eof else None)
+        await _wait(fd, True, None)
 
 
 def set_nonblocking(fd: int) -> None:

@@ -49,7 +49,9 @@ class AgentState:
     agent_start: float = field(default_factory=kernel_uptime)
     init_t0: float | None = field(default_factory=init_t0_from_env)
     listen: float | None = None
-    sessions: int = 0
+    #: Number of the current session.  Starts at a random value so a host can
+    #: tell a restarted agent's sessions from those it knew.
+    sessions: int = field(default_factory=lambda: int.from_bytes(os.urandom(3), "big") << 16)
     env_defaults: dict[str, str] = field(default_factory=lambda: dict(BASE_ENV))
     max_inflight: int = 64
     #: Set by a Shutdown request when the agent is not PID 1: stop serving.

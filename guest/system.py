@@ -138,9 +138,18 @@ class Freezer:
     def freeze(self, auto_thaw_s: float) -> None:
         """Freeze (or, if frozen, re-arm the auto-thaw)."""
         if not self.frozen:
+            self.freeze_now()
+        self.arm(auto_thaw_s)
+
+    def freeze_now(self) -> None:
+        """sync + FIFREEZE; blocking (run it in a thread)."""
+        if not self.frozen:
             os.sync()
             self._on_path(self._freeze)
             self.frozen = True
+
+    def arm(self, auto_thaw_s: float) -> None:
+        """(Re)start the automatic thaw timer; call in the event loop."""
         if self._timer is not None:
             self._timer.cancel()
         self._timer = asyncio.get_running_loop().call_later(auto_thaw_s, self._auto_thaw)
@@ -169,8 +178,11 @@ class Freezer:
 async def handle_freeze(req: gp.Freeze, ctx: RequestContext) -> gp.Ok:
     if not ctx.state.pid1:
         raise Failed(ErrorCode.PERMISSION_DENIED, "freeze is only done by the agent as PID 1")
+    freezer = ctx.state.freezer
     try:
-        ctx.state.freezer.freeze(req.auto_thaw_s)
+        # sync can take long with much dirty data: keep the loop serving meanwhile.
+        await asyncio.to_thread(freezer.freeze_now)
+        freezer.arm(req.auto_thaw_s)
     except OSError as exc:
         raise from_oserror(exc, "FIFREEZE /") from None
     return gp.Ok(id=req.id)

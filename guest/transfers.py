@@ -27,7 +27,6 @@ from .files import make_parents
 
 
 async def handle_download(req: gp.Download, ctx: RequestContext) -> gp.DownloadEnd:
-    ctx.configure_stream(req.window)
     try:
         fd = os.open(req.path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -87,7 +86,6 @@ def _open_upload(req: gp.UploadBegin) -> tuple[str, int]:
 
 
 async def handle_upload(req: gp.UploadBegin, ctx: RequestContext) -> gp.UploadDone:
-    ctx.configure_stream(req.window)
     try:
         # Not in a thread: a cancellation must not strand a file it created.
         tmp, fd = _open_upload(req)

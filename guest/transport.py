@@ -13,8 +13,8 @@ driver behaves:
   we keep the port open and wait until POLLHUP clears.  The driver sends
   SIGIO on host connect/disconnect to an O_ASYNC owner, which wakes us at once;
   a slow poll backs it up.
-* Each time a host connects we start a fresh session: new frame decoder,
-  sync marker + Hello.
+* When a host is back we greet it again (sync marker + Hello, same session);
+  a new host restarts the session with its own sync marker (see connection).
 
 vsock: a listener on port 5000; every connection must authenticate with the
 per-VM secret before it sees a Hello.
@@ -33,7 +33,7 @@ import stat
 from collections.abc import Awaitable, Callable
 
 from .channel import FdChannel
-from .fdio import close_quietly, hung_up
+from .fdio import close_quietly
 
 log = logging.getLogger("agentiso.guest.transport")
 
@@ -79,17 +79,10 @@ def _make_node(dev_attr: str, port: str) -> str | None:
         return None
 
 
-async def _wait_host(fd: int, woken: asyncio.Event) -> None:
-    while hung_up(fd):
-        woken.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(0.25):
-                await woken.wait()
-
-
 async def serve_virtio_serial(serve: ServeChannel, on_listen: Callable[[], None],
                               name: str = PORT_NAME) -> None:
-    """Serve host sessions on the virtio port forever."""
+    """Serve the virtio port forever: one session that survives hosts coming
+    and going (see :mod:`agentiso.guest.channel`)."""
     loop = asyncio.get_running_loop()
     woken = asyncio.Event()
     with contextlib.suppress(RuntimeError, ValueError):
@@ -115,10 +108,10 @@ async def serve_virtio_serial(serve: ServeChannel, on_listen: Callable[[], None]
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
             on_listen()
             log.info("listening on %s", path)
-            while True:
-                await _wait_host(fd, woken)
-                await serve(FdChannel(fd, "virtio-serial", virtio=True), None)
-                log.info("host disconnected from %s", path)
+            channel = FdChannel(fd, "virtio-serial", virtio=True, woken=woken)
+            await channel.wait_reconnect()  # greet only once a host is there
+            await serve(channel, None)
+            log.warning("session on %s ended; starting another", path)
         except OSError:
             log.exception("virtio port %s failed; reopening", path)
             await asyncio.sleep(0.5)

@@ -35,6 +35,10 @@ async def connect(vm: BootedVM) -> AsyncIterator[GuestClient]:
     try:
         async with GuestClient.connect(stream, hello_timeout=90) as client:
             yield client
+    except Exception as exc:
+        # The guest's console says what the agent saw; keep it with the failure.
+        exc.add_note(f"--- guest console tail ---\n{vm.tail(30)}")
+        raise
     finally:
         await stream.aclose()
 

@@ -461,3 +461,24 @@ async def test_resync_restarts_the_session_in_place(pair: Pair, tmp_path: Path) 
         assert time.monotonic() < deadline, "the old session's command survived"
         await anyio.sleep(0.05)
     assert (await c.exec(["echo", "ok"])).stdout == b"ok\n"
+
+
+async def test_chunks_arriving_before_the_upload_task_runs(pair: Pair, tmp_path: Path) -> None:
+    """The whole upload in one write: every chunk is routed before the handler
+    has run once (this used to overflow a placeholder inbox and strand the id)."""
+    target = tmp_path / "burst.bin"
+    data = [os.urandom(16 * 1024) for _ in range(8)]  # all in one read
+    digest = hashlib.sha256(b"".join(data)).hexdigest()
+    frames = [gp.UploadBegin(id=777, path=str(target), window=8)]
+    frames += [gp.UploadChunk(id=777, seq=i + 1, data=d) for i, d in enumerate(data)]
+    frames.append(gp.UploadEnd(id=777, chunks=8, sha256=digest))
+    await pair.client.send_raw(b"".join(encode_frame(gp.request_codec.encode(f))
+                                        for f in frames))
+    with anyio.fail_after(10):
+        while not target.exists():
+            await anyio.sleep(0.02)
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == digest
+    # The id is free again: a request with it is served, not refused as in flight.
+    await pair.client.send_raw(encode_frame(gp.request_codec.encode(gp.Ping(id=777))))
+    await pair.client.ping()
+    assert not pair.client.connection_errors
