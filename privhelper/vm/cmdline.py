@@ -104,6 +104,12 @@ def _layer_node(i: int) -> str:
     return ROOT_DISK_NODE if i == 0 else f"{ROOT_DISK_NODE}-layer{i}"
 
 
+def _socket_chardev(chardev_id: str, path: str, listen_fd: int | None) -> str:
+    """A server socket chardev: on the helper's listening fd, or created at ``path``."""
+    where = f"fd={listen_fd}" if listen_fd is not None else f"path={escape_opt(path)}"
+    return f"socket,id={chardev_id},{where},server=on,wait=off"
+
+
 def _machine(spec: VmSpec) -> str:
     # dump-guest-core=off: a QEMU core dump must not carry the guest's memory;
     # mem-merge=off: no KSM page sharing between workspaces (dedup side channels).
@@ -153,10 +159,9 @@ def build_argv(spec: VmSpec, qemu_binary: str = "qemu-system-x86_64") -> list[st
     argv += _disk_args(spec)
 
     match spec.channel:
-        case VirtioSerialChannel(socket_path=path):
+        case VirtioSerialChannel(socket_path=path, listen_fd=lfd):
             argv += [
-                "-chardev", f"socket,id={CHANNEL_CHARDEV},path={escape_opt(path)},"
-                "server=on,wait=off",
+                "-chardev", _socket_chardev(CHANNEL_CHARDEV, path, lfd),
                 "-device", "virtio-serial-device,id=vser0,max_ports=2",
                 "-device", f"virtserialport,bus=vser0.0,chardev={CHANNEL_CHARDEV},"
                 f"name={AGENT_PORT_NAME}",
@@ -178,13 +183,17 @@ def build_argv(spec: VmSpec, qemu_binary: str = "qemu-system-x86_64") -> list[st
             "-fw_cfg",
             f"name={SECRET_FW_CFG_NAME},file={escape_opt(spec.fw_cfg_secret_file)}",
         ]
+    elif spec.fw_cfg_secret_fd is not None:
+        # QEMU reads fw_cfg files by name; its own /proc/self/fd/N is the passed fd.
+        argv += [
+            "-fw_cfg",
+            f"name={SECRET_FW_CFG_NAME},file=/proc/self/fd/{spec.fw_cfg_secret_fd}",
+        ]
 
     argv += [
-        "-chardev", f"socket,id={CONSOLE_CHARDEV},path={escape_opt(spec.console_socket)},"
-        "server=on,wait=off",
+        "-chardev", _socket_chardev(CONSOLE_CHARDEV, spec.console_socket, spec.console_fd),
         "-serial", f"chardev:{CONSOLE_CHARDEV}",
-        "-chardev", f"socket,id={QMP_CHARDEV},path={escape_opt(spec.qmp_socket)},"
-        "server=on,wait=off",
+        "-chardev", _socket_chardev(QMP_CHARDEV, spec.qmp_socket, spec.qmp_fd),
         "-mon", f"chardev={QMP_CHARDEV},mode=control",
     ]  # fmt: skip
     if spec.incoming is not None:

@@ -57,12 +57,9 @@ from .errors import (
 )
 from .launch import (
     QEMU_ENV,
-    OpenedDisks,
-    open_disk_layers,
-    open_vhost_vsock,
+    LaunchResources,
     prepare_private_dir,
     spawn_qemu,
-    write_owned_file,
 )
 from .procfs import (
     is_same_process,
@@ -282,9 +279,9 @@ class VmEngine:
         self._starting: set[str] = set()
         self._records.ensure()
         self._logs.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._run.mkdir(parents=True, exist_ok=True, mode=0o711)
-        # VM uids must reach their own directory inside it, nothing else.
-        os.chmod(self._run, 0o711)
+        # QEMU never touches it (its sockets come as fds): the helper's alone.
+        self._run.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self._run, 0o700)
 
     # --- lifecycle of the engine itself ------------------------------------------------
 
@@ -405,7 +402,10 @@ class VmEngine:
         if len(str(run / "console.sock").encode()) > 107:
             raise InvalidVmSpec(f"run_dir {self._run} is too long for Unix socket paths")
         try:
-            prepare_private_dir(run, uid, gid)
+            # Root-only: the sockets here are made and bound by the helper and
+            # handed to QEMU as listening fds, so an unprivileged QEMU can never
+            # swap one for a symlink to someone else's socket.
+            prepare_private_dir(run, os.getuid(), os.getgid())
             logs.mkdir(mode=0o700, exist_ok=True)
             for old_log in logs.iterdir():
                 old_log.unlink()
@@ -422,13 +422,10 @@ class VmEngine:
                     # agent only answers whoever presents the per-VM secret.
                     raise InvalidVmSpec("a vsock channel needs a per-VM secret")
                 channel = VsockChannel(guest_cid=cfg.guest_cid, vhost_fd=cfg.vhost_vsock_fd)
-            secret_file: Path | None = None
-            if cfg.secret is not None:
-                if not 16 <= len(cfg.secret) <= 4096:
-                    raise InvalidVmSpec("the secret must be 16 to 4096 bytes")
-                secret_file = run / "secret"
-                write_owned_file(secret_file, cfg.secret, uid, gid)
+            if cfg.secret is not None and not 16 <= len(cfg.secret) <= 4096:
+                raise InvalidVmSpec("the secret must be 16 to 4096 bytes")
 
+            # What is recorded: paths only, no fd numbers of this launch.
             spec = VmSpec(
                 name=cfg.name,
                 kernel=cfg.kernel,
@@ -442,31 +439,40 @@ class VmEngine:
                 console_socket=str(run / "console.sock"),
                 accel=Accel(kind=decision.kind, tb_size_mib=self.settings.tb_size_mib),
                 net=cfg.net,
-                fw_cfg_secret_file=None if secret_file is None else str(secret_file),
                 incoming=None if cfg.incoming_fd is None else Incoming(fd=cfg.incoming_fd),
                 tsc_khz=self._tsc_khz if decision.kind == "tcg" else None,
                 start_paused=True,
             )
             build_argv(spec)  # validate before opening anything
-            disks: OpenedDisks | None = None
             stderr_path = logs / "stderr.log"
-            vhost_fd: int | None = None
-            try:
-                if isinstance(channel, VsockChannel) and channel.vhost_fd is None:
-                    # QEMU (unprivileged) cannot open the device: the helper does.
-                    vhost_fd = open_vhost_vsock()
-                    spec = msgspec.structs.replace(
-                        spec, channel=msgspec.structs.replace(channel, vhost_fd=vhost_fd)
-                    )
-                disks = open_disk_layers(cfg.disks)
-                argv = build_argv(
-                    msgspec.structs.replace(spec, disks=disks.layers), self.settings.qemu_binary
+            with LaunchResources() as res:
+                launch = msgspec.structs.replace(
+                    spec,
+                    disks=res.open_disks(cfg.disks),
+                    qmp_fd=res.listen(spec.qmp_socket),
+                    console_fd=res.listen(spec.console_socket),
+                    fw_cfg_secret_fd=None if cfg.secret is None else res.secret(cfg.secret),
                 )
-                pass_fds = [*disks.fds]
+                if isinstance(channel, VsockChannel):
+                    vfd = channel.vhost_fd
+                    if vfd is None:
+                        # QEMU (unprivileged) cannot open the device: the helper does.
+                        vfd = res.vhost_vsock()
+                    launch = msgspec.structs.replace(
+                        launch, channel=msgspec.structs.replace(channel, vhost_fd=vfd)
+                    )
+                else:
+                    launch = msgspec.structs.replace(
+                        launch,
+                        channel=msgspec.structs.replace(
+                            channel, listen_fd=res.listen(channel.socket_path)
+                        ),
+                    )
+                argv = build_argv(launch, self.settings.qemu_binary)
+                pass_fds = [*res.fds]
                 for fd in (
                     cfg.net.tap_fd if cfg.net else None,
                     cfg.vhost_vsock_fd if cfg.channel == "vsock" else None,
-                    vhost_fd,
                     cfg.incoming_fd,
                 ):
                     if fd is not None:
@@ -476,16 +482,15 @@ class VmEngine:
                 )
                 try:
                     popen = spawn_qemu(
-                        argv, uid=uid, gid=gid, pass_fds=pass_fds, stderr_fd=stderr_fd, cwd=run
+                        argv,
+                        uid=uid,
+                        gid=gid,
+                        pass_fds=pass_fds,
+                        stderr_fd=stderr_fd,
+                        cwd=Path("/"),
                     )
                 finally:
                     os.close(stderr_fd)
-            finally:
-                if disks is not None:
-                    disks.close()
-                if vhost_fd is not None:
-                    os.close(vhost_fd)
-
         except BaseException:
             # Nothing of a VM that never ran is left behind.
             shutil.rmtree(run, ignore_errors=True)
@@ -516,8 +521,6 @@ class VmEngine:
         log.info("vm_spawned", vm=cfg.name, pid=popen.pid, uid=uid, accel=decision.kind)
         try:
             await self._attach(vm, self.settings.start_timeout_s)
-            if secret_file is not None:
-                secret_file.unlink(missing_ok=True)  # QEMU read it during machine init
             if cfg.incoming_fd is not None:
                 await self._wait_incoming(vm)
             await self._exec(vm, "cont")
@@ -1103,10 +1106,7 @@ class VmEngine:
             results.append(
                 await anyio.to_thread.run_sync(_unprivileged_qemu_check, qemu, uid, self._uids)
             )
-        problem = world_readable_path_problem(str(self._run), directory=True)
-        results.append(
-            CheckResult("run-dir", problem is None, problem or f"{self._run} reachable by VM uids")
-        )
+        results.append(_private_dir_check("run-dir", self._run))
         results.append(_vsock_check())
         if kernel is not None:
             try:
@@ -1150,6 +1150,17 @@ def _unprivileged_qemu_check(qemu: str, uid: int, rng: UidRange) -> CheckResult:
         f"each QEMU runs as its own uid from {rng.base}+{rng.count}, "
         "no supplementary groups, full -sandbox",
     )
+
+
+def _private_dir_check(name: str, path: Path) -> CheckResult:
+    """The helper's own directory: owned by it and not writable by anyone else."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        return CheckResult(name, False, f"{path}: {e.strerror}")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        return CheckResult(name, False, f"{path} is not private to the helper")
+    return CheckResult(name, True, f"{path} (private; QEMU gets its sockets as fds)")
 
 
 def _vsock_check() -> CheckResult:

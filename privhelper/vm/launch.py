@@ -15,7 +15,10 @@ sockets in its private run directory, which is owned by its uid.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,22 +85,78 @@ def open_vhost_vsock() -> int:
 
 def prepare_private_dir(path: Path, uid: int, gid: int) -> None:
     """(Re)create ``path`` empty, mode 0700, owned by ``uid:gid``."""
-    if path.exists():
-        for child in path.iterdir():
-            child.unlink()
-        path.rmdir()
+    shutil.rmtree(path, ignore_errors=True)  # never follows symlinks
     path.mkdir(mode=0o700, parents=False)
     os.chown(path, uid, gid)
 
 
-def write_owned_file(path: Path, data: bytes, uid: int, gid: int, mode: int = 0o400) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def listen_unix(path: str) -> socket.socket:
+    """A listening Unix socket at ``path`` (0600) for QEMU to serve (``fd=`` chardev)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        os.write(fd, data)
-        os.fchown(fd, uid, gid)
-        os.fchmod(fd, mode)
-    finally:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(4)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def secret_memfd(secret: bytes) -> int:
+    """The secret in an anonymous memory file: QEMU reads it via /proc/self/fd/N,
+    nothing is ever written to a disk or a directory."""
+    fd = os.memfd_create("agentiso-secret", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, secret)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+class LaunchResources:
+    """Everything the helper opens for one QEMU start; closed on exit (QEMU has copies)."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self._socks: list[socket.socket] = []
+
+    def __enter__(self) -> LaunchResources:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+        for sock in self._socks:
+            sock.detach()  # its fd was closed with the others
+        self._socks.clear()
+
+    def open_disks(self, layers: tuple[DiskLayer, ...]) -> tuple[DiskLayer, ...]:
+        opened = open_disk_layers(layers)
+        self.fds += opened.fds
+        return opened.layers
+
+    def listen(self, path: str) -> int:
+        sock = listen_unix(path)
+        self._socks.append(sock)
+        self.fds.append(sock.fileno())
+        return sock.fileno()
+
+    def secret(self, secret: bytes) -> int:
+        fd = secret_memfd(secret)
+        self.fds.append(fd)
+        return fd
+
+    def vhost_vsock(self) -> int:
+        fd = open_vhost_vsock()
+        self.fds.append(fd)
+        return fd
 
 
 def check_identity(uid: int, gid: int) -> None:

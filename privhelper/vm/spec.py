@@ -75,9 +75,15 @@ class VirtioSerialChannel(
     tag="virtio-serial",
     tag_field="kind",
 ):
-    """Guest channel over a virtserialport; QEMU listens on ``socket_path``."""
+    """Guest channel over a virtserialport, QEMU serving a Unix socket.
+
+    ``socket_path`` is where the helper connects.  With ``listen_fd`` QEMU
+    serves that already-listening socket (made by the helper at
+    ``socket_path``); without it QEMU creates the socket itself.
+    """
 
     socket_path: str
+    listen_fd: int | None = None
 
 
 class VsockChannel(
@@ -120,14 +126,20 @@ class VmSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cmdline: str
     disks: tuple[DiskLayer, ...]
     channel: GuestChannel
+    #: Where the helper connects; see VirtioSerialChannel for the ``*_fd`` twins.
     qmp_socket: str
     console_socket: str
+    qmp_fd: int | None = None
+    console_fd: int | None = None
     initrd: str | None = None
     vcpus: int = 1
     memory_mib: int = 256
     accel: Accel = msgspec.field(default_factory=Accel)
     net: NetAttachment | None = None
     fw_cfg_secret_file: str | None = None
+    #: The secret as an fd (e.g. a memfd) QEMU reads via /proc/self/fd: no file
+    #: for anyone to find.  Exclusive with ``fw_cfg_secret_file``.
+    fw_cfg_secret_fd: int | None = None
     incoming: Incoming | None = None
     #: Under TCG the guest's TSC runs at the host's TSC rate; telling the kernel
     #: (``tsc_early_khz``) spares it a PIT calibration that fails when the host
@@ -234,10 +246,17 @@ def validate_spec(spec: VmSpec) -> None:
     check_path("qmp socket", spec.qmp_socket, limit=MAX_SOCKET_PATH)
     check_path("console socket", spec.console_socket, limit=MAX_SOCKET_PATH)
     sockets = [spec.qmp_socket, spec.console_socket]
+    for what, sfd in (("qmp listen", spec.qmp_fd), ("console listen", spec.console_fd)):
+        if sfd is not None:
+            check_fd(what, sfd)
+            fds.append(sfd)
     match spec.channel:
-        case VirtioSerialChannel(socket_path=path):
+        case VirtioSerialChannel(socket_path=path, listen_fd=lfd):
             check_path("guest channel socket", path, limit=MAX_SOCKET_PATH)
             sockets.append(path)
+            if lfd is not None:
+                check_fd("guest channel listen", lfd)
+                fds.append(lfd)
         case VsockChannel(guest_cid=cid, vhost_fd=vfd):
             _check_int("guest CID", cid, MIN_GUEST_CID, MAX_GUEST_CID)
             if vfd is not None:
@@ -253,6 +272,11 @@ def validate_spec(spec: VmSpec) -> None:
         check_mac(spec.net.mac)
     if spec.fw_cfg_secret_file is not None:
         check_path("fw_cfg secret file", spec.fw_cfg_secret_file)
+        if spec.fw_cfg_secret_fd is not None:
+            raise _fail("give the fw_cfg secret as a file or as an fd, not both")
+    if spec.fw_cfg_secret_fd is not None:
+        check_fd("fw_cfg secret", spec.fw_cfg_secret_fd)
+        fds.append(spec.fw_cfg_secret_fd)
     if spec.incoming is not None and spec.incoming.fd is not None:
         check_fd("incoming migration", spec.incoming.fd)
         fds.append(spec.incoming.fd)

@@ -167,6 +167,11 @@ async def engine_for(env: Env) -> AsyncIterator[VmEngine]:
                         engine.forget(name)
 
 
+def _owner_and_mode(p: Path) -> tuple[int, int]:
+    st = p.stat()
+    return st.st_uid, st.st_mode & 0o7777
+
+
 def _exists(p: Path) -> bool:
     return p.exists()
 
@@ -232,6 +237,12 @@ async def test_start_agent_hello_exec_memory_snapshot_and_graceful_stop(env: Env
         # and never appeared in QEMU's (world-readable) argv.
         assert not _exists(Path(env.settings.run_dir) / a / "secret")
         assert SECRET not in _read(Path(f"/proc/{st.pid}/cmdline"))
+        # QEMU owns nothing on the host's file system: its sockets are the
+        # helper's (root-only directory), passed to it as listening fds.
+        assert _owner_and_mode(Path(env.settings.run_dir) / a) == (0, 0o700)
+        for sock in ("qmp.sock", "console.sock", "agent.sock"):
+            assert _owner_and_mode(Path(env.settings.run_dir) / a / sock) == (0, 0o600)
+        assert os.readlink(f"/proc/{st.pid}/cwd") == "/"
         assert await engine.query_status(a) == "running"
         async with guest(engine, a) as g:
             hello = g.hello

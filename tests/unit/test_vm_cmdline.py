@@ -218,3 +218,24 @@ def test_comma_in_paths_cannot_inject_options() -> None:
 
 def test_argv_is_deterministic() -> None:
     assert build_argv(make_spec()) == build_argv(make_spec())
+
+
+def test_sockets_as_listening_fds() -> None:
+    """The helper's listening sockets: QEMU serves them and never creates a path."""
+    spec = make_spec(
+        qmp_fd=30,
+        console_fd=31,
+        channel=VirtioSerialChannel(socket_path="/run/a/ws1/agent.sock", listen_fd=32),
+    )
+    chardevs = opt_values(build_argv(spec), "-chardev")
+    assert chardevs == [
+        "socket,id=agent,fd=32,server=on,wait=off",
+        "socket,id=console,fd=31,server=on,wait=off",
+        "socket,id=qmp,fd=30,server=on,wait=off",
+    ]
+    assert not any("path=" in c for c in chardevs)
+
+
+def test_fw_cfg_secret_fd() -> None:
+    argv = build_argv(make_spec(fw_cfg_secret_fd=33))
+    assert opt_values(argv, "-fw_cfg") == ["name=opt/org.agentiso/secret,file=/proc/self/fd/33"]

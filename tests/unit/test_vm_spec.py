@@ -178,3 +178,16 @@ def test_unknown_fields_refused_on_decode() -> None:
     obj["extra"] = 1
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert(obj, VmSpec)
+
+
+def test_listen_and_secret_fds_are_checked() -> None:
+    refused(make_spec(qmp_fd=2), "qmp listen")
+    refused(make_spec(console_fd=70000), "console listen")
+    refused(
+        make_spec(channel=VirtioSerialChannel(socket_path="/run/a/ws1/agent.sock", listen_fd=1)),
+        "guest channel listen",
+    )
+    refused(make_spec(fw_cfg_secret_fd=-1), "fw_cfg secret")
+    refused(make_spec(qmp_fd=10), "twice")  # the disk's fd
+    refused(make_spec(qmp_fd=30, console_fd=30), "twice")
+    refused(make_spec(fw_cfg_secret_fd=30, fw_cfg_secret_file="/s"), "not both")
