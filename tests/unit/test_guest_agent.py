@@ -482,3 +482,19 @@ async def test_chunks_arriving_before_the_upload_task_runs(pair: Pair, tmp_path:
     await pair.client.send_raw(encode_frame(gp.request_codec.encode(gp.Ping(id=777))))
     await pair.client.ping()
     assert not pair.client.connection_errors
+
+
+async def test_finished_jobs_are_evicted_read_ones_first(pair: Pair) -> None:
+    c = pair.client
+    pair.agent.state.jobs.max_finished = 2
+    first = await c.job_start(["true"])
+    with anyio.fail_after(10):
+        while (await c.job_poll(first.job, wait_s=1)).info.running:
+            pass  # this poll saw its end and all output: evicted first
+    unread = [(await c.job_start(shell="echo x")).job for _ in range(2)]
+    with anyio.fail_after(10):
+        while any(j.running for j in await c.job_list()):
+            await anyio.sleep(0.05)
+    assert sorted(j.job for j in await c.job_list()) == unread
+    with pytest.raises(NotFound):
+        await c.job_poll(first.job)
