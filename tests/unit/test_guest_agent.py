@@ -498,3 +498,48 @@ async def test_finished_jobs_are_evicted_read_ones_first(pair: Pair) -> None:
     assert sorted(j.job for j in await c.job_list()) == unread
     with pytest.raises(NotFound):
         await c.job_poll(first.job)
+
+
+def _peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_big_transfers_run_in_bounded_agent_memory(tmp_path: Path) -> None:
+    """192 MiB up and down through an agent subprocess: its peak RSS stays far
+    below the file size (credit windows bound what it holds)."""
+    size = 192 * MiB
+    src = tmp_path / "src.bin"
+    with src.open("wb") as f:
+        f.truncate(size)  # sparse: reading it costs no disk
+    ours, theirs = socket.socketpair()
+    proc = await anyio.open_process(
+        [sys.executable, "-m", "agentiso.guest", "--fd", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=None, stderr=None,
+    )
+    theirs.close()
+    try:
+        stream = await anyio.abc.SocketStream.from_socket(ours)
+        async with GuestClient.connect(stream, hello_timeout=30) as c:
+            dest = tmp_path / "in-guest.bin"
+            up = await c.upload_file(src, str(dest), chunk_size=MiB, window=8)
+            assert up.size == size
+            down = await c.download_file(str(dest), tmp_path / "back.bin", chunk_size=MiB,
+                                         window=8)
+            assert down.sha256 == up.sha256
+            peak = _peak_rss_mib(proc.pid)
+            print(f"agent peak RSS {peak:.1f} MiB")
+            assert peak < 100, f"agent peak RSS {peak:.0f} MiB for a {size // MiB} MiB file"
+            await c.shutdown()
+        with anyio.fail_after(10):
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        ours.close()
+        for name in ("src.bin", "in-guest.bin", "back.bin"):  # 400 MB: not kept for later
+            (tmp_path / name).unlink(missing_ok=True)
