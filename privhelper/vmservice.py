@@ -385,14 +385,20 @@ class VmService:
             )
         try:
             plan = await storage.prepare_snapshot(vol.key, snap)
+            switched = False
             try:
                 if plan.new_top is not None:
                     # qcow2: QEMU switches to the new top the backend made.
                     await self.engine.switch_to_overlay(vm.key, str(plan.new_top.path))
+                    switched = True
                 await storage.commit_snapshot(plan)
             except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await storage.abort_snapshot(plan)
+                if switched:
+                    # QEMU writes to the new top now: it must not be removed.
+                    log.error("snapshot_commit_failed_after_switch", vm=vm.key, snapshot=snap)
+                else:
+                    with anyio.CancelScope(shield=True):
+                        await storage.abort_snapshot(plan)
                 raise
         except BaseException:
             if memory_file is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import os
 import pwd
 import shutil
@@ -56,6 +57,7 @@ from .errors import (
     VmUnavailable,
 )
 from .launch import (
+    ENGINE_TAG_VAR,
     QEMU_ENV,
     LaunchResources,
     prepare_private_dir,
@@ -272,6 +274,8 @@ class VmEngine:
         self._records = RecordStore(base / "records")
         self._logs = base / "logs"
         self._run = Path(settings.run_dir)
+        #: Marks the QEMUs this engine (this run dir) starts; see find_orphans.
+        self._tag = hashlib.sha256(str(self._run.resolve()).encode()).hexdigest()[:16]
         self._accel: accel_mod.AccelDecision | None = None
         self._accel_lock = anyio.Lock()
         self._subscribers: list[MemoryObjectSendStream[VmEvent]] = []
@@ -488,6 +492,7 @@ class VmEngine:
                         pass_fds=pass_fds,
                         stderr_fd=stderr_fd,
                         cwd=Path("/"),
+                        engine_tag=self._tag,
                     )
                 finally:
                     os.close(stderr_fd)
@@ -1062,16 +1067,26 @@ class VmEngine:
         return argv is not None and vm_name_from_argv(argv) == rec.name
 
     def find_orphans(self) -> list[Orphan]:
-        """QEMU processes named like ours that this engine does not know."""
+        """QEMU processes of this engine's (started in its run dir) that it
+        does not know.  Another helper's QEMUs (a test helper beside the
+        production one) are never this engine's orphans."""
         known = {v.record.pid for v in self._vms.values() if not v.exited.is_set()}
         orphans = []
         for pid, name in sorted(scan_agentiso_qemus().items()):
-            if pid in known:
+            if pid in known or not self._started_here(pid):
                 continue
             text = read_status(pid)
             uid = parse_status_ids(text, "Uid")[0] if text else -1
             orphans.append(Orphan(pid=pid, name=name, uid=uid))
         return orphans
+
+    def _started_here(self, pid: int) -> bool:
+        """Our QEMUs carry this engine's tag in their environment."""
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return f"{ENGINE_TAG_VAR}={self._tag}".encode() in env
 
     def kill_orphan(self, orphan: Orphan) -> bool:
         """SIGKILL an orphan if the pid still is that QEMU; True if signalled."""

@@ -169,6 +169,9 @@ def check_identity(uid: int, gid: int) -> None:
         )
 
 
+ENGINE_TAG_VAR = "AGENTISO_ENGINE"
+
+
 def spawn_qemu(
     argv: list[str],
     *,
@@ -177,8 +180,13 @@ def spawn_qemu(
     pass_fds: list[int],
     stderr_fd: int,
     cwd: Path,
+    engine_tag: str = "",
 ) -> subprocess.Popen[bytes]:
-    """Start QEMU as ``uid:gid`` with no supplementary groups, in a new session."""
+    """Start QEMU as ``uid:gid`` with no supplementary groups, in a new session.
+
+    ``engine_tag`` goes into QEMU's environment (``AGENTISO_ENGINE``) so the
+    engine that started it can recognise it later, and another helper's
+    engine can tell it is not its own."""
     check_identity(uid, gid)
     switch = os.geteuid() == 0
     try:
@@ -190,7 +198,7 @@ def spawn_qemu(
             pass_fds=pass_fds,
             close_fds=True,
             cwd=cwd,
-            env=QEMU_ENV,
+            env={**QEMU_ENV, ENGINE_TAG_VAR: engine_tag} if engine_tag else QEMU_ENV,
             start_new_session=True,
             user=uid if switch else None,
             group=gid if switch else None,
