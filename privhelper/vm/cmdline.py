@@ -178,6 +178,10 @@ def build_argv(spec: VmSpec, qemu_binary: str = "qemu-system-x86_64") -> list[st
             "-device", f"virtio-net-device,netdev={NET_DEVICE},mac={spec.net.mac}",
         ]  # fmt: skip
 
+    # Entropy from the host (QEMU's getrandom backend): without it the guest's
+    # pool fills slowly and early programs wait for it.
+    argv += ["-device", "virtio-rng-device"]
+
     if spec.fw_cfg_secret_file is not None:
         argv += [
             "-fw_cfg",
