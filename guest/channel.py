@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 from typing import Protocol
 
@@ -75,15 +76,32 @@ class FdChannel:
     async def wait_reconnect(self) -> bool:
         if not self.virtio:
             return False
-        while hung_up(self.fd):
-            if self.woken is None:
-                await asyncio.sleep(RECONNECT_POLL_S)
-                continue
-            self.woken.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(RECONNECT_POLL_S):
-                    await self.woken.wait()
+        if not hung_up(self.fd):
+            return True
+        # SIGIO only while waiting: the driver also signals every arriving
+        # buffer, which would cost a wake-up per chunk during transfers.
+        self._set_async(True)
+        try:
+            while hung_up(self.fd):
+                if self.woken is None:
+                    await asyncio.sleep(RECONNECT_POLL_S)
+                    continue
+                self.woken.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RECONNECT_POLL_S):
+                        await self.woken.wait()
+        finally:
+            self._set_async(False)
         return True
+
+    def _set_async(self, on: bool) -> None:
+        if self.woken is None:
+            return
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
+            flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+            flags = flags | os.O_ASYNC if on else flags & ~os.O_ASYNC
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags)
 
     async def send(self, data: bytes) -> None:
         view = memoryview(data)

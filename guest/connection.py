@@ -124,6 +124,8 @@ class Session:
         #: Nonce of the host sync marker this session answered.
         self._nonce: bytes | None = None
         self._greeted = False
+        #: A request task was started since the reader last yielded.
+        self._started = False
 
     # --- sending ---------------------------------------------------------------------
 
@@ -193,9 +195,12 @@ class Session:
                     continue
                 if not await self._feed(data):
                     return
-                # Let the handlers just started run before reading on: a read
-                # that finds data ready never suspends.
-                await asyncio.sleep(0)
+                if self._started:
+                    # Let the handlers just started run before reading on: a
+                    # read that finds data ready never suspends.  (Not after
+                    # every read: a virtio port yields 4 KiB per read.)
+                    self._started = False
+                    await asyncio.sleep(0)
         except ChannelClosed:
             return
         finally:
@@ -331,6 +336,7 @@ class Session:
                              inbox=asyncio.Queue(maxsize=window + 1))
         self._inflight[msg.id] = ctx
         ctx.task = asyncio.get_running_loop().create_task(self._serve(handler, msg, ctx))
+        self._started = True
         # A task cancelled before its first step never enters _serve's
         # try/finally: clean up (and answer) from its done callback too.
         ctx.task.add_done_callback(functools.partial(self._settle, ctx))

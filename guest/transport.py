@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -103,9 +102,6 @@ async def serve_virtio_serial(serve: ServeChannel, on_listen: Callable[[], None]
             await asyncio.sleep(1.0)
             continue
         try:
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
             on_listen()
             log.info("listening on %s", path)
             channel = FdChannel(fd, "virtio-serial", virtio=True, woken=woken)
