@@ -543,3 +543,39 @@ async def test_big_transfers_run_in_bounded_agent_memory(tmp_path: Path) -> None
         ours.close()
         for name in ("src.bin", "in-guest.bin", "back.bin"):  # 400 MB: not kept for later
             (tmp_path / name).unlink(missing_ok=True)
+
+
+async def test_unix_listener_with_secret_survives_bad_clients(tmp_path: Path) -> None:
+    """The socket transport of the agent (what vsock uses): every connection
+    must authenticate first; refused or broken connections leave it serving."""
+    secret = os.urandom(32)
+    (tmp_path / "secret").write_bytes(secret)
+    path = tmp_path / "agent.sock"
+    proc = await anyio.open_process(
+        [sys.executable, "-m", "agentiso.guest", "--unix", str(path),
+         "--secret-file", str(tmp_path / "secret")],
+        stdin=subprocess.DEVNULL, stdout=None, stderr=None,
+    )
+    try:
+        with anyio.fail_after(30):
+            while not path.exists():
+                await anyio.sleep(0.05)
+        with pytest.raises(PermissionDenied):
+            async with await anyio.connect_unix(path) as s, \
+                    GuestClient.connect(s, secret=b"w" * 32, hello_timeout=10):
+                pass
+        async with await anyio.connect_unix(path) as s:  # garbage, then hang up
+            await s.send(b"\xff" * 100)
+        async with await anyio.connect_unix(path) as s1, \
+                await anyio.connect_unix(path) as s2, \
+                GuestClient.connect(s1, secret=secret) as c1, \
+                GuestClient.connect(s2, secret=secret) as c2:
+            assert c1.hello is not None and c1.hello.transport == "unix"
+            r1, r2 = await c1.exec(["echo", "1"]), await c2.exec(["echo", "2"])
+            assert (r1.stdout, r2.stdout) == (b"1\n", b"2\n")
+            j = await c1.job_start(["sleep", "30"])  # jobs belong to the agent,
+            assert j.job in [i.job for i in await c2.job_list()]  # not the connection
+            await c2.job_kill(j.job, 9)
+    finally:
+        proc.kill()
+        await proc.wait()
