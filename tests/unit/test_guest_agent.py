@@ -35,6 +35,7 @@ from .guest_fixtures import Pair, agent_pair
 
 pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
+VMADDR_CID_LOCAL = 1  # <linux/vm_sockets.h>; not exported by Python 3.11's socket
 
 
 @pytest.fixture
@@ -579,3 +580,36 @@ async def test_unix_listener_with_secret_survives_bad_clients(tmp_path: Path) ->
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_vsock_listener_demands_the_secret() -> None:
+    """Over real AF_VSOCK when the host can loop it back (vsock_loopback);
+    elsewhere the same session code is covered over unix sockets above."""
+    from agentiso.guest.transport import serve_listener, vsock_listener
+
+    port = 40000 + os.getpid() % 20000
+    try:
+        listener = vsock_listener(port)
+    except OSError as exc:
+        pytest.skip(reason=f"cannot listen on AF_VSOCK here: {exc}")
+    probe = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect((VMADDR_CID_LOCAL, port))
+    except OSError as exc:
+        listener.close()
+        pytest.skip(reason=f"no vsock loopback transport on this host ({exc}); "
+                    "the vsock path runs only inside VMs with vhost-vsock")
+    finally:
+        probe.close()
+    secret = os.urandom(32)
+    async with agent_pair() as p, anyio.create_task_group() as tg:
+        tg.start_soon(serve_listener, listener, "vsock", p.agent.serve, secret)
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        await anyio.to_thread.run_sync(sock.connect, (VMADDR_CID_LOCAL, port))
+        stream = await anyio.abc.SocketStream.from_socket(sock)
+        async with GuestClient.connect(stream, secret=secret) as c:
+            assert c.hello is not None and c.hello.transport == "vsock"
+            assert (await c.exec(["true"])).exit_code == 0
+        tg.cancel_scope.cancel()
+    listener.close()
