@@ -50,7 +50,7 @@ class Lab:
     def sh(self, vm: str, cmd: str, timeout: float = 30) -> tuple[int, str]:
         async def run() -> tuple[int, str]:
             async with open_guest(str(self.helper.socket), vm) as g:
-                r = await g.exec(shell=cmd, timeout=timeout)
+                r = await g.exec(shell=cmd, timeout_s=timeout)
                 out = (r.stdout + r.stderr).decode(errors="replace").strip()
                 return (r.exit_code if r.exit_code is not None else -1), out
 
