@@ -132,7 +132,14 @@ async def run_child(
             timed_out = True
             child.killpg()
             status = await asyncio.shield(child.exited)
-        await pumps
+            # The deadline has passed: output still stuck behind a host that
+            # gives no credit is not worth waiting for.
+            await asyncio.wait([pumps], timeout=POST_EXIT_MAX_S)
+            if not pumps.done():
+                pumps.cancel()
+                await asyncio.wait([pumps])
+        else:
+            await pumps
     except BaseException:
         pumps.cancel()
         child.killpg()

@@ -613,3 +613,18 @@ async def test_vsock_listener_demands_the_secret() -> None:
             assert (await c.exec(["true"])).exit_code == 0
         tg.cancel_scope.cancel()
     listener.close()
+
+
+async def test_timeout_ends_a_streaming_exec_whose_host_gives_no_credit(pair: Pair) -> None:
+    """The host never acknowledges output: the command blocks on its pipe, the
+    deadline kills it, and the exec still answers."""
+    c = pair.client
+    req = gp.Exec(id=0, shell="yes", stream=True, window=1, timeout_s=1.0,
+                  stdout_cap=2**40)
+    async with c._open(req, buffer=64) as pending:  # receive, never ack
+        with anyio.fail_after(20):
+            while True:
+                msg = await pending.recv.receive()
+                if isinstance(msg, gp.ExecResult):
+                    break
+    assert msg.timed_out and msg.signal == 9
