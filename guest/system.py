@@ -52,16 +52,23 @@ def _write_hostname_files(hostname: str) -> None:
     _atomic_write("/etc/hosts", netconfig.hosts_with_hostname(hosts, hostname))
 
 
+def _require_vm(ctx: RequestContext, what: str) -> None:
+    # Outside a VM (tests, benchmarks on a developer's machine) these would
+    # change the machine the agent runs on.
+    if not ctx.state.pid1:
+        raise Failed(ErrorCode.PERMISSION_DENIED, f"{what} is only done by the agent as PID 1")
+
+
 async def handle_hostname(req: gp.SetHostname, ctx: RequestContext) -> gp.Ok:
+    _require_vm(ctx, "setting the hostname")
     try:
         socket.sethostname(req.hostname)
     except OSError as exc:
         raise from_oserror(exc, "sethostname") from None
-    if ctx.state.pid1:  # only a VM's own /etc is ours to edit
-        try:
-            await asyncio.to_thread(_write_hostname_files, req.hostname)
-        except OSError as exc:
-            raise from_oserror(exc, "/etc") from None
+    try:
+        await asyncio.to_thread(_write_hostname_files, req.hostname)
+    except OSError as exc:
+        raise from_oserror(exc, "/etc") from None
     return gp.Ok(id=req.id)
 
 
@@ -86,6 +93,7 @@ async def _run(argv: list[str], ctx: RequestContext) -> None:
 
 
 async def handle_network(req: gp.ConfigureNetwork, ctx: RequestContext) -> gp.Ok:
+    _require_vm(ctx, "network configuration")
     ifname = req.interface
     if ifname is None:
         assert req.mac is not None
@@ -176,8 +184,7 @@ class Freezer:
 
 
 async def handle_freeze(req: gp.Freeze, ctx: RequestContext) -> gp.Ok:
-    if not ctx.state.pid1:
-        raise Failed(ErrorCode.PERMISSION_DENIED, "freeze is only done by the agent as PID 1")
+    _require_vm(ctx, "freezing the root filesystem")
     freezer = ctx.state.freezer
     try:
         # sync can take long with much dirty data: keep the loop serving meanwhile.

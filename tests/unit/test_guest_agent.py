@@ -628,3 +628,18 @@ async def test_timeout_ends_a_streaming_exec_whose_host_gives_no_credit(pair: Pa
                 if isinstance(msg, gp.ExecResult):
                     break
     assert msg.timed_out and msg.signal == 9
+
+
+async def test_machine_wide_changes_are_refused_outside_a_vm(pair: Pair) -> None:
+    """Not PID 1 (here: inside pytest on the host) the agent must not rename,
+    re-address or freeze the machine it runs on."""
+    c = pair.client
+    with pytest.raises(PermissionDenied):
+        await c.set_hostname("not-the-host")
+    with pytest.raises(PermissionDenied):
+        await c.configure_network(interface="lo", address="127.0.0.1", prefix=8)
+    with pytest.raises(PermissionDenied):
+        await c.freeze()
+    assert socket.gethostname() != "not-the-host"
+    await c.thaw()  # nothing frozen: a no-op
+    await c.sync()
