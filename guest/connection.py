@@ -5,8 +5,14 @@ stream events of concurrent requests interleave on the channel, each frame
 whole (a write lock).  At most ``max_inflight`` requests run at once: the
 reader waits for a free slot before starting another, so a flood of requests
 waits in the channel (backpressure) instead of growing memory.  Frames that
-continue an in-flight request (acks, upload chunks) are routed to it without a
-slot, so a full house can always make progress.
+continue an in-flight request (acks, upload chunks, cancels) are routed to it
+without a slot.  (While the reader waits for a slot it reads nothing, so a host
+must not have more than ``max_inflight`` requests outstanding: GuestClient
+never does.  A new host's sync marker, too, is seen only once a slot frees.)
+
+On a virtio port the session outlives host disconnects (see
+:mod:`agentiso.guest.channel`): when a host is back it is greeted again with
+the same session number.
 
 Hostile input never ends the agent: a frame that is not a valid message gets a
 typed error and the session goes on.  A frame length above the limit breaks
@@ -48,12 +54,14 @@ log = logging.getLogger("agentiso.guest.connection")
 _MAGIC = gp.HOST_SYNC_MAGIC
 
 
-def _is_magic_prefix(data: bytes) -> bool:
-    n = min(len(data), len(_MAGIC))
-    return data[:n] == _MAGIC[:n]
 AUTH_TIMEOUT_S = 10.0
 #: A frame that stays incomplete this long is abandoned (see ``run``).
 MID_FRAME_STALL_S = 3.0
+
+
+def _is_magic_prefix(data: bytes) -> bool:
+    n = min(len(data), len(_MAGIC))
+    return data[:n] == _MAGIC[:n]
 
 
 class Credit:
