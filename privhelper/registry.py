@@ -15,7 +15,6 @@ caller serialises mutations (one lock in the service layer).
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import msgspec
 
 from agentiso.protocol.errors import ErrorCode
 
+from .atomicfile import atomic_write
 from .errors import RequestFailed
 
 REGISTRY_VERSION = 1
@@ -99,6 +99,7 @@ class Registry:
         return cls(path, data)
 
     def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, msgspec.json.format(msgspec.json.encode(self.data)))
 
     # --- volumes -----------------------------------------------------------------------
@@ -181,24 +182,3 @@ class Registry:
             key = prefix + secrets.token_hex(6)
             if key not in taken:
                 return key
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

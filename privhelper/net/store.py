@@ -9,12 +9,11 @@ allocations would hand one address to two workspaces.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 import msgspec
 
+from ..atomicfile import atomic_write
 from .errors import InvalidNetInput, StateCorrupt
 from .model import STATE_VERSION, NetState
 
@@ -52,23 +51,4 @@ def save_state(path: Path, state: NetState) -> None:
         msgspec.json.decode(data, type=NetState)
     except msgspec.ValidationError as exc:
         raise InvalidNetInput(f"state would not load back: {exc}") from None
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, data)

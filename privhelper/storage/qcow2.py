@@ -13,6 +13,7 @@ from pathlib import Path
 import anyio
 import msgspec
 
+from ..atomicfile import atomic_write, fsync_dir
 from . import commands as cmd
 from .errors import (
     AlreadyExists,
@@ -131,16 +132,7 @@ class Qcow2Backend:
 
     def _store(self, meta: VolumeMeta) -> None:
         """Write metadata atomically (temp file, fsync, rename, fsync dir)."""
-        final = self.layout.meta(meta.name)
-        tmp = self.layout.tmp / f"{meta.name}.json.{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, encode_meta(meta))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        atomic_write(self.layout.meta(meta.name), encode_meta(meta))
 
     async def _run(self, argv: list[str], volume: str, operation: str) -> None:
         """Run a qemu-img command that needs the image unlocked."""
@@ -222,7 +214,7 @@ class Qcow2Backend:
                 os.replace(tmp, dest)
             finally:
                 tmp.unlink(missing_ok=True)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
             return BaseInfo(name, src.virtual_size, _allocated(dest))
 
     async def delete_base(self, name: str) -> None:
@@ -312,7 +304,7 @@ class Qcow2Backend:
             meta = self._load(name)
             self._ensure_idle(meta, "destroy")
             self.layout.meta(name).unlink()
-            _fsync_dir(self.layout.volumes)
+            fsync_dir(self.layout.volumes)
             # Layers that clones still use stay; the oldest clone now owns them.
             self._delete_layers(meta.chain)
 
@@ -514,11 +506,3 @@ class Qcow2Backend:
                 for _, path in found:
                     path.unlink(missing_ok=True)
             return [what for what, _ in found]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

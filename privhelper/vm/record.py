@@ -7,11 +7,11 @@ the file is either the old or the new record, never a torn one.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import msgspec
 
+from ..atomicfile import atomic_write
 from .spec import VmSpec, check_name
 
 RECORD_VERSION = 1
@@ -60,23 +60,6 @@ def decode_record(data: bytes) -> VmRecord:
     return rec
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 class RecordStore:
     """The directory of VM records."""
 
@@ -91,7 +74,7 @@ class RecordStore:
         return self.directory / f"{name}.json"
 
     def save(self, rec: VmRecord) -> None:
-        write_atomic(self.path(rec.name), encode_record(rec))
+        atomic_write(self.path(rec.name), encode_record(rec))
 
     def delete(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)

@@ -8,7 +8,8 @@ import pytest
 
 from agentiso.privhelper.errors import RequestFailed
 from agentiso.privhelper.limits import GiB, LimitsConfig, Usage, check
-from agentiso.privhelper.registry import Registry, atomic_write
+from agentiso.privhelper.atomicfile import atomic_write
+from agentiso.privhelper.registry import Registry
 from agentiso.protocol.errors import ErrorCode
 
 
