@@ -65,7 +65,9 @@ async def handle_read(req: gp.FileRead, ctx: RequestContext) -> gp.FileData:
         data, size = await asyncio.to_thread(_read, req.path, req.offset, req.length)
     except OSError as exc:
         raise from_oserror(exc, req.path) from None
-    eof = req.offset + len(data) >= size
+    # A short read is the end; so is reaching st_size, except that files like
+    # those in /proc report size 0 and still have content.
+    eof = len(data) < req.length or (size > 0 and req.offset + len(data) >= size)
     return gp.FileData(id=req.id, data=data, eof=eof, size=size)
 
 

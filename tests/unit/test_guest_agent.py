@@ -287,6 +287,9 @@ async def test_file_operations_and_typed_errors(pair: Pair, tmp_path: Path) -> N
     await c.write_file(str(tmp_path / "new" / "deep" / "x"), b"x", parents=True)
     part = await c.read_file(str(f), offset=6, length=3)
     assert (part.data, part.eof, part.size) == (b"Jor", False, 11)
+    assert (await c.read_file(str(f), offset=6, length=5)).eof  # reaches st_size
+    proc = await c.read_file("/proc/self/status")  # st_size 0, yet content
+    assert proc.size == 0 and b"Pid:" in proc.data and proc.eof
     st = await c.stat(str(f))
     assert (st.kind, st.size, st.perm) == ("file", 11, 0o640)
     os.symlink("f.txt", d / "link")
