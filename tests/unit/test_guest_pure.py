@@ -145,3 +145,25 @@ async def test_freezer_thaws_by_itself_when_the_host_is_gone(tmp_path: Path) -> 
     fz.freeze(30)
     assert fz.thaw() and not fz.thaw()
     assert calls == ["freeze", "thaw", "freeze", "thaw"]
+
+
+@pytest.mark.anyio
+async def test_supervisor_restarts_a_failing_transport() -> None:
+    from agentiso.guest.agent import _supervise
+
+    runs: list[int] = []
+    done = anyio.Event()
+
+    async def transport() -> None:
+        runs.append(len(runs))
+        if len(runs) < 3:
+            raise OSError("port vanished")
+        done.set()
+        await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_supervise, "test", transport)
+        with anyio.fail_after(10):
+            await done.wait()
+        tg.cancel_scope.cancel()
+    assert runs == [0, 1, 2]
