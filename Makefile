@@ -79,9 +79,11 @@ test: setup lint image
 bench: setup image
 	$(VPY) -m bench
 
+# A real session (create, exec, files, snapshot, fork, restore, destroy) through
+# a private helper in its own network namespace; leaves nothing behind.
 demo: setup
-	@echo "make demo: the end-to-end workspace session is not there yet."
-	echo "It arrives with the MCP frontend; until then 'make test' exercises every part that exists."
+	$(MAKE) image IMAGE=minimal
+	$(VPY) scripts/demo.py
 
 clean:
 	rm -rf build

@@ -195,9 +195,17 @@ async def connect_helper(
     async with stream:
         client = HelperClient(stream)
         await client._handshake(client_name, timeout)
+        error: BaseException | None = None
         async with anyio.create_task_group() as tg:
+            # The reader never raises (it fails the pending requests instead),
+            # so what the caller's block raises is kept out of the task group
+            # and reaches the caller as itself, not inside an ExceptionGroup.
             tg.start_soon(client._read_loop)
             try:
                 yield client
+            except BaseException as exc:
+                error = exc
             finally:
                 tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
