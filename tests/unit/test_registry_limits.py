@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from agentiso.privhelper.atomicfile import atomic_write
 from agentiso.privhelper.errors import RequestFailed
 from agentiso.privhelper.limits import GiB, LimitsConfig, Usage, check
-from agentiso.privhelper.atomicfile import atomic_write
 from agentiso.privhelper.registry import Registry
 from agentiso.protocol.errors import ErrorCode
 
