@@ -191,10 +191,14 @@ class GuestChannel:
                     try:
                         await self._session(stream)
                         backoff = 0.05
-                    except (ProtocolError, OSError, anyio.BrokenResourceError) as exc:
+                    except (ProtocolError, OSError, anyio.BrokenResourceError, TimeoutError) as exc:
                         log.warning("guest_channel_broken", vm=self.name, error=str(exc))
+                    except Exception:
+                        # A bug must not take the helper down: log, reconnect.
+                        log.exception("guest_channel_failed", vm=self.name)
                     finally:
                         self._on_drop()
+                        self._expire_retries()
                 await anyio.sleep(backoff)
         finally:
             self._closed = True
@@ -248,6 +252,10 @@ class GuestChannel:
     def _on_drop(self) -> None:
         self._stream = None
         self._ready = anyio.Event()
+        if not self._retry:
+            # Requests waiting for a reconnect wait this long at most, however
+            # many times the reconnect fails.
+            self._retry_deadline = anyio.current_time() + RECONNECT_RETRY_WINDOW_S
         routes, self._routes = self._routes, {}
         for r in routes.values():
             if isinstance(r.request, IDEMPOTENT) and not r.retried:
@@ -255,7 +263,6 @@ class GuestChannel:
                 self._retry.append(r)
             else:
                 self._fail(r, ErrorCode.UNAVAILABLE, "the guest channel dropped")
-        self._retry_deadline = anyio.current_time() + RECONNECT_RETRY_WINDOW_S
 
     def _expire_retries(self) -> None:
         if self._retry and anyio.current_time() > self._retry_deadline:
