@@ -94,7 +94,7 @@ class FdChannel:
             except BlockingIOError:
                 await _wait(self.fd, False, None)
                 continue
-            return bytes(self._page_buf[:n])
+            return bytes(memoryview(self._page_buf)[:n])  # one copy, not two
 
     async def wait_reconnect(self) -> bool:
         if not self.virtio:

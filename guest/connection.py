@@ -218,11 +218,13 @@ class Session:
         """Handle received bytes; False when the session must end."""
         if self._scan is not None:
             return await self._scan_for_sync(data)
-        window = self._tail + data
-        self._tail = window[-(len(_MAGIC) - 1) :]
+        tail = self._tail
+        # Keep the last bytes seen: a sync marker may straddle two reads.
+        self._tail = (tail + data[-(len(_MAGIC) - 1) :])[-(len(_MAGIC) - 1) :]
         try:
             bodies = self._decoder.feed(data)
         except FrameTooLarge as exc:
+            window = tail + data
             # A host sync marker where a frame header should be is a sync, not
             # an error: its first bytes read as an impossible frame length.
             at = window.find(_MAGIC[:4])
