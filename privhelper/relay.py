@@ -181,7 +181,7 @@ class GuestChannel:
             while True:
                 try:
                     stream = await self.connect()
-                except OSError as exc:
+                except Exception as exc:  # socket not there (yet), VM gone: retry
                     log.debug("guest_connect_failed", vm=self.name, error=str(exc))
                     await anyio.sleep(backoff)
                     backoff = min(backoff * 2, 1.0)
