@@ -1,7 +1,9 @@
-"""The real agent, in-process, over a socketpair, driven by the real GuestClient."""
+"""The real agent, in-process (and as a subprocess), over a socketpair, driven by
+the real GuestClient."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -9,6 +11,8 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -17,6 +21,8 @@ import anyio.lowlevel
 import pytest
 
 from agentiso.frontend.guest_client import GuestClient
+from agentiso.guest.agent import Agent
+from agentiso.guest.channel import FdChannel
 from agentiso.protocol import guest as gp
 from agentiso.protocol.errors import (
     AlreadyExists,
@@ -31,9 +37,41 @@ from agentiso.protocol.errors import (
 )
 from agentiso.protocol.framing import encode_frame
 
-from .guest_fixtures import Pair, agent_pair
-
 pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Pair:
+    agent: Agent
+    client: GuestClient
+    stream: anyio.abc.SocketStream
+
+
+@asynccontextmanager
+async def agent_pair(
+    max_inflight: int = 64, secret: bytes | None = None, client_secret: bytes | None = None
+) -> AsyncIterator[Pair]:
+    """An in-process agent serving one end of a socketpair; a GuestClient on the other."""
+    ours, theirs = socket.socketpair()
+    agent = Agent(pid1=False, max_inflight=max_inflight)
+    agent.start()
+    agent.mark_listening()
+    chan = FdChannel(theirs.detach(), "socketpair", resyncable=True)
+    task = asyncio.get_running_loop().create_task(agent.serve(chan, secret))
+    stream = await anyio.abc.SocketStream.from_socket(ours)
+    try:
+        async with GuestClient.connect(
+            stream, secret=client_secret or secret, hello_timeout=10
+        ) as client:
+            yield Pair(agent, client, stream)
+    finally:
+        await stream.aclose()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        agent.close()
+        os.close(chan.fd)
+
+
 MiB = 1024 * 1024
 VMADDR_CID_LOCAL = 1  # <linux/vm_sockets.h>; not exported by Python 3.11's socket
 
