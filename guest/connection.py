@@ -55,8 +55,10 @@ _MAGIC = gp.HOST_SYNC_MAGIC
 
 
 AUTH_TIMEOUT_S = 10.0
-#: A frame that stays incomplete this long is abandoned (see ``run``).
+#: A frame that stays incomplete this long is abandoned (see ``run``)...
 MID_FRAME_STALL_S = 3.0
+#: ...or, for a big frame, longer than receiving it at this rate (bytes/s) takes.
+MIN_FRAME_RATE = 256 * 1024
 
 
 def _is_magic_prefix(data: bytes) -> bool:
@@ -134,6 +136,8 @@ class Session:
         self._greeted = False
         #: A request task was started since the reader last yielded.
         self._started = False
+        #: Loop time when the frame being received began (None: between frames).
+        self._frame_started: float | None = None
 
     # --- sending ---------------------------------------------------------------------
 
@@ -183,17 +187,21 @@ class Session:
                     return
             else:
                 await self.hello()
+            loop = asyncio.get_running_loop()
             while not self.state.exit_requested:
+                deadline = self._frame_deadline(loop.time())
                 try:
-                    async with asyncio.timeout(MID_FRAME_STALL_S if self._mid_frame() else None):
+                    async with asyncio.timeout_at(deadline):
                         data = await self.channel.receive()
                 except TimeoutError:
-                    # A host that vanished mid-frame (and a new one whose bytes
-                    # would be swallowed as that frame's body): give up the frame.
-                    log.warning("frame incomplete for %.0f s: discarding it", MID_FRAME_STALL_S)
+                    # A host that vanished mid-frame (and a new one whose bytes,
+                    # sync markers included, would be swallowed as that frame's
+                    # body): give up the frame and wait for a marker.
+                    log.warning("frame incomplete for too long: discarding it")
                     if not self.channel.resyncable:
                         return
                     self._scan = bytearray()
+                    self._frame_started = None
                     continue
                 if not data:
                     if not await self.channel.wait_reconnect():
@@ -239,6 +247,8 @@ class Session:
                 rest = b""
             self._scan = bytearray()
             return await self._scan_for_sync(rest)
+        if bodies:
+            self._frame_started = None  # any partial frame now is a new one
         for body in bodies:
             await self._dispatch(body)
         return True
@@ -268,6 +278,20 @@ class Session:
             self._nonce = nonce
             await self.hello(nonce)
         return await self._feed(rest) if rest else True
+
+    def _frame_deadline(self, now: float) -> float | None:
+        """When the frame being received must be complete (None: between frames).
+
+        Counted from the frame's first bytes, not from the last read: a new
+        host resending its marker would otherwise keep a dead frame alive.
+        Big frames get time at MIN_FRAME_RATE, small ones MID_FRAME_STALL_S."""
+        if not self._mid_frame():
+            self._frame_started = None
+            return None
+        if self._frame_started is None:
+            self._frame_started = now
+        need = getattr(self._decoder, "_need", None) or 0
+        return self._frame_started + max(MID_FRAME_STALL_S, need / MIN_FRAME_RATE)
 
     def _mid_frame(self) -> bool:
         if self._scan is not None:

@@ -684,3 +684,44 @@ async def test_machine_wide_changes_are_refused_outside_a_vm(pair: Pair) -> None
     assert socket.gethostname() != "not-the-host"
     await c.thaw()  # nothing frozen: a no-op
     await c.sync()
+
+
+async def test_a_frame_left_incomplete_is_abandoned(pair: Pair) -> None:
+    """A host that vanished mid-frame: the next host's sync marker would be
+    swallowed as that frame's body; after MID_FRAME_STALL_S the agent drops the
+    partial frame and the (resent) marker gets through."""
+    from agentiso.guest.connection import MID_FRAME_STALL_S
+
+    c = pair.client
+    await c.send_raw((1000).to_bytes(4, "big") + b"partial body")
+    t0 = anyio.current_time()
+    hello = await c.resync(timeout=MID_FRAME_STALL_S + 10)
+    assert anyio.current_time() - t0 >= MID_FRAME_STALL_S - 1
+    assert hello.sync_nonce
+    assert (await c.exec(["echo", "ok"])).stdout == b"ok\n"
+
+
+async def test_a_long_stream_of_frames_is_not_mistaken_for_a_stall(pair: Pair) -> None:
+    """Reads that always end mid-frame, for longer than MID_FRAME_STALL_S, are
+    a busy channel, not a dead frame."""
+    from agentiso.guest.connection import MID_FRAME_STALL_S
+
+    c = pair.client
+    one = len(encode_frame(gp.request_codec.encode(gp.Ping(id=60_000))))
+    frames = b"".join(encode_frame(gp.request_codec.encode(gp.Ping(id=60_000 + i)))
+                      for i in range(400))
+    assert len(frames) == 400 * one
+    # Each write ends half-way into a frame and the pause lets the agent read
+    # it alone, so no read ever ends on a frame boundary.
+    await c.send_raw(frames[: one // 2])
+    t0 = anyio.current_time()
+    for i in range(399):
+        await c.send_raw(frames[i * one + one // 2 : (i + 1) * one + one // 2])
+        await anyio.sleep(0.015)
+        if anyio.current_time() - t0 > MID_FRAME_STALL_S + 1:
+            break
+    else:
+        pytest.fail("sent everything before the stall time passed")
+    await c.send_raw(frames[(i + 1) * one + one // 2 : (i + 2) * one])  # back on a boundary
+    assert (await c.ping()).uptime_s > 0
+    assert not c.connection_errors
