@@ -225,9 +225,7 @@ class GuestChannel:
         await self._resend_retries()
         async for body in items:
             if body is None:
-                # The agent started a new session on its own (it restarted):
-                # whatever was in flight is lost on its side.  Resynchronise.
-                raise ProtocolError("the guest agent restarted its session")
+                continue  # a marker: the Hello after it says what it means
             try:
                 msg = gp.response_codec.decode(body)
             except DecodeError as exc:
@@ -236,7 +234,13 @@ class GuestChannel:
                 log.warning("guest_garbage", vm=self.name, error=str(exc)[:200])
                 continue
             if isinstance(msg, gp.Hello):
-                continue  # a late answer to an earlier sync marker
+                if msg.session == hello.session:
+                    # A re-greeting after a virtio flap, or a late answer to a
+                    # repeat of our marker: same session, nothing lost.
+                    continue
+                # The agent started a new session on its own (it restarted):
+                # whatever was in flight is lost on its side.  Resynchronise.
+                raise ProtocolError("the guest agent restarted its session")
             self._route(msg)
         raise ProtocolError("guest closed the channel")
 
