@@ -13,6 +13,7 @@ Run as root after ``make image``; everything it made is removed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ import anyio
 
 from agentiso.frontend.guest_channel import open_guest
 from agentiso.frontend.helper_client import HelperClient, connect_helper
+from agentiso.privhelper.vm.record import live_pids
 from agentiso.protocol import helper as hp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,13 +90,9 @@ def private_helper() -> Iterator[Path]:
 
 def _kill_leftover_qemus(work: Path) -> None:
     """If the session failed half-way, end the VMs our helper started (by pid)."""
-    import json
-
-    for rec in (work / "state" / "vm" / "records").glob("*.json"):
-        try:
-            os.kill(int(json.loads(rec.read_text())["pid"]), signal.SIGKILL)
-        except (OSError, ValueError, KeyError):
-            pass
+    for pid in live_pids(work / "state" / "vm" / "records"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 async def sh(sock: Path, vm: str, cmd: str) -> str:

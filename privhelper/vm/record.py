@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 
 from ..atomicfile import atomic_write
+from .procfs import is_same_process
 from .spec import VmSpec, check_name
 
 RECORD_VERSION = 1
@@ -96,3 +97,10 @@ class RecordStore:
                 continue
             records.append(rec)
         return records, bad
+
+
+def live_pids(directory: Path) -> list[int]:
+    """Pids of the recorded QEMUs that still run (the same processes, not
+    recycled pids): what a test or the demo must end if it stops early."""
+    records, _ = RecordStore(directory).load_all()
+    return [r.pid for r in records if is_same_process(r.pid, r.pid_start_time)]

@@ -9,7 +9,6 @@ every QEMU it started is killed by pid, and the directory is removed.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agentiso.privhelper.vm.record import live_pids
 from agentiso.protocol.blocking import BlockingHelperClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,16 +102,7 @@ class HelperProcess:
 
     def qemu_pids(self) -> list[int]:
         """Pids of the live QEMUs this helper's engine recorded."""
-        pids = []
-        for rec in (self.state_dir / "vm" / "records").glob("*.json"):
-            try:
-                pid = int(json.loads(rec.read_text())["pid"])
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except (OSError, ValueError, KeyError):
-                continue
-            if b"qemu-system" in cmdline and str(self.workdir).encode() in cmdline:
-                pids.append(pid)
-        return pids
+        return live_pids(self.state_dir / "vm" / "records")
 
     def kill_vms(self) -> None:
         for pid in self.qemu_pids():
