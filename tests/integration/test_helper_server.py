@@ -243,10 +243,14 @@ def test_helper_binds_its_own_socket_and_notifies_ready() -> None:
     notify.bind(str(d / "notify"))
     notify.settimeout(20)
     sock = d / "run" / "helper.sock"
+    config = d / "helper.toml"
+    config.write_text(f'[vm]\nrun_dir = "{d}/vms"\n')
     env = dict(os.environ, NOTIFY_SOCKET=str(d / "notify"))
+    # Its own network namespace and state: nothing of the host's is touched.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agentiso.privhelper.cli", "serve", "--config", "/dev/null",
-         "--socket", str(sock), "--group", str(GROUP)],
+        ["unshare", "--net", sys.executable, "-m", "agentiso.privhelper.cli", "serve",
+         "--config", str(config), "--socket", str(sock), "--group", str(GROUP),
+         "--state-dir", str(d / "state"), "--images-dir", str(d / "images")],
         env=env, stderr=subprocess.PIPE,
     )
     try:
