@@ -292,12 +292,13 @@ class GuestChannel:
     # --- sending -----------------------------------------------------------------------
 
     async def _send_upstream(self, route: _Route, client_upstream: dict[int, int] | None = None
-                             ) -> None:
+                             ) -> int:
         uid = next(self._ids)
         self._routes[uid] = route
         if client_upstream is not None:
             client_upstream[route.client_id] = uid
         await self._write(msgspec.structs.replace(route.request, id=uid))
+        return uid
 
     async def _write(self, msg: Any) -> None:
         stream = self._stream
@@ -311,10 +312,21 @@ class GuestChannel:
         """A helper-internal request with a single response; typed errors are raised."""
         sink = _CallSink()
         route = _Route(sink=sink, client_id=0, request=msg)
-        with anyio.fail_after(timeout):
-            await self._ready.wait()
-            await self._send_upstream(route)
-            await sink.done.wait()
+        upstream: int | None = None
+        try:
+            with anyio.fail_after(timeout):
+                await self._ready.wait()
+                upstream = await self._send_upstream(route)
+                await sink.done.wait()
+        except TimeoutError:
+            if upstream is not None:
+                self._routes.pop(upstream, None)
+            self._retry = [r for r in self._retry if r is not route]
+            raise RequestFailed(
+                ErrorCode.TIMEOUT,
+                f"VM {self.name}: the guest agent did not answer {type(msg).__name__} "
+                f"within {timeout:.0f} s",
+            ) from None
         resp = sink.response
         if isinstance(resp, gp.Error):
             raise RequestFailed(ErrorCode(resp.code), f"guest: {resp.message}")
