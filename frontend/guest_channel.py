@@ -52,9 +52,11 @@ async def _call(
 
 @asynccontextmanager
 async def open_guest(
-    helper_socket: str, vm: str, *, timeout: float = 30.0
+    helper_socket: str, vm: str, *, timeout: float = 30.0, owner: int | None = None
 ) -> AsyncIterator[GuestClient]:
-    """A :class:`GuestClient` for VM ``vm`` over its own helper connection."""
+    """A :class:`GuestClient` for VM ``vm`` over its own helper connection.
+
+    ``owner`` (root only) opens another user's VM."""
     try:
         stream = await anyio.connect_unix(helper_socket)
     except OSError as exc:
@@ -70,7 +72,7 @@ async def open_guest(
             )
             if not isinstance(hello, hp.HelloOk):
                 raise ProtocolError(f"expected hello_ok, got {type(hello).__name__}")
-            opened = await _call(stream, buffered, hp.GuestOpen(id=2, vm=vm))
+            opened = await _call(stream, buffered, hp.GuestOpen(id=2, vm=vm, owner=owner))
             if not isinstance(opened, hp.GuestOpened):
                 raise ProtocolError(f"expected guest_opened, got {type(opened).__name__}")
         joined = StapledByteStream(stream, buffered)

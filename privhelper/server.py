@@ -58,6 +58,13 @@ class RequestContext:
 
     peer: PeerCredentials
     server: HelperServer
+    #: Whose resources the request names: the peer's own, or (root only)
+    #: the request's ``owner``.
+    owner: int = -1
+
+    def __post_init__(self) -> None:
+        if self.owner < 0:
+            self.owner = self.peer.uid
 
 
 Handler = Callable[[Any, RequestContext], Awaitable[hp.HelperResponse]]
@@ -225,6 +232,12 @@ class HelperServer:
         try:
             if self.open_guest is None:
                 raise RequestFailed(ErrorCode.UNAVAILABLE, "this helper runs no VMs")
+            if req.owner is not None:
+                if not ctx.peer.is_root:
+                    raise RequestFailed(
+                        ErrorCode.PERMISSION_DENIED, "only root may act for another owner"
+                    )
+                ctx = RequestContext(peer=ctx.peer, server=self, owner=req.owner)
             channel = await self.open_guest(req, ctx)
         except RequestFailed as exc:
             await conn.send_error(req.id, exc.code, exc.message)
@@ -244,10 +257,16 @@ class HelperServer:
                 resp: hp.HelperResponse = _error(req.id, ErrorCode.PROTOCOL, "hello already done")
             elif ACTION_FOR_REQUEST.get(type(req)) in ADMIN_ONLY and not ctx.peer.is_root:
                 resp = _error(req.id, ErrorCode.PERMISSION_DENIED, "only root may do this")
+            elif req.owner is not None and not ctx.peer.is_root:
+                resp = _error(
+                    req.id, ErrorCode.PERMISSION_DENIED, "only root may act for another owner"
+                )
             elif handler is None:
                 name = type(req).__name__
                 resp = _error(req.id, ErrorCode.INVALID, f"unsupported request {name}")
             else:
+                if req.owner is not None:
+                    ctx = RequestContext(peer=ctx.peer, server=self, owner=req.owner)
                 try:
                     resp = await handler(req, ctx)
                 except HelperError as exc:

@@ -103,7 +103,7 @@ class WorkspaceService:
     # --- volumes -----------------------------------------------------------------------
 
     async def volume_create(self, req: hp.VolumeCreate, ctx: RequestContext) -> hp.VolumeInfo:
-        owner = ctx.peer.uid
+        owner = ctx.owner
         async with self.lock:
             if any(v.name == req.name for v in self.registry.volumes(owner)):
                 raise RequestFailed(ErrorCode.ALREADY_EXISTS, f"volume {req.name!r} already exists")
@@ -134,7 +134,7 @@ class WorkspaceService:
 
     async def volume_destroy(self, req: hp.VolumeDestroy, ctx: RequestContext) -> hp.Done:
         async with self.lock:
-            rec = self.registry.volume(ctx.peer.uid, req.name)
+            rec = self.registry.volume(ctx.owner, req.name)
             self._refuse_if_in_use(rec, "destroy")
             await self.storage.destroy_volume(rec.key)
             for snap in rec.snapshots:
@@ -144,18 +144,18 @@ class WorkspaceService:
         return hp.Done(id=req.id)
 
     async def volume_get(self, req: hp.VolumeGet, ctx: RequestContext) -> hp.VolumeInfo:
-        rec = self.registry.volume(ctx.peer.uid, req.name)
+        rec = self.registry.volume(ctx.owner, req.name)
         return self.volume_info(req.id, rec, await self.storage.volume_info(rec.key))
 
     async def volume_list(self, req: hp.VolumeList, ctx: RequestContext) -> hp.Volumes:
         out = []
-        for rec in self.registry.volumes(ctx.peer.uid):
+        for rec in self.registry.volumes(ctx.owner):
             out.append(self.volume_info(0, rec, await self.storage.volume_info(rec.key)))
         return hp.Volumes(id=req.id, volumes=out)
 
     async def volume_grow(self, req: hp.VolumeGrow, ctx: RequestContext) -> hp.VolumeInfo:
         async with self.lock:
-            rec = self.registry.volume(ctx.peer.uid, req.name)
+            rec = self.registry.volume(ctx.owner, req.name)
             self._refuse_if_in_use(rec, "grow")
             if req.size_bytes < rec.size_bytes:
                 raise RequestFailed(
@@ -163,7 +163,7 @@ class WorkspaceService:
                     f"volume {req.name!r} is {rec.size_bytes} bytes; volumes only grow",
                 )
             self.check_limits(
-                ctx.peer.uid, limits.Usage(disk_bytes=req.size_bytes - rec.size_bytes)
+                ctx.owner, limits.Usage(disk_bytes=req.size_bytes - rec.size_bytes)
             )
             info = await self.storage.grow_volume(rec.key, req.size_bytes)
             rec.size_bytes = info.virtual_size
@@ -174,7 +174,7 @@ class WorkspaceService:
 
     async def snapshot_create(self, req: hp.SnapshotCreate, ctx: RequestContext) -> hp.VolumeInfo:
         async with self.lock:
-            rec = self.registry.volume(ctx.peer.uid, req.volume)
+            rec = self.registry.volume(ctx.owner, req.volume)
             if any(s.name == req.snapshot for s in rec.snapshots):
                 raise RequestFailed(
                     ErrorCode.ALREADY_EXISTS,
@@ -195,7 +195,7 @@ class WorkspaceService:
         self, req: hp.SnapshotRollback, ctx: RequestContext
     ) -> hp.VolumeInfo:
         async with self.lock:
-            rec = self.registry.volume(ctx.peer.uid, req.volume)
+            rec = self.registry.volume(ctx.owner, req.volume)
             rec.snapshot(req.snapshot)
             self._refuse_if_in_use(rec, "roll back")
             info = await self.storage.rollback(rec.key, req.snapshot)
@@ -205,7 +205,7 @@ class WorkspaceService:
 
     async def snapshot_delete(self, req: hp.SnapshotDelete, ctx: RequestContext) -> hp.Done:
         async with self.lock:
-            rec = self.registry.volume(ctx.peer.uid, req.volume)
+            rec = self.registry.volume(ctx.owner, req.volume)
             rec.snapshot(req.snapshot)
             await self.storage.delete_snapshot(rec.key, req.snapshot)
             self.drop_memory(rec.snapshot(req.snapshot))

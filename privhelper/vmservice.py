@@ -80,7 +80,7 @@ class VmService:
         }
 
     async def open_guest(self, req: hp.GuestOpen, ctx: RequestContext) -> GuestChannel:
-        vm = self.ws.registry.vm(ctx.peer.uid, req.vm)
+        vm = self.ws.registry.vm(ctx.owner, req.vm)
         return self._channel(vm)
 
     # --- start-up ------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class VmService:
     # --- requests ------------------------------------------------------------------------
 
     async def vm_start(self, req: hp.VmStart, ctx: RequestContext) -> hp.VmInfo:
-        owner = ctx.peer.uid
+        owner = ctx.owner
         ws = self.ws
         async with ws.lock:
             vol = ws.registry.volume(owner, req.volume)
@@ -219,7 +219,7 @@ class VmService:
         return self._info(req.id, rec)
 
     async def vm_stop(self, req: hp.VmStop, ctx: RequestContext) -> hp.Done:
-        rec = self.ws.registry.vm(ctx.peer.uid, req.name)
+        rec = self.ws.registry.vm(ctx.owner, req.name)
         channel = self._running.get(rec.key)
 
         async def agent_shutdown() -> None:
@@ -288,16 +288,16 @@ class VmService:
             await anyio.to_thread.run_sync(self.net.detach, key)
 
     async def vm_network_set(self, req: hp.VmNetworkSet, ctx: RequestContext) -> hp.VmInfo:
-        rec = self.ws.registry.vm(ctx.peer.uid, req.name)
+        rec = self.ws.registry.vm(ctx.owner, req.name)
         net = self._need_net()
         if rec.key not in net.state.workspaces:
             raise RequestFailed(ErrorCode.CONFLICT, f"VM {req.name!r} has no network interface")
-        policy = self._policy(ctx.peer.uid, req.policy)
+        policy = self._policy(ctx.owner, req.policy)
         await anyio.to_thread.run_sync(net.set_policy, rec.key, policy)
         return self._info(req.id, rec)
 
     async def forward_add(self, req: hp.ForwardAdd, ctx: RequestContext) -> hp.VmInfo:
-        rec = self.ws.registry.vm(ctx.peer.uid, req.vm)
+        rec = self.ws.registry.vm(ctx.owner, req.vm)
         net = self._need_net()
         if rec.key not in net.state.workspaces:
             raise RequestFailed(ErrorCode.CONFLICT, f"VM {req.vm!r} has no network interface")
@@ -306,28 +306,28 @@ class VmService:
         return self._info(req.id, rec)
 
     async def forward_remove(self, req: hp.ForwardRemove, ctx: RequestContext) -> hp.VmInfo:
-        rec = self.ws.registry.vm(ctx.peer.uid, req.vm)
+        rec = self.ws.registry.vm(ctx.owner, req.vm)
         net = self._need_net()
         await anyio.to_thread.run_sync(net.remove_forward, rec.key, req.host_port, req.protocol)
         return self._info(req.id, rec)
 
     async def vm_get(self, req: hp.VmGet, ctx: RequestContext) -> hp.VmInfo:
-        return self._info(req.id, self.ws.registry.vm(ctx.peer.uid, req.name))
+        return self._info(req.id, self.ws.registry.vm(ctx.owner, req.name))
 
     async def vm_list(self, req: hp.VmList, ctx: RequestContext) -> hp.Vms:
         return hp.Vms(
-            id=req.id, vms=[self._info(0, m) for m in self.ws.registry.vms(ctx.peer.uid)]
+            id=req.id, vms=[self._info(0, m) for m in self.ws.registry.vms(ctx.owner)]
         )
 
     async def vm_console(self, req: hp.VmConsole, ctx: RequestContext) -> hp.ConsoleText:
-        rec = self.ws.registry.vm(ctx.peer.uid, req.name)
+        rec = self.ws.registry.vm(ctx.owner, req.name)
         return hp.ConsoleText(id=req.id, text=self._console(rec.key, req.max_bytes))
 
     # --- snapshots of running VMs ------------------------------------------------------------
 
     async def snapshot_create(self, req: hp.SnapshotCreate, ctx: RequestContext) -> hp.VolumeInfo:
         ws = self.ws
-        vol = ws.registry.volume(ctx.peer.uid, req.volume)
+        vol = ws.registry.volume(ctx.owner, req.volume)
         vm = ws.registry.vm_on_volume(vol.key)
         if vm is None:
             return await ws.snapshot_create(req, ctx)

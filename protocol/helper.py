@@ -36,18 +36,24 @@ class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
 # --- requests (client -> helper) -----------------------------------------------------
 
 
-class Hello(_Msg, tag="hello"):
+class _Request(_Msg, kw_only=True):
+    #: Root only: act on the resources of this uid instead of its own
+    #: (administration); anyone else setting it is refused.
+    owner: Uid | None = None
+
+
+class Hello(_Request, tag="hello"):
     """First request of every connection."""
 
     version: ProtocolVersion
     client: Label = ""
 
 
-class Ping(_Msg, tag="ping"):
+class Ping(_Request, tag="ping"):
     pass
 
 
-class WhoAmI(_Msg, tag="whoami"):
+class WhoAmI(_Request, tag="whoami"):
     """Ask how the helper sees us (uid/gid/pid from SO_PEERCRED)."""
 
 
@@ -82,31 +88,31 @@ class FromSnapshot(msgspec.Struct, tag="snapshot", forbid_unknown_fields=True):
 VolumeSource = FromImage | FromSnapshot
 
 
-class VolumeCreate(_Msg, tag="volume_create"):
+class VolumeCreate(_Request, tag="volume_create"):
     name: Name
     source: VolumeSource
     #: Grow beyond the source's size (bytes); None keeps the source's size.
     size_bytes: DiskBytes | None = None
 
 
-class VolumeDestroy(_Msg, tag="volume_destroy"):
+class VolumeDestroy(_Request, tag="volume_destroy"):
     name: Name
 
 
-class VolumeGet(_Msg, tag="volume_get"):
+class VolumeGet(_Request, tag="volume_get"):
     name: Name
 
 
-class VolumeList(_Msg, tag="volume_list"):
+class VolumeList(_Request, tag="volume_list"):
     pass
 
 
-class VolumeGrow(_Msg, tag="volume_grow"):
+class VolumeGrow(_Request, tag="volume_grow"):
     name: Name
     size_bytes: DiskBytes
 
 
-class SnapshotCreate(_Msg, tag="snapshot_create"):
+class SnapshotCreate(_Request, tag="snapshot_create"):
     """Snapshot a volume.  If a VM runs on it, the guest syncs and freezes
     first; with ``memory`` the VM's memory state is saved beside it too."""
 
@@ -115,7 +121,7 @@ class SnapshotCreate(_Msg, tag="snapshot_create"):
     memory: bool = False
 
 
-class SnapshotRollback(_Msg, tag="snapshot_rollback"):
+class SnapshotRollback(_Request, tag="snapshot_rollback"):
     """Return a volume (not in use by a running VM) to a snapshot; later
     snapshots are discarded."""
 
@@ -123,12 +129,12 @@ class SnapshotRollback(_Msg, tag="snapshot_rollback"):
     snapshot: Name
 
 
-class SnapshotDelete(_Msg, tag="snapshot_delete"):
+class SnapshotDelete(_Request, tag="snapshot_delete"):
     volume: Name
     snapshot: Name
 
 
-class ImageList(_Msg, tag="image_list"):
+class ImageList(_Request, tag="image_list"):
     pass
 
 
@@ -172,7 +178,7 @@ class NetworkPolicy(msgspec.Struct, forbid_unknown_fields=True):
     inbound_ports: Annotated[list[Port], Meta(max_length=64)] = []
 
 
-class VmStart(_Msg, tag="vm_start"):
+class VmStart(_Request, tag="vm_start"):
     """Boot VM ``name`` on volume ``volume``; with ``resume_snapshot`` resume
     from that snapshot's saved memory instead of booting.  ``network`` None:
     no network interface at all."""
@@ -185,14 +191,14 @@ class VmStart(_Msg, tag="vm_start"):
     network: NetworkPolicy | None = msgspec.field(default_factory=NetworkPolicy)
 
 
-class VmNetworkSet(_Msg, tag="vm_network_set"):
+class VmNetworkSet(_Request, tag="vm_network_set"):
     """Replace a running VM's network policy (atomically)."""
 
     name: Name
     policy: NetworkPolicy
 
 
-class ForwardAdd(_Msg, tag="forward_add"):
+class ForwardAdd(_Request, tag="forward_add"):
     """Forward ``host_port`` (>= 1024, free) on every host address, 127.0.0.1
     included, to ``guest_port`` of the VM."""
 
@@ -202,13 +208,13 @@ class ForwardAdd(_Msg, tag="forward_add"):
     protocol: Literal["tcp", "udp"] = "tcp"
 
 
-class ForwardRemove(_Msg, tag="forward_remove"):
+class ForwardRemove(_Request, tag="forward_remove"):
     vm: Name
     host_port: Port
     protocol: Literal["tcp", "udp"] = "tcp"
 
 
-class VmStop(_Msg, tag="vm_stop"):
+class VmStop(_Request, tag="vm_stop"):
     """Stop gracefully (guest shutdown, then ACPI), killing after ``timeout_s``;
     ``force`` kills at once."""
 
@@ -217,20 +223,20 @@ class VmStop(_Msg, tag="vm_stop"):
     force: bool = False
 
 
-class VmGet(_Msg, tag="vm_get"):
+class VmGet(_Request, tag="vm_get"):
     name: Name
 
 
-class VmList(_Msg, tag="vm_list"):
+class VmList(_Request, tag="vm_list"):
     pass
 
 
-class VmConsole(_Msg, tag="vm_console"):
+class VmConsole(_Request, tag="vm_console"):
     name: Name
     max_bytes: ConsoleBytes = 64 * 1024
 
 
-class GuestOpen(_Msg, tag="guest_open"):
+class GuestOpen(_Request, tag="guest_open"):
     """Turn this connection into a channel to VM ``vm``'s guest agent.
 
     After ``GuestOpened`` every frame on the connection, both ways, is a guest
@@ -241,11 +247,11 @@ class GuestOpen(_Msg, tag="guest_open"):
     vm: Name
 
 
-class AdminList(_Msg, tag="admin_list"):
+class AdminList(_Request, tag="admin_list"):
     """Admin only: every volume and VM of every user."""
 
 
-class Gc(_Msg, tag="gc"):
+class Gc(_Request, tag="gc"):
     """Admin only: find (and unless ``dry_run``, remove) resources that no
     registry entry owns."""
 

@@ -61,6 +61,16 @@ def guest_sh(helper: HelperProcess, vm: str, cmd: str) -> bytes:
     return anyio.run(run)
 
 
+def guest_sh_as(helper: HelperProcess, vm: str, cmd: str, owner: int) -> bytes:
+    """Root opening another owner's VM (administration)."""
+
+    async def run() -> bytes:
+        async with open_guest(str(helper.socket), vm, owner=owner) as g:
+            return (await g.exec(shell=cmd)).stdout
+
+    return anyio.run(run)
+
+
 def start(c: BlockingHelperClient, vm: str, volume: str, image: str = "minimal") -> hp.VmInfo:
     try:
         c.request(hp.VolumeGet(id=0, name=volume))
@@ -132,6 +142,23 @@ def test_unprivileged_user_runs_a_vm_others_cannot_touch(helper: HelperProcess) 
         out([v.name for v in c.request(hp.VmList(id=0)).vms])
     """)
     assert res == ["not_found"] * 5 + [[]]
+    # Only root may act for another owner.
+    res = as_user(helper, BOB, f"""
+        out(call(hp.VmGet(id=0, name="box", owner={ALICE})))
+        out(call(hp.VmStop(id=0, name="box", owner={ALICE}, force=True)))
+        try:
+            async def peek():
+                async with open_guest(SOCK, "box", owner={ALICE}):
+                    return "opened"
+            out(anyio.run(peek))
+        except RemoteError as e:
+            out(e.code)
+    """)
+    assert res == ["permission_denied"] * 3
+    with client(helper) as c:
+        info = c.request(hp.VmGet(id=0, name="box", owner=ALICE))
+        assert isinstance(info, hp.VmInfo) and info.state == "running"
+    assert guest_sh_as(helper, "box", "hostname", owner=ALICE) == b"box\n"
     res = as_user(helper, ALICE, """
         out(c.request(hp.VmGet(id=0, name="box")).state)
         out(call(hp.VolumeDestroy(id=0, name="ws")))  # in use

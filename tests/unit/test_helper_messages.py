@@ -194,3 +194,12 @@ def test_every_name_field_refuses_hostile_names(
 def test_absurd_sizes_counts_and_host_paths_are_refused(raw: dict[str, object]) -> None:
     with pytest.raises(DecodeError):
         hp.request_codec.decode(_request(raw))
+
+
+def test_owner_is_optional_and_bounded() -> None:
+    assert hp.request_codec.decode(_request({"type": "vm_get", "name": "a"})).owner is None
+    msg = hp.request_codec.decode(_request({"type": "vm_get", "name": "a", "owner": 1000}))
+    assert msg.owner == 1000
+    for bad in (-1, 2**32, "1000", 1.5):
+        with pytest.raises(DecodeError):
+            hp.request_codec.decode(_request({"type": "vm_get", "name": "a", "owner": bad}))
