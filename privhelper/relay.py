@@ -160,6 +160,8 @@ class GuestChannel:
 
     name: str
     connect: Connector
+    #: vsock only: the per-VM secret the agent demands first (DESIGN §1).
+    secret: bytes | None = None
     hello: gp.Hello | None = None
     _stream: ByteStream | None = None
     _send_lock: anyio.Lock = field(default_factory=anyio.Lock)
@@ -215,6 +217,9 @@ class GuestChannel:
         return self._ready.is_set()
 
     async def _session(self, stream: ByteStream) -> None:
+        if self.secret is not None:
+            auth = gp.Auth(id=0, secret=self.secret)
+            await stream.send(encode_frame(gp.request_codec.encode(auth), gp.GUEST_MAX_FRAME))
         items = _guest_items(stream)
         hello = await _handshake(stream, items)
         self.hello = hello
@@ -486,6 +491,8 @@ async def _handshake(stream: ByteStream, items: AsyncIterator[bytes | None]) -> 
                 if isinstance(msg, gp.Hello) and msg.sync_nonce == nonce:
                     hello = msg
                     break
+                if isinstance(msg, gp.Error) and msg.id == 0:
+                    raise ProtocolError(f"the guest agent refused us: {msg.message}")
             tg.cancel_scope.cancel()
     if hello is None:
         raise ProtocolError("guest closed the channel before its hello")

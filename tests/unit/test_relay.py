@@ -8,6 +8,7 @@ relayed helper connection carries.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -282,3 +283,36 @@ async def test_a_resent_sync_marker_does_not_reset_the_session(agent: Agent) -> 
         await c.stream.send(gp.HOST_SYNC_MAGIC + nonce)  # the late repeat
         result = await c.until_final(1)
         assert isinstance(result, gp.ExecResult) and result.stdout == b"done\n"
+
+
+@pytest.fixture
+def secret_agent() -> Iterator[Path]:
+    """The real agent demanding a secret first, as it does on vsock."""
+    d = Path(tempfile.mkdtemp(prefix="agentiso-secret-"))
+    (d / "secret").write_bytes(b"s" * 32)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentiso.guest", "--unix", str(d / "agent.sock"),
+         "--secret-file", str(d / "secret")],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield d / "agent.sock"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(d)
+
+
+async def test_vsock_style_secret_is_sent_first_and_checked(secret_agent: Path) -> None:
+    """With the right secret the relay gets its Hello; with a wrong one the
+    channel never comes up."""
+    good = GuestChannel(name="good", connect=connector(secret_agent), secret=b"s" * 32)
+    bad = GuestChannel(name="bad", connect=connector(secret_agent), secret=b"x" * 32)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(good.run)
+        tg.start_soon(bad.run)
+        await good.wait_ready(20)
+        assert isinstance(await good.call(gp.Ping(id=0), 5), gp.Pong)
+        await anyio.sleep(2)
+        assert not bad.ready
+        tg.cancel_scope.cancel()
