@@ -67,6 +67,10 @@ class VmRecord(msgspec.Struct, forbid_unknown_fields=True):
     vcpus: int
     memory_mib: int
     created: float
+    #: vsock channel only: the guest's CID and the secret its agent demands
+    #: (hex).  Kept for the relay to reconnect after a helper restart.
+    cid: int | None = None
+    secret: str | None = None
 
 
 class RegistryData(msgspec.Struct, forbid_unknown_fields=True):

@@ -11,6 +11,7 @@ for as long as the VM exists.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from agentiso.protocol import guest as gp
 from agentiso.protocol import helper as hp
 from agentiso.protocol.errors import ErrorCode
 
-from . import images, limits
+from . import images, limits, vsock
 from .errors import HelperError, RequestFailed
 from .net.manager import Attachment as NetAttachmentInfo
 from .net.manager import NetworkManager
@@ -62,6 +63,8 @@ class VmService:
     tg: TaskGroup
     #: None: the helper gives VMs no network (it could not set the bridge up).
     net: NetworkManager | None = None
+    #: Guest channel over vsock (where /dev/vhost-vsock exists), else virtio-serial.
+    use_vsock: bool = field(default_factory=vsock.available)
     _running: dict[str, _Running] = field(default_factory=dict)
 
     def handlers(self) -> dict[type[Any], Callable[[Any, RequestContext], Awaitable[Any]]]:
@@ -104,10 +107,16 @@ class VmService:
     # --- channels --------------------------------------------------------------------------
 
     def _start_channel(self, key: str) -> GuestChannel:
+        rec = next((m for m in self.ws.registry.vms() if m.key == key), None)
+        cid = rec.cid if rec is not None else None
+        secret = bytes.fromhex(rec.secret) if rec is not None and rec.secret else None
+
         async def connect() -> ByteStream:
+            if cid is not None:
+                return await vsock.connect(cid)
             return await anyio.connect_unix(self.engine.channel_socket(key))
 
-        channel = GuestChannel(name=key, connect=connect)
+        channel = GuestChannel(name=key, connect=connect, secret=secret)
         scope = anyio.CancelScope()
 
         async def run() -> None:
@@ -169,7 +178,14 @@ class VmService:
             attachment = await ws.storage.attachment(vol.key)
             rec = ws.registry.add_vm(owner, req.name, vol.key, req.vcpus, req.memory_mib)
             net: NetAttachmentInfo | None = None
+            vhost_fd: int | None = None
+            secret: bytes | None = None
             try:
+                if self.use_vsock:
+                    rec.cid = vsock.pick_cid(m.cid for m in ws.registry.vms() if m.cid)
+                    secret = secrets.token_bytes(vsock.SECRET_BYTES)
+                    rec.secret = secret.hex()
+                    vhost_fd = os.open(vsock.VHOST_VSOCK, os.O_RDWR | os.O_CLOEXEC)
                 if req.network is not None:
                     net = await self._net_attach(owner, rec.key, req.network, address)
                 await self.engine.start(
@@ -183,6 +199,10 @@ class VmService:
                         memory_mib=req.memory_mib,
                         incoming_fd=memory_fd,
                         net=None if net is None else NetAttachment(tap_fd=net.tap_fd, mac=net.mac),
+                        channel="vsock" if rec.cid is not None else "virtio-serial",
+                        guest_cid=rec.cid,
+                        vhost_vsock_fd=vhost_fd,
+                        secret=secret,
                     )
                 )
             except BaseException:
@@ -192,10 +212,9 @@ class VmService:
                         await self._net_detach(rec.key)
                 raise
             finally:
-                if memory_fd is not None:
-                    os.close(memory_fd)
-                if net is not None:
-                    os.close(net.tap_fd)  # QEMU holds its own copy
+                for fd in (memory_fd, vhost_fd, net.tap_fd if net is not None else None):
+                    if fd is not None:
+                        os.close(fd)  # QEMU holds its own copies
             ws.registry.save()
             channel = self._start_channel(rec.key)
         try:
