@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
 import anyio.abc
 import pytest
 
-from agentiso.frontend.guest_client import GuestClient
 from agentiso.protocol import guest as gp
 from agentiso.protocol.errors import NotFound
 from tests.harness.fixtures import vm_fixture
+from tests.harness.guest import connect
 from tests.harness.vm import BootedVM
 
 pytestmark = pytest.mark.anyio
@@ -26,21 +24,6 @@ MiB = 1024 * 1024
 
 # A disk bigger than the image so a 100 MiB file fits (init grows the fs).
 guest_vm = vm_fixture("minimal", scope="module", disk_size=1024 * MiB, memory_mib=256)
-
-
-@asynccontextmanager
-async def connect(vm: BootedVM) -> AsyncIterator[GuestClient]:
-    sock = await anyio.to_thread.run_sync(vm.connect_channel, 30.0)
-    stream = await anyio.abc.SocketStream.from_socket(sock)
-    try:
-        async with GuestClient.connect(stream, hello_timeout=90) as client:
-            yield client
-    except Exception as exc:
-        # The guest's console says what the agent saw; keep it with the failure.
-        exc.add_note(f"--- guest console tail ---\n{vm.tail(30)}")
-        raise
-    finally:
-        await stream.aclose()
 
 
 async def test_hello_reports_pid1_and_boot_timings(guest_vm: BootedVM) -> None:

@@ -10,15 +10,12 @@ vsock appears on a VM without a vsock device.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-import anyio
-import anyio.abc
 import pytest
 
 from agentiso.frontend.guest_client import GuestClient
 from tests.harness.fixtures import vm_fixture
+from tests.harness.guest import connect
 from tests.harness.images import image_dir
 from tests.harness.vm import BootedVM
 
@@ -28,20 +25,6 @@ DISK = 1024 * MiB
 
 minimal_vm = vm_fixture("minimal", scope="module", disk_size=DISK)
 dev_vm = vm_fixture("dev", scope="module")
-
-
-@asynccontextmanager
-async def connect(vm: BootedVM) -> AsyncIterator[GuestClient]:
-    sock = await anyio.to_thread.run_sync(vm.connect_channel, 30.0)
-    stream = await anyio.abc.SocketStream.from_socket(sock)
-    try:
-        async with GuestClient.connect(stream, hello_timeout=90) as client:
-            yield client
-    except Exception as exc:
-        exc.add_note(f"--- guest console tail ---\n{vm.tail(30)}")
-        raise
-    finally:
-        await stream.aclose()
 
 
 async def sh(c: GuestClient, script: str) -> str:
