@@ -15,7 +15,7 @@ import secrets
 import struct
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -27,7 +27,7 @@ from agentiso.privhelper.storage.zfs import ZfsBackend
 from tests.harness.images import ImageInfo, require_image
 from tests.harness.qemu import QemuConfig, qemu_argv
 from tests.harness.vm import BootedVM, host_cmdline
-from tests.harness.zfs import ZfsPool, ZfsUnavailable, zfs_fuse_pool
+from tests.harness.zfs import ZfsPool
 
 MIB = 1024 * 1024
 GROWN = 1024 * MIB
@@ -39,13 +39,6 @@ def image() -> ImageInfo:
     return require_image("minimal")  # skips with the reason if not built
 
 
-@pytest.fixture(scope="module")
-def zfs_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZfsPool]:
-    try:
-        with zfs_fuse_pool(tmp_path_factory.mktemp("zfs")) as pool:
-            yield pool
-    except ZfsUnavailable as exc:
-        pytest.skip(reason=f"zfs-fuse unavailable: {exc}")
 
 
 @pytest.fixture(params=["qcow2", "zfs"])

@@ -15,7 +15,7 @@ import contextlib
 import json
 import secrets
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -26,19 +26,12 @@ from agentiso.privhelper.storage import Attachment, FromBase, VolumeBackend, Zfs
 from agentiso.privhelper.storage.errors import VolumeBusy
 from agentiso.privhelper.storage.qcow2 import Qcow2Backend
 from agentiso.privhelper.storage.zfs import ZfsBackend
-from tests.harness.zfs import ZfsPool, ZfsUnavailable, zfs_fuse_pool
+from tests.harness.zfs import ZfsPool
 
 MIB = 1024 * 1024
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def zfs_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZfsPool]:
-    try:
-        with zfs_fuse_pool(tmp_path_factory.mktemp("zfs")) as pool:
-            yield pool
-    except ZfsUnavailable as exc:
-        pytest.skip(reason=f"zfs-fuse unavailable: {exc}")
 
 
 @pytest.fixture(params=["qcow2", "zfs"])

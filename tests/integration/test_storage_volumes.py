@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -37,7 +37,7 @@ from agentiso.privhelper.storage.errors import (
 )
 from agentiso.privhelper.storage.qcow2 import Qcow2Backend
 from agentiso.privhelper.storage.zfs import ZfsBackend
-from tests.harness.zfs import ZfsPool, ZfsUnavailable, pool_datasets, zfs_fuse_pool
+from tests.harness.zfs import ZfsPool, pool_datasets
 
 MIB = 1024 * 1024
 BASE_SIZE = 64 * MIB
@@ -45,13 +45,6 @@ BASE_SIZE = 64 * MIB
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def zfs_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZfsPool]:
-    try:
-        with zfs_fuse_pool(tmp_path_factory.mktemp("zfs")) as pool:
-            yield pool
-    except ZfsUnavailable as exc:
-        pytest.skip(reason=f"zfs-fuse unavailable: {exc}")
 
 
 @pytest.fixture(scope="module")
