@@ -390,9 +390,6 @@ class VmEngine:
             self._starting.discard(cfg.name)
 
     async def _start(self, cfg: VmConfig) -> VmStatus:
-        for what, p in (("kernel", cfg.kernel), ("initrd", cfg.initrd)):
-            if p is not None and (problem := world_readable_path_problem(p)):
-                raise InvalidVmSpec(f"{what}: QEMU runs unprivileged and cannot read it: {problem}")
         decision = await self.probe_accelerator(cfg.kernel)
         if os.geteuid() == 0:
             uid = allocate_uid(self._uids, self._taken_uids(), _uid_unassigned)
@@ -452,6 +449,8 @@ class VmEngine:
             with LaunchResources() as res:
                 launch = msgspec.structs.replace(
                     spec,
+                    kernel=res.boot_file(cfg.kernel),
+                    initrd=None if cfg.initrd is None else res.boot_file(cfg.initrd),
                     disks=res.open_disks(cfg.disks),
                     qmp_fd=res.listen(spec.qmp_socket),
                     console_fd=res.listen(spec.console_socket),

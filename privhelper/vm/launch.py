@@ -153,6 +153,17 @@ class LaunchResources:
         self.fds.append(fd)
         return fd
 
+    def boot_file(self, path: str) -> str:
+        """Open a kernel or initrd as the helper and give QEMU the path of its
+        own copy of the fd (``/proc/self/fd/N``): QEMU reads it whatever the
+        permissions of the directories it lives in."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise InvalidVmSpec(f"cannot open {path}: {e.strerror}") from None
+        self.fds.append(fd)
+        return f"/proc/self/fd/{fd}"
+
     def vhost_vsock(self) -> int:
         fd = open_vhost_vsock()
         self.fds.append(fd)
