@@ -153,12 +153,51 @@ def running_helper(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+_PUBLIC_RUNTIME: Path | None = None
+
+
+def public_runtime() -> Path:
+    """A copy of what an unprivileged client needs (agentiso.protocol,
+    agentiso.frontend and their pure-Python dependencies) in a directory any
+    uid may read: the checkout and its venv may sit where other uids cannot
+    go (CI may clone under a 0700 directory).  Made once, removed at exit."""
+    global _PUBLIC_RUNTIME
+    if _PUBLIC_RUNTIME is None:
+        import atexit
+        import importlib.util
+
+        d = public_tmpdir("agentiso-pyrt-")
+        skip = shutil.ignore_patterns("__pycache__")
+        for name in ("protocol", "frontend"):
+            shutil.copytree(REPO / name, d / "agentiso" / name, ignore=skip)
+        for mod in ("msgspec", "anyio", "sniffio", "idna", "typing_extensions"):
+            spec = importlib.util.find_spec(mod)
+            if spec is None or spec.origin is None:
+                continue
+            origin = Path(spec.origin)
+            if origin.name == "__init__.py":
+                shutil.copytree(origin.parent, d / mod, ignore=skip)
+            else:
+                shutil.copy2(origin, d / origin.name)
+        for path in [d, *d.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        atexit.register(shutil.rmtree, d, True)
+        _PUBLIC_RUNTIME = d
+    return _PUBLIC_RUNTIME
+
+
 def run_as(uid: int, gid: int, groups: list[int], code: str, timeout: float = 30.0
            ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -c code`` as an unprivileged uid with exactly ``groups``."""
+    """Run ``python -c code`` as an unprivileged uid with exactly ``groups``,
+    with the project's client code from :func:`public_runtime` (the base
+    interpreter, not the venv, which the uid may not be able to reach)."""
     grp_arg = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
+    python = getattr(sys, "_base_executable", sys.executable)
     argv = [
         "setpriv", f"--reuid={uid}", f"--regid={gid}", *grp_arg, "--inh-caps=-all",
-        sys.executable, "-c", code,
+        python, "-c", code,
     ]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd="/")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(public_runtime())}
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, cwd="/", env=env
+    )
