@@ -41,6 +41,10 @@ class ErrorCode(enum.StrEnum):
     CANCELLED = "cancelled"
     # The server failed: a bug or an unexpected environment problem.
     INTERNAL = "internal"
+    # A step the helper ran in the guest agent failed there (the guest's own
+    # answer, e.g. no NIC with the expected MAC): neither the caller's fault
+    # nor the helper's.  The message carries the guest's code and text.
+    GUEST_FAILED = "guest_failed"
 
 
 class ProtocolError(Exception):
@@ -140,6 +144,10 @@ class InternalError(RemoteError):
     code = ErrorCode.INTERNAL
 
 
+class GuestFailed(RemoteError):
+    code = ErrorCode.GUEST_FAILED
+
+
 _BY_CODE: dict[ErrorCode, type[RemoteError]] = {
     cls.code: cls
     for cls in (
@@ -156,6 +164,7 @@ _BY_CODE: dict[ErrorCode, type[RemoteError]] = {
         Unavailable,
         Cancelled,
         InternalError,
+        GuestFailed,
     )
 }
 
