@@ -13,7 +13,7 @@ from types import TracebackType
 import msgspec
 
 from . import helper as hp
-from .errors import ProtocolError, remote_error
+from .errors import RemoteProtocolError, UnexpectedMessage, remote_error
 from .framing import FrameDecoder, encode_frame
 
 
@@ -30,13 +30,18 @@ class BlockingHelperClient:
         except BaseException:
             self._sock.close()
             raise
-        assert isinstance(ok, hp.HelloOk)
+        if not isinstance(ok, hp.HelloOk):
+            self._sock.close()
+            raise UnexpectedMessage("hello_ok", ok)
         self.hello = ok
 
     def request(self, msg: hp.HelperRequest) -> hp.HelperResponse:
         """Send ``msg`` (its id is replaced) and wait for its response.
 
-        A typed error from the helper is raised as a RemoteError subclass.
+        A typed error from the helper is raised as a RemoteError subclass; a
+        helper that breaks the protocol (or closes the connection) as a
+        RemoteProtocolError; socket failures as OSError (TimeoutError when
+        the helper is silent past the timeout).
         """
         rid = next(self._ids)
         msg = msgspec.structs.replace(msg, id=rid)
@@ -55,7 +60,7 @@ class BlockingHelperClient:
             data = self._sock.recv(65536)
             if not data:
                 self._decoder.close()
-                raise ProtocolError("helper closed the connection")
+                raise RemoteProtocolError("helper closed the connection")
             self._pending.extend(self._decoder.feed(data))
         return self._pending.pop(0)
 

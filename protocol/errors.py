@@ -1,21 +1,38 @@
 """The error model shared by every hop.
 
-Two families live here, both under :class:`ProtocolError`:
+Every exception :mod:`agentiso.protocol` raises derives from :class:`WireError`,
+so "anything from the protocol package" is one name to catch.  Below it, two
+branches that say whose fault a failure is, in the way of h11:
 
-* Local failures to speak the protocol (a frame too large, bytes that are not a
-  valid message, a version mismatch).  These mean *the peer* misbehaved, or we
-  are talking to the wrong program.
+* :class:`ProtocolError`: the conversation itself broke the protocol's rules.
+  Its two sides say who broke them:
+
+  - :class:`RemoteProtocolError`: *the peer* did (a frame too large, bytes that
+    are not a valid message, a truncated stream, a version we do not speak, an
+    answer of the wrong type).  Drop or resynchronise the connection.
+  - :class:`LocalProtocolError`: *we* did (a message too large to send, a
+    request built with out-of-range fields): a bug or a caller's bad input,
+    found before anything went on the wire.
+
 * :class:`RemoteError` and its subclasses: the peer understood us and answered
   with a typed error (``code``, ``message``).  The subclass says whose fault it
   is: :class:`InvalidRequest` is the caller's, :class:`InternalError` is the
-  server's, :class:`NotFound`/:class:`Conflict`/... are about the world.
+  server's, :class:`NotFound`/:class:`Conflict`/... are about the world.  A
+  typed answer is not a protocol violation: the conversation goes on.
 
 On the wire an error is always ``ErrorCode`` + message, never a traceback.
+
+Transition: until every ``except ProtocolError`` outside this package is ported
+to ``except WireError`` (or to the branch it means), :class:`RemoteError` also
+still derives from :class:`ProtocolError`.  That one base is the only thing left
+to remove (docs/guest-protocol.md, "Errors").
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 
 class ErrorCode(enum.StrEnum):
@@ -47,15 +64,45 @@ class ErrorCode(enum.StrEnum):
     GUEST_FAILED = "guest_failed"
 
 
-class ProtocolError(Exception):
+class WireError(Exception):
     """Root of every exception raised by :mod:`agentiso.protocol`."""
 
 
-class FramingError(ProtocolError):
-    """The byte stream does not follow the framing rules."""
+# --- the conversation broke the rules ----------------------------------------------------
+
+
+class ProtocolError(WireError):
+    """The conversation broke the protocol's rules (not a typed answer).
+
+    Raise one of the two sides; a bare ProtocolError is kept for callers that
+    cannot tell who broke the rules.
+    """
+
+
+class LocalProtocolError(ProtocolError):
+    """We broke the rules: caught before sending, so nothing went on the wire."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the rules: what it sent is not the protocol we speak."""
+
+
+class OversizeMessage(LocalProtocolError):
+    """A message we were about to send is larger than the frame limit."""
+
+    def __init__(self, length: int, limit: int) -> None:
+        self.length = length
+        self.limit = limit
+        super().__init__(f"message of {length} bytes exceeds the frame limit of {limit} bytes")
+
+
+class FramingError(RemoteProtocolError):
+    """The received byte stream does not follow the framing rules."""
 
 
 class FrameTooLarge(FramingError):
+    """A received length prefix is above the limit (checked before the body is read)."""
+
     def __init__(self, length: int, limit: int) -> None:
         self.length = length
         self.limit = limit
@@ -69,18 +116,33 @@ class TruncatedFrame(FramingError):
         super().__init__(f"stream ended inside a frame ({pending} bytes pending)")
 
 
-class DecodeError(ProtocolError):
-    """A frame body is not a valid message of the expected union."""
+class DecodeError(RemoteProtocolError):
+    """A received frame body is not a valid message of the expected union."""
 
 
-class VersionMismatch(ProtocolError):
+class VersionMismatch(RemoteProtocolError):
+    """The peer greeted us with a protocol version we do not speak."""
+
     def __init__(self, ours: int, theirs: int) -> None:
         self.ours = ours
         self.theirs = theirs
         super().__init__(f"protocol version mismatch: we speak {ours}, peer speaks {theirs}")
 
 
-class RemoteError(ProtocolError):
+class UnexpectedMessage(RemoteProtocolError):
+    """A valid message, but not one the conversation allows here (e.g. a
+    reply of the wrong type)."""
+
+    def __init__(self, expected: str, got: object) -> None:
+        self.expected = expected
+        self.got = type(got).__name__
+        super().__init__(f"expected {expected}, got {self.got}")
+
+
+# --- the peer's typed answers ------------------------------------------------------------
+
+
+class RemoteError(ProtocolError):  # transition: the base becomes WireError (module docstring)
     """The peer answered a request with a typed error."""
 
     code: ErrorCode = ErrorCode.INTERNAL
@@ -96,7 +158,9 @@ class InvalidRequest(RemoteError):
     code = ErrorCode.INVALID
 
 
-class RemoteProtocolError(RemoteError):
+class ProtocolViolation(RemoteError):
+    """The peer says *we* broke the protocol (``Error(code=protocol)``)."""
+
     code = ErrorCode.PROTOCOL
 
 
@@ -152,7 +216,7 @@ _BY_CODE: dict[ErrorCode, type[RemoteError]] = {
     cls.code: cls
     for cls in (
         InvalidRequest,
-        RemoteProtocolError,
+        ProtocolViolation,
         RemoteVersionMismatch,
         PermissionDenied,
         NotFound,
@@ -180,3 +244,32 @@ def remote_error(code: ErrorCode | str, message: str) -> RemoteError:
     except ValueError:
         return InternalError(f"unknown error code {code!r}: {message}")
     return _BY_CODE[ec](message)
+
+
+# --- mapping a transport's exceptions, once per boundary ---------------------------------
+
+ExceptionMap = Mapping[
+    type[BaseException] | tuple[type[BaseException], ...],
+    type[Exception] | Callable[[BaseException], Exception],
+]
+
+
+@contextmanager
+def map_exceptions(mapping: ExceptionMap) -> Iterator[None]:
+    """Translate a transport's exceptions into ours at one boundary (httpcore's
+    ``map_exceptions``): the first key that matches wins; the new exception is
+    built from the old one (``factory(exc)``, or ``cls(str(exc))`` for a class)
+    and chained to it.  Anything unmatched passes through unchanged.
+
+        with map_exceptions({(BrokenPipeError, ConnectionResetError): ChannelClosed}):
+            os.write(fd, data)
+    """
+    try:
+        yield
+    except BaseException as exc:
+        for match, target in mapping.items():
+            if isinstance(exc, match):
+                if isinstance(target, type):
+                    raise target(str(exc)) from exc
+                raise target(exc) from exc
+        raise

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 
-from .errors import FrameTooLarge, TruncatedFrame
+from .errors import FrameTooLarge, OversizeMessage, TruncatedFrame
 
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
@@ -27,11 +27,12 @@ DEFAULT_MAX_FRAME = 4 * 1024 * 1024
 def encode_frame(body: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     """Return ``body`` with its length prefix.
 
-    Raises :class:`FrameTooLarge` if the body exceeds ``max_frame``: the sender
-    checks the same limit as the receiver so a bug shows up on our side.
+    Raises :class:`OversizeMessage` (a :class:`LocalProtocolError`) if the
+    body exceeds ``max_frame``: the sender checks the same limit as the
+    receiver so a bug shows up on our side, before anything is sent.
     """
     if len(body) > max_frame:
-        raise FrameTooLarge(len(body), max_frame)
+        raise OversizeMessage(len(body), max_frame)
     return HEADER.pack(len(body)) + body
 
 

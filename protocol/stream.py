@@ -27,7 +27,7 @@ class FrameReader:
     async def read(self) -> bytes | None:
         """Next frame body, or None at a clean end of stream.
 
-        Raises FrameTooLarge / TruncatedFrame (both ProtocolError) on a bad stream.
+        Raises FrameTooLarge / TruncatedFrame (both RemoteProtocolError) on a bad stream.
         """
         while not self._ready:
             if self._eof:

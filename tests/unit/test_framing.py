@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentiso.protocol.errors import FrameTooLarge, ProtocolError, TruncatedFrame
+from agentiso.protocol.errors import (
+    FrameTooLarge,
+    LocalProtocolError,
+    OversizeMessage,
+    ProtocolError,
+    TruncatedFrame,
+)
 from agentiso.protocol.framing import HEADER, FrameDecoder, encode_frame
 
 LIMIT = 1024
@@ -94,8 +100,11 @@ def test_empty_frame_round_trips() -> None:
 
 
 def test_sender_refuses_to_encode_an_oversize_frame() -> None:
-    with pytest.raises(FrameTooLarge):
+    # Our own fault, found before sending: the local side of the error model.
+    with pytest.raises(OversizeMessage) as info:
         encode_frame(b"x" * (LIMIT + 1), LIMIT)
+    assert isinstance(info.value, LocalProtocolError)
+    assert (info.value.length, info.value.limit) == (LIMIT + 1, LIMIT)
 
 
 def test_frame_at_exactly_the_limit_is_accepted() -> None:
