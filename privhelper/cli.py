@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import msgspec
@@ -26,7 +27,7 @@ from .server import HelperServer, bind_listener, listener_from_fd
 from .service import WorkspaceService
 from .storage import make_backend
 from .vm.engine import EngineSettings, VmEngine
-from .vmservice import VmService
+from .vms import VmServices, handler_table
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,10 +133,12 @@ async def _serve(cfg: HelperConfig) -> None:
     systemd.clear_listen_env()
     net = await _start_network(cfg, state_dir, [m.key for m in service.registry.vms()])
     async with VmEngine.running(settings) as engine, anyio.create_task_group() as tg:
-        vms = VmService(ws=service, engine=engine, tg=tg, net=net)
-        await vms.adopt()
+        vms = VmServices.build(service, engine, tg, net)
+        await vms.lifecycle.adopt()
         server = HelperServer(
-            cfg, handlers={**service.handlers(), **vms.handlers()}, open_guest=vms.open_guest
+            cfg,
+            handlers=handler_table([service, *vms.services()]),
+            open_guest=vms.lifecycle.open_guest,
         )
         if fds:
             listener = await listener_from_fd(fds[0])
@@ -156,6 +159,9 @@ async def _serve(cfg: HelperConfig) -> None:
                 break
 
 
+_T = TypeVar("_T")
+
+
 def _socket_path(args: argparse.Namespace) -> Path:
     if args.socket is not None:
         return Path(args.socket)
@@ -171,8 +177,7 @@ def _client_command(args: argparse.Namespace) -> int:
             elif args.command == "list":
                 _print_listing(c)
             elif args.command == "gc":
-                report = c.request(hp.Gc(id=0, dry_run=args.dry_run))
-                assert isinstance(report, hp.GcReport)
+                report = _expect(c.request(hp.Gc(id=0, dry_run=args.dry_run)), hp.GcReport)
                 verb = "would remove" if report.dry_run else "removed"
                 for line in report.orphans:
                     print(f"{verb}: {line}")
@@ -183,9 +188,15 @@ def _client_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _expect(reply: object, kind: type[_T]) -> _T:
+    """The helper's reply if it is of the expected kind (a peer's reply is checked, not assumed)."""
+    if not isinstance(reply, kind):
+        raise ProtocolError(f"the helper answered {type(reply).__name__}, not {kind.__name__}")
+    return reply
+
+
 def _print_status(c: BlockingHelperClient, path: Path) -> None:
-    who = c.request(hp.WhoAmI(id=0))
-    assert isinstance(who, hp.Identity)
+    who = _expect(c.request(hp.WhoAmI(id=0)), hp.Identity)
     print(f"helper:   {c.hello.server} (protocol {c.hello.version})")
     print(f"socket:   {path}")
     print(f"uptime:   {c.hello.uptime_s:.1f} s")
@@ -194,8 +205,7 @@ def _print_status(c: BlockingHelperClient, path: Path) -> None:
 
 
 def _print_listing(c: BlockingHelperClient) -> None:
-    listing = c.request(hp.AdminList(id=0))
-    assert isinstance(listing, hp.AdminListing)
+    listing = _expect(c.request(hp.AdminList(id=0)), hp.AdminListing)
     print(f"{'OWNER':>8}  {'VM':<20} {'KEY':<14} {'STATE':<9} {'PID':>7} {'QEMU UID':>9}  VOLUME")
     for m in listing.vms:
         print(f"{m.owner:>8}  {m.name:<20} {m.key:<14} {m.state:<9} {m.pid:>7} "

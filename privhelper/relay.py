@@ -45,8 +45,16 @@ from agentiso.protocol.codec import peek_request_id
 from agentiso.protocol.errors import DecodeError, ErrorCode, ProtocolError
 from agentiso.protocol.framing import encode_frame
 
-from .errors import RequestFailed
+from .errors import GuestStepFailed, HelperError, RequestFailed
 from .hoststream import HostStreamDecoder, SyncMarker
+from .transport import (
+    STREAM_GONE,
+    ExceptionMapping,
+    map_exceptions,
+    peer_gone,
+    peer_gone_is_eof,
+    receive_some,
+)
 
 log = structlog.get_logger("agentiso.helper.relay")
 
@@ -75,11 +83,30 @@ RECONNECT_RETRY_WINDOW_S = 15.0
 Connector = Callable[[], Awaitable[ByteStream]]
 
 
+class GuestChannelBroken(HelperError):
+    """The connection to the agent broke (it is re-established by :meth:`GuestChannel.run`)."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+#: How the channel's session can break: the boundary maps each to GuestChannelBroken.
+_CHANNEL_BROKEN: ExceptionMapping = {
+    ProtocolError: lambda exc: GuestChannelBroken(str(exc)),
+    TimeoutError: lambda exc: GuestChannelBroken("the guest agent did not greet in time"),
+    (*STREAM_GONE, HelperError): lambda exc: GuestChannelBroken(f"{type(exc).__name__}: {exc}"),
+}
+
+
 class _Sink:
     """Where the responses of one client's requests go."""
 
     def deliver(self, msg: Any) -> None:
+        """A message from the guest, already relabelled with the client's id."""
         raise NotImplementedError
+
+    def fail(self, client_id: int, code: ErrorCode, message: str) -> None:
+        """The relay itself (not the guest) gives up on request ``client_id``."""
+        self.deliver(gp.Error(id=client_id, code=code, message=message))
 
     def forget(self, client_id: int) -> None:
         """The request ``client_id`` is finished."""
@@ -112,29 +139,28 @@ class ClientSink(_Sink):
             self.overflowed = True
             self._send.close()
             return
-        self._queued += len(frame)
-        try:
-            self._send.send_nowait(frame)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
+        self._queue(frame)
 
     def deliver_raw(self, data: bytes) -> None:
         """Queue bytes already encoded (a sync marker and its Hello)."""
-        if self.overflowed:
-            return
+        if not self.overflowed:
+            self._queue(data)
+
+    def _queue(self, data: bytes) -> None:
         self._queued += len(data)
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+        with peer_gone_is_eof():  # the queue is closed once the client is gone
             self._send.send_nowait(data)
 
     def forget(self, client_id: int) -> None:
         self.upstream.pop(client_id, None)
 
     async def next_frame(self) -> bytes | None:
-        try:
+        """The next queued frame; None once the queue is closed and drained."""
+        frame: bytes | None = None
+        with peer_gone_is_eof():
             frame = await self._recv.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            return None
-        self._queued -= len(frame)
+        if frame is not None:
+            self._queued -= len(frame)
         return frame
 
     def close(self) -> None:
@@ -147,10 +173,17 @@ class _CallSink(_Sink):
     def __init__(self) -> None:
         self.done = anyio.Event()
         self.response: Any = None
+        #: Set instead of ``response`` when the relay (not the guest) gave up.
+        self.error: HelperError | None = None
 
     def deliver(self, msg: Any) -> None:
         if not isinstance(msg, INTERMEDIATE) and not self.done.is_set():
             self.response = msg
+            self.done.set()
+
+    def fail(self, client_id: int, code: ErrorCode, message: str) -> None:
+        if not self.done.is_set():
+            self.error = RequestFailed(code, message)
             self.done.set()
 
 
@@ -160,7 +193,8 @@ class GuestChannel:
 
     name: str
     connect: Connector
-    #: vsock only: the per-VM secret the agent demands first (DESIGN §1).
+    #: vsock only: the per-VM secret the agent demands first (any local
+    #: process could connect to a guest over vsock; see docs/helper.md).
     secret: bytes | None = None
     hello: gp.Hello | None = None
     _stream: ByteStream | None = None
@@ -191,10 +225,11 @@ class GuestChannel:
                     continue
                 async with stream:
                     try:
-                        await self._session(stream)
+                        with map_exceptions(_CHANNEL_BROKEN):
+                            await self._session(stream)
                         backoff = 0.05
-                    except (ProtocolError, OSError, anyio.BrokenResourceError, TimeoutError) as exc:
-                        log.warning("guest_channel_broken", vm=self.name, error=str(exc))
+                    except GuestChannelBroken as exc:
+                        log.warning("guest_channel_broken", vm=self.name, error=exc.message)
                     except Exception:
                         # A bug must not take the helper down: log, reconnect.
                         log.exception("guest_channel_failed", vm=self.name)
@@ -207,9 +242,11 @@ class GuestChannel:
             self._fail_all(ErrorCode.UNAVAILABLE, f"VM {self.name!r} is gone")
 
     async def wait_ready(self, timeout: float) -> gp.Hello:
+        """The agent's Hello once the channel is up (TimeoutError after ``timeout``)."""
         with anyio.fail_after(timeout):
             await self._ready.wait()
-        assert self.hello is not None
+        if self.hello is None:  # the channel sets hello before it signals ready
+            raise GuestChannelBroken(f"VM {self.name!r}: the guest channel has no hello")
         return self.hello
 
     @property
@@ -286,7 +323,7 @@ class GuestChannel:
 
     def _fail(self, r: _Route, code: ErrorCode, message: str) -> None:
         r.sink.forget(r.client_id)
-        r.sink.deliver(gp.Error(id=r.client_id, code=code, message=message))
+        r.sink.fail(r.client_id, code, message)
 
     def _fail_all(self, code: ErrorCode, message: str) -> None:
         routes = list(self._routes.values()) + self._retry
@@ -310,11 +347,18 @@ class GuestChannel:
         if stream is None:
             raise RequestFailed(ErrorCode.UNAVAILABLE, f"VM {self.name!r}: guest channel is down")
         frame = encode_frame(gp.request_codec.encode(msg), gp.GUEST_MAX_FRAME)
-        async with self._send_lock:
-            await stream.send(frame)
+        with peer_gone(f"VM {self.name!r}: guest channel"):
+            async with self._send_lock:
+                await stream.send(frame)
 
     async def call(self, msg: Any, timeout: float) -> Any:
-        """A helper-internal request with a single response; typed errors are raised."""
+        """A helper-internal request with a single response.
+
+        Raises :class:`GuestStepFailed` when the guest answers with an error
+        (its code and text in the message, never passed off as the helper's
+        own), :class:`RequestFailed` (``timeout``, ``unavailable``) when the
+        relay gives up on it.
+        """
         sink = _CallSink()
         route = _Route(sink=sink, client_id=0, request=msg)
         upstream: int | None = None
@@ -332,9 +376,11 @@ class GuestChannel:
                 f"VM {self.name}: the guest agent did not answer {type(msg).__name__} "
                 f"within {timeout:.0f} s",
             ) from None
+        if sink.error is not None:
+            raise sink.error
         resp = sink.response
         if isinstance(resp, gp.Error):
-            raise RequestFailed(ErrorCode(resp.code), f"guest: {resp.message}")
+            raise GuestStepFailed(type(msg).__name__, str(resp.code), resp.message)
         return resp
 
     # --- relaying a client connection -----------------------------------------------------
@@ -362,11 +408,9 @@ class GuestChannel:
         async with anyio.create_task_group() as tg:
 
             async def pump() -> None:
-                try:
+                with peer_gone_is_eof():  # client gone
                     while (frame := await sink.next_frame()) is not None:
                         await send(frame)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    pass  # client gone
                 tg.cancel_scope.cancel()  # queue closed (overflow) or client gone
 
             tg.start_soon(pump)
@@ -400,9 +444,8 @@ class GuestChannel:
             self._routes.pop(upstream, None)
             sink.forget(client_id)
             if self._stream is not None:
-                with anyio.move_on_after(2), contextlib.suppress(
-                    anyio.BrokenResourceError, OSError, RequestFailed
-                ):
+                # A channel that broke meanwhile cancels everything anyway.
+                with anyio.move_on_after(2), contextlib.suppress(HelperError):
                     await self._write(gp.Cancel(id=next(self._ids), target=upstream))
 
     async def _from_client(self, body: bytes, sink: ClientSink) -> None:
@@ -439,10 +482,9 @@ class GuestChannel:
                 return
             self._fail(route, ErrorCode.UNAVAILABLE, "the guest channel is down")
             return
-        try:
+        with contextlib.suppress(HelperError):
+            # The read loop notices the drop and fails or retries the route.
             await self._send_upstream(route, sink.upstream)
-        except (anyio.BrokenResourceError, OSError, RequestFailed):
-            pass  # the read loop notices the drop and fails or retries the route
 
 
 def _frame(msg: Any) -> bytes:
@@ -458,11 +500,7 @@ def _greeting(hello: gp.Hello, nonce: bytes, session: int) -> bytes:
 async def _guest_items(stream: ByteStream) -> AsyncIterator[bytes | None]:
     """Frames (bytes) and session markers (None) from the agent, bounded."""
     decoder = gp.GuestStreamDecoder(gp.GUEST_MAX_FRAME, MAX_SYNC_SCAN)
-    while True:
-        try:
-            data = await stream.receive(65536)
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            return
+    while data := await receive_some(stream):
         for item in decoder.feed(data):
             yield item
 

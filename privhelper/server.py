@@ -40,6 +40,7 @@ from .actions import ACTION_FOR_REQUEST, ADMIN_ONLY
 from .config import HelperConfig, resolve_gid
 from .errors import HelperError, RequestFailed
 from .peercred import PeerCredentials, get_peer_credentials, is_authorized
+from .transport import peer_gone_is_eof, receive_some
 
 if TYPE_CHECKING:
     from .relay import GuestChannel
@@ -129,10 +130,7 @@ class HelperServer:
             return
 
         async def receive() -> bytes:
-            try:
-                return await stream.receive(65536)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError):
-                return b""
+            return await receive_some(stream)
 
         async def read_frame() -> bytes | None:
             """Next frame, or None when the connection must end (EOF or broken framing)."""
@@ -239,13 +237,13 @@ class HelperServer:
                     )
                 ctx = RequestContext(peer=ctx.peer, server=self, owner=req.owner)
             channel = await self.open_guest(req, ctx)
-        except RequestFailed as exc:
-            await conn.send_error(req.id, exc.code, exc.message)
+        except HelperError as exc:
+            await conn.send(_typed_error(req, exc))
             return
         await conn.send(hp.GuestOpened(id=req.id, vm=req.vm))
         try:
             await channel.serve_client(unframed(), conn.send_raw)
-        except RequestFailed as exc:
+        except HelperError as exc:
             log.info("relay_ended", vm=req.vm, reason=exc.message)
 
     async def _serve_one(
@@ -288,11 +286,10 @@ class _Connection:
 
     async def send(self, msg: hp.HelperResponse) -> None:
         frame = encode_frame(hp.response_codec.encode(msg), hp.HELPER_MAX_FRAME)
-        try:
+        # A peer that went away is noticed by the read side, which ends the connection.
+        with peer_gone_is_eof():
             async with self._lock:
                 await self._stream.send(frame)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
-            pass  # peer went away; the read side will notice and end the connection
 
     async def send_raw(self, data: bytes) -> None:
         """Send bytes already framed (relayed guest frames).  Raises if the peer is gone."""
@@ -307,25 +304,21 @@ async def _linger(stream: SocketStream) -> None:
     """Close our side after a final error, but swallow what the peer already
     sent (bounded, briefly) so its pending writes do not fail with EPIPE before
     it has read our error."""
-    try:
+    with peer_gone_is_eof():
         await stream.send_eof()
         with anyio.move_on_after(LINGER_S):
             drained = 0
             while drained < LINGER_MAX_BYTES:
                 drained += len(await stream.receive(65536))
-    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-        pass
 
 
 def _typed_error(req: Any, exc: HelperError) -> hp.Error:
-    """Every helper error carries the code that says whose fault it is
-    (``internal`` when it does not); internal details stay in the log."""
-    code = getattr(exc, "code", ErrorCode.INTERNAL)
-    message = getattr(exc, "message", str(exc))
-    if not isinstance(code, ErrorCode) or code == ErrorCode.INTERNAL:
-        log.error("request_failed", request=type(req).__name__, error=message)
+    """Every helper error carries the code that says whose fault it is; an
+    ``internal`` one is the helper's, and its details stay in the log."""
+    if exc.code == ErrorCode.INTERNAL:
+        log.error("request_failed", request=type(req).__name__, error=exc.message)
         return _error(req.id, ErrorCode.INTERNAL, INTERNAL_MESSAGE)
-    return _error(req.id, code, message)
+    return _error(req.id, exc.code, exc.message)
 
 
 def _error(rid: int, code: ErrorCode, message: str) -> hp.Error:

@@ -13,10 +13,9 @@ outside it.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import structlog
@@ -28,7 +27,7 @@ from . import images, limits
 from .config import HelperConfig
 from .errors import RequestFailed
 from .registry import Registry, SnapshotRecord, VolumeRecord
-from .server import Handler, RequestContext
+from .server import RequestContext
 from .storage import FromBase, FromSnapshot, VolumeBackend
 from .storage import VolumeInfo as BackendVolumeInfo
 
@@ -43,23 +42,25 @@ class WorkspaceService:
     images_dir: Path
     #: Saved VM memory of snapshots taken with ``memory``.
     memory_dir: Path
+    #: Serialises every change to the registry (volumes, snapshots, VMs) with
+    #: the checks it depends on: a name is checked free, and taken, under it.
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     # --- wiring ------------------------------------------------------------------------
 
-    def handlers(self) -> dict[type[Any], Handler]:
-        table: dict[type[Any], Callable[[Any, RequestContext], Awaitable[Any]]] = {
-            hp.ImageList: self.image_list,
-            hp.VolumeCreate: self.volume_create,
-            hp.VolumeDestroy: self.volume_destroy,
-            hp.VolumeGet: self.volume_get,
-            hp.VolumeList: self.volume_list,
-            hp.VolumeGrow: self.volume_grow,
-            hp.SnapshotCreate: self.snapshot_create,
-            hp.SnapshotRollback: self.snapshot_rollback,
-            hp.SnapshotDelete: self.snapshot_delete,
-        }
-        return table
+    #: The request types this service handles (request -> method name).
+    #: SnapshotCreate is LiveSnapshots' (it calls :meth:`snapshot_create`
+    #: for a volume without a running VM).
+    HANDLES: ClassVar[dict[type[Any], str]] = {
+        hp.ImageList: "image_list",
+        hp.VolumeCreate: "volume_create",
+        hp.VolumeDestroy: "volume_destroy",
+        hp.VolumeGet: "volume_get",
+        hp.VolumeList: "volume_list",
+        hp.VolumeGrow: "volume_grow",
+        hp.SnapshotRollback: "snapshot_rollback",
+        hp.SnapshotDelete: "snapshot_delete",
+    }
 
     # --- usage and limits --------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Typed errors of the volume layer.
 
 Every error derives from :class:`StorageError`, itself a
-:class:`~agentiso.privhelper.errors.RequestFailed` (so a :class:`HelperError`):
+:class:`~agentiso.privhelper.errors.HelperError`:
 the RPC layer answers any of them as a typed ``Error`` frame with the class's
 ``code`` without knowing about storage.  Messages never contain host paths that
 a client did not already know, except :class:`CommandFailed`, whose stderr is
@@ -14,16 +14,13 @@ from collections.abc import Sequence
 
 from agentiso.protocol.errors import ErrorCode
 
-from ..errors import RequestFailed
+from ..errors import HelperError
 
 
-class StorageError(RequestFailed):
+class StorageError(HelperError):
     """Root of the volume layer's errors."""
 
     code: ErrorCode = ErrorCode.INTERNAL
-
-    def __init__(self, message: str) -> None:
-        super().__init__(self.code, message)
 
 
 class InvalidArgument(StorageError):

@@ -1,9 +1,9 @@
 """Typed errors of the VM engine.
 
 Every exception derives from :class:`VmError`, itself a
-:class:`~agentiso.privhelper.errors.HelperError`, and carries an
-:class:`~agentiso.protocol.errors.ErrorCode` in ``code`` so the RPC layer can
-answer with a typed error without knowing the engine's classes.
+:class:`~agentiso.privhelper.errors.HelperError`: each subclass fixes its wire
+``code``, so the server answers with a typed error without knowing the
+engine's classes.
 """
 
 from __future__ import annotations
@@ -16,10 +16,6 @@ class VmError(HelperError):
     """Root of the VM engine's errors."""
 
     code: ErrorCode = ErrorCode.INTERNAL
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-        super().__init__(message)
 
 
 class InvalidVmSpec(VmError):

@@ -24,8 +24,11 @@ import msgspec
 import pytest
 from anyio.abc import ByteStream, UNIXSocketStream
 
+from agentiso.privhelper.errors import GuestStepFailed, HelperError
 from agentiso.privhelper.relay import GuestChannel
+from agentiso.privhelper.transport import receive_some
 from agentiso.protocol import guest as gp
+from agentiso.protocol.errors import ErrorCode
 from agentiso.protocol.framing import encode_frame
 
 pytestmark = pytest.mark.anyio
@@ -114,10 +117,7 @@ async def relayed_client(channel: GuestChannel) -> AsyncIterator[Client]:
     client_side = await UNIXSocketStream.from_socket(b)
 
     async def receive() -> bytes:
-        try:
-            return await server_side.receive(65536)
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            return b""
+        return await receive_some(server_side)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(channel.serve_client, receive, server_side.send)
@@ -175,6 +175,39 @@ async def test_helper_internal_calls_share_the_channel(agent: Agent) -> None:
         pong = await ch.call(gp.Ping(id=0), timeout=5)
         assert isinstance(pong, gp.Pong)
         assert (await c.until_final(7)).stdout == b"x\n"
+
+
+async def test_a_guest_refusal_is_a_guest_failure_never_the_helpers_own_code(
+    agent: Agent,
+) -> None:
+    """The agent (not PID 1 here) refuses SetHostname with permission_denied:
+    the helper must not answer its client permission_denied as if the helper
+    had refused; the guest's code and text travel in the message."""
+    async with running_channel(agent.path) as ch:
+        with pytest.raises(GuestStepFailed) as info:
+            await ch.call(gp.SetHostname(id=0, hostname="box"), 5)
+    err = info.value
+    assert err.code is ErrorCode.GUEST_FAILED
+    assert err.guest_code == ErrorCode.PERMISSION_DENIED
+    assert err.step == "SetHostname"
+    assert "the guest failed SetHostname" in err.message
+    assert "[permission_denied]" in err.message and "PID 1" in err.message
+
+
+async def test_a_relay_side_failure_is_the_helpers_not_the_guests(agent: Agent) -> None:
+    """The channel dropping under a helper call is the relay's failure
+    (unavailable), not something the guest answered."""
+    async with running_channel(agent.path) as ch, anyio.create_task_group() as tg:
+
+        async def kill_soon() -> None:
+            await anyio.sleep(0.5)
+            agent.stop()
+
+        tg.start_soon(kill_soon)
+        with pytest.raises(HelperError) as info:
+            await ch.call(gp.Exec(id=0, shell="sleep 30"), 20)
+    assert not isinstance(info.value, GuestStepFailed)
+    assert info.value.code is ErrorCode.UNAVAILABLE
 
 
 async def test_client_garbage_gets_typed_error_and_relay_goes_on(agent: Agent) -> None:

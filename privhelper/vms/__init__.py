@@ -1,0 +1,92 @@
+"""The helper's VM requests, one service per concern:
+
+* :mod:`.lifecycle`  VmStart, VmStop, VmGet, VmList, VmConsole, GuestOpen, adoption;
+* :mod:`.network`    VmNetworkSet, ForwardAdd, ForwardRemove (and attaching a VM);
+* :mod:`.snapshots`  SnapshotCreate (live when a VM runs on the volume);
+* :mod:`.admin`      AdminList, Gc;
+* :mod:`.channels`   the guest channel of each running VM;
+* :mod:`.views`      VmInfo as a client sees it; :mod:`.policy` its policy names.
+
+Each service (and :class:`~agentiso.privhelper.service.WorkspaceService`)
+declares the request types it handles in ``HANDLES``; :func:`handler_table`
+refuses a type that two services claim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from anyio.abc import TaskGroup
+
+from ..net.manager import NetworkManager
+from ..server import Handler
+from ..service import WorkspaceService
+from ..vm.engine import VmEngine
+from .admin import Admin
+from .channels import GuestChannels
+from .lifecycle import VmLifecycle
+from .network import VmNetwork
+from .snapshots import LiveSnapshots
+from .views import VmViews
+
+
+class Service(Protocol):
+    #: request type -> name of the method that handles it.
+    HANDLES: ClassVar[dict[type[Any], str]]
+
+
+#: Every service class of the helper, for the one-owner-per-request check.
+SERVICE_TYPES: tuple[type[Any], ...] = (
+    WorkspaceService, VmLifecycle, VmNetwork, LiveSnapshots, Admin,
+)
+
+
+def claims(services: Iterable[Service | type[Any]]) -> dict[type[Any], str]:
+    """request type -> the one service (class name) that handles it.
+
+    A request type claimed by two services is a wiring bug: ``ValueError``."""
+    owner: dict[type[Any], str] = {}
+    for service in services:
+        name = service.__name__ if isinstance(service, type) else type(service).__name__
+        for req in service.HANDLES:
+            if req in owner:
+                raise ValueError(f"{req.__name__} is handled by both {owner[req]} and {name}")
+            owner[req] = name
+    return owner
+
+
+def handler_table(services: Iterable[Service]) -> dict[type[Any], Handler]:
+    """Every service's bound handlers in one table (see :func:`claims`)."""
+    services = list(services)
+    claims(services)
+    return {req: getattr(s, method) for s in services for req, method in s.HANDLES.items()}
+
+
+@dataclass
+class VmServices:
+    """The VM services of one helper, sharing its engine, channels and network."""
+
+    lifecycle: VmLifecycle
+    network: VmNetwork
+    snapshots: LiveSnapshots
+    admin: Admin
+
+    @classmethod
+    def build(
+        cls, ws: WorkspaceService, engine: VmEngine, tg: TaskGroup,
+        net: NetworkManager | None,
+    ) -> VmServices:
+        channels = GuestChannels(ws.registry, engine, tg)
+        views = VmViews(ws.registry, engine, net)
+        network = VmNetwork(ws.registry, views, net)
+        return cls(
+            lifecycle=VmLifecycle(ws, engine, channels, network, views),
+            network=network,
+            snapshots=LiveSnapshots(ws, engine, channels, network),
+            admin=Admin(ws, engine, views, net),
+        )
+
+    def services(self) -> list[Service]:
+        return [self.lifecycle, self.network, self.snapshots, self.admin]

@@ -1,0 +1,274 @@
+"""VM life cycle requests: start, stop, get, list, console; opening a guest channel.
+
+A VM runs on one of its owner's volumes.  It exists from ``VmStart`` until
+``VmStop`` (a crashed VM stays, state ``crashed`` with its console tail, until
+its owner stops it).  The engine knows it by the registry key.
+
+``VmStart`` is all or nothing: every resource it takes (registry entry, CID,
+TAP and rules, QEMU, guest channel) is pushed on an undo stack next to its
+acquisition, and a failure at any later step (QEMU, the guest's hello, a
+guest configuration step) undoes them all.  fds handed to QEMU are closed
+once QEMU holds its copies, success or not.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack, ExitStack
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import anyio
+import structlog
+
+from agentiso.protocol import guest as gp
+from agentiso.protocol import helper as hp
+from agentiso.protocol.errors import ErrorCode
+
+from .. import images, limits, vsock
+from ..errors import RequestFailed
+from ..net.manager import Attachment as NetAttachmentInfo
+from ..relay import GuestChannel
+from ..server import RequestContext
+from ..service import WorkspaceService
+from ..storage import Attachment
+from ..vm.engine import VmConfig, VmEngine
+from ..vm.spec import DiskLayer, NetAttachment
+from .channels import GuestChannels, engine_state
+from .network import VmNetwork
+from .views import VmViews
+
+log = structlog.get_logger("agentiso.helper.vms")
+
+#: How long a started VM may take to say hello (TCG boots in ~3 s on 2 cores;
+#: leave room for a loaded machine).
+HELLO_TIMEOUT_S = 90.0
+GUEST_CALL_TIMEOUT_S = 30.0
+
+
+def push_shielded(
+    stack: AsyncExitStack, fn: Callable[..., Awaitable[Any]], *args: Any
+) -> None:
+    """Push an async undo step that runs to its end even when the request is cancelled."""
+
+    async def undo() -> None:
+        with anyio.CancelScope(shield=True):
+            await fn(*args)
+
+    stack.push_async_callback(undo)
+
+
+@dataclass
+class VmLifecycle:
+    """Handles VmStart, VmStop, VmGet, VmList, VmConsole and GuestOpen.
+
+    Registry changes and the checks they depend on (a name not yet taken, a
+    volume not in use) happen under ``ws.lock``, the one lock that serialises
+    the registry's mutations; waiting for a guest happens outside it.
+    """
+
+    HANDLES: ClassVar[dict[type[Any], str]] = {
+        hp.VmStart: "vm_start",
+        hp.VmStop: "vm_stop",
+        hp.VmGet: "vm_get",
+        hp.VmList: "vm_list",
+        hp.VmConsole: "vm_console",
+    }
+
+    ws: WorkspaceService
+    engine: VmEngine
+    channels: GuestChannels
+    network: VmNetwork
+    views: VmViews
+    #: Guest channel over vsock (where /dev/vhost-vsock exists), else virtio-serial.
+    use_vsock: bool = field(default_factory=vsock.available)
+
+    async def open_guest(self, req: hp.GuestOpen, ctx: RequestContext) -> GuestChannel:
+        return self.channels.of_running(self.ws.registry.vm(ctx.owner, req.vm))
+
+    async def adopt(self) -> None:
+        """After a helper restart: re-attach to the VMs still running and
+        bring their guest channels up again."""
+        report = await self.engine.adopt_all()
+        for name, why in report.unreadable.items():
+            log.error("vm_record_unreadable", vm=name, error=why)
+        known = {vm.key for vm in self.ws.registry.vms()}
+        for key in report.adopted:
+            if key in known:
+                self.channels.start(key)
+            else:
+                log.warning("vm_not_in_registry", vm=key, hint="agentiso-helper gc")
+        for st in report.dead:
+            log.warning("vm_died_while_helper_was_away", vm=st.name, reason=st.exit_reason)
+        log.info("adopted", vms=len(report.adopted), dead=len(report.dead))
+
+    # --- start -----------------------------------------------------------------------------
+
+    async def vm_start(self, req: hp.VmStart, ctx: RequestContext) -> hp.VmInfo:
+        owner = ctx.owner
+        ws = self.ws
+        async with AsyncExitStack() as undo:
+            async with ws.lock:
+                vol = ws.registry.volume(owner, req.volume)
+                other = ws.registry.vm_on_volume(vol.key)
+                if other is not None:
+                    raise RequestFailed(
+                        ErrorCode.CONFLICT, f"volume {vol.name!r} is in use by VM {other.name!r}"
+                    )
+                if any(m.name == req.name for m in ws.registry.vms(owner)):
+                    raise RequestFailed(
+                        ErrorCode.ALREADY_EXISTS, f"VM {req.name!r} already exists"
+                    )
+                ws.check_limits(owner, limits.Usage(vms=1, memory_mib=req.memory_mib))
+                image = images.load_image(ws.images_dir, vol.image)
+                with ExitStack() as fds:  # QEMU holds its own copies once it runs
+                    memory_fd: int | None = None
+                    address: str | None = None
+                    if req.resume_snapshot is not None:
+                        snap = vol.snapshot(req.resume_snapshot)
+                        if snap.memory_file is None:
+                            raise RequestFailed(
+                                ErrorCode.CONFLICT,
+                                f"snapshot {snap.name!r} has no saved memory to resume from",
+                            )
+                        # The disk must be exactly as when the memory was saved.
+                        info = await ws.storage.rollback(vol.key, snap.name)
+                        ws.sync_snapshots(vol, info)
+                        memory_fd = _open_fd(fds, ws.memory_dir / snap.memory_file, os.O_RDONLY)
+                        address = snap.address
+                    attachment = await ws.storage.attachment(vol.key)
+
+                    rec = ws.registry.add_vm(owner, req.name, vol.key, req.vcpus, req.memory_mib)
+                    push_shielded(undo, self._unregister, rec.key)
+                    vhost_fd: int | None = None
+                    secret: bytes | None = None
+                    if self.use_vsock:
+                        rec.cid = vsock.pick_cid(m.cid for m in ws.registry.vms() if m.cid)
+                        secret = secrets.token_bytes(vsock.SECRET_BYTES)
+                        rec.secret = secret.hex()
+                        vhost_fd = _open_fd(fds, vsock.VHOST_VSOCK, os.O_RDWR)
+                    net: NetAttachmentInfo | None = None
+                    if req.network is not None:
+                        net = await self.network.attach(owner, rec.key, req.network, address)
+                        fds.callback(os.close, net.tap_fd)
+                        push_shielded(undo, self.network.detach, rec.key)
+                    tap = None if net is None else NetAttachment(tap_fd=net.tap_fd, mac=net.mac)
+                    await self.engine.start(
+                        VmConfig(
+                            name=rec.key,
+                            kernel=str(image.kernel),
+                            initrd=str(image.initrd),
+                            cmdline=image.manifest.cmdline,
+                            disks=_disk_layers(attachment),
+                            vcpus=req.vcpus,
+                            memory_mib=req.memory_mib,
+                            incoming_fd=memory_fd,
+                            net=tap,
+                            channel="vsock" if rec.cid is not None else "virtio-serial",
+                            guest_cid=rec.cid,
+                            vhost_vsock_fd=vhost_fd,
+                            secret=secret,
+                        )
+                    )
+                    push_shielded(undo, self._discard_qemu, rec.key)
+                ws.registry.save()
+                channel = self.channels.start(rec.key)
+                undo.callback(self.channels.stop, rec.key)
+            await self._configure_guest(req, rec.key, channel, net)
+            undo.pop_all()  # it all stays
+        return self.views.info(req.id, rec)
+
+    async def _configure_guest(
+        self, req: hp.VmStart, key: str, channel: GuestChannel, net: NetAttachmentInfo | None
+    ) -> None:
+        """Wait for the agent's hello, then set the guest's hostname and address.
+
+        A step the guest refuses raises GuestStepFailed (``guest_failed``)."""
+        try:
+            await channel.wait_ready(HELLO_TIMEOUT_S)
+        except TimeoutError:
+            st = self.engine.status(key)
+            raise RequestFailed(
+                ErrorCode.TIMEOUT,
+                f"VM {req.name!r} did not say hello within {HELLO_TIMEOUT_S:.0f} s "
+                f"(state {st.state}); console: {self.views.console(key)[-1500:]}",
+            ) from None
+        await channel.call(gp.SetHostname(id=0, hostname=req.name), GUEST_CALL_TIMEOUT_S)
+        if net is not None:
+            await channel.call(
+                gp.ConfigureNetwork(
+                    id=0, mac=net.mac, address=net.address, prefix=net.prefix,
+                    gateway=net.gateway, dns=list(net.dns),
+                ),
+                GUEST_CALL_TIMEOUT_S,
+            )
+
+    async def _unregister(self, key: str) -> None:
+        async with self.ws.lock:
+            self.ws.registry.remove_vm(key)
+            self.ws.registry.save()
+
+    async def _discard_qemu(self, key: str) -> None:
+        """Kill and forget QEMU of a VM whose start failed after it was spawned."""
+        if engine_state(self.engine, key) is not None:
+            await self.engine.kill(key)
+            self.engine.forget(key)
+
+    # --- stop ------------------------------------------------------------------------------
+
+    async def vm_stop(self, req: hp.VmStop, ctx: RequestContext) -> hp.Done:
+        rec = self.ws.registry.vm(ctx.owner, req.name)
+        channel = self.channels.get(rec.key)
+
+        async def agent_shutdown() -> None:
+            # The agent answers, then syncs and powers off; the engine waits
+            # for QEMU to end.  Without a channel, go straight to ACPI.
+            if channel is None or not channel.ready:
+                raise RequestFailed(ErrorCode.UNAVAILABLE, "no guest channel")
+            await channel.call(gp.Shutdown(id=0), GUEST_CALL_TIMEOUT_S)
+
+        if engine_state(self.engine, rec.key) is not None:
+            if req.force:
+                await self.engine.kill(rec.key)
+            else:
+                t = max(req.timeout_s, 1.0)
+                await self.engine.stop(
+                    rec.key,
+                    agent_shutdown=agent_shutdown,
+                    agent_timeout=t,
+                    powerdown_timeout=t / 2,
+                )
+            self.engine.forget(rec.key)
+        self.channels.stop(rec.key)
+        await self.network.detach(rec.key)
+        await self._unregister(rec.key)
+        return hp.Done(id=req.id)
+
+    # --- views -----------------------------------------------------------------------------
+
+    async def vm_get(self, req: hp.VmGet, ctx: RequestContext) -> hp.VmInfo:
+        return self.views.info(req.id, self.ws.registry.vm(ctx.owner, req.name))
+
+    async def vm_list(self, req: hp.VmList, ctx: RequestContext) -> hp.Vms:
+        return hp.Vms(
+            id=req.id, vms=[self.views.info(0, m) for m in self.ws.registry.vms(ctx.owner)]
+        )
+
+    async def vm_console(self, req: hp.VmConsole, ctx: RequestContext) -> hp.ConsoleText:
+        rec = self.ws.registry.vm(ctx.owner, req.name)
+        return hp.ConsoleText(id=req.id, text=self.views.console(rec.key, req.max_bytes))
+
+
+def _open_fd(fds: ExitStack, path: object, flags: int) -> int:
+    fd = os.open(str(path), flags | os.O_CLOEXEC)
+    fds.callback(os.close, fd)
+    return fd
+
+
+def _disk_layers(att: Attachment) -> tuple[DiskLayer, ...]:
+    return tuple(
+        DiskLayer(format=n.format.value, path=str(n.path), read_only=n.read_only)
+        for n in att.chain
+    )
