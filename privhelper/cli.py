@@ -15,7 +15,7 @@ import structlog
 
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
-from agentiso.protocol.errors import ProtocolError
+from agentiso.protocol.errors import UnexpectedMessage, WireError
 
 from . import __version__, log, systemd
 from .config import DEFAULT_CONFIG_PATH, HelperConfig, load_config
@@ -182,7 +182,7 @@ def _client_command(args: argparse.Namespace) -> int:
                 for line in report.orphans:
                     print(f"{verb}: {line}")
                 print(f"{len(report.orphans)} orphan(s)")
-    except (OSError, ProtocolError) as exc:
+    except (OSError, WireError) as exc:
         print(f"agentiso-helper {args.command}: {path}: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -191,7 +191,7 @@ def _client_command(args: argparse.Namespace) -> int:
 def _expect(reply: object, kind: type[_T]) -> _T:
     """The helper's reply if it is of the expected kind (a peer's reply is checked, not assumed)."""
     if not isinstance(reply, kind):
-        raise ProtocolError(f"the helper answered {type(reply).__name__}, not {kind.__name__}")
+        raise UnexpectedMessage(kind.__name__, reply)
     return reply
 
 

@@ -42,19 +42,18 @@ from anyio.abc import ByteStream
 
 from agentiso.protocol import guest as gp
 from agentiso.protocol.codec import peek_request_id
-from agentiso.protocol.errors import DecodeError, ErrorCode, ProtocolError
+from agentiso.protocol.errors import (
+    DecodeError,
+    ErrorCode,
+    ExceptionMap,
+    RemoteProtocolError,
+    map_exceptions,
+)
 from agentiso.protocol.framing import encode_frame
 
 from .errors import GuestStepFailed, HelperError, RequestFailed
 from .hoststream import HostStreamDecoder, SyncMarker
-from .transport import (
-    STREAM_GONE,
-    ExceptionMapping,
-    map_exceptions,
-    peer_gone,
-    peer_gone_is_eof,
-    receive_some,
-)
+from .transport import STREAM_GONE, PeerGone, peer_gone, peer_gone_is_eof, receive_some
 
 log = structlog.get_logger("agentiso.helper.relay")
 
@@ -90,10 +89,13 @@ class GuestChannelBroken(HelperError):
 
 
 #: How the channel's session can break: the boundary maps each to GuestChannelBroken.
-_CHANNEL_BROKEN: ExceptionMapping = {
-    ProtocolError: lambda exc: GuestChannelBroken(str(exc)),
+_CHANNEL_BROKEN: ExceptionMap = {
+    RemoteProtocolError: lambda exc: GuestChannelBroken(f"the guest broke the protocol: {exc}"),
     TimeoutError: lambda exc: GuestChannelBroken("the guest agent did not greet in time"),
-    (*STREAM_GONE, HelperError): lambda exc: GuestChannelBroken(f"{type(exc).__name__}: {exc}"),
+    # A write failing under us (PeerGone, or RequestFailed: no stream).
+    (*STREAM_GONE, PeerGone, RequestFailed): lambda exc: GuestChannelBroken(
+        f"{type(exc).__name__}: {exc}"
+    ),
 }
 
 
@@ -282,9 +284,9 @@ class GuestChannel:
                     continue
                 # The agent started a new session on its own (it restarted):
                 # whatever was in flight is lost on its side.  Resynchronise.
-                raise ProtocolError("the guest agent restarted its session")
+                raise GuestChannelBroken("the guest agent restarted its session")
             self._route(msg)
-        raise ProtocolError("guest closed the channel")
+        raise GuestChannelBroken("guest closed the channel")
 
     def _route(self, msg: Any) -> None:
         route = self._routes.get(msg.id)
@@ -418,7 +420,7 @@ class GuestChannel:
                 while data := await receive():
                     try:
                         items = decoder.feed(data)
-                    except ProtocolError as exc:
+                    except RemoteProtocolError as exc:
                         sink.deliver(gp.Error(id=0, code=ErrorCode.PROTOCOL, message=str(exc)))
                         break
                     for item in items:
@@ -530,12 +532,12 @@ async def _handshake(stream: ByteStream, items: AsyncIterator[bytes | None]) -> 
                     hello = msg
                     break
                 if isinstance(msg, gp.Error) and msg.id == 0:
-                    raise ProtocolError(f"the guest agent refused us: {msg.message}")
+                    raise GuestChannelBroken(f"the guest agent refused us: {msg.message}")
             tg.cancel_scope.cancel()
     if hello is None:
-        raise ProtocolError("guest closed the channel before its hello")
+        raise GuestChannelBroken("guest closed the channel before its hello")
     if hello.version != gp.GUEST_PROTOCOL_VERSION:
-        raise ProtocolError(
+        raise GuestChannelBroken(
             f"guest agent speaks protocol {hello.version}, "
             f"helper {gp.GUEST_PROTOCOL_VERSION}: rebuild the image"
         )

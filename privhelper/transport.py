@@ -6,7 +6,8 @@ depending on who noticed first: anyio's ``BrokenResourceError``,
 (``ConnectionResetError``, ``BrokenPipeError``, ...).  Code above a boundary
 should not have to know that list.  Each boundary (a client connection, the
 guest channel, QMP) therefore either maps these to one typed error with
-:func:`map_exceptions` (the way httpcore maps socket errors), or, where a gone
+:func:`~agentiso.protocol.errors.map_exceptions` (the way httpcore maps
+socket errors; :func:`peer_gone` is the common case), or, where a gone
 peer is simply the end (a reader at EOF, a writer whose reader will notice),
 uses :func:`receive_some` / :func:`peer_gone_is_eof`.
 """
@@ -14,12 +15,12 @@ uses :func:`receive_some` / :func:`peer_gone_is_eof`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 
 import anyio
 from anyio.abc import ByteReceiveStream
 
-from agentiso.protocol.errors import ErrorCode
+from agentiso.protocol.errors import ErrorCode, map_exceptions
 
 from .errors import HelperError
 
@@ -31,31 +32,10 @@ STREAM_GONE: tuple[type[Exception], ...] = (
     OSError,
 )
 
-ExceptionMapping = Mapping[
-    type[BaseException] | tuple[type[BaseException], ...], Callable[[Exception], Exception]
-]
-
-
 class PeerGone(HelperError):
     """The other end of a connection went away (or broke it) mid-conversation."""
 
     code = ErrorCode.UNAVAILABLE
-
-
-@contextlib.contextmanager
-def map_exceptions(mapping: ExceptionMapping) -> Iterator[None]:
-    """Re-raise an exception matching a key of ``mapping`` as ``mapping[key](exc)``.
-
-    The first matching key wins (mappings keep their order); anything else
-    passes through unchanged.  The original stays the ``__cause__``.
-    """
-    try:
-        yield
-    except Exception as exc:
-        for from_exc, to_exc in mapping.items():
-            if isinstance(exc, from_exc):
-                raise to_exc(exc) from exc
-        raise
 
 
 def peer_gone(what: str) -> contextlib.AbstractContextManager[None]:
