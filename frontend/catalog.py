@@ -1,0 +1,586 @@
+"""The catalog: what only the user's side knows about workspaces, in SQLite.
+
+The helper is the truth about resources (VMs, volumes); the catalog holds
+names, shapes, states, env defaults, sessions and lineage (DESIGN §8).  One
+file per user, ``catalog.db`` under the user's state dir, shared by every
+``agentiso serve`` process of that user:
+
+* WAL journal, so readers never block the one writer; ``busy_timeout`` so a
+  writer waits for another instead of failing; ``synchronous=FULL`` so a
+  committed row survives a power cut as well as a crash (writes are a handful
+  per operation, so the fsync costs nothing next to a VM boot).
+* Every write is one short ``BEGIN IMMEDIATE`` transaction: it takes the write
+  lock up front, so a read-then-write (the state compare-and-set, the env
+  merge) can never interleave with another process's and never hits a
+  deadlock-style ``SQLITE_BUSY`` on upgrade.
+* Unique names are a ``UNIQUE`` constraint, so two processes racing for one
+  name cannot both win: the loser gets :class:`NameTaken`.
+* The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` is
+  the ordered list of steps, applied in one transaction on open.  A later
+  feature (the snapshot tree) is one more function appended to the list.
+* The directory is created 0700 and the file 0600 (SQLite gives its ``-wal``
+  and ``-shm`` files the database file's mode).
+
+A :class:`Catalog` may be used from several threads (calls are serialised on
+one connection); each call is short, but a write may wait up to
+:data:`BUSY_TIMEOUT_MS` for another process's write to finish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from .lifecycle import State
+from .workspace_errors import (
+    CatalogError,
+    InvalidName,
+    NameTaken,
+    SessionNotFound,
+    StateConflict,
+    WorkspaceError,
+    WorkspaceNotFound,
+)
+
+#: How long a write waits for another process's write before giving up.
+BUSY_TIMEOUT_MS = 10_000
+CATALOG_FILE = "catalog.db"
+
+NAME_RULE = (
+    "1 to 63 characters: lowercase letters, digits and '-', starting with a letter or digit,"
+    " and not of the form ws-<10 hex digits> (that is a workspace id)"
+)
+_NAME_RE = re.compile(r"\A[a-z0-9][a-z0-9-]{0,62}\Z")
+_ID_RE = re.compile(r"\Aws-[0-9a-f]{10}\Z")
+
+# Env defaults, bounded like the guest protocol's (agentiso.protocol.guest.Env).
+_ENV_KEY_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,254}\Z")
+MAX_ENV_VALUE = 32 * 1024
+MAX_ENV_KEYS = 1024
+
+
+class InvalidEnv(WorkspaceError):
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"invalid env: {what}",
+            f"use names like [A-Za-z_][A-Za-z0-9_]*, values without NUL of at most"
+            f" {MAX_ENV_VALUE} bytes, and at most {MAX_ENV_KEYS} variables",
+        )
+
+
+def validate_workspace_name(name: object) -> str:
+    """``name`` if it is a valid workspace name, else :class:`InvalidName` saying the rule."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or _ID_RE.match(name):
+        raise InvalidName(str(name)[:100], NAME_RULE)
+    return name
+
+
+def is_workspace_id(ref: str) -> bool:
+    return bool(_ID_RE.match(ref))
+
+
+# --- records ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkspaceRecord:
+    """One workspace row.  ``vm`` and ``volume`` are the helper's resource names."""
+
+    id: str
+    name: str
+    image: str
+    vcpus: int
+    memory_mb: int
+    #: None: the image's own disk size.
+    disk_gb: int | None
+    allow_internet: bool
+    state: State
+    vm: str
+    volume: str
+    created_at: float
+    updated_at: float
+    state_reason: str = ""
+    #: The owning session's id (None: unowned, e.g. its session ended).
+    session: str | None = None
+    #: Default environment of later execs.
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Fork lineage: the workspace and snapshot this one was made from.
+    parent_workspace: str | None = None
+    parent_snapshot: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionRecord:
+    id: str
+    pid: int
+    client: str
+    started_at: float
+    ended_at: float | None = None
+
+
+# --- schema ----------------------------------------------------------------------------
+
+
+def _v1_workspaces_and_sessions(db: sqlite3.Connection) -> None:
+    # No CHECK on `state`: the set of states may grow, and changing a CHECK in
+    # SQLite means rebuilding the table; rows are checked when read instead.
+    # `session` is not a foreign key: a workspace outlives its session (it is
+    # adopted later), and sessions may be recorded after the workspaces they own.
+    # `parent_workspace` is not one either: a fork outlives its parent.
+    db.execute(
+        """
+        CREATE TABLE workspaces (
+            id               TEXT PRIMARY KEY,
+            name             TEXT NOT NULL UNIQUE,
+            image            TEXT NOT NULL,
+            vcpus            INTEGER NOT NULL,
+            memory_mb        INTEGER NOT NULL,
+            disk_gb          INTEGER,
+            allow_internet   INTEGER NOT NULL CHECK (allow_internet IN (0, 1)),
+            state            TEXT NOT NULL,
+            state_reason     TEXT NOT NULL DEFAULT '',
+            vm               TEXT NOT NULL,
+            volume           TEXT NOT NULL,
+            session          TEXT,
+            created_at       REAL NOT NULL,
+            updated_at       REAL NOT NULL,
+            env              TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(env)),
+            parent_workspace TEXT,
+            parent_snapshot  TEXT
+        ) STRICT
+        """
+    )
+    db.execute("CREATE INDEX workspaces_by_created ON workspaces (created_at, id)")
+    db.execute(
+        """
+        CREATE TABLE sessions (
+            id         TEXT PRIMARY KEY,
+            pid        INTEGER NOT NULL,
+            client     TEXT NOT NULL DEFAULT '',
+            started_at REAL NOT NULL,
+            ended_at   REAL
+        ) STRICT
+        """
+    )
+
+
+Migration = Callable[[sqlite3.Connection], None]
+
+#: Schema steps in order; the database's ``user_version`` is how many ran.
+#: Append, never edit or reorder: a step that ran on a user's file is history.
+MIGRATIONS: Sequence[Migration] = (_v1_workspaces_and_sessions,)
+
+_WS_COLUMNS = tuple(f.name for f in dataclasses.fields(WorkspaceRecord))
+_SESSION_COLUMNS = tuple(f.name for f in dataclasses.fields(SessionRecord))
+#: What update_workspace may change (id and created_at are fixed; updated_at is ours).
+UPDATABLE = frozenset(_WS_COLUMNS) - {"id", "created_at", "updated_at"}
+
+
+def _to_row(field: str, value: Any) -> Any:
+    if field == "env":
+        return json.dumps(dict(value), sort_keys=True)
+    if field == "state":
+        return str(State(value))
+    if field == "allow_internet":
+        return int(bool(value))
+    return value
+
+
+def _workspace(row: sqlite3.Row) -> WorkspaceRecord:
+    try:
+        values = {k: row[k] for k in _WS_COLUMNS}
+        values["state"] = State(values["state"])
+        values["allow_internet"] = bool(values["allow_internet"])
+        env = json.loads(values["env"])
+        if not isinstance(env, dict):
+            raise ValueError("env is not an object")
+        values["env"] = env
+        return WorkspaceRecord(**values)
+    except (ValueError, TypeError) as exc:
+        raise CatalogError(
+            f"the catalog's row for workspace {row['id']!r} is unreadable ({exc})",
+            "this agentiso may be older than the one that wrote it; upgrade agentiso",
+        ) from None
+
+
+def _session(row: sqlite3.Row) -> SessionRecord:
+    return SessionRecord(**{k: row[k] for k in _SESSION_COLUMNS})
+
+
+def _integrity_error_column(exc: sqlite3.IntegrityError) -> str:
+    """The column of a UNIQUE/PRIMARY KEY violation ('' if another kind)."""
+    m = re.search(r"UNIQUE constraint failed: \w+\.(\w+)", str(exc))
+    return m.group(1) if m else ""
+
+
+# --- the catalog -----------------------------------------------------------------------
+
+
+class Catalog:
+    """The user's catalog database.  Open with :meth:`open`; close or use ``with``."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path, *, migrations: Sequence[Migration] = MIGRATIONS) -> Catalog:
+        """Open (creating and migrating as needed) the catalog at ``path``.
+
+        Raises :class:`CatalogError` if the file cannot be opened, is not a
+        database, or has a schema newer than this code knows.
+        """
+        path = Path(path)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Created here, 0600, so SQLite never creates it with the umask's mode.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            raise CatalogError(
+                f"cannot create the catalog {path}: {exc.strerror or exc}",
+                "check that the state directory is writable by you (or set state_dir"
+                " in config.toml)",
+            ) from None
+        try:
+            db = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise _db_error(path, exc) from None
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise CatalogError(
+                    f"the catalog {path} cannot use a WAL journal (got {mode!r})",
+                    "keep the state directory on a local file system",
+                )
+            db.execute("PRAGMA synchronous = FULL")
+            db.execute("PRAGMA foreign_keys = ON")
+            _migrate(db, path, migrations)
+        except sqlite3.Error as exc:
+            db.close()
+            raise _db_error(path, exc) from None
+        except BaseException:
+            db.close()
+            raise
+        return cls(db, path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise _db_error(self.path, exc) from None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One short write transaction, committed on success, rolled back otherwise."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _db_error(self.path, exc) from None
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # e.g. already rolled back by SQLite itself
+                if isinstance(exc, sqlite3.IntegrityError):
+                    raise  # mapped to a typed error by the caller
+                if isinstance(exc, sqlite3.Error):
+                    raise _db_error(self.path, exc) from None
+                raise
+
+    @staticmethod
+    def _select_ws(db: sqlite3.Connection, where: str, *args: object) -> WorkspaceRecord | None:
+        row = db.execute(f"SELECT * FROM workspaces WHERE {where}", args).fetchone()
+        return None if row is None else _workspace(row)
+
+    # --- workspaces --------------------------------------------------------------------
+
+    def new_workspace_id(self) -> str:
+        """A fresh id, ``ws-`` + 10 hex digits, not used by any row."""
+        while True:
+            wid = "ws-" + secrets.token_hex(5)
+            if self.find_workspace(wid) is None:
+                return wid
+
+    def add_workspace(self, rec: WorkspaceRecord) -> WorkspaceRecord:
+        """Insert ``rec``; :class:`NameTaken` if its name is in use (atomic across processes)."""
+        validate_workspace_name(rec.name)
+        if not is_workspace_id(rec.id):
+            raise ValueError(f"not a workspace id: {rec.id!r}")
+        _check_env(rec.env)
+        cols = ", ".join(_WS_COLUMNS)
+        marks = ", ".join("?" for _ in _WS_COLUMNS)
+        values = [_to_row(c, getattr(rec, c)) for c in _WS_COLUMNS]
+        try:
+            with self._write() as db:
+                db.execute(f"INSERT INTO workspaces ({cols}) VALUES ({marks})", values)
+        except sqlite3.IntegrityError as exc:
+            if _integrity_error_column(exc) == "name":
+                raise NameTaken(rec.name) from None
+            if _integrity_error_column(exc) == "id":
+                raise CatalogError(
+                    f"workspace id {rec.id} is already in the catalog",
+                    "make the id with new_workspace_id()",
+                ) from None
+            raise _db_error(self.path, exc) from None
+        return rec
+
+    def find_workspace(self, ref: str) -> WorkspaceRecord | None:
+        """The workspace whose id or name is ``ref``, or None."""
+        with self._read() as db:
+            # Names never look like ids (validate_workspace_name), so at most one matches.
+            return self._select_ws(db, "id = ? OR name = ?", ref, ref)
+
+    def get_workspace(self, ref: str) -> WorkspaceRecord:
+        """The workspace whose id or name is ``ref``; :class:`WorkspaceNotFound` if none."""
+        rec = self.find_workspace(ref)
+        if rec is None:
+            raise WorkspaceNotFound(ref)
+        return rec
+
+    def list_workspaces(self, *, session: str | None = None) -> list[WorkspaceRecord]:
+        """Every workspace (or only ``session``'s), oldest first."""
+        with self._read() as db:
+            if session is None:
+                rows = db.execute("SELECT * FROM workspaces ORDER BY created_at, id")
+            else:
+                rows = db.execute(
+                    "SELECT * FROM workspaces WHERE session = ? ORDER BY created_at, id",
+                    (session,),
+                )
+            return [_workspace(r) for r in rows.fetchall()]
+
+    def update_workspace(self, id: str, /, **changes: Any) -> WorkspaceRecord:
+        """Change some columns of workspace ``id`` and return the new row.
+
+        Only the fields of :class:`WorkspaceRecord` except ``id``,
+        ``created_at`` and ``updated_at`` (set to now) may change; another name
+        is a ``TypeError``.  A new name is validated (:class:`InvalidName`,
+        :class:`NameTaken`).  Raises :class:`WorkspaceNotFound`.
+        """
+        unknown = set(changes) - UPDATABLE
+        if unknown:
+            raise TypeError(f"update_workspace: cannot change {sorted(unknown)}")
+        if "name" in changes:
+            validate_workspace_name(changes["name"])
+        if "env" in changes:
+            _check_env(changes["env"])
+        fields = sorted(changes)
+        assignments = ", ".join(f"{c} = ?" for c in [*fields, "updated_at"])
+        values = [_to_row(c, changes[c]) for c in fields]
+        try:
+            with self._write() as db:
+                cur = db.execute(
+                    f"UPDATE workspaces SET {assignments} WHERE id = ?",
+                    [*values, time.time(), id],
+                )
+                if cur.rowcount == 0:
+                    raise WorkspaceNotFound(id)
+                rec = self._select_ws(db, "id = ?", id)
+        except sqlite3.IntegrityError as exc:
+            if _integrity_error_column(exc) == "name":
+                raise NameTaken(str(changes["name"])) from None
+            raise _db_error(self.path, exc) from None
+        assert rec is not None
+        return rec
+
+    def set_state(
+        self,
+        id: str,
+        new: State,
+        reason: str = "",
+        *,
+        expect: Collection[State] | None = None,
+    ) -> WorkspaceRecord:
+        """Set the state of workspace ``id``: a compare-and-set in one transaction.
+
+        With ``expect``, the current state must be one of it, or
+        :class:`StateConflict` (naming the current state) is raised and
+        nothing changes.  This is how two frontends avoid starting or
+        destroying one workspace at once: each claims it by moving it to a
+        busy state from the states the operation allows, and only one can.
+        Raises :class:`WorkspaceNotFound`.
+        """
+        new = State(new)
+        with self._write() as db:
+            row = db.execute("SELECT name, state FROM workspaces WHERE id = ?", (id,)).fetchone()
+            if row is None:
+                raise WorkspaceNotFound(id)
+            if expect is not None and row["state"] not in {str(s) for s in expect}:
+                raise StateConflict(row["name"], row["state"], sorted(str(s) for s in expect))
+            db.execute(
+                "UPDATE workspaces SET state = ?, state_reason = ?, updated_at = ? WHERE id = ?",
+                (str(new), reason, time.time(), id),
+            )
+            rec = self._select_ws(db, "id = ?", id)
+        assert rec is not None
+        return rec
+
+    def delete_workspace(self, id: str) -> bool:
+        """Delete workspace ``id``'s row; False if there was none (so undo may repeat it)."""
+        with self._write() as db:
+            return db.execute("DELETE FROM workspaces WHERE id = ?", (id,)).rowcount > 0
+
+    def set_env(
+        self, id: str, set: Mapping[str, str], unset: Collection[str] = ()
+    ) -> dict[str, str]:
+        """Merge env defaults atomically: remove ``unset``, then add ``set``; the result.
+
+        Raises :class:`InvalidEnv` (nothing changes) and :class:`WorkspaceNotFound`.
+        """
+        _check_env(set)
+        for key in unset:
+            if not isinstance(key, str) or not _ENV_KEY_RE.match(key):
+                raise InvalidEnv(f"bad variable name {str(key)[:100]!r}")
+        with self._write() as db:
+            row = db.execute("SELECT env FROM workspaces WHERE id = ?", (id,)).fetchone()
+            if row is None:
+                raise WorkspaceNotFound(id)
+            env: dict[str, str] = json.loads(row["env"])
+            for key in unset:
+                env.pop(key, None)
+            env.update(set)
+            _check_env(env)
+            db.execute(
+                "UPDATE workspaces SET env = ?, updated_at = ? WHERE id = ?",
+                (_to_row("env", env), time.time(), id),
+            )
+        return env
+
+    # --- sessions ----------------------------------------------------------------------
+
+    def add_session(self, id: str, pid: int, client: str = "") -> SessionRecord:
+        rec = SessionRecord(id=id, pid=pid, client=client, started_at=time.time())
+        try:
+            with self._write() as db:
+                db.execute(
+                    "INSERT INTO sessions (id, pid, client, started_at) VALUES (?, ?, ?, ?)",
+                    (rec.id, rec.pid, rec.client, rec.started_at),
+                )
+        except sqlite3.IntegrityError:
+            raise CatalogError(
+                f"session {id!r} is already in the catalog", "make a new session id"
+            ) from None
+        return rec
+
+    def end_session(self, id: str) -> SessionRecord:
+        """Mark session ``id`` ended (now, unless it already was); :class:`SessionNotFound`."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE sessions SET ended_at = ? WHERE id = ? AND ended_at IS NULL",
+                (time.time(), id),
+            )
+            row = db.execute("SELECT * FROM sessions WHERE id = ?", (id,)).fetchone()
+            if row is None:
+                raise SessionNotFound(id)
+        return _session(row)
+
+    def get_session(self, id: str) -> SessionRecord:
+        with self._read() as db:
+            row = db.execute("SELECT * FROM sessions WHERE id = ?", (id,)).fetchone()
+        if row is None:
+            raise SessionNotFound(id)
+        return _session(row)
+
+    def list_sessions(self) -> list[SessionRecord]:
+        """Every session, oldest first."""
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM sessions ORDER BY started_at, id").fetchall()
+        return [_session(r) for r in rows]
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _migrate(db: sqlite3.Connection, path: Path, migrations: Sequence[Migration]) -> None:
+    """Bring the schema to ``len(migrations)`` in one transaction (a no-op when current)."""
+    target = len(migrations)
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version == target:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        # Read again under the write lock: another process may have migrated meanwhile.
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > target:
+            raise CatalogError(
+                f"the catalog {path} has schema version {version}, newer than this"
+                f" agentiso knows ({target})",
+                "upgrade agentiso (every agentiso serve of a user must be the same version)",
+            )
+        for step in migrations[version:]:
+            step(db)
+        db.execute(f"PRAGMA user_version = {target:d}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _check_env(env: Mapping[str, str]) -> None:
+    if len(env) > MAX_ENV_KEYS:
+        raise InvalidEnv(f"{len(env)} variables")
+    for key, value in env.items():
+        if not isinstance(key, str) or not _ENV_KEY_RE.match(key):
+            raise InvalidEnv(f"bad variable name {str(key)[:100]!r}")
+        if not isinstance(value, str) or "\0" in value or len(value.encode()) > MAX_ENV_VALUE:
+            raise InvalidEnv(f"bad value for {key}")
+
+
+def _db_error(path: Path, exc: sqlite3.Error) -> CatalogError:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return CatalogError(
+            f"the catalog {path} stayed locked by another agentiso process for"
+            f" {BUSY_TIMEOUT_MS // 1000} s",
+            "retry; if it persists, look for a hung agentiso serve of yours",
+        )
+    if isinstance(exc, sqlite3.DatabaseError) and "not a database" in text:
+        return CatalogError(
+            f"the catalog {path} is not an SQLite database",
+            "move it aside; agentiso then starts a new, empty catalog",
+        )
+    return CatalogError(
+        f"the catalog {path} failed: {text}",
+        "retry; if it persists, check the file with sqlite3 (PRAGMA integrity_check)",
+    )
