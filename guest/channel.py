@@ -23,6 +23,8 @@ import fcntl
 import os
 from typing import Protocol
 
+from agentiso.protocol.errors import map_exceptions
+
 from .errors import ChannelClosed
 from .fdio import _wait, hung_up, read_some, set_nonblocking
 
@@ -126,18 +128,21 @@ class FdChannel:
             flags = flags | os.O_ASYNC if on else flags & ~os.O_ASYNC
             fcntl.fcntl(self.fd, fcntl.F_SETFL, flags)
 
+    def _write(self, data: memoryview) -> int:
+        """One write(2); 0 when it would block.  The one place where a failed
+        write (the host went away, the fd broke) becomes ChannelClosed."""
+        with map_exceptions({OSError: lambda exc: ChannelClosed(f"{self.name}: {exc}")}):
+            try:
+                return os.write(self.fd, data)
+            except BlockingIOError:
+                return 0
+
     async def send(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            try:
-                view = view[os.write(self.fd, view) :]
+            if n := self._write(view):
+                view = view[n:]
                 continue
-            except BlockingIOError:
-                pass
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                raise ChannelClosed(str(exc)) from None
-            except OSError as exc:
-                raise ChannelClosed(f"{self.name}: {exc}") from None
             if self.virtio and hung_up(self.fd):
                 # No host right now: the write would block until one comes.
                 await self.wait_reconnect()

@@ -22,10 +22,12 @@ socketpair) it answers ``Error(id=0, protocol)`` and discards input until the
 host sends ``HOST_SYNC_MAGIC`` + nonce, then greets again (sync marker + Hello).
 
 The host sends that marker whenever it connects, too: a sync marker where a
-frame header should be (its first byte makes an impossible length) restarts
-the session in place: in-flight requests are cancelled, the decoder is fresh,
-and the Hello echoes the nonce.  Frames that arrived in the same read just
-before the marker are dropped with the old session.
+frame header should be restarts the session in place: in-flight requests are
+cancelled (those of frames just before the marker too) and the Hello echoes
+the nonce.  The byte stream is decoded by
+:class:`agentiso.protocol.guest_stream.HostStreamDecoder`, and which marker
+restarts a session is :class:`agentiso.protocol.guest_session.AgentSync`'s
+rule: this module only acts on them.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ from typing import Any
 
 from agentiso.protocol import guest as gp
 from agentiso.protocol.codec import peek_request_id
-from agentiso.protocol.errors import DecodeError, ErrorCode, FrameTooLarge
-from agentiso.protocol.framing import FrameDecoder, encode_frame
+from agentiso.protocol.errors import DecodeError, ErrorCode, FramingError
+from agentiso.protocol.framing import encode_frame
+from agentiso.protocol.guest_session import AgentSync, greeting
+from agentiso.protocol.guest_stream import HostMarker, HostStreamDecoder
 
 from . import __version__
 from .channel import Channel
@@ -51,19 +55,10 @@ from .state import AgentState, kernel_uptime
 
 log = logging.getLogger("agentiso.guest.connection")
 
-_MAGIC = gp.HOST_SYNC_MAGIC
-
-
-AUTH_TIMEOUT_S = 10.0
 #: A frame that stays incomplete this long is abandoned (see ``run``)...
 MID_FRAME_STALL_S = 3.0
 #: ...or, for a big frame, longer than receiving it at this rate (bytes/s) takes.
 MIN_FRAME_RATE = 256 * 1024
-
-
-def _is_magic_prefix(data: bytes) -> bool:
-    n = min(len(data), len(_MAGIC))
-    return data[:n] == _MAGIC[:n]
 
 
 class Credit:
@@ -127,12 +122,11 @@ class Session:
         self._lock = asyncio.Lock()
         self._inflight: dict[int, RequestContext] = {}
         self._slots = asyncio.Semaphore(state.max_inflight)
-        self._decoder = FrameDecoder(gp.GUEST_MAX_FRAME)
-        #: Not None while discarding input until a host sync marker.
-        self._scan: bytearray | None = None
-        self._tail = b""
-        #: Nonce of the host sync marker this session answered.
-        self._nonce: bytes | None = None
+        #: vsock: until the Auth frame is accepted, only a small frame is read.
+        self._authenticated = secret is None
+        self._decoder = HostStreamDecoder(
+            gp.GUEST_MAX_FRAME if self._authenticated else gp.AUTH_MAX_FRAME)
+        self._sync = AgentSync()
         self._greeted = False
         #: A request task was started since the reader last yielded.
         self._started = False
@@ -173,38 +167,42 @@ class Session:
             pid1=st.pid1,
             sync_nonce=nonce,
         )
-        frame = encode_frame(gp.response_codec.encode(msg), gp.GUEST_MAX_FRAME)
+        data = greeting(msg)
         async with self._lock:
-            await self.channel.send(gp.GUEST_SYNC_MAGIC + frame)
+            await self.channel.send(data)
 
     # --- the session -----------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve until the host goes away (or the agent is asked to exit)."""
         try:
-            if self.secret is not None:
-                if not await self._authenticate():
-                    return
-            else:
-                await self.hello()
             loop = asyncio.get_running_loop()
+            auth_deadline = loop.time() + gp.AUTH_TIMEOUT_S
+            if self._authenticated:
+                await self.hello()
             while not self.state.exit_requested:
-                deadline = self._frame_deadline(loop.time())
+                deadline = (self._frame_deadline(loop.time()) if self._authenticated
+                            else auth_deadline)
                 try:
                     async with asyncio.timeout_at(deadline):
                         data = await self.channel.receive()
                 except TimeoutError:
+                    if not self._authenticated:
+                        return  # no Auth frame in time
                     # A host that vanished mid-frame (and a new one whose bytes,
                     # sync markers included, would be swallowed as that frame's
-                    # body): give up the frame and wait for a marker.
+                    # body): give up the frame and look for a marker, in what
+                    # the dead frame already swallowed too.
                     log.warning("frame incomplete for too long: discarding it")
                     if not self.channel.resyncable:
                         return
-                    self._scan = bytearray()
+                    self._decoder.resync()
                     self._frame_started = None
+                    if not await self._feed(b""):
+                        return
                     continue
                 if not data:
-                    if not await self.channel.wait_reconnect():
+                    if not self._authenticated or not await self.channel.wait_reconnect():
                         return
                     log.info("host connected to %s again", self.channel.name)
                     await self.hello(new_session=False)
@@ -224,60 +222,38 @@ class Session:
 
     async def _feed(self, data: bytes) -> bool:
         """Handle received bytes; False when the session must end."""
-        if self._scan is not None:
-            return await self._scan_for_sync(data)
-        tail = self._tail
-        # Keep the last bytes seen: a sync marker may straddle two reads.
-        self._tail = (tail + data[-(len(_MAGIC) - 1) :])[-(len(_MAGIC) - 1) :]
         try:
-            bodies = self._decoder.feed(data)
-        except FrameTooLarge as exc:
-            window = tail + data
-            # A host sync marker where a frame header should be is a sync, not
-            # an error: its first bytes read as an impossible frame length.
-            at = window.find(_MAGIC[:4])
-            if at >= 0 and _is_magic_prefix(window[at:]):
-                rest = window[at:]
-            else:
-                await self.send_error(0, ErrorCode.PROTOCOL, str(exc))
-                if not self.channel.resyncable:
+            self._decoder.receive_data(data)
+            while (item := self._decoder.next_item()) is not None:
+                self._frame_started = None  # any partial frame now is a new one
+                if not await self._handle(item):
                     return False
-                log.warning("framing broken (%s); waiting for a host sync marker", exc)
-                await self._cancel_all()
-                rest = b""
-            self._scan = bytearray()
-            return await self._scan_for_sync(rest)
-        if bodies:
-            self._frame_started = None  # any partial frame now is a new one
-        for body in bodies:
-            await self._dispatch(body)
+        except FramingError as exc:
+            if not self._authenticated:
+                return False  # not even an Auth frame: nothing to answer
+            await self.send_error(0, ErrorCode.PROTOCOL, str(exc))
+            if not self.channel.resyncable:
+                return False
+            # We cannot know where the next frame starts: drop the session's
+            # work and wait for the host's sync marker.
+            log.warning("framing broken (%s); waiting for a host sync marker", exc)
+            await self._cancel_all()
+            self._decoder.resync()
+            return await self._feed(b"")
         return True
 
-    async def _scan_for_sync(self, data: bytes) -> bool:
-        """Discard input up to a host sync marker and its nonce, then greet."""
-        assert self._scan is not None
-        buf = self._scan
-        buf += data
-        idx = buf.find(_MAGIC)
-        if idx < 0:
-            del buf[: max(len(buf) - (len(_MAGIC) - 1), 0)]
+    async def _handle(self, item: bytes | HostMarker) -> bool:
+        if not self._authenticated:
+            return await self._authenticate(item)
+        if isinstance(item, HostMarker):
+            # A host resends its marker until answered; a repeat of the nonce
+            # this session already answered must not restart it again.
+            if self._sync.on_marker(item.nonce):
+                await self._cancel_all()
+                await self.hello(item.nonce)
             return True
-        end = idx + len(_MAGIC) + gp.SYNC_NONCE_LEN
-        if len(buf) < end:
-            del buf[:idx]
-            return True
-        nonce = bytes(buf[idx + len(_MAGIC) : end])
-        rest = bytes(buf[end:])
-        self._scan = None
-        self._tail = b""
-        self._decoder = FrameDecoder(gp.GUEST_MAX_FRAME)
-        # A host resends its marker until answered; a repeat of the nonce this
-        # session already answered must not restart the session again.
-        if nonce != self._nonce:
-            await self._cancel_all()
-            self._nonce = nonce
-            await self.hello(nonce)
-        return await self._feed(rest) if rest else True
+        await self._dispatch(item)
+        return True
 
     def _frame_deadline(self, now: float) -> float | None:
         """When the frame being received must be complete (None: between frames).
@@ -285,55 +261,35 @@ class Session:
         Counted from the frame's first bytes, not from the last read: a new
         host resending its marker would otherwise keep a dead frame alive.
         Big frames get time at MIN_FRAME_RATE, small ones MID_FRAME_STALL_S."""
-        if not self._mid_frame():
+        if not self._decoder.mid_frame:
             self._frame_started = None
             return None
         if self._frame_started is None:
             self._frame_started = now
-        need = getattr(self._decoder, "_need", None) or 0
+        need = self._decoder.pending_length or 0
         return self._frame_started + max(MID_FRAME_STALL_S, need / MIN_FRAME_RATE)
 
-    def _mid_frame(self) -> bool:
-        if self._scan is not None:
-            return False
-        # FrameDecoder has no public "inside a frame" flag; a parsed header
-        # with no body bytes yet shows only in _need.
-        return self._decoder.buffered > 0 or getattr(self._decoder, "_need", None) is not None
-
-    async def _authenticate(self) -> bool:
-        """vsock: the first frame must be Auth with the VM's secret.  Only that
-        frame is parsed here; what follows it goes through the normal path."""
-        assert self.secret is not None
-        buf = b""
-        body: bytes | None = None
-        try:
-            async with asyncio.timeout(AUTH_TIMEOUT_S):
-                while body is None:
-                    data = await self.channel.receive()
-                    if not data:
-                        return False
-                    buf += data
-                    if len(buf) >= 4:
-                        length = int.from_bytes(buf[:4], "big")
-                        if length > 4096:  # an Auth frame is small
-                            return False
-                        if len(buf) >= 4 + length:
-                            body, buf = buf[4 : 4 + length], buf[4 + length :]
-        except TimeoutError:
-            return False
-        try:
-            msg = gp.request_codec.decode(body)
-        except DecodeError:
-            msg = None
-        if not isinstance(msg, gp.Auth) or not hmac.compare_digest(msg.secret, self.secret):
+    async def _authenticate(self, item: bytes | HostMarker) -> bool:
+        """vsock: the first item must be an Auth frame with the VM's secret
+        (compared in constant time); then the session greets and goes on."""
+        msg: object = None
+        if isinstance(item, bytes):
+            try:
+                msg = gp.request_codec.decode(item)
+            except DecodeError:
+                pass
+        if (not isinstance(msg, gp.Auth) or self.secret is None
+                or not hmac.compare_digest(msg.secret, self.secret)):
             # Behind a sync marker: the host decodes nothing before one.
             err = gp.Error(id=0, code=ErrorCode.PERMISSION_DENIED, message="authentication failed")
             frame = encode_frame(gp.response_codec.encode(err), gp.GUEST_MAX_FRAME)
             async with self._lock:
                 await self.channel.send(gp.GUEST_SYNC_MAGIC + frame)
             return False
+        self._authenticated = True
+        self._decoder.max_frame = gp.GUEST_MAX_FRAME
         await self.hello()
-        return await self._feed(buf) if buf else True
+        return True
 
     async def _dispatch(self, body: bytes) -> None:
         try:

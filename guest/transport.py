@@ -16,7 +16,7 @@ driver behaves:
 * When a host is back we greet it again (sync marker + Hello, same session);
   a new host restarts the session with its own sync marker (see connection).
 
-vsock: a listener on port 5000; every connection must authenticate with the
+vsock: a listener on port ``AGENT_VSOCK_PORT``; every connection must authenticate with the
 per-VM secret before it sees a Hello.
 """
 
@@ -31,14 +31,16 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable
 
+from agentiso.protocol import guest_constants as gc
+
 from .channel import FdChannel
 from .fdio import close_quietly
 
 log = logging.getLogger("agentiso.guest.transport")
 
-PORT_NAME = "org.agentiso.agent.0"
-VSOCK_PORT = 5000
-SECRET_PATH = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.agentiso/secret/raw"
+PORT_NAME = gc.AGENT_PORT_NAME
+VSOCK_PORT = gc.AGENT_VSOCK_PORT
+SECRET_PATH = gc.SECRET_SYSFS_PATH
 
 ServeChannel = Callable[[FdChannel, "bytes | None"], Awaitable[None]]
 
@@ -118,10 +120,10 @@ async def serve_virtio_serial(serve: ServeChannel, on_listen: Callable[[], None]
 def read_secret(path: str = SECRET_PATH) -> bytes | None:
     try:
         with open(path, "rb") as f:
-            data = f.read(257)
+            data = f.read(gc.SECRET_MAX_BYTES + 1)
     except OSError:
         return None
-    return data if 16 <= len(data) <= 256 else None
+    return data if gc.SECRET_MIN_BYTES <= len(data) <= gc.SECRET_MAX_BYTES else None
 
 
 async def serve_listener(sock: socket.socket, name: str, serve: ServeChannel,

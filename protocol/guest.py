@@ -27,64 +27,55 @@ accept an unbounded list or string.
 from __future__ import annotations
 
 import ipaddress
-import struct
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
+from . import guest_constants as _c
+from . import guest_stream as _stream
 from .codec import Codec
-from .errors import ErrorCode, FrameTooLarge, FramingError
+from .errors import ErrorCode
 from .types import Label, ProtocolVersion, RequestId, ShortText
 
-#: Bump on any incompatible change to this module's messages.
-GUEST_PROTOCOL_VERSION = 1
-
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
-
-#: Largest frame either side accepts on the guest channel.
-GUEST_MAX_FRAME = 4 * MiB
-#: Largest data payload of one message (file chunk, inline output, stdin).
-MAX_CHUNK = 1 * MiB
-#: Chunk size a client uses unless told otherwise.
-DEFAULT_CHUNK = 256 * KiB
-#: Largest inline output per stream of a collected (non-streaming) exec.
-MAX_INLINE_OUTPUT = 1 * MiB
-#: Largest credit window (in chunks) of one stream.
-MAX_WINDOW = 64
-#: ``window * chunk_size`` of one transfer must not exceed this.
-MAX_WINDOW_BYTES = 16 * MiB
-#: Requests the agent serves at once per connection; further ones wait.
-DEFAULT_MAX_INFLIGHT = 64
-
-#: Sent by the agent, raw (not framed), right before each Hello.  A host that
-#: (re)connects to a virtio-serial port may first receive stale bytes queued on
-#: the previous connection; it discards everything up to and including this
-#: marker, then decodes frames.
-GUEST_SYNC_MAGIC = b"\xffAGENTISO-GUEST-SYNC-1\xff"
-#: Sent by the host, raw and followed by SYNC_NONCE_LEN random bytes, when it
-#: (re)connects and to recover from a framing error: the agent drops its
-#: decoder state and in-flight requests and answers with GUEST_SYNC_MAGIC and a
-#: Hello whose ``sync_nonce`` echoes the nonce.  The host ignores every Hello
-#: but the one with its nonce, so stale greetings cannot confuse it.  (A guest
-#: virtio port may not notice a host that disconnects and reconnects quickly:
-#: this handshake does not depend on noticing.)
-HOST_SYNC_MAGIC = b"\xffAGENTISO-HOST-SYNC-1\xff"
-SYNC_NONCE_LEN = 8
+# The channel's constants and stream decoders live beside this module; they are
+# re-exported because every user reads them as ``gp.NAME``.
+AGENT_PORT_NAME = _c.AGENT_PORT_NAME
+AGENT_VSOCK_PORT = _c.AGENT_VSOCK_PORT
+AUTH_MAX_FRAME = _c.AUTH_MAX_FRAME
+AUTH_TIMEOUT_S = _c.AUTH_TIMEOUT_S
+DEFAULT_CHUNK = _c.DEFAULT_CHUNK
+DEFAULT_MAX_INFLIGHT = _c.DEFAULT_MAX_INFLIGHT
+GUEST_MAX_FRAME = _c.GUEST_MAX_FRAME
+GUEST_PROTOCOL_VERSION = _c.GUEST_PROTOCOL_VERSION
+GUEST_SYNC_MAGIC = _c.GUEST_SYNC_MAGIC
+HOST_SYNC_MAGIC = _c.HOST_SYNC_MAGIC
+MAX_CHUNK = _c.MAX_CHUNK
+MAX_INLINE_OUTPUT = _c.MAX_INLINE_OUTPUT
+MAX_WINDOW = _c.MAX_WINDOW
+MAX_WINDOW_BYTES = _c.MAX_WINDOW_BYTES
+SECRET_MAX_BYTES = _c.SECRET_MAX_BYTES
+SECRET_MIN_BYTES = _c.SECRET_MIN_BYTES
+SYNC_NONCE_LEN = _c.SYNC_NONCE_LEN
+SYNC_RETRY_S = _c.SYNC_RETRY_S
+GiB = _c.GiB
+KiB = _c.KiB
+MiB = _c.MiB
+GuestStreamDecoder = _stream.GuestStreamDecoder
+HostStreamDecoder = _stream.HostStreamDecoder
+HostMarker = _stream.HostMarker
 
 # --- bounded scalar types --------------------------------------------------------------
 
 #: An absolute guest path: no NUL (the kernel would cut it short), below PATH_MAX.
-GuestPath = Annotated[str, Meta(min_length=1, max_length=4095, pattern=r"^/[^\x00]*$")]
+GuestPath = Annotated[str, Meta(min_length=1, max_length=4095, pattern=r"\A/[^\x00]*\Z")]
 #: One argv element (MAX_ARG_STRLEN) without NUL.
-Arg = Annotated[str, Meta(max_length=128 * KiB, pattern=r"^[^\x00]*$")]
+Arg = Annotated[str, Meta(max_length=128 * KiB, pattern=r"\A[^\x00]*\Z")]
 Argv = Annotated[list[Arg], Meta(min_length=1, max_length=4096)]
 #: A shell command line for ``/bin/sh -c``.
-ShellCommand = Annotated[str, Meta(min_length=1, max_length=128 * KiB, pattern=r"^[^\x00]*$")]
-EnvKey = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
-EnvValue = Annotated[str, Meta(max_length=32 * KiB, pattern=r"^[^\x00]*$")]
+ShellCommand = Annotated[str, Meta(min_length=1, max_length=128 * KiB, pattern=r"\A[^\x00]*\Z")]
+EnvKey = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"\A[A-Za-z_][A-Za-z0-9_]*\Z")]
+EnvValue = Annotated[str, Meta(max_length=32 * KiB, pattern=r"\A[^\x00]*\Z")]
 Env = Annotated[dict[EnvKey, EnvValue], Meta(max_length=1024)]
 EnvKeys = Annotated[list[EnvKey], Meta(max_length=1024)]
 Stdin = Annotated[bytes, Meta(max_length=MAX_CHUNK)]
@@ -108,25 +99,27 @@ JobId = Annotated[int, Meta(ge=1, le=2**62)]
 Pid = Annotated[int, Meta(ge=1, le=2**22)]
 #: Ring buffer per job output stream.
 RingSize = Annotated[int, Meta(ge=4 * KiB, le=16 * MiB)]
-Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+Sha256Hex = Annotated[str, Meta(pattern=r"\A[0-9a-f]{64}\Z")]
 #: RFC 1123 host name (labels of letters, digits, inner dashes).
 Hostname = Annotated[
     str,
     Meta(
         min_length=1,
         max_length=253,
-        pattern=r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$",
+        pattern=r"\A[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z",
     ),
 ]
-Mac = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")]
+Mac = Annotated[str, Meta(pattern=r"\A[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")]
 #: IPv4 or IPv6 address text; parsed by ``ipaddress`` in ``__post_init__``.
-IpText = Annotated[str, Meta(min_length=2, max_length=45, pattern=r"^[0-9a-fA-F.:]+$")]
-IfName = Annotated[str, Meta(min_length=1, max_length=15, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
-DnsDomain = Annotated[str, Meta(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.-]+$")]
+IpText = Annotated[str, Meta(min_length=2, max_length=45, pattern=r"\A[0-9a-fA-F.:]+\Z")]
+IfName = Annotated[
+    str, Meta(min_length=1, max_length=15, pattern=r"\A[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
+]
+DnsDomain = Annotated[str, Meta(min_length=1, max_length=253, pattern=r"\A[A-Za-z0-9.-]+\Z")]
 FileName = Annotated[str, Meta(max_length=1024)]
 RawName = Annotated[bytes, Meta(max_length=1024)]
-SecretBytes = Annotated[bytes, Meta(min_length=16, max_length=256)]
+SecretBytes = Annotated[bytes, Meta(min_length=SECRET_MIN_BYTES, max_length=SECRET_MAX_BYTES)]
 Seconds = Annotated[float, Meta(ge=0, le=2**40)]
 AutoThaw = Annotated[float, Meta(ge=1, le=600)]
 ListLimit = Annotated[int, Meta(ge=1, le=100_000)]
@@ -642,61 +635,3 @@ STREAM_EVENTS: tuple[type[msgspec.Struct], ...] = (ExecOutput, DownloadChunk, Up
 
 request_codec: Codec[GuestRequest] = Codec(GuestRequest)
 response_codec: Codec[GuestResponse] = Codec(GuestResponse)
-
-
-class GuestStreamDecoder:
-    """Sans-io decoder of the guest -> host byte stream: sync markers and frames.
-
-    The stream is: any stale bytes, ``GUEST_SYNC_MAGIC``, frames; and again a
-    marker whenever the agent starts a new session on the same channel.  A
-    marker can only start where a frame header would: its first byte 0xff
-    cannot begin a valid header (that length exceeds any frame limit).
-
-    :meth:`feed` returns the items now complete: ``None`` for each marker (a
-    new session begins), ``bytes`` for each frame body.  Memory: at most one
-    frame plus one ``feed`` worth of input; scanning for a marker keeps only a
-    marker's length of bytes and gives up after ``max_scan``.
-    """
-
-    _HEADER = struct.Struct(">I")
-
-    def __init__(self, max_frame: int = GUEST_MAX_FRAME, max_scan: int = 64 * MiB) -> None:
-        self.max_frame = max_frame
-        self.max_scan = max_scan
-        self._buf = bytearray()
-        self._synced = False
-        self._scanned = 0
-
-    def feed(self, data: bytes) -> list[bytes | None]:
-        self._buf += data
-        out: list[bytes | None] = []
-        magic = GUEST_SYNC_MAGIC
-        while True:
-            if not self._synced:
-                idx = self._buf.find(magic)
-                if idx < 0:
-                    keep = len(magic) - 1
-                    self._scanned += max(len(self._buf) - keep, 0)
-                    del self._buf[:-keep]
-                    if self._scanned > self.max_scan:
-                        raise FramingError("no sync marker from the guest agent")
-                    return out
-                del self._buf[: idx + len(magic)]
-                self._synced = True
-                self._scanned = 0
-                out.append(None)
-                continue
-            if not self._buf:
-                return out
-            if self._buf[0] == magic[0]:
-                self._synced = False
-                continue
-            if len(self._buf) < 4:
-                return out
-            (length,) = self._HEADER.unpack_from(self._buf)
-            if length > self.max_frame:
-                raise FrameTooLarge(length, self.max_frame)
-            if len(self._buf) < 4 + length:
-                return out
-            out.append(bytes(self._buf[4 : 4 + length]))
-            del self._buf[: 4 + length]
