@@ -75,8 +75,8 @@ class InvalidEnv(WorkspaceError):
     def __init__(self, what: str) -> None:
         super().__init__(
             f"invalid env: {what}",
-            f"use names like [A-Za-z_][A-Za-z0-9_]*, values without NUL of at most"
-            f" {MAX_ENV_VALUE} bytes, and at most {MAX_ENV_KEYS} variables",
+            f"Use names like [A-Za-z_][A-Za-z0-9_]*, values without NUL of at most"
+            f" {MAX_ENV_VALUE} bytes, and at most {MAX_ENV_KEYS} variables.",
         )
 
 
@@ -211,7 +211,7 @@ def _workspace(row: sqlite3.Row) -> WorkspaceRecord:
     except (ValueError, TypeError) as exc:
         raise CatalogError(
             f"the catalog's row for workspace {row['id']!r} is unreadable ({exc})",
-            "this agentiso may be older than the one that wrote it; upgrade agentiso",
+            "This agentiso may be older than the one that wrote it: upgrade agentiso.",
         ) from None
 
 
@@ -252,8 +252,8 @@ class Catalog:
         except OSError as exc:
             raise CatalogError(
                 f"cannot create the catalog {path}: {exc.strerror or exc}",
-                "check that the state directory is writable by you (or set state_dir"
-                " in config.toml)",
+                "Check that the state directory is writable by you (or set state_dir"
+                " in config.toml).",
             ) from None
         try:
             db = sqlite3.connect(
@@ -268,7 +268,7 @@ class Catalog:
             if mode != "wal":
                 raise CatalogError(
                     f"the catalog {path} cannot use a WAL journal (got {mode!r})",
-                    "keep the state directory on a local file system",
+                    "Keep the state directory on a local file system.",
                 )
             db.execute("PRAGMA synchronous = FULL")
             db.execute("PRAGMA foreign_keys = ON")
@@ -360,7 +360,7 @@ class Catalog:
             if _integrity_error_column(exc) == "id":
                 raise CatalogError(
                     f"workspace id {rec.id} is already in the catalog",
-                    "make the id with new_workspace_id()",
+                    "Make the id with new_workspace_id().",
                 ) from None
             raise _db_error(self.path, exc) from None
         return rec
@@ -499,7 +499,7 @@ class Catalog:
                 )
         except sqlite3.IntegrityError:
             raise CatalogError(
-                f"session {id!r} is already in the catalog", "make a new session id"
+                f"session {id!r} is already in the catalog", "Make a new session id."
             ) from None
         return rec
 
@@ -546,7 +546,7 @@ def _migrate(db: sqlite3.Connection, path: Path, migrations: Sequence[Migration]
             raise CatalogError(
                 f"the catalog {path} has schema version {version}, newer than this"
                 f" agentiso knows ({target})",
-                "upgrade agentiso (every agentiso serve of a user must be the same version)",
+                "Upgrade agentiso (every agentiso serve of a user must be the same version).",
             )
         for step in migrations[version:]:
             step(db)
@@ -573,14 +573,14 @@ def _db_error(path: Path, exc: sqlite3.Error) -> CatalogError:
         return CatalogError(
             f"the catalog {path} stayed locked by another agentiso process for"
             f" {BUSY_TIMEOUT_MS // 1000} s",
-            "retry; if it persists, look for a hung agentiso serve of yours",
+            "Retry; if it persists, look for a hung agentiso serve of yours.",
         )
     if isinstance(exc, sqlite3.DatabaseError) and "not a database" in text:
         return CatalogError(
             f"the catalog {path} is not an SQLite database",
-            "move it aside; agentiso then starts a new, empty catalog",
+            "Move it aside: agentiso then starts a new, empty catalog.",
         )
     return CatalogError(
         f"the catalog {path} failed: {text}",
-        "retry; if it persists, check the file with sqlite3 (PRAGMA integrity_check)",
+        "Retry; if it persists, check the file with sqlite3 (PRAGMA integrity_check).",
     )

@@ -207,8 +207,8 @@ def require(workspace: str, state: State, operation: Operation | str) -> None:
     """Raise :class:`WrongState` unless ``operation`` is allowed in ``state``.
 
     ``workspace`` is the name the message uses ("" for none).  The message
-    says the state and what to do, e.g. "cannot run a command in it:
-    workspace 'x' is stopped; start it with workspace_start".  An unknown
+    says the state, then what to do, e.g. "cannot run a command in it:
+    workspace 'x' is stopped" and "Start it with workspace_start.".  An unknown
     operation is a ``ValueError`` (a bug, not a user error).
     """
     op = Operation(operation)
@@ -224,13 +224,13 @@ def _refusal(state: State, op: Operation, who: str) -> tuple[str, str]:
         if state is State.DESTROYING:
             return (
                 f"{who} is busy (being destroyed)",
-                "it will be gone in a moment; see workspace_list",
+                "It will be gone in a moment (see workspace_list).",
             )
-        return f"{who} is busy ({state})", "retry in a moment"
+        return f"{who} is busy ({state})", "Retry in a moment."
     if op is Operation.START and state is State.RUNNING:
-        return f"{who} is already running", "nothing to do"
+        return f"{who} is already running", "Nothing to do."
     if op is Operation.STOP and state is State.STOPPED:
-        return f"{who} is already stopped", "nothing to do"
+        return f"{who} is already stopped", "Nothing to do."
     cause = f"cannot {_VERB[op]}: {who} is {state}"
     if state is State.CRASHED:
         cause += " (see workspace_logs for why)"
@@ -238,10 +238,10 @@ def _refusal(state: State, op: Operation, who: str) -> tuple[str, str]:
     # Suggest the one step that leads to a state the operation is allowed in:
     # a start leads to running, a stop to stopped.
     if State.RUNNING in targets and allowed(state, Operation.START):
-        return cause, "start it with workspace_start"
+        return cause, "Start it with workspace_start."
     if State.STOPPED in targets and allowed(state, Operation.STOP):
-        return cause, "stop it with workspace_stop first"
-    return cause, "check it with workspace_info"
+        return cause, "Stop it with workspace_stop first."
+    return cause, "Check it with workspace_info."
 
 
 # --- reconciliation with the helper ----------------------------------------------------

@@ -1,8 +1,8 @@
 """Errors about workspaces: their state (lifecycle) and their records (catalog).
 
-Every message is one line of cause and one of what to do, joined by "; " so it
-reads as one sentence in a tool error.  Both halves are kept as attributes
-(``cause``, ``hint``) for callers that format them differently.
+Every message is two lines: the cause, then what to do (a sentence), like the
+frontend's other errors.  Both halves are kept as attributes (``cause``,
+``hint``) for callers that format them differently.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ class WorkspaceError(FrontendError):
     """Root of the workspace errors: a cause and what to do about it."""
 
     def __init__(self, cause: str, hint: str) -> None:
-        super().__init__(f"{cause}; {hint}")
+        super().__init__(f"{cause}\n{hint}")
         self.cause = cause
         self.hint = hint
 
@@ -36,7 +36,7 @@ class InvalidTransition(WorkspaceError):
     def __init__(self, state: str, event: str) -> None:
         super().__init__(
             f"event {event!r} is not allowed in workspace state {state!r}",
-            "this is an internal ordering error; check workspace_info and retry the operation",
+            "This is an internal ordering error: check workspace_info and retry the operation.",
         )
         self.state = state
         self.event = event
@@ -63,7 +63,7 @@ class WorkspaceNotFound(WorkspaceError):
     def __init__(self, ref: str) -> None:
         super().__init__(
             f"no workspace named or with id {ref!r}",
-            f"list your workspaces with {LIST_TOOL}",
+            f"List your workspaces with {LIST_TOOL}.",
         )
         self.ref = ref
 
@@ -72,7 +72,7 @@ class NameTaken(WorkspaceError):
     def __init__(self, name: str) -> None:
         super().__init__(
             f"a workspace named {name!r} already exists",
-            f"choose another name, or destroy the existing one (see {LIST_TOOL})",
+            f"Choose another name, or destroy the existing one (see {LIST_TOOL}).",
         )
         self.name = name
 
@@ -80,7 +80,7 @@ class NameTaken(WorkspaceError):
 class InvalidName(WorkspaceError):
     def __init__(self, name: str, rule: str) -> None:
         super().__init__(
-            f"invalid workspace name {name!r}: {rule}", "choose a name that follows it"
+            f"invalid workspace name {name!r}: {rule}", "Choose a name that follows the rule."
         )
         self.name = name
         self.rule = rule
@@ -97,7 +97,7 @@ class StateConflict(WorkspaceError):
         super().__init__(
             f"workspace {workspace!r} is {current}, not {' or '.join(expected)}"
             " (another operation on it is in progress or just finished)",
-            "check it with workspace_info and retry",
+            "Check it with workspace_info and retry.",
         )
         self.workspace = workspace
         self.current = current
@@ -108,6 +108,6 @@ class SessionNotFound(WorkspaceError):
     def __init__(self, session: str) -> None:
         super().__init__(
             f"no session with id {session!r}",
-            "sessions are created when an MCP client connects; reconnect to get one",
+            "Sessions are made when an MCP client connects: reconnect to get one.",
         )
         self.session = session

@@ -104,7 +104,7 @@ def test_not_found_says_how_to_list(cat: Catalog) -> None:
         cat.get_workspace("ghost")
     assert (
         str(info.value)
-        == "no workspace named or with id 'ghost'; list your workspaces with workspace_list"
+        == "no workspace named or with id 'ghost'\nList your workspaces with workspace_list."
     )
     for call in (
         lambda: cat.update_workspace("ws-0000000000", image="x"),
@@ -339,7 +339,7 @@ def test_failed_migration_changes_nothing(tmp_path: Path) -> None:
 def test_not_a_database(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
     path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(CatalogError, match="not an SQLite database; move it aside"):
+    with pytest.raises(CatalogError, match="not an SQLite database\nMove it aside"):
         Catalog.open(path)
 
 

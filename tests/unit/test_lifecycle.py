@@ -148,12 +148,13 @@ def test_require(state: State, op: Operation) -> None:
     msg = str(err)
     assert isinstance(err, FrontendError)
     assert (err.workspace, err.state, err.operation) == ("x", state, op)
-    assert "workspace 'x'" in msg and "\n" not in msg
-    assert msg == f"{err.cause}; {err.hint}"
+    assert "workspace 'x'" in msg
+    assert msg == f"{err.cause}\n{err.hint}" and "\n" not in err.cause + err.hint
+    assert err.hint[0].isupper() and err.hint.endswith(".")
     if state in BUSY_STATES:
         assert "busy" in msg
         if state is not S.DESTROYING:
-            assert "retry in a moment" in msg
+            assert "Retry in a moment." in msg
     else:
         assert str(state) in msg
 
@@ -161,22 +162,22 @@ def test_require(state: State, op: Operation) -> None:
 @pytest.mark.parametrize(
     ("state", "op", "message"),
     [
-        (S.STOPPED, Op.EXEC, "cannot run a command in it: workspace 'x' is stopped; "
-                            "start it with workspace_start"),
-        (S.STOPPED, Op.FILES, "cannot access its files: workspace 'x' is stopped; "
-                             "start it with workspace_start"),
+        (S.STOPPED, Op.EXEC, "cannot run a command in it: workspace 'x' is stopped\n"
+                            "Start it with workspace_start."),
+        (S.STOPPED, Op.FILES, "cannot access its files: workspace 'x' is stopped\n"
+                             "Start it with workspace_start."),
         (S.CRASHED, Op.EXEC, "cannot run a command in it: workspace 'x' is crashed "
-                            "(see workspace_logs for why); start it with workspace_start"),
-        (S.RUNNING, Op.RESTORE, "cannot restore a snapshot: workspace 'x' is running; "
-                               "stop it with workspace_stop first"),
+                            "(see workspace_logs for why)\nStart it with workspace_start."),
+        (S.RUNNING, Op.RESTORE, "cannot restore a snapshot: workspace 'x' is running\n"
+                               "Stop it with workspace_stop first."),
         (S.CRASHED, Op.RESTORE, "cannot restore a snapshot: workspace 'x' is crashed "
-                               "(see workspace_logs for why); stop it with workspace_stop first"),
-        (S.RUNNING, Op.START, "workspace 'x' is already running; nothing to do"),
-        (S.STOPPED, Op.STOP, "workspace 'x' is already stopped; nothing to do"),
-        (S.STARTING, Op.EXEC, "workspace 'x' is busy (starting); retry in a moment"),
-        (S.CREATING, Op.DESTROY, "workspace 'x' is busy (creating); retry in a moment"),
-        (S.DESTROYING, Op.EXEC, "workspace 'x' is busy (being destroyed); "
-                               "it will be gone in a moment; see workspace_list"),
+                               "(see workspace_logs for why)\nStop it with workspace_stop first."),
+        (S.RUNNING, Op.START, "workspace 'x' is already running\nNothing to do."),
+        (S.STOPPED, Op.STOP, "workspace 'x' is already stopped\nNothing to do."),
+        (S.STARTING, Op.EXEC, "workspace 'x' is busy (starting)\nRetry in a moment."),
+        (S.CREATING, Op.DESTROY, "workspace 'x' is busy (creating)\nRetry in a moment."),
+        (S.DESTROYING, Op.EXEC, "workspace 'x' is busy (being destroyed)\n"
+                               "It will be gone in a moment (see workspace_list)."),
     ],
 )  # fmt: skip
 def test_require_messages_say_what_to_do(state: State, op: Operation, message: str) -> None:
