@@ -10,7 +10,8 @@ Paths (:meth:`HostRoots.resolve`):
 * an absolute path must lie lexically under a root (the first that contains
   it is used);
 * a ``..`` component is refused outright, as is NUL, an empty path, or one
-  longer than ``PATH_MAX``; ``.`` and repeated slashes are dropped.
+  longer than ``PATH_MAX``; ``.`` and repeated slashes are dropped;
+* a path ending in ``/`` names a directory, which a file transfer refuses.
 
 Opening is race-free by construction.  Nothing is checked by name and then
 opened by name: every lookup below the root happens inside the kernel,
@@ -339,6 +340,15 @@ class HostRoots:
 
     # --- opening -----------------------------------------------------------------------
 
+    @staticmethod
+    def _refuse_directory_syntax(path: str, hp: HostPath) -> None:
+        # "dir/" names a directory; a file transfer must not quietly drop the slash.
+        if path.endswith(("/", "/.")) and hp.parts:
+            raise NotARegularFile(
+                f"host path {hp.path + '/'!r} names a directory (it ends with '/')",
+                "Give the path of a file, without a trailing '/'.",
+            )
+
     def _root_fd(self, hp: HostPath) -> int:
         try:
             return os.open(str(hp.root.real), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -387,6 +397,7 @@ class HostRoots:
         others of :class:`HostPathError`).
         """
         hp = self.resolve(path)
+        self._refuse_directory_syntax(path, hp)
         rootfd = self._root_fd(hp)
         try:
             # O_NONBLOCK: opening a FIFO returns at once instead of waiting for
@@ -419,6 +430,7 @@ class HostRoots:
         happen now and again at commit; use it as a context manager.
         """
         hp = self.resolve(path)
+        self._refuse_directory_syntax(path, hp)
         if not hp.parts:
             raise NotARegularFile(
                 f"host path {hp.path!r} is a host root (a directory)", "Give a file path."
@@ -604,6 +616,14 @@ class HostWriter:
             self.commit()
         else:
             self.abort()
+
+    def __del__(self) -> None:
+        # A writer dropped without commit or abort must not leak its
+        # descriptors or leave its temporary file behind.
+        try:
+            self.abort()
+        except Exception:
+            pass
 
 
 def _fsync_dir(dirfd: int) -> None:

@@ -400,6 +400,27 @@ def test_write_through_a_link_that_stays_inside(tree: Path, mode: str) -> None:
 def test_the_root_itself_is_not_a_file(tree: Path, mode: str) -> None:
     with pytest.raises(NotARegularFile):
         roots_of(tree).writer(str(tree / "root"))
+    with pytest.raises(NotARegularFile):
+        roots_of(tree).writer(f"{tree}/root/")
+
+
+def test_a_trailing_slash_names_a_directory(tree: Path, mode: str) -> None:
+    roots = roots_of(tree)
+    for path in ("newdir/", "f.txt/", "sub/.", "sub/"):
+        with pytest.raises(NotARegularFile, match="ends with '/'"):
+            roots.writer(path, parents=True)
+        with pytest.raises(NotARegularFile, match="ends with '/'"):
+            roots.open_read(path)
+    assert not (tree / "root" / "newdir").exists()
+
+
+def test_a_dropped_writer_cleans_up(tree: Path, mode: str) -> None:
+    roots = roots_of(tree)
+    before = listing(tree / "root")
+    w = roots.writer("dropped.txt")
+    w.write(b"x")
+    del w
+    assert listing(tree / "root") == before
 
 
 # --- races -----------------------------------------------------------------------------
