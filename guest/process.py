@@ -26,7 +26,8 @@ from .reaper import Reaper
 def command_argv(cmd: gp.Exec | gp.JobStart) -> list[str]:
     if cmd.argv is not None:
         return list(cmd.argv)
-    assert cmd.shell is not None
+    if cmd.shell is None:  # the decoder refuses this already; a request is not trusted
+        raise Failed(ErrorCode.INVALID, "exactly one of argv and shell must be given")
     return ["/bin/sh", "-c", cmd.shell]
 
 

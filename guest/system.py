@@ -96,7 +96,8 @@ async def handle_network(req: gp.ConfigureNetwork, ctx: RequestContext) -> gp.Ok
     _require_vm(ctx, "network configuration")
     ifname = req.interface
     if ifname is None:
-        assert req.mac is not None
+        if req.mac is None:  # the decoder refuses this already; a request is not trusted
+            raise Failed(ErrorCode.INVALID, "exactly one of mac and interface must be given")
         ifname = netconfig.find_interface_by_mac(req.mac)
         if ifname is None:
             raise Failed(ErrorCode.NOT_FOUND, f"no interface with MAC {req.mac}")

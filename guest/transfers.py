@@ -110,7 +110,8 @@ async def handle_upload(req: gp.UploadBegin, ctx: RequestContext) -> gp.UploadDo
                     raise from_oserror(exc, req.path) from None
                 committed = True
                 return gp.UploadDone(id=req.id, size=size, sha256=digest.hexdigest())
-            assert isinstance(msg, gp.UploadChunk)
+            if not isinstance(msg, gp.UploadChunk):  # the host's frame: checked, not assumed
+                raise Failed(ErrorCode.PROTOCOL, f"unexpected {type(msg).__name__} in an upload")
             if msg.seq != seq + 1:
                 raise Failed(ErrorCode.PROTOCOL, f"chunk {msg.seq} out of order (want {seq + 1})")
             seq = msg.seq

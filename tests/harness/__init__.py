@@ -19,6 +19,14 @@ Boot harness (guest images; see docs/images.md):
 ``boot_vm`` also takes an image directory (``image_dir("minimal")``) and skips the
 test itself when that image is not built.
 
-The production VM engine (privhelper/vm) owns launching VMs for real; the boot
-harness only serves tests and benchmarks.
+Two ways to boot, one rule for choosing:
+
+* :mod:`tests.harness.engine`  ``engine_vm`` / ``engine_vm_fixture``: the real VM
+  engine (privhelper/vm) launches QEMU as in production.  Every test of the agent
+  or of the helper boots this way.
+* :mod:`tests.harness.vm`      ``boot_vm``: a raw QEMU command line, only for tests
+  about the image itself (its boot chain, its contents) and the harness itself.
+
+Skipping when an image is missing is :func:`tests.harness.images.require_image`
+(or ``skip_unless_image()`` for a module), and nothing else.
 """

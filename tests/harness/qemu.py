@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-#: Name of the guest agent's virtio-serial port (the guest finds it in sysfs).
-AGENT_PORT_NAME = "org.agentiso.agent.0"
+from agentiso.protocol.guest_constants import AGENT_PORT_NAME
+
+__all__ = ["AGENT_PORT_NAME", "QemuConfig", "qemu_argv"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""The guest agent in a real VM: the minimal image booted under TCG by the
-shared harness (one VM for the module), driven over its virtio-serial channel
-by GuestClient.  Each test connects afresh, which also exercises the agent's
-reconnect handling on the virtio port."""
+"""The guest agent in a real VM: the minimal image booted under TCG by the real
+VM engine (one VM for the module, :mod:`tests.harness.engine`), driven over its
+virtio-serial channel by GuestClient.  Each test connects afresh, which also
+exercises the agent's reconnect handling on the virtio port."""
 
 from __future__ import annotations
 
@@ -15,18 +15,17 @@ import pytest
 
 from agentiso.protocol import guest as gp
 from agentiso.protocol.errors import NotFound
-from tests.harness.fixtures import vm_fixture
+from tests.harness.engine import EngineVM, engine_vm_fixture
 from tests.harness.guest import connect
-from tests.harness.vm import BootedVM
 
 pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
 
 # A disk bigger than the image so a 100 MiB file fits (init grows the fs).
-guest_vm = vm_fixture("minimal", scope="module", disk_size=1024 * MiB, memory_mib=256)
+guest_vm = engine_vm_fixture("minimal", scope="module", disk_size=1024 * MiB, memory_mib=256)
 
 
-async def test_hello_reports_pid1_and_boot_timings(guest_vm: BootedVM) -> None:
+async def test_hello_reports_pid1_and_boot_timings(guest_vm: EngineVM) -> None:
     async with connect(guest_vm) as c:
         h = c.hello
         assert h is not None and h.pid1 and h.transport == "virtio-serial"
@@ -34,7 +33,7 @@ async def test_hello_reports_pid1_and_boot_timings(guest_vm: BootedVM) -> None:
         assert h.boot.init_t0 <= h.boot.agent_start <= h.boot.listen <= h.boot.hello
 
 
-async def test_exec_and_orphans_are_reaped(guest_vm: BootedVM) -> None:
+async def test_exec_and_orphans_are_reaped(guest_vm: EngineVM) -> None:
     async with connect(guest_vm) as c:
         r = await c.exec(["uname", "-s"])
         assert (r.exit_code, r.stdout) == (0, b"Linux\n")
@@ -53,7 +52,7 @@ async def test_exec_and_orphans_are_reaped(guest_vm: BootedVM) -> None:
             b"Z" in (await c.exec(["ps", "-o", "stat=", "-p", pid])).stdout
 
 
-async def test_background_job(guest_vm: BootedVM) -> None:
+async def test_background_job(guest_vm: EngineVM) -> None:
     async with connect(guest_vm) as c:
         j = await c.job_start(shell="for i in 1 2 3; do echo tick$i; sleep 0.2; done")
         with anyio.fail_after(30):
@@ -65,7 +64,7 @@ async def test_background_job(guest_vm: BootedVM) -> None:
         await c.job_forget(j.job)
 
 
-async def test_100_mib_round_trip(guest_vm: BootedVM, tmp_path: Path) -> None:
+async def test_100_mib_round_trip(guest_vm: EngineVM, tmp_path: Path) -> None:
     src = tmp_path / "src.bin"
     digest = hashlib.sha256()
     with src.open("wb") as f:
@@ -87,7 +86,7 @@ async def test_100_mib_round_trip(guest_vm: BootedVM, tmp_path: Path) -> None:
             await c.stat("/root/big.bin")
 
 
-async def test_files_in_the_guest(guest_vm: BootedVM) -> None:
+async def test_files_in_the_guest(guest_vm: EngineVM) -> None:
     async with connect(guest_vm) as c:
         await c.mkdir("/root/t/deep", parents=True, exist_ok=True)
         await c.write_file("/root/t/deep/a.txt", b"hello\n", perm=0o600)
@@ -98,7 +97,7 @@ async def test_files_in_the_guest(guest_vm: BootedVM) -> None:
         await c.remove("/root/t", recursive=True)
 
 
-async def test_hostname(guest_vm: BootedVM) -> None:
+async def test_hostname(guest_vm: EngineVM) -> None:
     async with connect(guest_vm) as c:
         await c.set_hostname("ws-guest-test")
         assert (await c.exec(["hostname"])).stdout == b"ws-guest-test\n"
@@ -106,7 +105,7 @@ async def test_hostname(guest_vm: BootedVM) -> None:
         assert b"127.0.1.1 ws-guest-test" in (await c.read_file("/etc/hosts")).data
 
 
-async def test_network_configuration(guest_vm: BootedVM) -> None:
+async def test_network_configuration(guest_vm: EngineVM) -> None:
     """By MAC, with `ip` against the guest kernel.  The harness VM has no NIC
     (and the image no dummy/veth modules), so the interface found by MAC is the
     loopback device (MAC 00:00:00:00:00:00); a real NIC is covered by the
@@ -136,10 +135,11 @@ async def test_network_configuration(guest_vm: BootedVM) -> None:
         assert (await c.exec(["python3", "-c", probe])).stdout == b"x\n"
 
 
-async def test_sync_freeze_thaw(guest_vm: BootedVM) -> None:
+async def test_sync_freeze_thaw(guest_vm: EngineVM) -> None:
     async with connect(guest_vm) as c:
         await c.sync()
-        await c.freeze(auto_thaw_s=5)
+        # A margin that holds under load: the automatic thaw must not come first.
+        await c.freeze(auto_thaw_s=120)
         # While frozen, reads work; a write would block until the thaw.
         assert (await c.read_file("/etc/hostname")).data
         await c.thaw()
@@ -152,17 +152,17 @@ async def test_sync_freeze_thaw(guest_vm: BootedVM) -> None:
         await c.remove("/root/after-auto-thaw")
 
 
-async def test_hostile_bytes_on_the_virtio_port(guest_vm: BootedVM) -> None:
+async def test_hostile_bytes_on_the_virtio_port(guest_vm: EngineVM) -> None:
     async with connect(guest_vm) as c:
         await c.send_raw(os.urandom(100_000))
         await c.resync(timeout=30)
         assert (await c.exec(["true"])).exit_code == 0
 
 
-fresh_vm = vm_fixture("minimal", scope="function")
+fresh_vm = engine_vm_fixture("minimal", scope="function")
 
 
-async def test_shutdown_powers_the_vm_off(fresh_vm: BootedVM) -> None:
+async def test_shutdown_powers_the_vm_off(fresh_vm: EngineVM) -> None:
     async with connect(fresh_vm) as c:
         await c.write_file("/root/before-shutdown", b"synced")
         await c.shutdown()

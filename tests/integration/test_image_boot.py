@@ -2,6 +2,11 @@
 
 Needs ``make image`` first (the top-level ``make test`` does it); skipped with the
 reason when the image or QEMU is missing.  One VM is booted for the module.
+
+The raw launcher (:mod:`tests.harness.vm`), not the VM engine, boots it: this is a
+test of the image's own boot chain (kernel, initramfs, init, the agent's first
+bytes), which must work on a plain QEMU command line.  Tests of the agent or of
+the helper boot through the engine (:mod:`tests.harness.engine`).
 """
 
 from __future__ import annotations

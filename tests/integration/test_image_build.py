@@ -12,9 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
-from tests.harness.images import REPO, image_dir
+from tests.harness.images import REPO, require_image
 
 FILES = ("vmlinuz", "initrd.img", "rootfs.img", "manifest.json")
 
@@ -33,9 +31,7 @@ def build() -> str:
 
 
 def test_a_second_build_with_nothing_changed_touches_nothing() -> None:
-    directory = image_dir("minimal")
-    if not (directory / "manifest.json").is_file():
-        pytest.skip(reason="image 'minimal' is not built: run `make image`")
+    directory = require_image("minimal", tools=()).dir
     build()
     before = {f: (directory / f).stat() for f in FILES}
     log = build()

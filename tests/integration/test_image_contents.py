@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -17,18 +16,13 @@ from pathlib import Path
 import pytest
 
 from images.kmods import module_name
-from tests.harness.images import image_dir
+from tests.harness.images import require_image
 
 SITE = "/usr/lib/python3/dist-packages"
 
 
 def built(name: str) -> Path:
-    directory = image_dir(name)
-    if not (directory / "manifest.json").is_file():
-        pytest.skip(reason=f"image {name!r} is not built: run `make image IMAGE={name}`")
-    if shutil.which("debugfs") is None:
-        pytest.skip(reason="debugfs is not installed (apt-get install e2fsprogs)")
-    return directory
+    return require_image(name, tools=("debugfs",)).dir
 
 
 def debugfs(image: Path, request: str) -> str:

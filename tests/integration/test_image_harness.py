@@ -1,7 +1,9 @@
 """The boot harness's process handling, against a real QEMU.
 
 These do not wait for the guest to boot: they check that the harness cleans up
-and reports a dead VM, whatever state the guest is in.
+and reports a dead VM, whatever state the guest is in.  The raw launcher is
+what is under test here; tests of the agent or of the helper boot through the
+VM engine (:mod:`tests.harness.engine`).
 """
 
 from __future__ import annotations

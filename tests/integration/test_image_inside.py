@@ -5,6 +5,10 @@ driven over the virtio-serial channel by the frontend's GuestClient.  These chec
 what the image promises its users: the tools are there and work, the root
 filesystem has grown to the disk, the kernel is the manifest's, and nothing of
 vsock appears on a VM without a vsock device.
+
+They are about the image itself, so the raw launcher (:mod:`tests.harness.vm`)
+boots it with nothing but the image's own files and command line; tests of the
+agent or of the helper boot through the VM engine (:mod:`tests.harness.engine`).
 """
 
 from __future__ import annotations
