@@ -25,8 +25,8 @@ the result.
   leave it (``..`` past the root, a link to ``/etc``, a ``/proc`` magic link).
   A link whose target is absolute is refused even when it names a place inside
   the root: ``RESOLVE_BENEATH`` treats every absolute target as escaping.
-* Where it has not (``ENOSYS``, e.g. an old kernel or a seccomp filter), the
-  path is walked one component at a time with ``openat(..., O_NOFOLLOW)``
+* Where it has not (probed once: ``ENOSYS`` from an old kernel, or ``EPERM``
+  from a seccomp filter), the path is walked one component at a time with ``openat(..., O_NOFOLLOW)``
   relative to the descriptor of the previous directory, and every symbolic
   link is refused.
 
@@ -210,20 +210,27 @@ def _is_link(dirfd: int, name: str) -> bool:
         return False
 
 
+def _probe_openat2() -> bool:
+    """Whether openat2 works here.  Any failure on an open that cannot be
+    refused for permissions counts as "no": a seccomp filter may answer
+    EPERM instead of ENOSYS for a system call it does not know."""
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.close(_openat2(root, ".", os.O_PATH | os.O_DIRECTORY))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(root)
+
+
 def _open_beneath(dirfd: int, parts: tuple[str, ...], flags: int, mode: int = 0) -> int:
     """Open ``parts`` beneath the directory ``dirfd`` (see the module docstring)."""
     global openat2_available
-    if openat2_available is not False:
-        try:
-            fd = _openat2(dirfd, "/".join(parts) or ".", flags, mode)
-        except OSError as exc:
-            if exc.errno != errno.ENOSYS:
-                openat2_available = True
-                raise
-            openat2_available = False
-        else:
-            openat2_available = True
-            return fd
+    if openat2_available is None:
+        openat2_available = _probe_openat2()
+    if openat2_available:
+        return _openat2(dirfd, "/".join(parts) or ".", flags, mode)
     return _walk(dirfd, parts, flags, mode)
 
 

@@ -35,19 +35,7 @@ from agentiso.frontend.hostpaths import (
     PathOutsideRoots,
 )
 
-
-def _kernel_has_openat2() -> bool:
-    fd = os.open("/", os.O_PATH)
-    try:
-        os.close(hostpaths._openat2(fd, ".", os.O_PATH))
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-HAVE_OPENAT2 = _kernel_has_openat2()
+HAVE_OPENAT2 = hostpaths._probe_openat2()
 
 
 @pytest.fixture(params=["openat2", "walk"])
@@ -581,6 +569,12 @@ def test_every_error_is_a_frontend_error_with_two_lines(tree: Path) -> None:
         assert isinstance(info.value, FrontendError)
         assert (cause, hint) == (info.value.cause, info.value.hint)
         assert hint[0].isupper() and hint.endswith(".")
+
+
+def test_openat2_is_probed_once(monkeypatch: pytest.MonkeyPatch, tree: Path) -> None:
+    monkeypatch.setattr(hostpaths, "openat2_available", None)
+    assert read(roots_of(tree), "f.txt") == b"inside"
+    assert hostpaths.openat2_available is HAVE_OPENAT2
 
 
 def test_permission_error_class_is_exported() -> None:
