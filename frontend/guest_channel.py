@@ -8,6 +8,18 @@ Usage::
 
     async with open_guest("/run/agentiso/helper.sock", "my-vm") as guest:
         result = await guest.exec(["uname", "-a"])
+
+Errors while opening (never a raw TimeoutError or OSError):
+
+* :class:`~agentiso.frontend.errors.HelperUnavailable` — the helper cannot
+  be reached or greeted;
+* the helper's typed refusal of ``GuestOpen``: ``NotFound`` (no such VM of
+  yours), ``Unavailable`` (the VM is not running), ``PermissionDenied``;
+* :class:`~agentiso.frontend.errors.RequestTimeout` — the helper did not
+  answer ``GuestOpen``, or the agent sent no Hello, within ``timeout``.
+
+Once open, the GuestClient's errors apply; a closed relay is
+:class:`~agentiso.frontend.errors.ConnectionLost` with hop ``helper relay``.
 """
 
 from __future__ import annotations
@@ -15,69 +27,40 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
-from anyio.streams.buffered import BufferedByteReceiveStream
-from anyio.streams.stapled import StapledByteStream
-
 from agentiso.protocol import helper as hp
-from agentiso.protocol.errors import FrameTooLarge, ProtocolError, remote_error
-from agentiso.protocol.framing import HEADER, encode_frame
+from agentiso.protocol.errors import UnexpectedMessage
 
+from .errors import Hop
 from .guest_client import GuestClient
-from .helper_client import HelperUnavailable
+from .helper_client import HelperClient, _connect_unix
+from .mux import resolve_timeout
 
-
-async def _read_one_frame(buffered: BufferedByteReceiveStream) -> hp.HelperResponse:
-    """Read exactly one helper frame, leaving every later byte in ``buffered``
-    (the guest stream that follows is not helper-framed)."""
-    try:
-        (length,) = HEADER.unpack(await buffered.receive_exactly(HEADER.size))
-        if length > hp.HELPER_MAX_FRAME:
-            raise FrameTooLarge(length, hp.HELPER_MAX_FRAME)
-        body = await buffered.receive_exactly(length)
-    except (anyio.IncompleteRead, anyio.EndOfStream):
-        raise HelperUnavailable("the helper closed the connection") from None
-    return hp.response_codec.decode(body)
-
-
-async def _call(
-    stream: anyio.abc.ByteStream, buffered: BufferedByteReceiveStream, msg: hp.HelperRequest
-) -> hp.HelperResponse:
-    await stream.send(encode_frame(hp.request_codec.encode(msg), hp.HELPER_MAX_FRAME))
-    resp = await _read_one_frame(buffered)
-    if isinstance(resp, hp.Error):
-        raise remote_error(resp.code, resp.message)
-    return resp
+DEFAULT_OPEN_TIMEOUT_S = 30.0
 
 
 @asynccontextmanager
 async def open_guest(
-    helper_socket: str, vm: str, *, timeout: float = 30.0, owner: int | None = None
+    helper_socket: str, vm: str, *, timeout: float = DEFAULT_OPEN_TIMEOUT_S,
+    owner: int | None = None,
 ) -> AsyncIterator[GuestClient]:
     """A :class:`GuestClient` for VM ``vm`` over its own helper connection.
 
-    ``owner`` (root only) opens another user's VM."""
-    try:
-        stream = await anyio.connect_unix(helper_socket)
-    except OSError as exc:
-        raise HelperUnavailable(
-            f"cannot connect to the agentiso helper at {helper_socket}: {exc.strerror or exc}"
-        ) from None
+    ``timeout`` bounds each step of opening (connect and hello, GuestOpen,
+    the agent's Hello); ``owner`` (root only) opens another user's VM."""
+    seconds = resolve_timeout(timeout, DEFAULT_OPEN_TIMEOUT_S)
+    stream = await _connect_unix(helper_socket, seconds)
     async with stream:
-        buffered = BufferedByteReceiveStream(stream)
-        with anyio.fail_after(timeout):
-            hello = await _call(
-                stream, buffered,
-                hp.Hello(id=1, version=hp.HELPER_PROTOCOL_VERSION, client="agentiso-guest"),
-            )
-            if not isinstance(hello, hp.HelloOk):
-                raise ProtocolError(f"expected hello_ok, got {type(hello).__name__}")
-            opened = await _call(stream, buffered, hp.GuestOpen(id=2, vm=vm, owner=owner))
-            if not isinstance(opened, hp.GuestOpened):
-                raise ProtocolError(f"expected guest_opened, got {type(opened).__name__}")
-        joined = StapledByteStream(stream, buffered)
-        async with GuestClient.connect(joined, hello_timeout=timeout) as guest:
+        helper = HelperClient(stream, path=helper_socket)
+        await helper._handshake("agentiso-guest", seconds)
+        opened = await helper._greet(hp.GuestOpen(id=0, vm=vm, owner=owner), seconds)
+        if not isinstance(opened, hp.GuestOpened):
+            raise UnexpectedMessage("guest_opened in answer to guest_open", opened)
+        # The helper client read exactly the GuestOpened frame: the guest
+        # stream the relay sends behind it is still unread in the socket.
+        async with GuestClient.connect(
+            stream, hello_timeout=seconds, peer=f"VM {vm!r}'s guest agent", hop=Hop.RELAY
+        ) as guest:
             yield guest
 
 
-__all__ = ["open_guest"]
+__all__ = ["DEFAULT_OPEN_TIMEOUT_S", "open_guest"]

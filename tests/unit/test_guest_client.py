@@ -11,6 +11,7 @@ import anyio
 import anyio.abc
 import pytest
 
+from agentiso.frontend.errors import ConnectionLost, Hop
 from agentiso.frontend.guest_client import GuestClient
 from agentiso.protocol import guest as gp
 from agentiso.protocol.errors import (
@@ -131,9 +132,11 @@ async def test_oversize_frame_from_the_guest_fails_requests_fast() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(answer_badly)
-            with anyio.fail_after(5), pytest.raises(FrameTooLarge):
+            with anyio.fail_after(5), pytest.raises(ConnectionLost) as info:
                 await client.ping()
-        with pytest.raises(FrameTooLarge):
+        assert info.value.hop is Hop.GUEST_AGENT
+        assert isinstance(info.value.__cause__, FrameTooLarge)
+        with pytest.raises(ConnectionLost):
             await client.ping()  # the connection is done for
 
 
@@ -182,8 +185,10 @@ async def test_new_session_fails_in_flight_requests() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(restart)
-            with anyio.fail_after(5), pytest.raises(Unavailable):
+            with anyio.fail_after(5), pytest.raises(ConnectionLost) as info:
                 await client.ping()
+        assert info.value.hop is Hop.GUEST_AGENT and "restarted" in str(info.value)
+        assert isinstance(info.value, Unavailable)  # code "unavailable", like a peer's
         assert client.hello is not None and client.hello.session == 99
 
 
@@ -208,5 +213,8 @@ async def test_channel_closed_fails_requests() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(hang_up)
-            with anyio.fail_after(5), pytest.raises(Unavailable):
+            with anyio.fail_after(5), pytest.raises(ConnectionLost) as info:
                 await client.ping()
+        assert info.value.hop is Hop.GUEST_AGENT
+        with pytest.raises(ConnectionLost):  # and every later request, at once
+            await client.ping()
