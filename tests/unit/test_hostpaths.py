@@ -333,6 +333,24 @@ def test_a_file_created_meanwhile_is_not_clobbered(tree: Path, mode: str) -> Non
     assert not [n for n in listing(tree / "root") if n.startswith(".agentiso-")]
 
 
+def test_no_replace_without_renameat2(
+    tree: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where renameat2 is missing, link() + unlink() keeps the no-clobber rule."""
+    monkeypatch.setattr(hostpaths, "_renameat2", None)
+    roots = roots_of(tree)
+    with roots.writer("linked.txt") as w:
+        w.write(b"one")
+    assert (tree / "root" / "linked.txt").read_bytes() == b"one"
+    w = roots.writer("race2.txt")
+    w.write(b"mine")
+    (tree / "root" / "race2.txt").write_bytes(b"theirs")
+    with pytest.raises(HostPathExists):
+        w.commit()
+    assert (tree / "root" / "race2.txt").read_bytes() == b"theirs"
+    assert not [n for n in listing(tree / "root") if n.startswith(".agentiso-")]
+
+
 def test_target_replaced_by_a_link_before_an_overwrite_commits(tree: Path, mode: str) -> None:
     roots = roots_of(tree)
     w = roots.writer("f.txt", overwrite=True)
