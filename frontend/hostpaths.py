@@ -26,9 +26,9 @@ the result.
   A link whose target is absolute is refused even when it names a place inside
   the root: ``RESOLVE_BENEATH`` treats every absolute target as escaping.
 * Where it has not (probed once: ``ENOSYS`` from an old kernel, or ``EPERM``
-  from a seccomp filter), the path is walked one component at a time with ``openat(..., O_NOFOLLOW)``
-  relative to the descriptor of the previous directory, and every symbolic
-  link is refused.
+  from a seccomp filter), the path is walked one component at a time with
+  ``openat(..., O_NOFOLLOW)`` relative to the descriptor of the previous
+  directory, and every symbolic link is refused.
 
 So a symlink swapped in at any moment either is seen by that one lookup (and
 followed only if it stays beneath) or is not seen at all: there is no window
@@ -529,7 +529,10 @@ class HostWriter:
 
     As a context manager it commits when the block succeeds and aborts when it
     raises.  :meth:`commit` and :meth:`abort` are idempotent; after either, the
-    writer is closed.
+    writer is closed.  :meth:`commit` syncs the file to disk, which may take a
+    while for a big file: async callers run it in a thread at the end of the
+    block (``await anyio.to_thread.run_sync(w.commit)``), and the exit then
+    has nothing left to do.
     """
 
     def __init__(
