@@ -191,14 +191,18 @@ async def test_concurrent_exec_and_file_read(pair: Pair, tmp_path: Path) -> None
     f = tmp_path / "data"
     f.write_bytes(b"payload")
     order: list[str] = []
+    running = anyio.Event()
 
     async def slow_exec() -> None:
-        r = await pair.client.exec(["sleep", "1"])
+        # The read starts once the command runs (its output says so), and has
+        # seconds to finish before it ends: a margin that holds under load.
+        r = await pair.client.exec(shell="echo started; sleep 3",
+                                   on_output=lambda stream, data: running.set())
         assert r.exit_code == 0
         order.append("exec")
 
     async def read() -> None:
-        await anyio.sleep(0.1)
+        await running.wait()
         data = await pair.client.read_file(str(f))
         assert data.data == b"payload" and data.eof
         order.append("read")
