@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -246,9 +247,14 @@ class Catalog:
         path = Path(path)
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Created here, 0600, so SQLite never creates it with the umask's mode.
+            # Created here, 0600, so SQLite never creates it with the umask's
+            # mode; an existing one is tightened (its -wal and -shm follow it).
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            os.close(fd)
+            try:
+                if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+                    os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise CatalogError(
                 f"cannot create the catalog {path}: {exc.strerror or exc}",

@@ -274,6 +274,14 @@ def test_file_modes(tmp_path: Path) -> None:
         os.umask(old)
 
 
+def test_an_existing_catalog_is_made_private(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.db"
+    path.touch(mode=0o644)
+    path.chmod(0o644)
+    with Catalog.open(path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
 def test_pragmas(cat: Catalog) -> None:
     db = sqlite3.connect(cat.path)
     try:
