@@ -23,6 +23,7 @@ from agentiso.protocol.errors import (
     ProtocolError,
     RemoteError,
     RemoteProtocolError,
+    UnexpectedMessage,
     VersionMismatch,
     remote_error,
 )
@@ -301,7 +302,9 @@ class GuestSession:
         """Register a request, send a copy of ``msg`` under its id, and yield
         its response stream; a request abandoned before its last message
         (error, timeout, cancellation) is cancelled in the guest."""
-        self._raise_if_closed()
+        closed = self._mux.closed_error()
+        if closed is not None:
+            raise closed
         if self._slots is None:
             raise RuntimeError("GuestClient.connect() first")
         if deadline is None:
@@ -346,7 +349,5 @@ class GuestSession:
         async with self._open(msg, deadline=deadline) as pending:
             resp = await self._next(pending, deadline)
         if not isinstance(resp, expect):
-            raise RemoteProtocolError(
-                f"{self._peer} answered {tag_of(resp)} to {tag_of(msg)}, expected {expect.__name__}"
-            )
+            raise UnexpectedMessage(f"{expect.__name__} in answer to {tag_of(msg)}", resp)
         return resp

@@ -231,7 +231,9 @@ class Mux(Generic[T]):
 
 # --- checking requests before they are sent ---------------------------------------------
 
-_AT_FIELD = re.compile(r"\s*-\s*at `\$\.?(?P<field>[^`]*)`\s*\Z")
+#: Where msgspec says a value failed: "... - at `$.a.b`", or for a mapping's
+#: key "... - at `key` in `$.env`".
+_AT_FIELD = re.compile(r"\s*-\s*at `(?P<at>[^`]*)`(?: in `(?P<within>[^`]*)`)?\s*\Z")
 
 
 def tag_of(msg: msgspec.Struct | type[msgspec.Struct]) -> str:
@@ -263,7 +265,7 @@ def build_checked(codec: Codec[Any], cls: type[S], **fields: Any) -> S:
     InvalidArgument, not at the peer."""
     try:
         msg = cls(id=0, **fields)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # a missing field, or a cross-field rule
         raise InvalidArgument(f"{tag_of(cls)}: {exc}") from None
     encode_checked(codec, msg, 2**32 - 1)
     return msg
@@ -273,4 +275,12 @@ def _bad_argument(msg: msgspec.Struct, detail: str) -> str:
     m = _AT_FIELD.search(detail)
     if m is None:
         return f"{tag_of(msg)}: {detail}"
-    return f"{tag_of(msg)}: bad {m['field'] or 'message'}: {detail[: m.start()]}"
+    field = _path(m["at"])
+    if m["within"] is not None:
+        field = f"{_path(m['within'])} ({field})"
+    return f"{tag_of(msg)}: bad {field}: {detail[: m.start()]}"
+
+
+def _path(where: str) -> str:
+    """msgspec's ``$.policy.peers[3]`` as ``policy.peers[3]``."""
+    return where.removeprefix("$").removeprefix(".") or "message"

@@ -3,19 +3,35 @@ speaks raw bytes, so each test controls exactly what the "guest" sends."""
 
 from __future__ import annotations
 
+import math
+import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
 import pytest
 
-from agentiso.frontend.errors import ConnectionLost, Hop
+from agentiso.frontend.errors import (
+    ConnectionLost,
+    HelperUnavailable,
+    Hop,
+    InvalidArgument,
+    RequestTimeout,
+)
+from agentiso.frontend.guest_channel import open_guest
 from agentiso.frontend.guest_client import GuestClient
 from agentiso.protocol import guest as gp
+from agentiso.protocol import helper as hp
 from agentiso.protocol.errors import (
+    ErrorCode,
     FrameTooLarge,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
     RemoteProtocolError,
     RemoteTimeout,
     Unavailable,
@@ -77,14 +93,14 @@ async def streams() -> AsyncIterator[tuple[anyio.abc.SocketStream, FakeGuest]]:
 
 
 @asynccontextmanager
-async def connected() -> AsyncIterator[tuple[GuestClient, FakeGuest]]:
+async def connected(**kw: Any) -> AsyncIterator[tuple[GuestClient, FakeGuest]]:
     async with streams() as (host, guest):
         async def greet() -> None:
             await guest.send(hello(await guest.read_sync()))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(greet)
-            async with GuestClient.connect(host, hello_timeout=5) as client:
+            async with GuestClient.connect(host, hello_timeout=5, **kw) as client:
                 yield client, guest
             tg.cancel_scope.cancel()
 
@@ -218,3 +234,294 @@ async def test_channel_closed_fails_requests() -> None:
         assert info.value.hop is Hop.GUEST_AGENT
         with pytest.raises(ConnectionLost):  # and every later request, at once
             await client.ping()
+
+
+# --- one client shape: ids, timeouts, errors (same rules as the helper client) ----------
+
+
+async def answer_pings(guest: FakeGuest, seen: list[gp.GuestRequest] | None = None) -> None:
+    while True:
+        req = await guest.read_request()
+        if seen is not None:
+            seen.append(req)
+        if isinstance(req, gp.Ping):
+            await guest.respond(gp.Pong(id=req.id, uptime_s=7.0))
+
+
+async def test_concurrent_requests_answered_out_of_order_reach_their_callers() -> None:
+    async with connected() as (client, guest):
+        async def answer_in_reverse() -> None:
+            reqs = [await guest.read_request() for _ in range(3)]
+            assert len({r.id for r in reqs}) == 3
+            for r in reversed(reqs):
+                assert isinstance(r, gp.FileRead)
+                await guest.respond(gp.FileData(id=r.id, data=r.path.encode(), eof=True,
+                                                size=1))
+
+        got: dict[str, bytes] = {}
+
+        async def read(path: str) -> None:
+            got[path] = (await client.read_file(path)).data
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(answer_in_reverse)
+                for path in ("/a", "/b", "/c"):
+                    tg.start_soon(read, path)
+    assert got == {p: p.encode() for p in ("/a", "/b", "/c")}
+
+
+async def test_the_callers_message_is_not_mutated() -> None:
+    seen: list[gp.GuestRequest] = []
+    msg = gp.Ping(id=0)
+    async with connected() as (client, guest), anyio.create_task_group() as tg:
+        tg.start_soon(answer_pings, guest, seen)
+        async with anyio.create_task_group() as calls:
+            calls.start_soon(client.request, msg, gp.Pong)
+            calls.start_soon(client.request, msg, gp.Pong)
+        tg.cancel_scope.cancel()
+    assert msg.id == 0
+    assert len({r.id for r in seen}) == 2 and 0 not in {r.id for r in seen}
+
+
+async def test_timeout_zero_fails_at_once_without_sending() -> None:
+    seen: list[gp.GuestRequest] = []
+    async with connected() as (client, guest), anyio.create_task_group() as tg:
+        tg.start_soon(answer_pings, guest, seen)
+        with anyio.fail_after(1), pytest.raises(RequestTimeout) as info:
+            await client.ping(timeout=0)
+        assert info.value.seconds == 0 and isinstance(info.value, RemoteTimeout)
+        assert (await client.ping()).uptime_s == 7.0  # the session is fine
+        tg.cancel_scope.cancel()
+    assert [type(r) for r in seen] == [gp.Ping]
+
+
+async def test_timeout_none_is_the_default_and_the_request_is_cancelled() -> None:
+    async with connected(default_timeout=0.3) as (client, guest):
+        t0 = anyio.current_time()
+        with pytest.raises(RequestTimeout, match="ping sent to the guest agent") as info:
+            await client.ping(timeout=None)
+        assert info.value.seconds == 0.3 and 0.25 < anyio.current_time() - t0 < 3
+        ping = await guest.read_request()
+        cancel = await guest.read_request()  # the agent is told to stop
+        assert isinstance(cancel, gp.Cancel) and cancel.target == ping.id
+
+
+@pytest.mark.parametrize("bad", [-1, -0.5, math.inf, math.nan, True, "1"])
+async def test_bad_timeouts_are_refused_before_sending(bad: Any) -> None:
+    async with connected() as (client, _):
+        with pytest.raises(InvalidArgument, match="timeout"):
+            await client.ping(timeout=bad)
+        with pytest.raises(InvalidArgument, match="timeout"):
+            await client.job_list(timeout=bad)
+        with pytest.raises(InvalidArgument, match="idle_timeout"):
+            await client.upload_bytes(b"x", "/x", idle_timeout=bad)
+        with pytest.raises(InvalidArgument, match="timeout"):
+            await client.resync(timeout=bad)
+    async with streams() as (host, _):
+        with pytest.raises(InvalidArgument, match="hello_timeout"):
+            async with GuestClient.connect(host, hello_timeout=bad):
+                pass
+
+
+Call = Callable[[GuestClient], Awaitable[object]]
+BAD_ARGS: list[tuple[str, Call, str]] = [
+    ("exec", lambda c: c.exec(["true"], env={"BAD KEY": "x"}), "env (key)"),
+    ("exec", lambda c: c.exec(["true"], timeout_s=-1), "timeout_s"),
+    ("job_start", lambda c: c.job_start(["true"], ring_bytes=1), "ring_bytes"),
+    ("job_poll", lambda c: c.job_poll(1, max_bytes=10**12), "max_bytes"),
+    ("file_read", lambda c: c.read_file("/x", length=gp.MAX_CHUNK + 1), "length"),
+    ("file_read", lambda c: c.read_file("relative"), "path"),
+    ("set_hostname", lambda c: c.set_hostname("bad\nname"), "hostname"),
+    ("configure_network", lambda c: c.configure_network(address="10.0.0.2", prefix=99,
+                                                        interface="eth0"), "prefix above"),
+    ("set_env", lambda c: c.set_env({"1X": "y"}), "set (key)"),
+    ("download", lambda c: c.download("/x", _discard, chunk_size=0), "chunk_size"),
+]
+
+
+async def _discard(data: bytes) -> None:
+    pass
+
+
+@pytest.mark.parametrize(("tag", "call", "field"), BAD_ARGS,
+                         ids=[f"{t}-{f}" for t, _, f in BAD_ARGS])
+async def test_typed_methods_check_bounds_before_sending(tag: str, call: Call, field: str) -> None:
+    seen: list[gp.GuestRequest] = []
+    async with connected() as (client, guest), anyio.create_task_group() as tg:
+        tg.start_soon(answer_pings, guest, seen)
+        with pytest.raises(InvalidArgument, match=rf"{tag}: (bad )?{re.escape(field)}") as info:
+            await call(client)
+        assert isinstance(info.value, InvalidRequest)  # code "invalid": the caller's fault
+        await client.ping()
+        tg.cancel_scope.cancel()
+    assert [type(r) for r in seen] == [gp.Ping]  # nothing else was sent
+
+
+async def test_a_relayed_channel_closing_names_the_relay() -> None:
+    async with connected(hop=Hop.RELAY, peer="VM 'ws''s guest agent") as (client, guest):
+        async def hang_up() -> None:
+            await guest.read_request()
+            await guest.stream.aclose()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hang_up)
+            with anyio.fail_after(5), pytest.raises(ConnectionLost) as info:
+                await client.ping()
+    assert info.value.hop is Hop.RELAY and "relay to VM 'ws'" in str(info.value)
+
+
+async def test_a_refusal_after_the_session_started_fails_later_requests() -> None:
+    async with connected() as (client, guest):
+        await guest.send(gp.GUEST_SYNC_MAGIC + encode_frame(gp.response_codec.encode(
+            gp.Error(id=0, code=ErrorCode.PERMISSION_DENIED, message="bad secret"))))
+        with anyio.fail_after(5):
+            while True:
+                try:
+                    await client.ping(timeout=0.1)
+                except RequestTimeout:
+                    continue
+                except ConnectionLost as exc:
+                    assert isinstance(exc.__cause__, PermissionDenied)
+                    break
+
+
+# --- open_guest through a fake helper -----------------------------------------------------
+
+HelperScript = Callable[["FakeRelay"], Awaitable[None]]
+
+
+class FakeRelay:
+    """The helper's end: helper frames until GuestOpened, then a fake guest."""
+
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+        self.stream = stream
+        self.decoder = FrameDecoder(hp.HELPER_MAX_FRAME)
+        self.ready: list[bytes] = []
+
+    async def read(self) -> hp.HelperRequest:
+        while not self.ready:
+            self.ready = self.decoder.feed(await self.stream.receive())
+        return hp.request_codec.decode(self.ready.pop(0))
+
+    async def respond(self, msg: hp.HelperResponse, then: bytes = b"") -> None:
+        await self.stream.send(encode_frame(hp.response_codec.encode(msg)) + then)
+
+    async def greet(self) -> hp.GuestOpen:
+        h = await self.read()
+        await self.respond(hp.HelloOk(id=h.id, version=hp.HELPER_PROTOCOL_VERSION,
+                                      server="fake", uptime_s=1.0))
+        req = await self.read()
+        assert isinstance(req, hp.GuestOpen)
+        return req
+
+
+@asynccontextmanager
+async def fake_helper(tmp_path: Path, script: HelperScript) -> AsyncIterator[str]:
+    path = str(tmp_path / "helper.sock")
+    listener = await anyio.create_unix_listener(path)
+    done = anyio.Event()
+
+    async def serve() -> None:
+        try:
+            async with listener:
+                stream = await listener.accept()
+                async with stream:
+                    await script(FakeRelay(stream))
+                    while True:
+                        await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # the client hung up, or the script closed the connection
+        finally:
+            done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(serve)
+        yield path
+        # Let the fake see the hang-up rather than cancel it inside a Unix
+        # socket read (anyio may then complete an already cancelled future).
+        with anyio.move_on_after(5):
+            await done.wait()
+        tg.cancel_scope.cancel()
+
+
+async def test_open_guest_relays_the_guest_stream_right_behind_guest_opened(
+    tmp_path: Path,
+) -> None:
+    async def relay(h: FakeRelay) -> None:
+        req = await h.greet()
+        assert req.vm == "ws" and req.owner == 1000
+        # The relay's greeting in the same write as GuestOpened: not a byte lost.
+        await h.respond(hp.GuestOpened(id=req.id, vm=req.vm), then=hello(b"", session=1))
+        guest = FakeGuest(h.stream)
+        await guest.send(hello(await guest.read_sync(), session=2))
+        ping = await guest.read_request()
+        await guest.respond(gp.Pong(id=ping.id, uptime_s=3.0))
+
+    async with fake_helper(tmp_path, relay) as path:
+        with anyio.fail_after(5):
+            async with open_guest(path, "ws", owner=1000, timeout=5) as g:
+                assert g.hello is not None and g.hello.session == 2
+                assert (await g.ping()).uptime_s == 3.0
+
+
+async def test_open_guest_of_a_missing_vm_is_the_helpers_typed_refusal(tmp_path: Path) -> None:
+    async def refuse(h: FakeRelay) -> None:
+        req = await h.greet()
+        await h.respond(hp.Error(id=req.id, code=ErrorCode.NOT_FOUND, message="no VM 'ws'"))
+
+    async with fake_helper(tmp_path, refuse) as path:
+        with anyio.fail_after(5), pytest.raises(NotFound, match="no VM"):
+            async with open_guest(path, "ws"):
+                pass
+
+
+async def test_open_guest_never_lets_a_raw_timeout_out(tmp_path: Path) -> None:
+    async def silent(h: FakeRelay) -> None:
+        await h.greet()  # and never answers guest_open
+
+    async with fake_helper(tmp_path, silent) as path:
+        with anyio.fail_after(5), pytest.raises(RequestTimeout, match="guest_open sent to"):
+            async with open_guest(path, "ws", timeout=0.3):
+                pass
+
+    async def no_hello(h: FakeRelay) -> None:
+        req = await h.greet()
+        await h.respond(hp.GuestOpened(id=req.id, vm=req.vm))  # but the agent never greets
+
+    async with fake_helper(tmp_path, no_hello) as path:
+        with anyio.fail_after(5), pytest.raises(RequestTimeout, match="VM 'ws'"):
+            async with open_guest(path, "ws", timeout=0.3):
+                pass
+
+
+async def test_open_guest_without_a_helper_is_helper_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(HelperUnavailable, match="cannot connect"):
+        async with open_guest(str(tmp_path / "missing.sock"), "ws"):
+            pass
+
+    async def garbage(h: FakeRelay) -> None:
+        await h.read()
+        await h.stream.send(b"\xff" * 64)
+
+    async with fake_helper(tmp_path, garbage) as path:
+        with anyio.fail_after(5), pytest.raises(HelperUnavailable, match="invalid frame"):
+            async with open_guest(path, "ws"):
+                pass
+
+
+async def test_a_relay_closing_mid_request_is_connection_lost(tmp_path: Path) -> None:
+    async def relay_then_drop(h: FakeRelay) -> None:
+        req = await h.greet()
+        await h.respond(hp.GuestOpened(id=req.id, vm=req.vm))
+        guest = FakeGuest(h.stream)
+        await guest.send(hello(await guest.read_sync()))
+        await guest.read_request()
+        await h.stream.aclose()
+
+    async with fake_helper(tmp_path, relay_then_drop) as path:
+        with anyio.fail_after(5):
+            async with open_guest(path, "ws") as g:
+                with pytest.raises(ConnectionLost) as info:
+                    await g.ping()
+    assert info.value.hop is Hop.RELAY
