@@ -1,29 +1,38 @@
 """``agentiso``: the user-facing command.
 
-``agentiso status`` checks that the helper is reachable and shows how it sees
-you.  The MCP server (``agentiso serve``) arrives with the frontend issue.
+* ``agentiso serve``: the MCP server on stdio (what an MCP client runs).
+* ``agentiso status``: is the helper reachable, and how does it see you.
+
+``--config`` names the user config (default: ``config.toml`` in the user's
+config dir); ``--helper-socket`` overrides the helper socket it names.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import anyio
 
-from agentiso.protocol.errors import ProtocolError
+from agentiso.protocol.errors import WireError
 
 from . import __version__
-from .helper_client import HelperUnavailable, connect_helper
-
-DEFAULT_HELPER_SOCKET = "/run/agentiso/helper.sock"
+from .config import load_config
+from .errors import FrontendError
+from .helper_client import connect_helper
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentiso", description="agentiso workspaces for AI agents")
     p.add_argument("--version", action="version", version=f"agentiso {__version__}")
-    p.add_argument("--helper-socket", default=DEFAULT_HELPER_SOCKET)
+    p.add_argument("--config", type=Path, default=None,
+                   help="user config file (default: config.toml in your config dir)")
+    p.add_argument("--helper-socket", default=None, help="the helper's socket")
     sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the MCP server on stdio (for MCP clients)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
     sub.add_parser("status", help="check the connection to agentiso-helper")
     return p
 
@@ -31,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
 async def _status(socket_path: str) -> int:
     async with connect_helper(socket_path, client_name="agentiso-cli") as helper:
         who = await helper.whoami()
-        assert helper.hello is not None
-        print(f"helper: {helper.hello.server}, up {helper.hello.uptime_s:.0f} s")
+        hello = helper.hello
+        if hello is not None:
+            print(f"helper: {hello.server}, up {hello.uptime_s:.0f} s")
         print(f"you:    uid {who.uid} gid {who.gid}{' (admin)' if who.admin else ''}")
     return 0
 
@@ -40,8 +50,16 @@ async def _status(socket_path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return anyio.run(_status, args.helper_socket)
-    except (HelperUnavailable, ProtocolError) as exc:
+        config = load_config(args.config, helper_socket=args.helper_socket)
+        if args.command == "serve":
+            from . import logs
+            from .server import serve
+
+            logs.configure(args.log_level)
+            serve(config)
+            return 0
+        return anyio.run(_status, config.helper_socket)
+    except (FrontendError, WireError) as exc:
         print(f"agentiso: {exc}", file=sys.stderr)
         return 1
 

@@ -1,0 +1,170 @@
+"""agentiso through MCP: the real ``mcp`` client driving ``agentiso serve`` over
+stdio, against a private helper and a real VM (TCG), each figure beside its floor.
+
+* ``workspace_create`` -> first ``exec`` result, against a bare VmStart
+  through the helper (the floor with no MCP layer).
+* ``exec true`` p50 / p99 through MCP, against the raw guest channel round
+  trip to the same VM (through the helper's relay, no MCP): the ratio's
+  target is <= 1.3.
+* ``file_write`` / ``file_read`` MiB/s through MCP (4 MiB inline content), and
+  ``file_upload`` / ``file_download`` of 100 MiB, against the raw channel's
+  upload/download.
+
+Needs root and ``make image``.  Prints a table; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from agentiso.frontend.guest_channel import open_guest
+from agentiso.protocol import helper as hp
+from agentiso.protocol.blocking import BlockingHelperClient
+from tests.support.helper_process import IMAGES, public_tmpdir, running_helper
+from tests.support.mcp_client import Tools, mcp_tools, serve_params
+
+ROUNDS = 200
+MiB = 1024 * 1024
+
+
+def pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))] * 1000
+
+
+def row(label: str, value: str, floor: str = "", ratio: str = "") -> None:
+    print(f"  {label:<40} {value:>14}   {floor:>14}   {ratio:>8}", flush=True)
+
+
+async def raw_floor(sock: str, vm: str) -> tuple[list[float], float, float]:
+    """exec `true` round trips and 100 MiB up/down MiB/s on the raw channel."""
+    async with open_guest(sock, vm) as g:
+        for _ in range(20):
+            await g.exec(["true"])
+        times = []
+        for _ in range(ROUNDS):
+            t = time.perf_counter()
+            await g.exec(["true"])
+            times.append(time.perf_counter() - t)
+        data = os.urandom(100 * MiB)
+        t = time.perf_counter()
+        await g.upload_bytes(data, "/root/floor.bin")
+        up = 100 / (time.perf_counter() - t)
+        got = bytearray()
+
+        async def write(b: bytes) -> None:
+            got.extend(b)
+
+        t = time.perf_counter()
+        await g.download("/root/floor.bin", write, chunk_size=MiB)
+        down = 100 / (time.perf_counter() - t)
+        await g.remove("/root/floor.bin")
+    return times, up, down
+
+
+async def through_mcp(tools: Tools, host: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    t = time.perf_counter()
+    await tools.call("workspace_create", name="bench")
+    await tools.call("exec", workspace="bench", command="true")
+    out["create_to_exec"] = time.perf_counter() - t
+    for _ in range(20):
+        await tools.call("exec", workspace="bench", command="true")
+    times = []
+    for _ in range(ROUNDS):
+        t = time.perf_counter()
+        await tools.call("exec", workspace="bench", command="true")
+        times.append(time.perf_counter() - t)
+    out["exec"] = times
+    content = base64.b64encode(os.urandom(3 * MiB)).decode()  # 4 MiB of text
+    t = time.perf_counter()
+    for _ in range(5):
+        await tools.call("file_write", workspace="bench", path="/root/w.txt", content=content)
+    out["write"] = 5 * len(content) / MiB / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(5):
+        r = await tools.call("file_read", workspace="bench", path="/root/w.txt")
+        assert len(r["content"]) == len(content)
+    out["read"] = 5 * len(content) / MiB / (time.perf_counter() - t)
+    src = host / "up.bin"
+    src.write_bytes(os.urandom(100 * MiB))
+    want = hashlib.sha256(src.read_bytes()).hexdigest()
+    t = time.perf_counter()
+    r = await tools.call("file_upload", workspace="bench", host_path=str(src),
+                         guest_path="/root/up.bin")
+    out["upload"] = 100 / (time.perf_counter() - t)
+    assert r["sha256"] == want
+    t = time.perf_counter()
+    await tools.call("file_download", workspace="bench", guest_path="/root/up.bin",
+                     host_path="down.bin")
+    out["download"] = 100 / (time.perf_counter() - t)
+    t = time.perf_counter()
+    await tools.call("workspace_destroy", workspace="bench")
+    out["destroy"] = time.perf_counter() - t
+    return out
+
+
+def main() -> int:
+    if os.geteuid() != 0 or not (IMAGES / "minimal" / "rootfs.img").exists():
+        print("skipped: needs root and `make image`")
+        return 0
+    with running_helper(group=0, extra_args=("--images-dir", str(IMAGES)),
+                        config="[limits]\nper_uid_memory_mib = 2048\n") as helper:
+        work = public_tmpdir("agentiso-mcp-bench-")
+        try:
+            (work / "host").mkdir()
+            cfg = work / "config.toml"
+            cfg.write_text(f'helper_socket = "{helper.socket}"\nhost_roots = ["{work}/host"]\n'
+                           f'state_dir = "{work}/state"\n')
+            # The floor: a bare VM through the helper, raw channel.
+            with BlockingHelperClient(str(helper.socket), timeout=180) as c:
+                c.request(hp.VolumeCreate(id=0, name="floor", source=hp.FromImage(image="minimal")))
+                t = time.perf_counter()
+                c.request(hp.VmStart(id=0, name="floor", volume="floor"))
+            floor_start = time.perf_counter() - t
+            floor_exec, floor_up, floor_down = anyio.run(raw_floor, str(helper.socket), "floor")
+            with BlockingHelperClient(str(helper.socket), timeout=180) as c:
+                c.request(hp.VmStop(id=0, name="floor"))
+                c.request(hp.VolumeDestroy(id=0, name="floor"))
+
+            async def run() -> dict[str, Any]:
+                async with mcp_tools(serve_params(cfg)) as tools:
+                    return await through_mcp(tools, work / "host")
+
+            m = anyio.run(run)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    e50, f50 = pct(m["exec"], 0.5), pct(floor_exec, 0.5)
+    print(f"agentiso through MCP (stdio, real client) vs the floor; {ROUNDS} exec rounds")
+    row("what", "agentiso+MCP", "floor", "ratio")
+    row("create -> first exec result (s)", f"{m['create_to_exec']:.2f}",
+        f"{floor_start:.2f}", f"{m['create_to_exec'] / floor_start:.2f}")
+    row("exec `true` p50 (ms)", f"{e50:.2f}", f"{f50:.2f}", f"{e50 / f50:.2f}")
+    row("exec `true` p99 (ms)", f"{pct(m['exec'], 0.99):.2f}",
+        f"{pct(floor_exec, 0.99):.2f}", f"{pct(m['exec'], 0.99) / pct(floor_exec, 0.99):.2f}")
+    row("exec `true` mean (ms)", f"{statistics.mean(m['exec']) * 1000:.2f}",
+        f"{statistics.mean(floor_exec) * 1000:.2f}", "")
+    row("file_write 4 MiB (MiB/s)", f"{m['write']:.1f}", "", "")
+    row("file_read 4 MiB (MiB/s)", f"{m['read']:.1f}", "", "")
+    row("file_upload 100 MiB (MiB/s)", f"{m['upload']:.1f}", f"{floor_up:.1f}",
+        f"{m['upload'] / floor_up:.2f}")
+    row("file_download 100 MiB (MiB/s)", f"{m['download']:.1f}", f"{floor_down:.1f}",
+        f"{m['download'] / floor_down:.2f}")
+    row("workspace_destroy (s)", f"{m['destroy']:.2f}", "", "")
+    print(f"  target: MCP exec p50 <= 1.3 x raw channel: "
+          f"{'met' if e50 <= 1.3 * f50 else 'NOT met'} ({e50 / f50:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Turning any failure of a tool into an MCP tool error an agent can act on.
+
+Every tool error is two lines: what went wrong, and what to do next.  A
+traceback never reaches the client: an unexpected exception is logged (with
+its traceback, as JSON on stderr) and the agent is told it was an internal
+error and where the details are.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
+
+import anyio
+import structlog
+from mcp.server.mcpserver.exceptions import ToolError
+
+from agentiso.protocol import errors as pe
+
+from .errors import ConnectionLost, FrontendError, HelperUnavailable, RequestTimeout
+
+log = structlog.get_logger("agentiso.frontend.tools")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+class BadArgument(FrontendError):
+    """A tool argument that its schema could not refuse (it depends on the
+    config or on other arguments).  ``str()`` is the cause, then what to do."""
+
+
+#: What to do after each typed answer from the helper or a guest agent.
+_HINTS: dict[pe.ErrorCode, str] = {
+    pe.ErrorCode.INVALID: "Fix the argument named above and call again.",
+    pe.ErrorCode.PROTOCOL: "This is a bug in agentiso; retry, and report it if it persists.",
+    pe.ErrorCode.VERSION_MISMATCH: "Upgrade agentiso so the frontend and helper match.",
+    pe.ErrorCode.PERMISSION_DENIED: "Ask the administrator to add you to the agentiso group.",
+    pe.ErrorCode.NOT_FOUND: "Check the name (workspace_list shows your workspaces).",
+    pe.ErrorCode.ALREADY_EXISTS: "Choose another name, or destroy the existing one first.",
+    pe.ErrorCode.CONFLICT: "Wait for the other operation to finish, or change the state first.",
+    pe.ErrorCode.LIMIT_EXCEEDED: "Stop or destroy a workspace, or ask for fewer resources.",
+    pe.ErrorCode.TOO_LARGE: "Send less at once (use file_upload for large files).",
+    pe.ErrorCode.TIMEOUT: "It took too long; check workspace_logs, then retry "
+                          "(with a larger timeout where the tool takes one).",
+    pe.ErrorCode.UNAVAILABLE: "The workspace's agent is not reachable; check workspace_info "
+                              "and workspace_logs, then retry or restart the workspace.",
+    pe.ErrorCode.CANCELLED: "The operation was cancelled; retry it if it is still wanted.",
+    pe.ErrorCode.INTERNAL: "This is a bug in agentiso's helper; its log has the details "
+                           "(agentiso-helper logs).",
+    pe.ErrorCode.GUEST_FAILED: "The step failed inside the workspace; see workspace_logs.",
+}
+
+
+def describe(exc: BaseException, tool: str) -> str:
+    """Two lines: the cause, and what to do."""
+    if isinstance(exc, HelperUnavailable):
+        return (f"{exc.message}\nStart the helper (systemctl start agentiso-helper.socket), "
+                "make sure you are in the agentiso group, then retry.")
+    if isinstance(exc, ConnectionLost):
+        return (f"{exc.message}\nRetry; if it keeps failing check workspace_info and "
+                "workspace_logs.")
+    if isinstance(exc, RequestTimeout):
+        return f"{exc.message}\n{_HINTS[pe.ErrorCode.TIMEOUT]}"
+    if isinstance(exc, FrontendError):
+        cause = getattr(exc, "cause", None)
+        hint = getattr(exc, "hint", None)
+        if isinstance(cause, str) and isinstance(hint, str):
+            return f"{cause}\n{_sentence(hint)}"
+        text = str(exc)
+        return text if "\n" in text else f"{text}\nCheck the arguments and retry."
+    if isinstance(exc, pe.RemoteError):
+        return f"{exc.message}\n{_HINTS.get(exc.code, 'Retry; check workspace_logs.')}"
+    if isinstance(exc, pe.ProtocolError):
+        return (f"agentiso could not talk to the helper or the guest agent: {exc}\n"
+                "Retry; if it persists run `agentiso status`.")
+    return (f"internal error in the agentiso MCP server ({type(exc).__name__}) during {tool}\n"
+            "Retry; the server's log on stderr has the details.")
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    if not text:
+        return "Retry."
+    return text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Wrap a tool: every exception becomes a :class:`ToolError` with
+    :func:`describe`'s text (cancellation passes through untouched)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except ToolError:
+            raise
+        except anyio.get_cancelled_exc_class():
+            raise
+        except (FrontendError, pe.RemoteError, pe.ProtocolError) as exc:
+            log.info("tool_failed", tool=fn.__name__, error=str(exc))
+            raise ToolError(describe(exc, fn.__name__)) from None
+        except Exception as exc:
+            log.exception("tool_crashed", tool=fn.__name__)
+            raise ToolError(describe(exc, fn.__name__)) from None
+
+    return wrapper

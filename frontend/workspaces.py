@@ -1,0 +1,417 @@
+"""Workspace orchestration: the catalog's rows and the helper's resources, in step.
+
+A workspace is a catalog row (name, shape, state, env defaults, owning
+session) plus what the helper holds for it under the row's id: a volume and,
+while it runs, a VM (the helper is the truth about those).  Every operation
+here:
+
+* checks the row's state with :func:`lifecycle.require` and claims it with a
+  compare-and-set in the catalog, so two frontends never act on one workspace
+  at once;
+* undoes each step it made if a later one fails (or the call is cancelled),
+  so nothing half-made survives: no volume, VM, TAP, address or row;
+* never holds a lock across a wait on the helper or a guest.
+
+Connections: one helper connection and one guest channel per running
+workspace are kept open (:class:`~.keepopen.KeptOpen`) and reopened after a
+loss.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+import structlog
+
+from agentiso.protocol import helper as hp
+from agentiso.protocol.errors import NotFound
+
+from . import lifecycle
+from .catalog import Catalog, WorkspaceRecord, validate_workspace_name
+from .config import FrontendConfig
+from .errors import ConnectionLost, FrontendError
+from .guest_channel import open_guest
+from .guest_client import GuestClient
+from .helper_client import HelperClient, connect_helper
+from .keepopen import KeptOpen
+from .lifecycle import Event, Operation, State
+from .sessions import Session, session_alive
+
+log = structlog.get_logger("agentiso.frontend.workspaces")
+
+GiB = 1024 * 1024 * 1024
+#: How long a graceful stop may take before the helper kills the VM.
+STOP_TIMEOUT_S = 30.0
+Progress = Callable[[str], Awaitable[None]]
+
+
+async def _no_progress(_: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Detail:
+    """A workspace as the tools show it: the row, and the helper's view."""
+
+    record: WorkspaceRecord
+    vm: hp.VmInfo | None
+    volume: hp.VolumeInfo | None
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A helper resource of ours that no catalog row claims."""
+
+    kind: str  # "vm" or "volume"
+    name: str
+    state: str
+
+
+class Workspaces:
+    """The orchestrator the MCP tools call.  Create it inside a task group."""
+
+    def __init__(
+        self, config: FrontendConfig, catalog: Catalog, session: Session,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.session = session
+        self._tg = tg
+        self._helper: KeptOpen[HelperClient] = KeptOpen(
+            tg, lambda: connect_helper(config.helper_socket, client_name="agentiso-serve"),
+            "helper connection",
+        )
+        self._guests: dict[str, KeptOpen[GuestClient]] = {}
+
+    # --- connections -----------------------------------------------------------------
+
+    async def helper(self) -> HelperClient:
+        """The kept helper connection (raises HelperUnavailable with how to start it)."""
+        return await self._helper.get()
+
+    @asynccontextmanager
+    async def helper_call(self) -> AsyncIterator[HelperClient]:
+        """A block that uses the helper: a lost connection is dropped so the
+        next call reconnects."""
+        client = await self.helper()
+        try:
+            yield client
+        except ConnectionLost:
+            self._helper.invalidate(client)
+            raise
+
+    @asynccontextmanager
+    async def guest(self, rec: WorkspaceRecord) -> AsyncIterator[GuestClient]:
+        """The guest agent of a running workspace (kept open between calls)."""
+        lifecycle.require(rec.name, rec.state, Operation.EXEC)
+        kept = self._guests.get(rec.vm)
+        if kept is None:
+            sock = self.config.helper_socket
+            timeout = float(self.config.limits.boot_timeout_secs)
+            kept = self._guests[rec.vm] = KeptOpen(
+                self._tg, lambda: open_guest(sock, rec.vm, timeout=timeout),
+                f"guest channel of {rec.name}",
+            )
+        client = await kept.get()
+        try:
+            yield client
+        except ConnectionLost:
+            kept.invalidate(client)
+            raise
+
+    def _drop_guest(self, vm: str) -> None:
+        kept = self._guests.pop(vm, None)
+        if kept is not None:
+            kept.close()
+
+    def get(self, ref: str) -> WorkspaceRecord:
+        return self.catalog.get_workspace(ref)
+
+    # --- create ----------------------------------------------------------------------
+
+    async def create(
+        self, *, name: str | None, image: str, vcpus: int, memory_mb: int,
+        disk_gb: int | None, allow_internet: bool, progress: Progress = _no_progress,
+    ) -> Detail:
+        """Volume from the image, VM with its network, agent hello, guest
+        configured (by the helper), then the row says running.  Any failure
+        or cancellation undoes every step, the row included."""
+        name = validate_workspace_name(name) if name else self._auto_name(image)
+        wid = self.catalog.new_workspace_id()
+        now = time.time()
+        rec = WorkspaceRecord(
+            id=wid, name=name, image=image, vcpus=vcpus, memory_mb=memory_mb,
+            disk_gb=disk_gb, allow_internet=allow_internet, state=State.CREATING,
+            state_reason="", vm=wid, volume=wid, session=self.session.id,
+            created_at=now, updated_at=now, env={}, parent_workspace=None,
+            parent_snapshot=None,
+        )
+        self.catalog.add_workspace(rec)
+        async with AsyncExitStack() as undo:
+            undo.push_async_callback(self._forget_row, wid)
+            async with self.helper_call() as h:
+                await progress("creating the disk from image " + image)
+                await h.volume_create(
+                    name=wid, source=hp.FromImage(image=image),
+                    size_bytes=disk_gb * GiB if disk_gb else None,
+                )
+                undo.push_async_callback(self._destroy_volume, wid)
+                await progress("booting the VM")
+                # Pushed first: a boot that times out may leave the VM registered.
+                undo.push_async_callback(self._kill_vm, wid)
+                # Runs first on failure: a crash during the undo leaves a row
+                # that the next start-up finishes as a destroy.
+                undo.push_async_callback(self._mark, wid, Event.CREATE_FAILED)
+                vm = await h.vm_start(
+                    name=wid, volume=wid, vcpus=vcpus, memory_mib=memory_mb,
+                    network=_policy(allow_internet),
+                    timeout=float(self.config.limits.boot_timeout_secs),
+                )
+            await progress("connecting to the guest agent")
+            async with self.guest(self._advance(rec, Event.CREATED)) as g:
+                await g.ping()
+            undo.pop_all()  # success: keep everything
+        return Detail(self.catalog.get_workspace(wid), vm, None)
+
+    def _auto_name(self, image: str) -> str:
+        for _ in range(20):
+            name = f"{image[:50]}-{secrets.token_hex(2)}"
+            if self.catalog.find_workspace(name) is None:
+                return name
+        return f"{image[:40]}-{secrets.token_hex(6)}"
+
+    # --- undo steps (shielded: they run while a failure or cancellation unwinds) ------
+
+    async def _forget_row(self, wid: str) -> None:
+        self._drop_guest(wid)
+        self.catalog.delete_workspace(wid)
+
+    async def _destroy_volume(self, volume: str) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                async with self.helper_call() as h:
+                    await h.volume_destroy(name=volume)
+            except NotFound:
+                pass
+            except Exception as exc:
+                log.warning("undo_failed", step="volume_destroy", volume=volume, error=str(exc))
+
+    async def _kill_vm(self, vm: str) -> None:
+        with anyio.CancelScope(shield=True):
+            self._drop_guest(vm)
+            try:
+                async with self.helper_call() as h:
+                    await h.vm_stop(name=vm, force=True)
+            except NotFound:
+                pass
+            except Exception as exc:
+                log.warning("undo_failed", step="vm_stop", vm=vm, error=str(exc))
+
+    # --- start / stop / destroy ------------------------------------------------------
+
+    def _advance(self, rec: WorkspaceRecord, event: Event, reason: str = "") -> WorkspaceRecord:
+        """Move the row by ``event`` from the state it was read in (compare-and-set:
+        raises StateConflict if another operation moved it meanwhile)."""
+        new = lifecycle.transition(rec.state, event)
+        return self.catalog.set_state(rec.id, new, reason, expect=[rec.state])
+
+    async def _mark(self, wid: str, event: Event) -> None:
+        rec = self.catalog.find_workspace(wid)
+        if rec is not None:
+            self.catalog.set_state(wid, lifecycle.transition(rec.state, event), str(event))
+
+    async def start(self, ref: str, progress: Progress = _no_progress) -> Detail:
+        rec = self.get(ref)
+        lifecycle.require(rec.name, rec.state, Operation.START)
+        rec = self._advance(rec, Event.START_REQUESTED)
+        try:
+            # A crashed VM stays registered until stopped: clear it first.
+            await self._kill_vm(rec.vm)
+            await progress("booting the VM")
+            async with self.helper_call() as h:
+                vm = await h.vm_start(
+                    name=rec.vm, volume=rec.volume, vcpus=rec.vcpus, memory_mib=rec.memory_mb,
+                    network=_policy(rec.allow_internet),
+                    timeout=float(self.config.limits.boot_timeout_secs),
+                )
+            await progress("connecting to the guest agent")
+            rec = self._advance(rec, Event.STARTED)
+            async with self.guest(rec) as g:
+                await g.ping()
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._kill_vm(rec.vm)
+                rec = self.catalog.get_workspace(rec.id)
+                event = Event.START_FAILED if rec.state is State.STARTING else Event.VANISHED
+                self._advance(rec, event, f"start failed: {_reason(exc)}")
+            raise
+        return Detail(rec, vm, None)
+
+    async def stop(self, ref: str, *, force: bool = False) -> WorkspaceRecord:
+        rec = self.get(ref)
+        lifecycle.require(rec.name, rec.state, Operation.STOP)
+        rec = self._advance(rec, Event.STOP_REQUESTED)
+        self._drop_guest(rec.vm)
+        try:
+            async with self.helper_call() as h:
+                await h.vm_stop(name=rec.vm, force=force, timeout_s=STOP_TIMEOUT_S,
+                                timeout=STOP_TIMEOUT_S + 30)
+        except NotFound:
+            pass  # already gone: stopped is what we wanted
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                rec = self._advance(rec, Event.STOP_FAILED, f"stop failed: {_reason(exc)}")
+                await self._settle(rec)
+            raise
+        return self._advance(rec, Event.STOPPED, "stopped by request")
+
+    async def destroy(self, ref: str) -> WorkspaceRecord:
+        rec = self.get(ref)
+        lifecycle.require(rec.name, rec.state, Operation.DESTROY)
+        rec = self._advance(rec, Event.DESTROY_REQUESTED)
+        try:
+            await self._remove_resources(rec, strict=True)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                rec = self._advance(rec, Event.DESTROY_FAILED, f"destroy failed: {_reason(exc)}")
+                await self._settle(rec)
+            raise
+        self.catalog.delete_workspace(rec.id)
+        return rec
+
+    async def _remove_resources(self, rec: WorkspaceRecord, *, strict: bool) -> None:
+        """Stop the VM (killing it) and destroy the volume; what is already gone
+        is fine.  ``strict``: other failures are raised (else logged)."""
+        self._drop_guest(rec.vm)
+        try:
+            async with self.helper_call() as h:
+                try:
+                    await h.vm_stop(name=rec.vm, force=True)
+                except NotFound:
+                    pass
+                try:
+                    await h.volume_destroy(name=rec.volume)
+                except NotFound:
+                    pass
+        except Exception as exc:
+            if strict:
+                raise
+            log.warning("cleanup_failed", workspace=rec.name, error=str(exc))
+
+    async def _settle(self, rec: WorkspaceRecord) -> None:
+        """After a failed stop/destroy: make the row say what the helper holds."""
+        try:
+            async with self.helper_call() as h:
+                vm: hp.VmInfo | None = await h.vm_get(name=rec.vm)
+        except NotFound:
+            vm = None
+        except Exception:
+            return  # unknown: leave it for the next reconcile
+        state, reason = lifecycle.reconcile(rec.state, None if vm is None else vm.state)
+        if state is not rec.state:
+            self.catalog.set_state(rec.id, state, reason, expect=[rec.state])
+
+    # --- views -----------------------------------------------------------------------
+
+    async def detail(self, ref: str) -> Detail:
+        rec = self.get(ref)
+        vm: hp.VmInfo | None = None
+        vol: hp.VolumeInfo | None = None
+        async with self.helper_call() as h:
+            try:
+                vm = await h.vm_get(name=rec.vm)
+            except NotFound:
+                vm = None
+            try:
+                vol = await h.volume_get(name=rec.volume)
+            except NotFound:
+                vol = None
+        rec = self._reconciled(rec, vm)
+        return Detail(rec, vm, vol)
+
+    async def list(self) -> tuple[list[Detail], list[Orphan]]:
+        """Every workspace of this user (reconciled with the helper) and the
+        helper's resources no row claims (shown, never hidden)."""
+        async with self.helper_call() as h:
+            vms = {v.name: v for v in (await h.vm_list()).vms}
+            vols = {v.name: v for v in (await h.volume_list()).volumes}
+        out = []
+        claimed_vms: set[str] = set()
+        claimed_vols: set[str] = set()
+        for rec in self.catalog.list_workspaces():
+            claimed_vms.add(rec.vm)
+            claimed_vols.add(rec.volume)
+            vm = vms.get(rec.vm)
+            out.append(Detail(self._reconciled(rec, vm), vm, vols.get(rec.volume)))
+        orphans = [Orphan("vm", n, v.state) for n, v in vms.items() if n not in claimed_vms]
+        orphans += [Orphan("volume", n, "in use" if v.vm else "idle")
+                    for n, v in vols.items() if n not in claimed_vols]
+        return out, orphans
+
+    def _reconciled(self, rec: WorkspaceRecord, vm: hp.VmInfo | None) -> WorkspaceRecord:
+        """The row, corrected where the helper contradicts it (e.g. a VM that died)."""
+        if rec.state in lifecycle.BUSY_STATES:
+            return rec  # an operation is under way (or its frontend died: see reconcile_all)
+        state, reason = lifecycle.reconcile(rec.state, None if vm is None else vm.state)
+        if state == rec.state:
+            return rec
+        if state != State.RUNNING:
+            self._drop_guest(rec.vm)
+        if vm is not None and vm.reason:
+            reason = f"{reason}: {vm.reason}"
+        try:
+            return self.catalog.set_state(rec.id, state, reason, expect=[rec.state])
+        except FrontendError:
+            return self.catalog.get_workspace(rec.id)
+
+    async def reconcile_all(self) -> None:
+        """On start: rows left mid-operation by a frontend that is gone are
+        finished (a half-made create is undone; a destroy is completed), and
+        every other row is corrected from the helper's view."""
+        for rec in self.catalog.list_workspaces():
+            if rec.state not in lifecycle.BUSY_STATES:
+                continue
+            if rec.session and session_alive(self.config.state_dir, rec.session):
+                continue
+            try:
+                async with self.helper_call() as h:
+                    vm_state: str | None = (await h.vm_get(name=rec.vm)).state
+            except NotFound:
+                vm_state = None
+            state, reason = lifecycle.recover(rec.state, vm_state)
+            log.info("recover_abandoned", workspace=rec.name, was=str(rec.state), now=str(state))
+            try:
+                rec = self.catalog.set_state(rec.id, state, reason, expect=[rec.state])
+            except FrontendError:
+                continue  # someone else is recovering it
+            if state is State.DESTROYING:
+                await self._remove_resources(rec, strict=False)
+                self.catalog.delete_workspace(rec.id)
+        await self.list()
+
+    async def console(self, ref: str, max_bytes: int) -> tuple[WorkspaceRecord, str, str]:
+        """The console tail and the helper's failure reason (if any)."""
+        rec = self.get(ref)
+        async with self.helper_call() as h:
+            try:
+                text = (await h.vm_console(name=rec.vm, max_bytes=max_bytes)).text
+                vm: hp.VmInfo | None = await h.vm_get(name=rec.vm)
+            except NotFound:
+                text, vm = "", None
+        return rec, text, (vm.reason if vm is not None else "")
+
+
+def _policy(allow_internet: bool) -> hp.NetworkPolicy:
+    return hp.NetworkPolicy(egress=allow_internet)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]

@@ -1,0 +1,236 @@
+"""The frontend's pure parts: config, output decoding, line windows, edits,
+modes, tool error texts, session liveness, kept-open connections, tool schemas."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import jsonschema
+import pytest
+
+from agentiso.frontend import guestfiles
+from agentiso.frontend.config import ConfigError, parse_config
+from agentiso.frontend.errors import ConnectionLost, HelperUnavailable, Hop
+from agentiso.frontend.execution import decode_output
+from agentiso.frontend.keepopen import KeptOpen
+from agentiso.frontend.sessions import Session, session_alive
+from agentiso.frontend.toolerrors import describe
+from agentiso.protocol import errors as pe
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_roots() -> None:
+    cfg = parse_config("", cwd=Path("/home/u/proj"), home=Path("/home/u"))
+    assert cfg.helper_socket == "/run/agentiso/helper.sock"
+    assert cfg.host_roots == (Path("/home/u/proj"),)
+    assert cfg.defaults.image == "minimal" and cfg.defaults.memory_mb == 256
+    assert parse_config("", cwd=Path("/")).host_roots == (), "never share / by default"
+    cfg = parse_config('host_roots = ["~/a", "/b"]\nstate_dir = "~/s"\n[defaults]\nvcpus = 2\n',
+                       home=Path("/home/u"))
+    assert cfg.host_roots == (Path("/home/u/a"), Path("/b"))
+    assert cfg.state_dir == Path("/home/u/s") and cfg.defaults.vcpus == 2
+
+
+@pytest.mark.parametrize("text", [
+    "nonsense = 1\n",                        # unknown key
+    "host_roots = ['relative/dir']\n",       # not absolute
+    "[defaults]\nvcpus = 0\n",               # out of range
+    "[defaults]\nimage = 'Bad Name'\n",      # not an image name
+    "[limits]\nmax_exec_timeout_secs = 0\n",
+    "helper_socket = \n",                    # not TOML
+])
+def test_config_refuses_bad_files(text: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, source="c.toml")
+    assert str(e.value).startswith("c.toml") and "\n" in str(e.value)
+
+
+# --- exec output ---------------------------------------------------------------------------------
+
+
+def test_decode_output() -> None:
+    assert decode_output(b"hi\n") == ("hi\n", "utf-8")
+    assert decode_output(b"\xff\x00\x01") == ("/wAB", "base64")
+    cut = "é".encode() * 3
+    assert decode_output(cut[:-1], truncated=True) == ("éé", "utf-8")
+    assert decode_output(cut[:-1], truncated=False)[1] == "base64"
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def _window(data: bytes, offset: int, limit: int, max_bytes: int = 1 << 20,
+            piece: int = 3) -> guestfiles.LineWindow:
+    w = guestfiles.LineWindow(offset, limit, max_bytes)
+    for i in range(0, len(data), piece):
+        if not w.feed(data[i : i + piece]):
+            break
+    return w
+
+
+@pytest.mark.parametrize("piece", [1, 2, 5, 100])
+def test_line_window(piece: int) -> None:
+    data = b"l0\nl1\nl2\nl3\nl4"
+    w = _window(data, 1, 2, piece=piece)
+    assert (bytes(w.kept), w.count, w.full) == (b"l1\nl2\n", 2, True)
+    w = _window(data, 3, 10, piece=piece)
+    assert (bytes(w.kept), w.count, w.full) == (b"l3\nl4", 2, False)
+    w = _window(data, 9, 1, piece=piece)
+    assert (bytes(w.kept), w.count) == (b"", 0)
+
+
+def test_line_window_byte_budget() -> None:
+    w = _window(b"aaaa\nbbbb\ncccc\n", 0, 100, max_bytes=11)
+    assert (bytes(w.kept), w.count, w.full) == (b"aaaa\nbbbb\n", 2, True)
+    w = _window(b"x" * 50 + b"\nnext\n", 0, 100, max_bytes=10)
+    assert (bytes(w.kept), w.count, w.full) == (b"x" * 10, 1, True), "a huge line: its start"
+
+
+def test_apply_edit() -> None:
+    assert guestfiles.apply_edit("a b a", "b", "c", False, "/f") == ("a c a", 1)
+    assert guestfiles.apply_edit("a b a", "a", "c", True, "/f") == ("c b c", 2)
+    with pytest.raises(guestfiles.FileToolError, match="not found"):
+        guestfiles.apply_edit("abc", "x", "y", False, "/f")
+    with pytest.raises(guestfiles.FileToolError, match="2 times"):
+        guestfiles.apply_edit("a a", "a", "y", False, "/f")
+    with pytest.raises(guestfiles.FileToolError, match="empty"):
+        guestfiles.apply_edit("a", "", "y", True, "/f")
+
+
+def test_modes_and_content() -> None:
+    assert [guestfiles.parse_mode(m) for m in ("644", "0755", "0o600", "4755")] == [
+        0o644, 0o755, 0o600, 0o4755]
+    for bad in ("999", "rwx", "", "12", "0o77777"):
+        with pytest.raises(guestfiles.FileToolError):
+            guestfiles.parse_mode(bad)
+    assert guestfiles.decode_content("AAE=", "base64") == b"\x00\x01"
+    with pytest.raises(guestfiles.FileToolError, match="base64"):
+        guestfiles.decode_content("not base64!", "base64")
+
+
+# --- tool error texts ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exc", [
+    pe.NotFound("VM 'x' not found"),
+    pe.LimitExceeded("memory: 2048 MiB asked, 1024 MiB left"),
+    pe.GuestFailed("guest: no NIC with MAC 52:54:00:00:00:01"),
+    HelperUnavailable("cannot connect to /run/agentiso/helper.sock: No such file"),
+    ConnectionLost(Hop.GUEST_AGENT, "the agent restarted"),
+    guestfiles.FileToolError("bad\nfix it"),
+    RuntimeError("a bug"),
+])
+def test_describe_is_cause_then_what_to_do(exc: BaseException) -> None:
+    text = describe(exc, "exec")
+    lines = text.splitlines()
+    assert len(lines) == 2 and all(line.strip() for line in lines), text
+    assert "Traceback" not in text and "[" not in lines[0][:1]
+
+
+def test_describe_hides_internal_details() -> None:
+    text = describe(KeyError("secret internals"), "exec")
+    assert "secret" not in text and "internal error" in text
+
+
+# --- sessions ------------------------------------------------------------------------------------
+
+
+def test_session_alive_follows_the_process(tmp_path: Path) -> None:
+    s = Session(tmp_path)
+    assert session_alive(tmp_path, s.id)
+    s.close()
+    assert not session_alive(tmp_path, s.id)
+    assert not session_alive(tmp_path, "s-000000000000")
+    # A process that dies (SIGKILL) without closing: its session is dead.
+    code = ("import sys, time; from pathlib import Path;"
+            "from agentiso.frontend.sessions import Session;"
+            f"s = Session(Path({str(tmp_path)!r})); print(s.id, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        sid = proc.stdout.readline().strip()
+        assert session_alive(tmp_path, sid)
+        proc.kill()
+        proc.wait()
+        assert not session_alive(tmp_path, sid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --- kept-open connections -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_kept_open_opens_once_and_reopens_after_invalidate() -> None:
+    opened: list[int] = []
+    closed: list[int] = []
+
+    @asynccontextmanager
+    async def opener() -> AsyncIterator[int]:
+        n = len(opened)
+        opened.append(n)
+        try:
+            yield n
+        finally:
+            closed.append(n)
+
+    async with anyio.create_task_group() as tg:
+        kept = KeptOpen(tg, opener, "test")
+        values = []
+
+        async def get() -> None:
+            values.append(await kept.get())
+
+        async with anyio.create_task_group() as inner:
+            for _ in range(5):
+                inner.start_soon(get)
+        assert values == [0] * 5 and opened == [0]
+        kept.invalidate(123)  # a stale value changes nothing
+        assert await kept.get() == 0
+        kept.invalidate(0)
+        assert await kept.get() == 1
+        await anyio.sleep(0.01)
+        assert closed == [0]
+        kept.close()
+        await anyio.sleep(0.01)
+        assert closed == [0, 1]
+
+
+@pytest.mark.anyio
+async def test_kept_open_raises_open_failures_to_the_caller() -> None:
+    @asynccontextmanager
+    async def opener() -> AsyncIterator[int]:
+        raise HelperUnavailable("no helper")
+        yield 0  # pragma: no cover
+
+    async with anyio.create_task_group() as tg:
+        kept = KeptOpen(tg, opener, "test")
+        for _ in range(2):
+            with pytest.raises(HelperUnavailable):
+                await kept.get()
+
+
+# --- tool schemas --------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_every_tool_schema_compiles_and_has_no_naive_datetimes(tmp_path: Path) -> None:
+    from agentiso.frontend.server import build_server
+
+    app = build_server(parse_config(f'state_dir = "{tmp_path}"\n', cwd=tmp_path))
+    tools = await app.list_tools()
+    assert len(tools) >= 19
+    for t in tools:
+        jsonschema.Draft202012Validator.check_schema(t.input_schema)
+        assert t.output_schema is not None, t.name
+        jsonschema.Draft202012Validator.check_schema(t.output_schema)
+        if t.name != "workspace_list":
+            assert "workspace" in t.input_schema["properties"] or t.name == "workspace_create"
