@@ -64,7 +64,7 @@ from agentiso.protocol.errors import (
 from agentiso.protocol.framing import HEADER
 from agentiso.protocol.stream import FrameReader
 
-from .errors import ConnectionLost, HelperUnavailable, Hop, RequestTimeout
+from .errors import ConnectionLost, HelperUnavailable, Hop, InvalidArgument, RequestTimeout
 from .mux import (
     TRANSPORT_ERRORS,
     Deadline,
@@ -129,6 +129,13 @@ class HelperClient:
     ) -> hp.HelperResponse:
         """Send a copy of ``msg`` under a fresh id and return the response.
         ``Error`` answers are raised as their RemoteError subclass."""
+        if isinstance(msg, hp.Hello | hp.GuestOpen):
+            # Hello is the handshake's; GuestOpen would turn this multiplexed
+            # connection into a guest channel under the other requests' feet.
+            raise InvalidArgument(
+                f"{tag_of(msg)} cannot be sent on an open helper session"
+                " (connect_helper says hello; open_guest opens a guest channel)"
+            )
         seconds = resolve_timeout(timeout, self.default_timeout)
         deadline = Deadline.after(
             seconds, f"{tag_of(msg)} sent to {self._where}", _TIMEOUT_ADVICE
@@ -332,9 +339,7 @@ class HelperClient:
             with deadline.limit():
                 await self._send(frame)
                 body = await self._read_one_frame()
-            if body is None:
-                raise HelperUnavailable(f"{self._where} closed the connection during {what}")
-            resp = hp.response_codec.decode(body)
+            resp = None if body is None else hp.response_codec.decode(body)
         except _GONE as exc:
             raise HelperUnavailable(
                 f"{self._where} closed the connection during {what} ({exc})", cause=exc
@@ -345,6 +350,8 @@ class HelperClient:
                 " is that socket the agentiso helper's, of this version?",
                 cause=exc,
             ) from exc
+        if resp is None:
+            raise HelperUnavailable(f"{self._where} closed the connection during {what}")
         if isinstance(resp, hp.Error):
             raise remote_error(resp.code, resp.message)
         return resp

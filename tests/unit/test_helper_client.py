@@ -15,7 +15,13 @@ import anyio.abc
 import msgspec
 import pytest
 
-from agentiso.frontend.errors import ConnectionLost, HelperUnavailable, Hop, RequestTimeout
+from agentiso.frontend.errors import (
+    ConnectionLost,
+    HelperUnavailable,
+    Hop,
+    InvalidArgument,
+    RequestTimeout,
+)
 from agentiso.frontend.helper_client import HelperClient, connect_helper
 from agentiso.protocol import helper as hp
 from agentiso.protocol.errors import (
@@ -313,10 +319,17 @@ async def test_timeout_none_is_the_default(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", [-1, -0.001, math.inf, math.nan, True, "5"])
 async def test_bad_timeouts_are_refused_before_sending(tmp_path: Path, bad: Any) -> None:
     async with connected(tmp_path, nothing) as helper:
-        with pytest.raises(InvalidRequest, match="timeout"):
+        with pytest.raises(InvalidArgument, match="timeout"):
             await helper.ping(timeout=bad)
-        with pytest.raises(InvalidRequest, match="timeout"):
+        with pytest.raises(InvalidRequest, match="timeout"):  # InvalidArgument is one
             await helper.request(hp.Ping(id=0), timeout=bad)
+
+
+async def test_hello_and_guest_open_are_not_requests_of_an_open_session(tmp_path: Path) -> None:
+    async with connected(tmp_path, nothing) as helper:
+        for msg in (hp.Hello(id=0, version=1), hp.GuestOpen(id=0, vm="ws")):
+            with pytest.raises(InvalidArgument, match="open helper session"):
+                await helper.request(msg)
 
 
 # --- typed methods ------------------------------------------------------------------------
@@ -451,6 +464,6 @@ async def test_typed_methods_check_bounds_before_sending(
             await h.respond(hp.Pong(id=r.id))
 
     async with connected(tmp_path, answer_pings) as helper:
-        with pytest.raises(InvalidRequest, match=f"{method}: bad {field}:"):
+        with pytest.raises(InvalidArgument, match=f"{method}: bad {field}:"):
             await getattr(helper, method)(**kwargs)
         await helper.ping()  # nothing was sent, and the connection is fine
