@@ -1,4 +1,5 @@
-"""Per-uid and host-wide hard limits (DESIGN §1: helper limits are for security).
+"""Per-uid and host-wide hard limits (the helper's are for security; quotas
+for sessions are the frontend's; see docs/helper.md, "Limits").
 
 Pure: :func:`check` takes what a uid and the host already use and what a
 request would add, and raises ``limit_exceeded`` naming the limit, before

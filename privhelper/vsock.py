@@ -1,4 +1,4 @@
-"""The vsock guest channel (DESIGN §1, §5): used where ``/dev/vhost-vsock``
+"""The vsock guest channel (docs/helper.md, "Guest channel"): used where ``/dev/vhost-vsock``
 exists; elsewhere (these development machines) the channel is virtio-serial.
 
 On vsock any local process can connect to a guest, so the agent demands a

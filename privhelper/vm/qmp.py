@@ -1,20 +1,24 @@
 """QMP adapter over :mod:`qemu.qmp` with a timeout on every command.
 
-Errors are mapped to the engine's: an error answer becomes :class:`QmpError`,
-a dead or absent socket :class:`VmUnavailable`, a slow QEMU :class:`VmTimeout`.
-The client's default event listener is replaced by a bounded one: qemu.qmp's
-keeps an unbounded history and queue, and a guest can cause events.
+This is the QMP boundary: qemu.qmp's exceptions are mapped here, once, to the
+engine's (an error answer becomes :class:`QmpError`, a dead or absent socket
+:class:`VmUnavailable`, a slow QEMU :class:`VmTimeout`).  Only qemu.qmp's
+public API is used.  The client's default event listener is made to accept
+nothing and a bounded one is used instead: qemu.qmp's keeps an unbounded
+history and queue, and a guest can cause events.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import os
 from typing import Any
 
 import anyio
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 from qemu.qmp.message import Message
+
+from agentiso.protocol.errors import map_exceptions
 
 from .errors import QmpError, VmTimeout, VmUnavailable
 
@@ -26,11 +30,17 @@ MAX_QUEUED_EVENTS = 64
 class BoundedListener(EventListener):
     """An EventListener that keeps no history and at most MAX_QUEUED_EVENTS events.
 
+    It keeps its own bounded queue (the base class's is unbounded and
+    private), so it overrides every method that reads or writes the queue.
     ``guest_shutdown`` is set the moment a guest-initiated SHUTDOWN arrives,
     without waiting for anyone to consume the queue.
     """
 
     guest_shutdown = False
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__(names)
+        self._pending: asyncio.Queue[Message] = asyncio.Queue(MAX_QUEUED_EVENTS)
 
     async def put(self, event: Message) -> None:
         if not self.accept(event):
@@ -38,12 +48,35 @@ class BoundedListener(EventListener):
         data = event.get("data")
         if event["event"] == "SHUTDOWN" and isinstance(data, dict) and data.get("guest"):
             self.guest_shutdown = True
-        if self._queue.qsize() < MAX_QUEUED_EVENTS:
-            self._queue.put_nowait(event)
+        with contextlib.suppress(asyncio.QueueFull):  # a flood loses events, never memory
+            self._pending.put_nowait(event)
+
+    async def get(self) -> Message:
+        return await self._pending.get()
+
+    def empty(self) -> bool:
+        return self._pending.empty()
+
+    def clear(self) -> list[Message]:
+        events = []
+        while not self._pending.empty():
+            events.append(self._pending.get_nowait())
+        return events
 
 
 def _reject_all(_event: Message) -> bool:
     return False
+
+
+def _qmp_errors(what: str) -> contextlib.AbstractContextManager[None]:
+    """qemu.qmp's and the socket's exceptions as the engine's, for ``what``."""
+    return map_exceptions({
+        TimeoutError: lambda exc: VmTimeout(f"{what} timed out"),
+        ExecuteError: lambda exc: QmpError(f"{what}: {exc}"),
+        (QMPError, OSError, EOFError): lambda exc: VmUnavailable(
+            f"{what}: connection lost ({type(exc).__name__}: {exc})"
+        ),
+    })
 
 
 class Qmp:
@@ -54,30 +87,24 @@ class Qmp:
         self._client.events.event_filter = _reject_all
         self.events = BoundedListener(WATCHED_EVENTS)
         self._client.register_listener(self.events)
+        #: Serialises fd passing: QEMU attaches a passed fd to the next
+        #: command it reads on this connection, so the command that consumes
+        #: it must follow the fd with no other command between them.
         self._fd_lock = anyio.Lock()
 
     async def connect(self, path: str, timeout: float | None = None) -> None:
-        try:
-            with anyio.fail_after(timeout or self.default_timeout):
-                await self._client.connect(path)
-        except TimeoutError:
-            raise VmTimeout(f"QMP at {path} did not greet in time") from None
-        except (QMPError, OSError) as e:
-            raise VmUnavailable(f"cannot connect to QMP at {path}: {e}") from None
+        with (
+            _qmp_errors(f"QMP at {path}: connect"),
+            anyio.fail_after(timeout or self.default_timeout),
+        ):
+            await self._client.connect(path)
 
     async def execute(
         self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None
     ) -> Any:
         """Run ``cmd``; returns QEMU's ``return`` value."""
-        try:
-            with anyio.fail_after(timeout or self.default_timeout):
-                return await self._client.execute(cmd, args)
-        except TimeoutError:
-            raise VmTimeout(f"QMP command {cmd} timed out") from None
-        except ExecuteError as e:
-            raise QmpError(f"QMP {cmd}: {e}") from None
-        except (QMPError, OSError, EOFError) as e:
-            raise VmUnavailable(f"QMP {cmd}: connection lost ({type(e).__name__})") from None
+        with _qmp_errors(f"QMP command {cmd}"), anyio.fail_after(timeout or self.default_timeout):
+            return await self._client.execute(cmd, args)
 
     async def pass_fd(self, fd: int, fdname: str, timeout: float | None = None) -> None:
         """Give QEMU a copy of ``fd`` under ``fdname`` (``getfd``); our fd stays open."""
@@ -94,12 +121,8 @@ class Qmp:
             await self.execute("add-fd", {"fdset-id": fdset_id, "opaque": opaque}, timeout)
 
     def _send_fd(self, fd: int) -> None:
-        # QEMU attaches the fd to the next command read on this connection: the
-        # caller holds _fd_lock so that command is the one that consumes it.
-        try:
+        with _qmp_errors("passing an fd over QMP"):
             self._client.send_fd_scm(fd)
-        except (QMPError, OSError) as e:
-            raise VmUnavailable(f"cannot pass an fd over QMP: {e}") from None
 
     async def wait_disconnected(self, timeout: float) -> None:
         """Wait (bounded) until the reader has seen QEMU close the connection.
@@ -119,7 +142,3 @@ class Qmp:
             contextlib.suppress(Exception),
         ):
             await self._client.disconnect()
-
-
-def fd_size(fd: int) -> int:
-    return os.fstat(fd).st_size

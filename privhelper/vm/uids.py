@@ -9,6 +9,7 @@ taken (records, live processes) and which are unusable (known accounts).
 
 from __future__ import annotations
 
+import pwd
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -39,3 +40,13 @@ def allocate_uid(
         if uid not in busy and usable(uid):
             return uid
     raise VmLimitExceeded(f"no free uid left in {rng.base}..{rng.base + rng.count - 1}")
+
+
+def uid_unassigned(uid: int) -> bool:
+    """A uid no account uses (the password database says; a uid from the
+    range must not be anyone's).  The allocator's default ``usable`` test."""
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return True
+    return False

@@ -52,7 +52,7 @@ def _link(ns: NetNs, name: str) -> str | None:
     return r.stdout if r.returncode == 0 else None
 
 
-def _wait_gone(ns: NetNs, name: str, timeout: float = 5.0) -> bool:
+def _wait_gone(ns: NetNs, name: str, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _link(ns, name) is None:

@@ -106,10 +106,10 @@ async def qemu(backend: VolumeBackend, tmp_path: Path) -> AsyncIterator[Qemu]:
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: ASYNC220
     qmp = QMPClient("storage-test")
     try:
-        for _ in range(100):
-            if sock.exists() or proc.poll() is not None:
-                break
-            await anyio.sleep(0.05)
+        # Wait for the socket itself (QEMU under load may take seconds to make it).
+        with anyio.fail_after(60):
+            while not sock.exists() and proc.poll() is None:
+                await anyio.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         await qmp.connect(str(sock))
         vm = Qemu(proc, qmp)
@@ -169,7 +169,7 @@ async def _live_delete(backend: VolumeBackend, qemu: Qemu, name: str) -> None:
             "backing-file": str(plan.new_backing.path),
         },
     )
-    with anyio.fail_after(30):
+    with anyio.fail_after(120):  # bounded by the job, not a timer: room for a loaded host
         while await qemu.qmp.execute("query-block-jobs"):
             await anyio.sleep(0.05)
     await qemu.qmp.execute("blockdev-del", {"node-name": removed})

@@ -333,9 +333,9 @@ async def test_forced_stop_and_stop_without_agent(env: Env) -> None:
         s2 = await engine.start(env.config(n2))
         # A QMP connection lost while QEMU lives: the failing call says so, the
         # next one reconnects (reaching into the engine to cut the connection).
-        qmp = engine._vms[n2].qmp
+        qmp = engine._vms[n2]._qmp
         assert qmp is not None
-        await qmp._client.disconnect()
+        await qmp.close()
         with pytest.raises(VmUnavailable):
             await engine.query_status(n2)
         assert await engine.query_status(n2) == "running"
@@ -418,10 +418,19 @@ async def test_kvm_boot_test_on_this_host(env: Env) -> None:
     if not usable:
         pytest.skip(reason=f"boot test impossible unprivileged: {why}")
     uid = env.settings.uid_base + env.settings.uid_count - 1
-    ok, detail = await kvm_boot_test(
-        "qemu-system-x86_64", str(env.image / "vmlinuz"), uid, gid or uid, 5.0
-    )
+    kernel = str(env.image / "vmlinuz")
+    ok, detail = await kvm_boot_test("qemu-system-x86_64", kernel, uid, gid or uid, 5.0)
     print(f"kvm boot test: {ok} {detail}")
+    # The verdict says what it saw: the end of kernel start-up, or the last line.
+    assert detail.startswith("a test boot under KVM"), detail
+    if ok:
+        assert "reached the end of kernel start-up" in detail
+    else:
+        assert "did not complete within 5s (last: " in detail
+    # The engine (accel "auto", the same uid) decides as the boot test found.
+    async with engine_for(env) as engine:
+        decision = await engine.probe_accelerator(kernel)
+    assert decision.kind == ("kvm" if ok else "tcg"), decision
 
 
 # --- adoption after kill -9 of the engine's process -------------------------------------

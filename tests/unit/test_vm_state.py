@@ -306,10 +306,10 @@ def test_world_readable_path_problem(tmp_path: Path) -> None:
 
 
 def test_uid_unassigned() -> None:
-    from agentiso.privhelper.vm.engine import _uid_unassigned
+    from agentiso.privhelper.vm.uids import uid_unassigned
 
-    assert not _uid_unassigned(0)  # root has an account
-    assert _uid_unassigned(3_999_999_999)
+    assert not uid_unassigned(0)  # root has an account
+    assert uid_unassigned(3_999_999_999)
 
 
 def test_uids_in_use_sees_a_live_process_of_the_range() -> None:

@@ -1,0 +1,149 @@
+"""The VM engine's types: settings, what a caller asks for, what it gets back,
+and the VM state machine (states and the transitions allowed between them)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+
+from ..spec import DiskLayer, NetAttachment
+
+MIB = 1024 * 1024
+
+
+class EngineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Configuration of the engine (a ``[vm]`` table in the helper's config)."""
+
+    #: Records and logs live under ``<state_dir>/vm``.
+    state_dir: str
+    #: Per-VM private directories with QEMU's sockets.  Keep it short: a Unix
+    #: socket path has at most 107 bytes.  Must be traversable by other uids.
+    run_dir: str = "/run/agentiso/vm"
+    qemu_binary: str = "qemu-system-x86_64"
+    #: Each QEMU runs as its own uid (and same-numbered gid) from this range.
+    uid_base: int = 3_000_000
+    uid_count: int = 4096
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    #: TCG translation cache per VM (QEMU's default is 1 GiB).
+    tb_size_mib: int = 64
+    console_max_bytes: int = 1 * MIB
+    stderr_max_bytes: int = 256 * 1024
+    console_tail_bytes: int = 4096
+    qmp_timeout_s: float = 10.0
+    start_timeout_s: float = 30.0
+    incoming_timeout_s: float = 300.0
+    probe_timeout_s: float = 5.0
+
+
+class VmConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a caller asks for; the engine adds sockets, uid, accelerator, fds."""
+
+    name: str
+    kernel: str
+    cmdline: str
+    #: Root disk chain, top (writable) layer first; paths are opened by the helper.
+    disks: tuple[DiskLayer, ...]
+    initrd: str | None = None
+    vcpus: int = 1
+    memory_mib: int = 256
+    channel: Literal["virtio-serial", "vsock"] = "virtio-serial"
+    guest_cid: int | None = None
+    #: /dev/vhost-vsock opened by the caller (vsock only); stays the caller's.
+    vhost_vsock_fd: int | None = None
+    #: TAP fd opened by the caller; stays the caller's (the engine never closes it).
+    net: NetAttachment | None = None
+    #: Per-VM secret handed to the guest through fw_cfg.
+    secret: bytes | None = None
+    #: Readable fd of a memory image written by ``VmEngine.save_memory``;
+    #: stays the caller's.
+    incoming_fd: int | None = None
+
+
+class VmState(enum.StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+
+
+FINISHED = (VmState.STOPPED, VmState.CRASHED)
+
+#: Every transition a VM may make (the model is qemu.qmp's ``Runstate``: one
+#: place changes the state, and only along these edges).  STOPPED and CRASHED
+#: are final; a QEMU may end (STOPPED/CRASHED) from any other state.
+TRANSITIONS: dict[VmState, frozenset[VmState]] = {
+    VmState.STARTING: frozenset(
+        {VmState.RUNNING, VmState.PAUSED, VmState.STOPPING, *FINISHED}
+    ),
+    VmState.RUNNING: frozenset({VmState.PAUSED, VmState.STOPPING, *FINISHED}),
+    VmState.PAUSED: frozenset({VmState.RUNNING, VmState.STOPPING, *FINISHED}),
+    VmState.STOPPING: frozenset(FINISHED),
+    VmState.STOPPED: frozenset(),
+    VmState.CRASHED: frozenset(),
+}
+
+
+def may_transition(old: VmState, new: VmState) -> bool:
+    """Whether a VM in ``old`` may go to ``new`` (staying put is always allowed)."""
+    return old == new or new in TRANSITIONS[old]
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    name: str
+    state: VmState
+    pid: int
+    uid: int
+    started_at: float
+    adopted: bool
+    channel_socket: str | None
+    #: How it ended (``exit 0``, ``signal 9``, ``stopped by powerdown``...).
+    exit_reason: str | None = None
+    #: Last bytes of the serial console, for a VM that has ended.
+    console_tail: str | None = None
+
+
+@dataclass(frozen=True)
+class VmEvent:
+    """Published when a VM ends; ``state`` is STOPPED or CRASHED."""
+
+    name: str
+    state: VmState
+    exit_reason: str
+    console_tail: str
+
+
+@dataclass(frozen=True)
+class AdoptReport:
+    adopted: list[str]
+    dead: list[VmStatus]
+    unreadable: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Orphan:
+    pid: int
+    name: str
+    uid: int
+
+
+@dataclass(frozen=True)
+class MemorySaveResult:
+    bytes_written: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+AgentShutdown = Callable[[], Awaitable[None]]
