@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,12 +46,15 @@ from agentiso.protocol.errors import (
     ErrorCode,
     ExceptionMap,
     RemoteProtocolError,
+    VersionMismatch,
     map_exceptions,
 )
 from agentiso.protocol.framing import encode_frame
+from agentiso.protocol.guest_constants import GUEST_MAX_FRAME, SYNC_RETRY_S
+from agentiso.protocol.guest_session import AgentSync, HostSync, greeting
+from agentiso.protocol.guest_stream import GuestStreamDecoder, HostMarker, HostStreamDecoder
 
 from .errors import GuestStepFailed, HelperError, RequestFailed
-from .hoststream import HostStreamDecoder, SyncMarker
 from .transport import STREAM_GONE, PeerGone, peer_gone, peer_gone_is_eof, receive_some
 
 log = structlog.get_logger("agentiso.helper.relay")
@@ -74,9 +76,6 @@ CLIENT_QUEUE_BYTES = 64 * 1024 * 1024
 #: How much unframed noise may precede the agent's sync marker.
 MAX_SYNC_SCAN = 1024 * 1024
 HELLO_TIMEOUT_S = 30.0
-#: How often the sync marker is sent again while the agent does not answer
-#: (it may be booting, or abandoning a frame of a vanished host).
-SYNC_RETRY_S = 1.0
 RECONNECT_RETRY_WINDOW_S = 15.0
 
 Connector = Callable[[], Awaitable[ByteStream]]
@@ -136,7 +135,7 @@ class ClientSink(_Sink):
     def deliver(self, msg: Any) -> None:
         if self.overflowed:
             return
-        frame = encode_frame(gp.response_codec.encode(msg), gp.GUEST_MAX_FRAME)
+        frame = encode_frame(gp.response_codec.encode(msg), GUEST_MAX_FRAME)
         if self._queued + len(frame) > self._limit:
             self.overflowed = True
             self._send.close()
@@ -258,9 +257,12 @@ class GuestChannel:
     async def _session(self, stream: ByteStream) -> None:
         if self.secret is not None:
             auth = gp.Auth(id=0, secret=self.secret)
-            await stream.send(encode_frame(gp.request_codec.encode(auth), gp.GUEST_MAX_FRAME))
+            await stream.send(encode_frame(gp.request_codec.encode(auth), GUEST_MAX_FRAME))
         items = _guest_items(stream)
-        hello = await _handshake(stream, items)
+        sync = await _handshake(stream, items)
+        hello = sync.hello
+        if hello is None:  # _handshake returns only once a session started
+            raise GuestChannelBroken("the guest agent never greeted")
         self.hello = hello
         self._stream = stream
         self.connects += 1
@@ -278,13 +280,12 @@ class GuestChannel:
                 log.warning("guest_garbage", vm=self.name, error=str(exc)[:200])
                 continue
             if isinstance(msg, gp.Hello):
-                if msg.session == hello.session:
-                    # A re-greeting after a virtio flap, or a late answer to a
-                    # repeat of our marker: same session, nothing lost.
-                    continue
-                # The agent started a new session on its own (it restarted):
-                # whatever was in flight is lost on its side.  Resynchronise.
-                raise GuestChannelBroken("the guest agent restarted its session")
+                # The same session greeting again (a virtio flap, a late answer
+                # to a repeat of our marker) changes nothing; a new session
+                # means the agent restarted and lost what was in flight.
+                if sync.on_hello(msg) is not None:
+                    raise GuestChannelBroken("the guest agent restarted its session")
+                continue
             self._route(msg)
         raise GuestChannelBroken("guest closed the channel")
 
@@ -348,7 +349,7 @@ class GuestChannel:
         stream = self._stream
         if stream is None:
             raise RequestFailed(ErrorCode.UNAVAILABLE, f"VM {self.name!r}: guest channel is down")
-        frame = encode_frame(gp.request_codec.encode(msg), gp.GUEST_MAX_FRAME)
+        frame = encode_frame(gp.request_codec.encode(msg), GUEST_MAX_FRAME)
         with peer_gone(f"VM {self.name!r}: guest channel"):
             async with self._send_lock:
                 await stream.send(frame)
@@ -404,9 +405,10 @@ class GuestChannel:
         hello = await self.wait_ready(HELLO_TIMEOUT_S)
         sink = ClientSink()
         sessions = itertools.count(1)
-        sink.deliver_raw(_greeting(hello, b"", next(sessions)))
-        decoder = HostStreamDecoder(gp.GUEST_MAX_FRAME)
-        last_nonce: bytes | None = None
+        sink.deliver_raw(greeting(hello, nonce=b"", session=next(sessions)))
+        decoder = HostStreamDecoder(GUEST_MAX_FRAME)
+        # Towards its client the relay plays the agent.
+        client_sync = AgentSync()
         async with anyio.create_task_group() as tg:
 
             async def pump() -> None:
@@ -424,13 +426,14 @@ class GuestChannel:
                         sink.deliver(gp.Error(id=0, code=ErrorCode.PROTOCOL, message=str(exc)))
                         break
                     for item in items:
-                        if isinstance(item, SyncMarker):
-                            if item.nonce == last_nonce:
+                        if isinstance(item, HostMarker):
+                            if not client_sync.on_marker(item.nonce):
                                 continue  # resent before our answer arrived: no new session
-                            last_nonce = item.nonce
                             await self._cancel_client_requests(sink)
                             current = self.hello or hello
-                            sink.deliver_raw(_greeting(current, item.nonce, next(sessions)))
+                            sink.deliver_raw(
+                                greeting(current, nonce=item.nonce, session=next(sessions))
+                            )
                         else:
                             await self._from_client(item, sink)
             finally:
@@ -489,33 +492,23 @@ class GuestChannel:
             await self._send_upstream(route, sink.upstream)
 
 
-def _frame(msg: Any) -> bytes:
-    return encode_frame(gp.response_codec.encode(msg), gp.GUEST_MAX_FRAME)
-
-
-def _greeting(hello: gp.Hello, nonce: bytes, session: int) -> bytes:
-    """What the relay sends a client where the agent would: marker + Hello."""
-    h = msgspec.structs.replace(hello, sync_nonce=nonce, session=session)
-    return gp.GUEST_SYNC_MAGIC + _frame(h)
-
-
 async def _guest_items(stream: ByteStream) -> AsyncIterator[bytes | None]:
     """Frames (bytes) and session markers (None) from the agent, bounded."""
-    decoder = gp.GuestStreamDecoder(gp.GUEST_MAX_FRAME, MAX_SYNC_SCAN)
+    decoder = GuestStreamDecoder(GUEST_MAX_FRAME, MAX_SYNC_SCAN)
     while data := await receive_some(stream):
         for item in decoder.feed(data):
             yield item
 
 
-async def _handshake(stream: ByteStream, items: AsyncIterator[bytes | None]) -> gp.Hello:
+async def _handshake(stream: ByteStream, items: AsyncIterator[bytes | None]) -> HostSync:
     """Send a host sync marker (again every SYNC_RETRY_S) until the agent
-    answers with the Hello that echoes its nonce; check the version."""
-    nonce = secrets.token_bytes(gp.SYNC_NONCE_LEN)
-    hello: gp.Hello | None = None
+    answers with the Hello that echoes it; the rules are protocol's HostSync."""
+    sync = HostSync()
+    sync.start()
 
     async def resend() -> None:
-        while True:
-            await stream.send(gp.HOST_SYNC_MAGIC + nonce)
+        while sync.awaiting:
+            await stream.send(sync.marker)
             await anyio.sleep(SYNC_RETRY_S)
 
     with anyio.fail_after(HELLO_TIMEOUT_S):
@@ -528,17 +521,18 @@ async def _handshake(stream: ByteStream, items: AsyncIterator[bytes | None]) -> 
                     msg = gp.response_codec.decode(body)
                 except DecodeError:
                     continue  # stale bytes of an earlier session
-                if isinstance(msg, gp.Hello) and msg.sync_nonce == nonce:
-                    hello = msg
-                    break
-                if isinstance(msg, gp.Error) and msg.id == 0:
-                    raise GuestChannelBroken(f"the guest agent refused us: {msg.message}")
+                if isinstance(msg, gp.Hello):
+                    try:
+                        started = sync.on_hello(msg)
+                    except VersionMismatch as exc:
+                        raise GuestChannelBroken(f"{exc}: rebuild the image") from None
+                    if started is not None:
+                        break
+                elif isinstance(msg, gp.Error) and msg.id == 0:
+                    refusal = sync.on_connection_error(msg)
+                    if refusal is not None:
+                        raise GuestChannelBroken(f"the guest agent refused us: {refusal.message}")
             tg.cancel_scope.cancel()
-    if hello is None:
+    if sync.hello is None:
         raise GuestChannelBroken("guest closed the channel before its hello")
-    if hello.version != gp.GUEST_PROTOCOL_VERSION:
-        raise GuestChannelBroken(
-            f"guest agent speaks protocol {hello.version}, "
-            f"helper {gp.GUEST_PROTOCOL_VERSION}: rebuild the image"
-        )
-    return hello
+    return sync

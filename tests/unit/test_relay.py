@@ -160,13 +160,17 @@ async def test_requests_of_many_clients_are_routed_back_by_their_own_ids(agent: 
 
 async def test_a_slow_request_does_not_block_others(agent: Agent) -> None:
     async with running_channel(agent.path) as ch, relayed_client(ch) as c:
-        await c.send(_exec(1, "sleep 3; echo slow"))
+        # The exec cannot end before the ping is answered however loaded the
+        # host is: it ends only when cancelled, after the ping's answer.
+        await c.send(_exec(1, "sleep 600; echo slow"))
         await c.send(gp.Ping(id=2))
-        with anyio.fail_after(2):
+        with anyio.fail_after(30):
             first = await c.recv()
         assert isinstance(first, gp.Pong) and first.id == 2
-        slow = await c.until_final(1)
-        assert slow.stdout == b"slow\n"
+        await c.send(gp.Cancel(id=3, target=1))
+        with anyio.fail_after(30):
+            slow = await c.until_final(1)
+        assert not isinstance(slow, gp.ExecResult) or slow.stdout != b"slow\n"
 
 
 async def test_helper_internal_calls_share_the_channel(agent: Agent) -> None:
