@@ -199,6 +199,8 @@ class GuestChannel:
     secret: bytes | None = None
     hello: gp.Hello | None = None
     _stream: ByteStream | None = None
+    #: Protects the agent stream's write side: one whole frame at a time
+    #: (helper calls, relayed clients and cancels write concurrently).
     _send_lock: anyio.Lock = field(default_factory=anyio.Lock)
     _ready: anyio.Event = field(default_factory=anyio.Event)
     _routes: dict[int, _Route] = field(default_factory=dict)

@@ -282,6 +282,7 @@ class _Connection:
 
     def __init__(self, stream: SocketStream) -> None:
         self._stream = stream
+        #: Protects the stream's write side: one whole frame at a time.
         self._lock = anyio.Lock()
 
     async def send(self, msg: hp.HelperResponse) -> None:

@@ -116,6 +116,9 @@ class NetworkManager:
         self._port_free = port_probe
         self._sysctl = sysctl
         self._vnet_hdr = vnet_hdr
+        #: Protects ``_state`` and the host state it mirrors (TAPs, nft rules,
+        #: the state file): one change at a time, a name or port checked free
+        #: and taken under it.  Re-entrant: public methods call each other.
         self._lock = threading.RLock()
         self._state = load_state(self.state_path)
 

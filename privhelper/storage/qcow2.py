@@ -95,7 +95,8 @@ class Qcow2Backend:
         self.runner = runner or Runner()
         self.min_size = min_size
         self.max_size = max_size
-        # One mutation at a time: metadata read-modify-write cycles never interleave.
+        # One mutation at a time: a name is checked free and its file created
+        # under it, and metadata read-modify-write cycles never interleave.
         self._lock = anyio.Lock()
         # Layers made by prepare_snapshot and not yet committed or aborted: not garbage.
         self._pending: set[str] = set()

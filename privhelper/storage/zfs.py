@@ -94,6 +94,8 @@ class ZfsBackend:
         #: Decided by setup(): make new volumes/bases as zvols?
         self.zvols = bool(config.zvols)
         self.compression = config.compression
+        # One mutation at a time: a dataset name is checked free and created
+        # under it, and zfs metadata read-modify-write cycles never interleave.
         self._lock = anyio.Lock()
 
     # --- setup and queries ------------------------------------------------------------

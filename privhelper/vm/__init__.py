@@ -11,5 +11,6 @@ Layout (I/O at the edges, logic pure):
 * :mod:`.launch`     spawning QEMU as an unprivileged uid with passed fds;
 * :mod:`.qmp`        QMP adapter with per-command timeouts;
 * :mod:`.accel`      the KVM-or-TCG probe;
-* :mod:`.engine`     :class:`VmEngine`, the async API the server calls.
+* :mod:`.engine`     :class:`VmEngine`, the async API the server calls (a package:
+  types, core, launcher, supervisor, snapshots, adoption, hostcheck).
 """
