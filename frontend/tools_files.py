@@ -168,6 +168,8 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
 
             async with rt.ws.guest(rec) as g:
                 r = await g.download(guest_path, write, chunk_size=gp.MAX_CHUNK, window=8)
+            # commit() fsyncs: keep it off the event loop (the exit then has nothing to do).
+            await anyio.to_thread.run_sync(w.commit)
             resolved = w.path
         return Transfer(workspace=rec.name, guest_path=guest_path, host_path=str(resolved),
                         bytes=r.size, sha256=r.sha256,

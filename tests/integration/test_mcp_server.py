@@ -340,6 +340,12 @@ async def test_bad_input_gets_clear_errors_and_leaves_nothing(
     err = await tools.fails("exec", workspace="beta", command="true", timeout_secs=7200)
     assert "limit" in err
     _two_lines(err)
+    # the protocol's own limits show as clear errors too
+    err = await tools.fails("exec", workspace="beta", command="cat", stdin="é" * 600_000)
+    assert "stdin" in err and "file_write" in err
+    err = await tools.fails("file_write", workspace="beta", path="/root/big.txt",
+                            content="x" * (5 * 1024 * 1024))
+    assert "file_upload" in err
     err = await tools.fails("file_read", workspace="beta", path="/root/does-not-exist")
     _two_lines(err)
     err = await tools.fails("file_edit", workspace="beta", path="/etc/hostname",
@@ -447,3 +453,81 @@ async def test_unreachable_helper_gives_one_clear_error(env: Env) -> None:
             _two_lines(err)
         with pytest.raises(ToolFailed):
             await t.call("exec", workspace="beta", command="true")
+
+
+# --- crashes: of a VM, of a frontend -------------------------------------------------------------
+
+
+def _qemu_pid(env: Env, vm: str) -> int:
+    with BlockingHelperClient(str(env.helper.socket), timeout=60) as c:
+        listing = c.request(hp.AdminList(id=0))
+    assert isinstance(listing, hp.AdminListing)
+    return next(v.pid for v in listing.vms if v.owner == USER and v.name == vm)
+
+
+@pytest.mark.anyio
+async def test_a_crashed_vm_shows_as_crashed_and_starts_again(
+    tools: Tools, env: Env, beta: dict[str, Any]
+) -> None:
+    os.kill(_qemu_pid(env, beta["id"]), 9)
+    for _ in range(100):
+        info = await tools.call("workspace_info", workspace="beta")
+        if info["state"] != "running":
+            break
+        await anyio.sleep(0.1)
+    assert info["state"] == "crashed" and info["state_reason"], info
+    err = await tools.fails("exec", workspace="beta", command="true")
+    assert "crashed" in err and "workspace_start" in err
+    logs = await tools.call("workspace_logs", workspace="beta")
+    assert logs["failure"], logs
+    again = await tools.call("workspace_start", workspace="beta")
+    assert again["state"] == "running"
+    r = await tools.call("exec", workspace="beta", command="echo back")
+    assert r["stdout"] == "back\n"
+
+
+def _live_sessions(env: Env) -> dict[str, int]:
+    import sqlite3
+
+    db = sqlite3.connect(env.work / "state" / "catalog.db")
+    try:
+        rows = db.execute("SELECT id, pid FROM sessions WHERE ended_at IS NULL").fetchall()
+    finally:
+        db.close()
+    return dict(rows)
+
+
+@pytest.mark.anyio
+async def test_a_frontend_killed_mid_create_leaves_nothing(env: Env, tools: Tools) -> None:
+    before = env.helper_names()
+    known = set(_live_sessions(env))
+    try:
+        async with mcp_tools(env.params()) as doomed:
+            pid = next(p for s, p in _live_sessions(env).items() if s not in known)
+
+            async def create() -> None:
+                try:
+                    await doomed.call("workspace_create", name="doomed")
+                except Exception:
+                    pass  # the server is killed under it
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(create)
+                for _ in range(600):  # until the helper is booting its VM
+                    if env.helper_names()[0] - before[0]:
+                        break
+                    await anyio.sleep(0.05)
+                os.kill(pid, 9)
+    except Exception:
+        pass  # the client notices its server died
+    assert env.helper_names() != before, "the kill came before the create made anything"
+    # The next frontend finds the abandoned create and undoes it.
+    async with mcp_tools(env.params()) as t:
+        for _ in range(300):
+            listed = await t.call("workspace_list")
+            if ("doomed" not in {w["name"] for w in listed["workspaces"]}
+                    and env.helper_names() == before):
+                break
+            await anyio.sleep(0.2)
+    assert "doomed" not in {w["name"] for w in listed["workspaces"]}
+    assert env.helper_names() == before
