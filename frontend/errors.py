@@ -21,9 +21,11 @@ Typed answers from the helper or a guest arrive as
 
 ``ConnectionLost`` is also a protocol ``Unavailable``, ``RequestTimeout`` a
 protocol ``RemoteTimeout`` and ``InvalidArgument`` a protocol
-``InvalidRequest``: code that maps error codes (``exc.code``) treats a failure
-the frontend detected like the same failure reported by a peer; catch the
-frontend class to know it was detected here.
+``InvalidRequest`` (and a ``LocalProtocolError``: nothing went on the wire):
+code that maps error codes (``exc.code``) treats a failure the frontend
+detected like the same failure reported by a peer; catch the frontend class
+to know it was detected here (so a handler that catches both ``FrontendError``
+and ``RemoteError`` must decide which comes first).
 """
 
 from __future__ import annotations
