@@ -21,11 +21,6 @@ branches that say whose fault a failure is, in the way of h11:
   typed answer is not a protocol violation: the conversation goes on.
 
 On the wire an error is always ``ErrorCode`` + message, never a traceback.
-
-Transition: until every ``except ProtocolError`` outside this package is ported
-to ``except WireError`` (or to the branch it means), :class:`RemoteError` also
-still derives from :class:`ProtocolError`.  That one base is the only thing left
-to remove (docs/guest-protocol.md, "Errors").
 """
 
 from __future__ import annotations
@@ -142,7 +137,7 @@ class UnexpectedMessage(RemoteProtocolError):
 # --- the peer's typed answers ------------------------------------------------------------
 
 
-class RemoteError(ProtocolError):  # transition: the base becomes WireError (module docstring)
+class RemoteError(WireError):
     """The peer answered a request with a typed error."""
 
     code: ErrorCode = ErrorCode.INTERNAL

@@ -31,7 +31,7 @@ def test_what_we_broke_is_a_local_protocol_error() -> None:
 def test_every_typed_answer_is_a_remote_error_with_its_code(code: pe.ErrorCode) -> None:
     err = pe.remote_error(code, "m")
     assert isinstance(err, pe.RemoteError) and err.code == code and err.message == "m"
-    assert not isinstance(err, (pe.LocalProtocolError, pe.RemoteProtocolError))
+    assert not isinstance(err, (pe.ProtocolError, pe.LocalProtocolError, pe.RemoteProtocolError))
     assert isinstance(err, pe.WireError)
 
 
