@@ -80,11 +80,14 @@ async def through_mcp(tools: Tools, host: Path) -> dict[str, Any]:
     out["create_to_exec"] = time.perf_counter() - t
     for _ in range(20):
         await tools.call("exec", workspace="bench", command="true")
+    # Timed on the bare client call (the test helper's schema check is not the product's).
+    args = {"workspace": "bench", "command": "true"}
     times = []
     for _ in range(ROUNDS):
         t = time.perf_counter()
-        await tools.call("exec", workspace="bench", command="true")
+        r = await tools.session.call_tool("exec", args)
         times.append(time.perf_counter() - t)
+        assert not r.is_error and r.structured_content and r.structured_content["exit_code"] == 0
     out["exec"] = times
     content = base64.b64encode(os.urandom(3 * MiB)).decode()  # 4 MiB of text
     t = time.perf_counter()

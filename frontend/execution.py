@@ -15,16 +15,20 @@ the agent kills the command's whole process group.
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.abc
 import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
-from .guest_client import GuestClient
+from agentiso.protocol import errors as pe
+
+from .guest_client import ExecOutcome, GuestClient
 from .results import Encoding, ExecResult
 
 log = structlog.get_logger("agentiso.frontend.execution")
@@ -34,6 +38,37 @@ SPILL_DIR = "/tmp/agentiso-output"
 #: No stream cap for the agent: the frontend caps (and spills) itself.
 UNCAPPED = 2**50
 OnOutput = Callable[[str, bytes, int], Awaitable[None]]
+
+
+#: Words a plain command may consist of to skip the shell: nothing /bin/sh would
+#: expand, quote, redirect, glob or treat as a comment.
+_PLAIN_WORD = re.compile(r"\A[A-Za-z0-9_./:,+@%=-]+\Z")
+#: First words that must go through the shell: its keywords, and builtins that
+#: behave differently from (or do not exist as) a program.  ``true``, ``false``,
+#: ``test`` and ``[`` behave the same either way and keep the fast path.
+_SHELL_WORDS = frozenset({
+    ".", ":", "alias", "bg", "break", "case", "cd", "command", "continue", "do", "done",
+    "echo", "elif", "else", "esac", "eval", "exec", "exit", "export", "fc", "fg", "fi", "for",
+    "getopts", "hash", "if", "in", "jobs", "kill", "local", "printf", "pwd", "read",
+    "readonly", "return", "select", "set", "shift", "source", "then", "time", "times", "trap",
+    "type", "ulimit", "umask", "unalias", "unset", "until", "wait", "while", "function"
+})
+
+
+def plain_argv(command: str) -> list[str] | None:
+    """The argv of a command line the shell would only split on blanks
+    (``git status``, ``python3 -m pytest -q``), else None.  Running such a
+    command without ``/bin/sh -c`` behaves the same and saves starting a
+    shell (several ms under TCG)."""
+    words = command.split()
+    if not words or len(command) > 4096 or any(c in command for c in "\n\r\v\f"):
+        return None
+    if not all(_PLAIN_WORD.match(w) for w in words):
+        return None
+    first = words[0]
+    if first in _SHELL_WORDS or "=" in first:
+        return None
+    return words
 
 
 def decode_output(data: bytes, truncated: bool = False) -> tuple[str, Encoding]:
@@ -110,6 +145,19 @@ class _Capture:
             self._send = None
 
 
+async def _exec(guest: GuestClient, command: str, **kw: Any) -> ExecOutcome:
+    """Run ``command``: straight as an argv when it is plain, else with the shell."""
+    argv = plain_argv(command)
+    if argv is not None:
+        try:
+            return await guest.exec(argv, **kw)
+        except (pe.NotFound, pe.PermissionDenied):
+            # Refused before it started (no such program, cwd, ...): let the
+            # shell run it, so the result is the shell's (exit 127, its message).
+            pass
+    return await guest.exec(shell=command, **kw)
+
+
 async def run_exec(
     guest: GuestClient,
     *,
@@ -134,8 +182,8 @@ async def run_exec(
                 await on_output(stream, data, out.total + err.total)
 
         try:
-            outcome = await guest.exec(
-                shell=command, cwd=workdir, env=env, stdin=stdin, timeout_s=timeout_s,
+            outcome = await _exec(
+                guest, command, cwd=workdir, env=env, stdin=stdin, timeout_s=timeout_s,
                 stdout_cap=UNCAPPED, stderr_cap=UNCAPPED, on_output=collect,
             )
         finally:

@@ -285,6 +285,12 @@ async def test_exec_streams_output_as_progress_and_keeps_the_rest(
                              command=f"wc -c < {r['stdout_file']}; head -c 16 {r['stdout_file']}")
     assert whole["stdout"] == f"{16 + 1048576}\nstart 1\nstart 2\n"
 
+    # a plain command runs without the shell, and behaves as with it
+    r = await tools.call("exec", workspace="beta", command="ls -d /root /nonexistent")
+    assert r["exit_code"] == 2 and r["stdout"] == "/root\n" and "nonexistent" in r["stderr"]
+    r = await tools.call("exec", workspace="beta", command="no-such-program --flag")
+    assert r["exit_code"] == 127 and "not found" in r["stderr"]
+
     # binary output comes back lossless, as base64
     r = await tools.call("exec", workspace="beta", command="printf '\\377\\000\\001'")
     assert (r["stdout_encoding"], r["stdout"]) == ("base64", "/wAB")

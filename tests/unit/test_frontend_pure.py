@@ -16,7 +16,7 @@ import pytest
 from agentiso.frontend import guestfiles
 from agentiso.frontend.config import ConfigError, parse_config
 from agentiso.frontend.errors import ConnectionLost, HelperUnavailable, Hop
-from agentiso.frontend.execution import decode_output
+from agentiso.frontend.execution import decode_output, plain_argv
 from agentiso.frontend.keepopen import KeptOpen
 from agentiso.frontend.sessions import Session, session_alive
 from agentiso.frontend.toolerrors import describe
@@ -60,6 +60,29 @@ def test_decode_output() -> None:
     cut = "é".encode() * 3
     assert decode_output(cut[:-1], truncated=True) == ("éé", "utf-8")
     assert decode_output(cut[:-1], truncated=False)[1] == "base64"
+
+
+@pytest.mark.parametrize(("command", "argv"), [
+    ("true", ["true"]),
+    ("git  status", ["git", "status"]),
+    ("python3 -m pytest -q tests/x.py", ["python3", "-m", "pytest", "-q", "tests/x.py"]),
+    ("ls -la /root", ["ls", "-la", "/root"]),
+    ("echo hi", None),            # dash's echo interprets escapes; /bin/echo does not
+    ("cd /tmp", None),
+    ("FOO=1 env", None),
+    ("ls *.py", None),
+    ("cat a > b", None),
+    ("a && b", None),
+    ("echo $HOME", None),
+    ("ls 'a b'", None),
+    ("ls ~", None),
+    ("ls # comment", None),
+    ("a\nb", None),
+    ("", None),
+    ("exit 3", None),
+])
+def test_plain_argv(command: str, argv: list[str] | None) -> None:
+    assert plain_argv(command) == argv
 
 
 # --- files ---------------------------------------------------------------------------------------
