@@ -395,7 +395,8 @@ async def test_accelerator_probe_decides_once_and_fast(env: Env) -> None:
             assert d.kind == "tcg"
         t1 = time.monotonic()
         assert await engine.probe_accelerator(str(env.image / "vmlinuz")) is d  # cached
-        assert time.monotonic() - t1 < 0.05
+        # Not probed again (a probe boots QEMU: seconds); the margin holds under load.
+        assert time.monotonic() - t1 < 0.5
         checks = {c.name: c for c in await engine.check(str(env.image / "vmlinuz"))}
         assert checks["qemu"].ok and checks["unprivileged-qemu"].ok and checks["run-dir"].ok
         assert checks["accelerator"].detail.startswith(d.kind)

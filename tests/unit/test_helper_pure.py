@@ -67,3 +67,32 @@ def test_listen_fds_only_for_our_pid() -> None:
 
 def test_notify_without_socket_is_a_no_op() -> None:
     assert systemd.notify("READY=1", env={}) is False
+
+
+def test_every_helper_error_answers_with_its_own_code() -> None:
+    """One root carries the wire code; the server reads it, never guesses."""
+    from agentiso.privhelper.errors import GuestStepFailed, HelperError, RequestFailed
+    from agentiso.privhelper.net.errors import PoolExhausted
+    from agentiso.privhelper.server import INTERNAL_MESSAGE, _typed_error
+    from agentiso.privhelper.storage.errors import VolumeBusy
+    from agentiso.privhelper.vm.errors import VmNotFound
+    from agentiso.protocol import helper as hp
+    from agentiso.protocol.errors import ErrorCode
+
+    req = hp.Ping(id=7)
+    cases: list[tuple[HelperError, ErrorCode]] = [
+        (RequestFailed(ErrorCode.CONFLICT, "busy"), ErrorCode.CONFLICT),
+        (VmNotFound("no VM"), ErrorCode.NOT_FOUND),
+        (VolumeBusy("v", "grow"), ErrorCode.CONFLICT),
+        (PoolExhausted("full"), ErrorCode.LIMIT_EXCEEDED),
+        (GuestStepFailed("ConfigureNetwork", "not_found", "no interface"), ErrorCode.GUEST_FAILED),
+    ]
+    for exc, code in cases:
+        answer = _typed_error(req, exc)
+        assert (answer.id, answer.code, answer.message) == (7, code, exc.message)
+    # The guest's own code travels in the message, never as the helper's code.
+    guest = _typed_error(req, GuestStepFailed("SetHostname", "not_found", "nope"))
+    assert guest.code is ErrorCode.GUEST_FAILED and "[not_found] nope" in guest.message
+    # An internal error is the helper's: its details stay in the log.
+    internal = _typed_error(req, ConfigError("secret path /etc/x"))
+    assert internal.code is ErrorCode.INTERNAL and internal.message == INTERNAL_MESSAGE
