@@ -16,11 +16,13 @@ from collections.abc import Iterable
 import anyio
 from anyio.abc import SocketStream
 
+from agentiso.protocol.guest_constants import AGENT_VSOCK_PORT
+
 VHOST_VSOCK = "/dev/vhost-vsock"
-AGENT_PORT = 5000
 #: CIDs 0-2 are reserved (hypervisor, loopback, host).
 FIRST_CID = 3
 LAST_CID = 0xFFFFFFFE
+#: The secret the helper makes per VM (within the agent's bounds; a test checks).
 SECRET_BYTES = 32
 
 
@@ -39,7 +41,7 @@ def pick_cid(taken: Iterable[int]) -> int:
     return cid
 
 
-async def connect(cid: int, port: int = AGENT_PORT) -> SocketStream:
+async def connect(cid: int, port: int = AGENT_VSOCK_PORT) -> SocketStream:
     """Connect to ``port`` of guest ``cid``; OSError if it cannot be reached."""
     sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 
+# The port name and the fw_cfg entry are a contract with the image and the agent.
+from agentiso.protocol.guest_constants import AGENT_PORT_NAME, SECRET_FW_CFG_NAME
+
 from .spec import (
-    AGENT_PORT_NAME,
-    SECRET_FW_CFG_NAME,
     VirtioSerialChannel,
     VmSpec,
     VsockChannel,

@@ -22,13 +22,6 @@ from agentiso.protocol.types import NAME_PATTERN
 
 from .errors import InvalidVmSpec
 
-#: Name of the guest's virtio-serial port (shared contract with the image and agent).
-AGENT_PORT_NAME = "org.agentiso.agent.0"
-#: fw_cfg entry carrying the per-VM secret (shared contract with the agent).
-SECRET_FW_CFG_NAME = "opt/org.agentiso/secret"
-#: vsock port the agent listens on (for reference; QEMU does not need it).
-AGENT_VSOCK_PORT = 5000
-
 MAX_VCPUS = 64
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 1024 * 1024

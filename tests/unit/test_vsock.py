@@ -20,3 +20,9 @@ async def test_connect_to_an_absent_guest_is_an_oserror() -> None:
         pytest.skip(reason="this host has vhost-vsock: the unreachable-guest path differs")
     with pytest.raises(OSError):
         await vsock.connect(4_000_000, 5000)
+
+
+def test_the_helpers_secret_is_one_the_agent_accepts() -> None:
+    from agentiso.protocol.guest_constants import SECRET_MAX_BYTES, SECRET_MIN_BYTES
+
+    assert SECRET_MIN_BYTES <= vsock.SECRET_BYTES <= SECRET_MAX_BYTES

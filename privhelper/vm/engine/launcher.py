@@ -12,6 +12,8 @@ from pathlib import Path
 
 import msgspec
 
+from agentiso.protocol.guest_constants import SECRET_MAX_BYTES, SECRET_MIN_BYTES
+
 from ..accel import AccelDecision
 from ..cmdline import build_argv
 from ..errors import InvalidVmSpec
@@ -54,8 +56,11 @@ def resolve_spec(cfg: VmConfig, settings: EngineSettings, where: Placement) -> V
             # only answers whoever presents the per-VM secret.
             raise InvalidVmSpec("a vsock channel needs a per-VM secret")
         channel = VsockChannel(guest_cid=cfg.guest_cid, vhost_fd=cfg.vhost_vsock_fd)
-    if cfg.secret is not None and not 16 <= len(cfg.secret) <= 4096:
-        raise InvalidVmSpec("the secret must be 16 to 4096 bytes")
+    if cfg.secret is not None and not SECRET_MIN_BYTES <= len(cfg.secret) <= SECRET_MAX_BYTES:
+        # The agent refuses a secret outside these bounds.
+        raise InvalidVmSpec(
+            f"the secret must be {SECRET_MIN_BYTES} to {SECRET_MAX_BYTES} bytes"
+        )
     kind = where.accel.kind
     spec = VmSpec(
         name=cfg.name,
