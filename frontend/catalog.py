@@ -120,6 +120,9 @@ class WorkspaceRecord:
     #: Fork lineage: the workspace and snapshot this one was made from.
     parent_workspace: str | None = None
     parent_snapshot: str | None = None
+    #: The network settings beyond ``allow_internet`` (allow-list, peers,
+    #: groups, port forwards), as the network tools keep them.
+    network: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,11 +180,18 @@ def _v1_workspaces_and_sessions(db: sqlite3.Connection) -> None:
     )
 
 
+def _v2_network(db: sqlite3.Connection) -> None:
+    db.execute(
+        "ALTER TABLE workspaces ADD COLUMN network TEXT NOT NULL DEFAULT '{}'"
+        " CHECK (json_valid(network))"
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 #: Schema steps in order; the database's ``user_version`` is how many ran.
 #: Append, never edit or reorder: a step that ran on a user's file is history.
-MIGRATIONS: Sequence[Migration] = (_v1_workspaces_and_sessions,)
+MIGRATIONS: Sequence[Migration] = (_v1_workspaces_and_sessions, _v2_network)
 
 _WS_COLUMNS = tuple(f.name for f in dataclasses.fields(WorkspaceRecord))
 _SESSION_COLUMNS = tuple(f.name for f in dataclasses.fields(SessionRecord))
@@ -190,7 +200,7 @@ UPDATABLE = frozenset(_WS_COLUMNS) - {"id", "created_at", "updated_at"}
 
 
 def _to_row(field: str, value: Any) -> Any:
-    if field == "env":
+    if field in ("env", "network"):
         return json.dumps(dict(value), sort_keys=True)
     if field == "state":
         return str(State(value))
@@ -208,6 +218,10 @@ def _workspace(row: sqlite3.Row) -> WorkspaceRecord:
         if not isinstance(env, dict):
             raise ValueError("env is not an object")
         values["env"] = env
+        network = json.loads(values["network"])
+        if not isinstance(network, dict):
+            raise ValueError("network is not an object")
+        values["network"] = network
         return WorkspaceRecord(**values)
     except (ValueError, TypeError) as exc:
         raise CatalogError(
@@ -348,8 +362,15 @@ class Catalog:
             if self.find_workspace(wid) is None:
                 return wid
 
-    def add_workspace(self, rec: WorkspaceRecord) -> WorkspaceRecord:
-        """Insert ``rec``; :class:`NameTaken` if its name is in use (atomic across processes)."""
+    def add_workspace(
+        self, rec: WorkspaceRecord, *,
+        check: Callable[[list[WorkspaceRecord]], None] | None = None,
+    ) -> WorkspaceRecord:
+        """Insert ``rec``; :class:`NameTaken` if its name is in use (atomic across processes).
+
+        ``check`` sees every row inside the same write transaction and may
+        raise to refuse the insert: quotas are checked this way, so two
+        frontends cannot both squeeze under one limit."""
         validate_workspace_name(rec.name)
         if not is_workspace_id(rec.id):
             raise ValueError(f"not a workspace id: {rec.id!r}")
@@ -359,6 +380,9 @@ class Catalog:
         values = [_to_row(c, getattr(rec, c)) for c in _WS_COLUMNS]
         try:
             with self._write() as db:
+                if check is not None:
+                    rows = db.execute("SELECT * FROM workspaces ORDER BY created_at, id")
+                    check([_workspace(r) for r in rows.fetchall()])
                 db.execute(f"INSERT INTO workspaces ({cols}) VALUES ({marks})", values)
         except sqlite3.IntegrityError as exc:
             if _integrity_error_column(exc) == "name":
@@ -461,6 +485,26 @@ class Catalog:
             rec = self._select_ws(db, "id = ?", id)
         assert rec is not None
         return rec
+
+    def adopt(
+        self, id: str, session: str, *, unless_alive: Callable[[str], bool] | None = None
+    ) -> WorkspaceRecord | None:
+        """Make ``session`` the owner of workspace ``id`` (one transaction).
+
+        With ``unless_alive``, a workspace whose owning session it reports
+        alive is left alone and None is returned.  Raises :class:`WorkspaceNotFound`.
+        """
+        with self._write() as db:
+            rec = self._select_ws(db, "id = ?", id)
+            if rec is None:
+                raise WorkspaceNotFound(id)
+            if rec.session == session:
+                return rec
+            if unless_alive is not None and rec.session and unless_alive(rec.session):
+                return None
+            db.execute("UPDATE workspaces SET session = ?, updated_at = ? WHERE id = ?",
+                       (session, time.time(), id))
+            return self._select_ws(db, "id = ?", id)
 
     def delete_workspace(self, id: str) -> bool:
         """Delete workspace ``id``'s row; False if there was none (so undo may repeat it)."""

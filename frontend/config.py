@@ -14,6 +14,10 @@ error, so a typo is reported instead of silently ignored.  Example::
     [limits]            # bounds on tool arguments (the helper has its own, per uid)
     max_exec_timeout_secs = 3600
 
+    [quotas]            # what you (all sessions) and one session may hold
+    workspaces = 32
+    memory_mb_per_session = 32768
+
 The parsing is pure (:func:`parse_config`); :func:`load_config` reads the file.
 """
 
@@ -57,6 +61,27 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     boot_timeout_secs: Annotated[int, Meta(ge=10, le=3600)] = 180
 
 
+Count = Annotated[int, Meta(ge=0, le=1 << 20)]
+
+
+class Quotas(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What one user (all their sessions) and one session may hold.  Checked
+    before anything is made; the helper's per-uid limits stay the hard floor.
+    vCPUs and memory count workspaces that are not stopped; workspaces and
+    disk count every workspace."""
+
+    workspaces: Count = 32
+    workspaces_per_session: Count = 16
+    vcpus: Count = 64
+    vcpus_per_session: Count = 32
+    memory_mb: Count = 64 * 1024
+    memory_mb_per_session: Count = 32 * 1024
+    disk_gb: Count = 2048
+    disk_gb_per_session: Count = 1024
+    snapshots_per_workspace: Count = 64
+    forks_per_call: Annotated[int, Meta(ge=1, le=1000)] = 20
+
+
 class FileConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The file's schema (paths are strings here; :class:`FrontendConfig` resolves them)."""
 
@@ -69,6 +94,7 @@ class FileConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     state_dir: str | None = None
     defaults: Defaults = msgspec.field(default_factory=Defaults)
     limits: Limits = msgspec.field(default_factory=Limits)
+    quotas: Quotas = msgspec.field(default_factory=Quotas)
 
 
 class FrontendConfig(msgspec.Struct, frozen=True):
@@ -79,6 +105,7 @@ class FrontendConfig(msgspec.Struct, frozen=True):
     state_dir: Path
     defaults: Defaults
     limits: Limits
+    quotas: Quotas
     #: Where it was read from (None: defaults only), for messages.
     source: str | None = None
 
@@ -117,7 +144,7 @@ def parse_config(
              else Path(platformdirs.user_state_dir(APP_NAME)))
     return FrontendConfig(
         helper_socket=fc.helper_socket, host_roots=roots, state_dir=state,
-        defaults=fc.defaults, limits=fc.limits, source=source,
+        defaults=fc.defaults, limits=fc.limits, quotas=fc.quotas, source=source,
     )
 
 

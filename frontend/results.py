@@ -200,3 +200,30 @@ class Transfer(_Model):
     bytes: int
     sha256: str
     duration_secs: float
+
+
+class Adopted(_Model):
+    workspaces: list[WorkspaceSummary] = Field(description="Now owned by this session")
+
+
+class AllowRule(_Model):
+    cidr: str = Field(description="IPv4/IPv6 network, e.g. 192.0.2.0/24 or 203.0.113.7")
+    ports: list[str] = Field(description="Ports or ranges ('443', '8000-8100'); empty: all")
+    protocol: Literal["tcp", "udp", "any"]
+
+
+class NetworkPolicyResult(_Model):
+    workspace: str
+    allow_internet: bool = Field(description="Outbound access (NAT) is on")
+    allow: list[AllowRule] = Field(description="With allow_internet: only these (empty: all)")
+    peers: list[str] = Field(description="Your workspaces this one may talk to (both ways)")
+    groups: list[str] = Field(description="Workspaces of yours in a shared group may talk")
+    forwards: list[Forward]
+    applied: bool = Field(description="Applied to the running VM now (else at next start)")
+
+
+class ForwardResult(_Model):
+    workspace: str
+    host_port: int = Field(description="Reach the guest port at 127.0.0.1:host_port")
+    guest_port: int
+    protocol: Literal["tcp", "udp"]

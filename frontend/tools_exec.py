@@ -69,7 +69,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
             raise BadArgument(f"stdin is {len(stdin_bytes)} bytes, above the {MAX_STDIN}-"
                                   "byte limit of one call\nWrite the input to a file "
                                   "(file_write or file_upload) and redirect from it.")
-        rec = rt.ws.get(workspace)
+        rec = rt.ws.owned(workspace)
         merged = {**rec.env, **(env or {})}
 
         async def on_output(stream: str, data: bytes, total: int) -> None:
@@ -97,7 +97,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
     ) -> JobStarted:
         if timeout_secs is not None:
             _check_timeout(rt, timeout_secs)
-        rec = rt.ws.get(workspace)
+        rec = rt.ws.owned(workspace)
         async with rt.ws.guest(rec) as g:
             started = await g.job_start(
                 shell=command, cwd=workdir or "/root", env={**rec.env, **(env or {})},
@@ -117,7 +117,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         stderr_offset: Annotated[int, Field(ge=0, le=2**50)] | None = None,
         wait_secs: Annotated[float, Field(ge=0, le=60)] = 0,
     ) -> JobPoll:
-        rec = rt.ws.get(workspace)
+        rec = rt.ws.owned(workspace)
         last = rt.poll_offsets.get((rec.id, job), (0, 0))
         out_off = last[0] if stdout_offset is None else stdout_offset
         err_off = last[1] if stderr_offset is None else stderr_offset
@@ -150,7 +150,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
                                      "or number")] = "TERM",
     ) -> JobKilled:
         signo = SIGNALS.get(signal) or int(signal)
-        rec = rt.ws.get(workspace)
+        rec = rt.ws.owned(workspace)
         async with rt.ws.guest(rec) as g:
             await g.job_kill(job, signal=signo)
         return JobKilled(job=job, signal=signo)
@@ -166,7 +166,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         unset: Annotated[list[EnvKey], Field(max_length=1024,
                                              description="Names to remove")] | None = None,
     ) -> EnvResult:
-        rec = rt.ws.get(workspace)
+        rec = rt.ws.owned(workspace)
         after = {k: v for k, v in {**rec.env, **(env or {})}.items() if k not in (unset or [])}
         if len(after) > MAX_ENV:
             raise BadArgument(f"that would make {len(after)} variables, above {MAX_ENV}\n"

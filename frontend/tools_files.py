@@ -55,7 +55,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
                                     "(base64) to return at most")] | None = None,
         encoding: Literal["utf-8", "base64"] = "utf-8",
     ) -> FileContent:
-        rec = rt.ws.get(workspace)
+        rec = rt.ws.owned(workspace)
         async with rt.ws.guest(rec) as g:
             if encoding == "base64":
                 n = min(limit or inline_limit(), inline_limit())
@@ -83,7 +83,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         if len(data) > inline_limit():
             raise BadArgument(f"content is {len(data)} bytes, above the {inline_limit()}-"
                                   "byte limit of one call\nUse file_upload for large files.")
-        rec = rt.ws.get(workspace)
+        rec = rt.ws.owned(workspace)
         async with rt.ws.guest(rec) as g:
             return await guestfiles.write(g, path, data, perm=guestfiles.parse_mode(mode),
                                           append=append, exclusive=create_only,
@@ -101,7 +101,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         new_text: Annotated[str, Field(max_length=4 * 1024 * 1024)],
         replace_all: bool = False,
     ) -> FileEdited:
-        rec = rt.ws.get(workspace)
+        rec = rt.ws.owned(workspace)
         async with rt.ws.guest(rec) as g:
             return await guestfiles.edit(g, path, old_text, new_text, replace_all,
                                          inline_limit())
@@ -114,7 +114,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         path: GuestPath = "/root",
         limit: Annotated[int, Field(ge=1, le=100_000)] = 1000,
     ) -> FileListing:
-        rec = rt.ws.get(workspace)
+        rec = rt.ws.owned(workspace)
         async with rt.ws.guest(rec) as g:
             return await guestfiles.listing(g, path, limit)
 
@@ -130,7 +130,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         mode: Annotated[str, Field(pattern=r"^(0o?)?[0-7]{3,4}$")] = "644",
         overwrite: bool = True,
     ) -> Transfer:
-        rec = rt.ws.get(workspace)
+        rec = rt.ws.owned(workspace)
         perm = guestfiles.parse_mode(mode)
         resolved = roots().resolve(host_path).path
         f, _size = roots().open_read(host_path)
@@ -160,7 +160,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         host_path: HostPath,
         overwrite: bool = False,
     ) -> Transfer:
-        rec = rt.ws.get(workspace)
+        rec = rt.ws.owned(workspace)
         t0 = time.monotonic()
         with roots().writer(host_path, overwrite=overwrite) as w:
             async def write(data: bytes) -> None:

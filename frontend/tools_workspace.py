@@ -10,6 +10,7 @@ from mcp.types import ToolAnnotations
 from pydantic import Field
 
 from .results import (
+    Adopted,
     Destroyed,
     Forward,
     Orphan,
@@ -156,12 +157,30 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         "resources no workspace claims (e.g. left by a crash)."))
     @tool_errors
     async def workspace_list() -> WorkspaceList:
-        details, orphans = await rt.ws.list()
+        details, orphans = await rt.ws.list_all()
         return WorkspaceList(
             workspaces=[WorkspaceSummary(**summary(d, rt.ws.session.id)) for d in details],
             orphans=[Orphan(kind="vm" if o.kind == "vm" else "volume", name=o.name,
                             state=o.state) for o in orphans],
         )
+
+    @app.tool(annotations=changes, description=(
+        "Take over a workspace made by another agentiso session of yours (each MCP "
+        "connection is one session; a workspace is used only by its own session)."))
+    @tool_errors
+    async def workspace_adopt(workspace: WorkspaceRef) -> WorkspaceSummary:
+        rec = rt.ws.adopt(workspace)
+        return WorkspaceSummary(**summary(await rt.ws.detail(rec.id), rt.ws.session.id))
+
+    @app.tool(annotations=changes, description=(
+        "Take over every workspace whose agentiso session has ended (e.g. after the MCP "
+        "client restarted or crashed). Workspaces of sessions still running are left alone."))
+    @tool_errors
+    async def workspace_adopt_all() -> Adopted:
+        taken = rt.ws.adopt_all()
+        return Adopted(workspaces=[WorkspaceSummary(**summary(await rt.ws.detail(r.id),
+                                                              rt.ws.session.id))
+                                   for r in taken])
 
     @app.tool(annotations=read_only, description=(
         "Everything about one workspace: state (and why), address, resources, disk size "

@@ -24,15 +24,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
 import structlog
 
 from agentiso.protocol import helper as hp
-from agentiso.protocol.errors import NotFound
+from agentiso.protocol.errors import Conflict, InvalidRequest, NotFound
 
-from . import lifecycle
+from . import lifecycle, quotas
 from .catalog import Catalog, WorkspaceRecord, validate_workspace_name
 from .config import FrontendConfig
 from .errors import ConnectionLost, FrontendError
@@ -42,6 +43,7 @@ from .helper_client import HelperClient, connect_helper
 from .keepopen import KeptOpen
 from .lifecycle import Event, Operation, State
 from .sessions import Session, session_alive
+from .workspace_errors import WorkspaceError
 
 log = structlog.get_logger("agentiso.frontend.workspaces")
 
@@ -49,6 +51,33 @@ GiB = 1024 * 1024 * 1024
 #: How long a graceful stop may take before the helper kills the VM.
 STOP_TIMEOUT_S = 30.0
 Progress = Callable[[str], Awaitable[None]]
+Protocol = Literal["tcp", "udp"]
+#: Host ports a forward gets when the caller names none.
+FORWARD_PORTS = (20000, 45000)
+
+
+class NotYours(WorkspaceError):
+    def __init__(self, name: str, owner_alive: bool) -> None:
+        whose = "another agentiso session that is still running" if owner_alive else \
+            "an agentiso session that has ended"
+        super().__init__(
+            f"workspace {name!r} belongs to {whose}",
+            "Adopt it with workspace_adopt (workspace_adopt_all takes every workspace "
+            "whose session ended), then retry",
+        )
+
+
+class NoSuchImage(WorkspaceError):
+    def __init__(self, image: str, available: list[str]) -> None:
+        super().__init__(
+            f"no guest image named {image!r} on this host",
+            f"Use one of: {', '.join(available) or '(none installed)'}; an administrator "
+            f"builds more with `make image IMAGE=<name>`",
+        )
+
+
+class NetworkError(WorkspaceError):
+    pass
 
 
 async def _no_progress(_: str) -> None:
@@ -132,7 +161,38 @@ class Workspaces:
             kept.close()
 
     def get(self, ref: str) -> WorkspaceRecord:
+        """Any workspace of this user (read-only tools)."""
         return self.catalog.get_workspace(ref)
+
+    def owned(self, ref: str) -> WorkspaceRecord:
+        """A workspace of this session: what every tool that uses or changes one
+        requires.  Another session's must be adopted first."""
+        rec = self.catalog.get_workspace(ref)
+        if rec.session != self.session.id:
+            alive = bool(rec.session) and session_alive(self.config.state_dir, str(rec.session))
+            raise NotYours(rec.name, alive)
+        return rec
+
+    def adopt(self, ref: str) -> WorkspaceRecord:
+        """Make this session the owner of a workspace (even one whose session
+        still runs: an explicit take-over)."""
+        rec = self.catalog.get_workspace(ref)
+        adopted = self.catalog.adopt(rec.id, self.session.id)
+        return adopted if adopted is not None else self.catalog.get_workspace(rec.id)
+
+    def adopt_all(self) -> list[WorkspaceRecord]:
+        """Adopt every workspace whose session has ended."""
+        taken = []
+        for rec in self.catalog.list_workspaces():
+            if rec.session == self.session.id:
+                continue
+            got = self.catalog.adopt(
+                rec.id, self.session.id,
+                unless_alive=lambda s: session_alive(self.config.state_dir, s),
+            )
+            if got is not None:
+                taken.append(got)
+        return taken
 
     # --- create ----------------------------------------------------------------------
 
@@ -144,6 +204,13 @@ class Workspaces:
         configured (by the helper), then the row says running.  Any failure
         or cancellation undoes every step, the row included."""
         name = validate_workspace_name(name) if name else self._auto_name(image)
+        async with self.helper_call() as h:
+            images = {i.name: i for i in (await h.image_list()).images}
+        if image not in images:
+            raise NoSuchImage(image, sorted(images))
+        image_gb = max(1, -(-images[image].size_bytes // GiB))
+        ask = quotas.Ask(workspaces=1, vcpus=vcpus, memory_mb=memory_mb,
+                         disk_gb=disk_gb or image_gb)
         wid = self.catalog.new_workspace_id()
         now = time.time()
         rec = WorkspaceRecord(
@@ -153,7 +220,8 @@ class Workspaces:
             created_at=now, updated_at=now, env={}, parent_workspace=None,
             parent_snapshot=None,
         )
-        self.catalog.add_workspace(rec)
+        self.catalog.add_workspace(rec, check=lambda rows: quotas.check(
+            self.config.quotas, rows, self.session.id, ask, default_disk_gb=image_gb))
         async with AsyncExitStack() as undo:
             undo.push_async_callback(self._forget_row, wid)
             async with self.helper_call() as h:
@@ -171,7 +239,7 @@ class Workspaces:
                 undo.push_async_callback(self._mark, wid, Event.CREATE_FAILED)
                 vm = await h.vm_start(
                     name=wid, volume=wid, vcpus=vcpus, memory_mib=memory_mb,
-                    network=_policy(allow_internet),
+                    network=self._policy(rec),
                     timeout=float(self.config.limits.boot_timeout_secs),
                 )
             await progress("connecting to the guest agent")
@@ -228,8 +296,11 @@ class Workspaces:
             self.catalog.set_state(wid, lifecycle.transition(rec.state, event), str(event))
 
     async def start(self, ref: str, progress: Progress = _no_progress) -> Detail:
-        rec = self.get(ref)
+        rec = self.owned(ref)
         lifecycle.require(rec.name, rec.state, Operation.START)
+        quotas.check(self.config.quotas, self.catalog.list_workspaces(), self.session.id,
+                     quotas.Ask(workspaces=0, vcpus=rec.vcpus, memory_mb=rec.memory_mb,
+                                disk_gb=0), exclude=rec.id)
         rec = self._advance(rec, Event.START_REQUESTED)
         try:
             # A crashed VM stays registered until stopped: clear it first.
@@ -238,9 +309,10 @@ class Workspaces:
             async with self.helper_call() as h:
                 vm = await h.vm_start(
                     name=rec.vm, volume=rec.volume, vcpus=rec.vcpus, memory_mib=rec.memory_mb,
-                    network=_policy(rec.allow_internet),
+                    network=self._policy(rec),
                     timeout=float(self.config.limits.boot_timeout_secs),
                 )
+                vm = await self._restore_forwards(h, rec, vm)
             await progress("connecting to the guest agent")
             rec = self._advance(rec, Event.STARTED)
             async with self.guest(rec) as g:
@@ -255,7 +327,7 @@ class Workspaces:
         return Detail(rec, vm, None)
 
     async def stop(self, ref: str, *, force: bool = False) -> WorkspaceRecord:
-        rec = self.get(ref)
+        rec = self.owned(ref)
         lifecycle.require(rec.name, rec.state, Operation.STOP)
         rec = self._advance(rec, Event.STOP_REQUESTED)
         self._drop_guest(rec.vm)
@@ -273,7 +345,7 @@ class Workspaces:
         return self._advance(rec, Event.STOPPED, "stopped by request")
 
     async def destroy(self, ref: str) -> WorkspaceRecord:
-        rec = self.get(ref)
+        rec = self.owned(ref)
         lifecycle.require(rec.name, rec.state, Operation.DESTROY)
         rec = self._advance(rec, Event.DESTROY_REQUESTED)
         try:
@@ -336,7 +408,7 @@ class Workspaces:
         rec = self._reconciled(rec, vm)
         return Detail(rec, vm, vol)
 
-    async def list(self) -> tuple[list[Detail], list[Orphan]]:
+    async def list_all(self) -> tuple[list[Detail], list[Orphan]]:
         """Every workspace of this user (reconciled with the helper) and the
         helper's resources no row claims (shown, never hidden)."""
         async with self.helper_call() as h:
@@ -394,7 +466,141 @@ class Workspaces:
             if state is State.DESTROYING:
                 await self._remove_resources(rec, strict=False)
                 self.catalog.delete_workspace(rec.id)
-        await self.list()
+        await self.list_all()
+
+    # --- network ----------------------------------------------------------------------
+
+    def _policy(self, rec: WorkspaceRecord) -> hp.NetworkPolicy:
+        """The helper policy of a workspace: internet, allow-list, groups, and
+        the peers that have a VM now (a stopped peer has no address to allow)."""
+        net = rec.network
+        peers = []
+        for name in net.get("peers", []):
+            peer = self.catalog.find_workspace(name)
+            if peer is not None and peer.state is State.RUNNING:
+                peers.append(peer.vm)
+        return hp.NetworkPolicy(
+            egress=rec.allow_internet,
+            allow=[hp.AllowRule(cidr=a["cidr"], protocol=a.get("protocol", "any"),
+                                ports=[hp.PortRange(first=p[0], last=p[1])
+                                       for p in a.get("ports", [])])
+                   for a in net.get("allow", [])],
+            peers=peers,
+            groups=list(net.get("groups", [])),
+        )
+
+    async def set_network(
+        self, ref: str, *, allow_internet: bool | None, allow: list[dict[str, Any]] | None,
+        peers: list[str] | None, groups: list[str] | None,
+    ) -> tuple[WorkspaceRecord, hp.VmInfo | None]:
+        """Change what a workspace may reach; applied at once (atomically) if it runs."""
+        rec = self.owned(ref)
+        lifecycle.require(rec.name, rec.state, Operation.NETWORK)
+        net = dict(rec.network)
+        if allow is not None:
+            net["allow"] = allow
+        if peers is not None:
+            for p in peers:
+                if self.catalog.get_workspace(p).id == rec.id:
+                    raise NetworkError(f"workspace {rec.name!r} cannot peer with itself",
+                                       "Name other workspaces of yours in peers.")
+            net["peers"] = [self.catalog.get_workspace(p).name for p in peers]
+        if groups is not None:
+            net["groups"] = groups
+        changes: dict[str, Any] = {"network": net}
+        if allow_internet is not None:
+            changes["allow_internet"] = allow_internet
+        new = self.catalog.update_workspace(rec.id, **changes)
+        vm = None
+        if new.state is State.RUNNING:
+            try:
+                async with self.helper_call() as h:
+                    vm = await h.vm_network_set(name=new.vm, policy=self._policy(new))
+            except BaseException:
+                # Not applied: the catalog goes back to what the VM still has.
+                self.catalog.update_workspace(rec.id, network=rec.network,
+                                              allow_internet=rec.allow_internet)
+                raise
+            await self._refresh_peers_of(new)
+        return new, vm
+
+    async def _refresh_peers_of(self, rec: WorkspaceRecord) -> None:
+        """Re-apply the policies of running workspaces that name ``rec`` as a peer
+        (their policy could not include it while it had no VM)."""
+        for other in self.catalog.list_workspaces():
+            if other.id != rec.id and other.state is State.RUNNING and \
+                    rec.name in other.network.get("peers", []):
+                try:
+                    async with self.helper_call() as h:
+                        await h.vm_network_set(name=other.vm, policy=self._policy(other))
+                except Exception as exc:
+                    log.warning("peer_refresh_failed", workspace=other.name, error=str(exc))
+
+    async def forward_add(self, ref: str, *, guest_port: int, host_port: int | None,
+                          protocol: Protocol) -> tuple[WorkspaceRecord, int]:
+        """Forward a host port (chosen if None) to ``guest_port``; kept across restarts."""
+        rec = self.owned(ref)
+        lifecycle.require(rec.name, rec.state, Operation.NETWORK)
+        tries = [host_port] if host_port else [
+            FORWARD_PORTS[0] + secrets.randbelow(FORWARD_PORTS[1] - FORWARD_PORTS[0])
+            for _ in range(20)]
+        last: Exception | None = None
+        for port in tries:
+            try:
+                async with self.helper_call() as h:
+                    await h.forward_add(vm=rec.vm, host_port=port, guest_port=guest_port,
+                                        protocol=protocol)
+            except Conflict as exc:
+                last = exc
+                if host_port:
+                    raise
+                continue
+            fwd = {"host_port": port, "guest_port": guest_port, "protocol": protocol}
+            net = dict(rec.network)
+            net["forwards"] = [*net.get("forwards", []), fwd]
+            return self.catalog.update_workspace(rec.id, network=net), port
+        raise NetworkError(f"no free host port found for the forward ({last})",
+                           "Give host_port explicitly.")
+
+    async def forward_remove(self, ref: str, *, host_port: int,
+                             protocol: Protocol) -> WorkspaceRecord:
+        rec = self.owned(ref)
+        net = dict(rec.network)
+        kept = [f for f in net.get("forwards", [])
+                if (f["host_port"], f["protocol"]) != (host_port, protocol)]
+        if len(kept) == len(net.get("forwards", [])):
+            raise NetworkError(f"workspace {rec.name!r} has no {protocol} forward from host "
+                               f"port {host_port}", "See its forwards with workspace_info.")
+        if rec.state is State.RUNNING:
+            try:
+                async with self.helper_call() as h:
+                    await h.forward_remove(vm=rec.vm, host_port=host_port, protocol=protocol)
+            except NotFound:
+                pass
+        net["forwards"] = kept
+        return self.catalog.update_workspace(rec.id, network=net)
+
+    async def _restore_forwards(self, h: HelperClient, rec: WorkspaceRecord,
+                                vm: hp.VmInfo) -> hp.VmInfo:
+        """After a start: put the workspace's forwards back (a port taken
+        meanwhile is dropped, and the reason kept)."""
+        lost = []
+        for f in rec.network.get("forwards", []):
+            try:
+                vm = await h.forward_add(vm=rec.vm, host_port=f["host_port"],
+                                         guest_port=f["guest_port"], protocol=f["protocol"])
+            except (Conflict, InvalidRequest) as exc:
+                lost.append(f)
+                log.warning("forward_lost", workspace=rec.name, port=f["host_port"],
+                            error=str(exc))
+        if lost:
+            net = dict(rec.network)
+            net["forwards"] = [f for f in net.get("forwards", []) if f not in lost]
+            self.catalog.update_workspace(rec.id, network=net,
+                                          state_reason=f"forwards dropped at start (port "
+                                          f"taken): {[f['host_port'] for f in lost]}")
+        await self._refresh_peers_of(rec)
+        return vm
 
     async def console(self, ref: str, max_bytes: int) -> tuple[WorkspaceRecord, str, str]:
         """The console tail and the helper's failure reason (if any)."""
@@ -406,10 +612,6 @@ class Workspaces:
             except NotFound:
                 text, vm = "", None
         return rec, text, (vm.reason if vm is not None else "")
-
-
-def _policy(allow_internet: bool) -> hp.NetworkPolicy:
-    return hp.NetworkPolicy(egress=allow_internet)
 
 
 def _reason(exc: BaseException) -> str:

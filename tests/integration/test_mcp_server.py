@@ -44,6 +44,8 @@ EXPECTED_TOOLS = {
     "workspace_list", "workspace_info", "workspace_ip", "workspace_logs",
     "exec", "exec_background", "exec_poll", "exec_kill", "set_env",
     "file_read", "file_write", "file_edit", "file_list", "file_upload", "file_download",
+    "workspace_adopt", "workspace_adopt_all", "port_forward", "port_forward_remove",
+    "network_policy",
 }
 
 
@@ -152,7 +154,7 @@ async def test_tools_have_schemas_descriptions_and_annotations(tools: Tools) -> 
         assert t.annotations is not None, t.name
         assert t.output_schema is not None and t.output_schema.get("type") == "object", t.name
         props = t.input_schema.get("properties", {})
-        if t.name not in ("workspace_create", "workspace_list"):
+        if t.name not in ("workspace_create", "workspace_list", "workspace_adopt_all"):
             assert "workspace" in props, t.name
     by_name = {t.name: t for t in tools.listed}
     assert by_name["workspace_destroy"].annotations.destructive_hint is True
@@ -436,8 +438,10 @@ async def test_two_frontends_of_one_user_at_once(env: Env) -> None:
             assert {"left", "right"} <= names
         err = await two.fails("workspace_create", name="left")
         assert "already exists" in err
-        await one.call("workspace_destroy", workspace="right")
-        await two.call("workspace_destroy", workspace="left")
+        err = await one.fails("exec", workspace="right", command="true")
+        assert "workspace_adopt" in err, "a session uses only its own workspaces"
+        await one.call("workspace_destroy", workspace="left")
+        await two.call("workspace_destroy", workspace="right")
     names = {w["name"] for w in (await _list(env))["workspaces"]}
     assert not {"left", "right"} & names
 

@@ -305,25 +305,26 @@ def test_migrations_from_an_empty_file(tmp_path: Path) -> None:
     # A later version appends a step; opening applies only the new one, once.
     ran: list[int] = []
 
-    def v2(db: sqlite3.Connection) -> None:
+    def next_step(db: sqlite3.Connection) -> None:
         ran.append(2)
         db.execute(
-            "CREATE TABLE snapshots (id TEXT PRIMARY KEY, workspace TEXT NOT NULL"
+            "CREATE TABLE future (id TEXT PRIMARY KEY, workspace TEXT NOT NULL"
             " REFERENCES workspaces (id) ON DELETE CASCADE) STRICT"
         )
 
-    steps = [*MIGRATIONS, v2]
+    steps = [*MIGRATIONS, next_step]
+    newer = len(steps)
     with Catalog.open(path, migrations=steps) as c:
         assert [r.name for r in c.list_workspaces()] == ["a"]
     with Catalog.open(path, migrations=steps) as c:
         pass
     assert ran == [2]
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == newer
     db.close()
 
     # The older code refuses the newer schema instead of misreading it.
-    with pytest.raises(CatalogError, match="schema version 2, newer than this agentiso knows"):
+    with pytest.raises(CatalogError, match=f"schema version {newer}, newer than this agentiso"):
         Catalog.open(path)
 
 

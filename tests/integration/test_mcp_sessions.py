@@ -1,0 +1,234 @@
+"""Sessions, network tools and quotas of ``agentiso serve``, through the real
+MCP client, against a real helper and real VMs; the servers run as an
+unprivileged uid in the helper's group.
+
+* A workspace belongs to the session (``agentiso serve`` process) that made
+  it: another session must adopt it first; a session killed with ``kill -9``
+  leaves its workspaces adoptable with nothing lost.
+* ``port_forward`` reaches a server in the guest from the host's 127.0.0.1
+  (in the helper's network namespace); ``network_policy`` peers two workspaces
+  that cannot talk by default; forwards come back after a restart.
+* Quotas per session and per user refuse cleanly and leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from agentiso.protocol import helper as hp
+from agentiso.protocol.blocking import BlockingHelperClient
+from tests.support.helper_process import IMAGES, HelperProcess, public_tmpdir, running_helper
+from tests.support.mcp_client import Tools, mcp_tools, serve_params
+
+GROUP = 64371
+USER = 64372
+pytestmark = pytest.mark.skipif(
+    not (IMAGES / "minimal" / "rootfs.img").exists(),
+    reason="the minimal image is not built (make image)",
+)
+QUOTAS = """
+[quotas]
+workspaces = 3
+workspaces_per_session = 2
+memory_mb = 1024
+memory_mb_per_session = 768
+vcpus_per_session = 3
+"""
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class Env:
+    helper: HelperProcess
+    work: Path
+
+    def params(self) -> Any:
+        return serve_params(self.work / "config.toml", uid=USER, gid=USER, groups=(GROUP,),
+                            home=self.work)
+
+    def helper_names(self) -> tuple[set[str], set[str]]:
+        with BlockingHelperClient(str(self.helper.socket), timeout=60) as c:
+            vms = c.request(hp.VmList(id=0, owner=USER))
+            vols = c.request(hp.VolumeList(id=0, owner=USER))
+        assert isinstance(vms, hp.Vms) and isinstance(vols, hp.Volumes)
+        return {v.name for v in vms.vms}, {v.name for v in vols.volumes}
+
+    def host_curl(self, port: int, path: str = "") -> subprocess.CompletedProcess[str]:
+        """``curl 127.0.0.1:port`` on the helper's host (its network namespace)."""
+        return subprocess.run(
+            ["ip", "netns", "exec", self.helper.netns, "curl", "-s", "-m", "10",
+             f"http://127.0.0.1:{port}/{path}"],
+            capture_output=True, text=True, timeout=30,
+        )
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    images = public_tmpdir("agentiso-mcps-img-")
+    (images / "minimal").mkdir()
+    for f in ("vmlinuz", "initrd.img", "rootfs.img", "manifest.json"):
+        os.link(IMAGES / "minimal" / f, images / "minimal" / f)
+    (images / "minimal").chmod(0o755)
+    config = "[limits]\nper_uid_memory_mib = 2048\nper_uid_vms = 6\n"
+    try:
+        with running_helper(group=GROUP, extra_args=("--images-dir", str(images)),
+                            config=config) as helper:
+            work = public_tmpdir("agentiso-mcps-")
+            (work / "state").mkdir()
+            for p in (work, work / "state"):
+                os.chown(p, USER, USER)
+            (work / "config.toml").write_text(
+                f'helper_socket = "{helper.socket}"\nstate_dir = "{work / "state"}"\n'
+                + QUOTAS
+            )
+            yield Env(helper, work)
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(images, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+async def a(env: Env) -> AsyncIterator[Tools]:
+    """The main session; it owns "owned" and "web" for the module."""
+    async with mcp_tools(env.params()) as t:
+        await t.call("workspace_create", name="owned")
+        await t.call("workspace_create", name="web")
+        yield t
+        await t.call("workspace_adopt_all")
+        for w in (await t.call("workspace_list"))["workspaces"]:
+            await t.call("workspace_adopt", workspace=w["name"])
+            await t.call("workspace_destroy", workspace=w["name"])
+
+
+def _live_sessions(env: Env) -> dict[str, int]:
+    import sqlite3
+
+    db = sqlite3.connect(env.work / "state" / "catalog.db")
+    try:
+        return dict(db.execute("SELECT id, pid FROM sessions WHERE ended_at IS NULL"))
+    finally:
+        db.close()
+
+
+@pytest.mark.anyio
+async def test_a_session_uses_only_its_own_workspaces_until_it_adopts(
+    env: Env, a: Tools
+) -> None:
+    known = set(_live_sessions(env))
+    client = mcp_tools(env.params())
+    b = await client.__aenter__()
+    try:
+        pid = next(p for s, p in _live_sessions(env).items() if s not in known)
+        info = await b.call("workspace_info", workspace="owned")
+        assert info["own_session"] is False and info["state"] == "running"
+        err = await b.fails("exec", workspace="owned", command="true")
+        assert "another agentiso session that is still running" in err
+        assert "workspace_adopt" in err
+        adopted = await b.call("workspace_adopt", workspace="owned")
+        assert adopted["own_session"] is True
+        await b.call("file_write", workspace="owned", path="/root/from-b.txt",
+                     content="written by b\n")
+        err = await a.fails("exec", workspace="owned", command="true")
+        assert "workspace_adopt" in err
+        os.kill(pid, 9)  # b dies without a word
+    finally:
+        try:
+            await client.__aexit__(None, None, None)
+        except Exception:
+            pass  # the client notices its server died
+    # a takes back what b held, nothing lost
+    taken = await a.call("workspace_adopt_all")
+    assert [w["name"] for w in taken["workspaces"]] == ["owned"]
+    r = await a.call("exec", workspace="owned", command="cat /root/from-b.txt")
+    assert r["stdout"] == "written by b\n"
+
+
+def probe_to(ip: str) -> str:
+    return (f"python3 -c \"import socket; s = socket.create_connection(('{ip}', 8000), "
+            f"timeout=3); print('connected')\"")
+
+
+@pytest.mark.anyio
+async def test_port_forward_and_peering(env: Env, a: Tools) -> None:
+    await a.call("file_write", workspace="web", path="/srv/index.txt", content="hello web\n")
+    await a.call("exec_background", workspace="web",
+                 command="python3 -m http.server 8000 --directory /srv")
+    fwd = await a.call("port_forward", workspace="web", guest_port=8000)
+    port = fwd["host_port"]
+    assert 1024 <= port <= 65535
+    for _ in range(50):
+        got = env.host_curl(port, "index.txt")
+        if got.stdout == "hello web\n":
+            break
+        await anyio.sleep(0.2)
+    assert got.stdout == "hello web\n"
+    info = await a.call("workspace_info", workspace="web")
+    assert {"host_port": port, "guest_port": 8000, "protocol": "tcp"} in info["forwards"]
+
+    # Isolated by default; peered, "owned" reaches "web".
+    web_ip = (await a.call("workspace_ip", workspace="web"))["address"]
+    probe = probe_to(web_ip)
+    r = await a.call("exec", workspace="owned", command=probe)
+    assert r["exit_code"] != 0
+    pol = await a.call("network_policy", workspace="web", peers=["owned"])
+    assert pol["peers"] == ["owned"] and pol["applied"]
+    r = await a.call("exec", workspace="owned", command=probe)
+    assert r["stdout"] == "connected\n", r
+    err = await a.fails("network_policy", workspace="web", peers=["web"])
+    assert "itself" in err
+    err = await a.fails("network_policy", workspace="web",
+                        allow=[{"cidr": "not-a-net", "ports": []}])
+    assert "IP network" in err
+
+    # The forward and the peering come back after a restart.
+    await a.call("workspace_stop", workspace="web")
+    await a.call("workspace_start", workspace="web")
+    await a.call("exec_background", workspace="web",
+                 command="python3 -m http.server 8000 --directory /srv")
+    for _ in range(50):
+        got = env.host_curl(port, "index.txt")
+        if got.stdout == "hello web\n":
+            break
+        await anyio.sleep(0.2)
+    assert got.stdout == "hello web\n"
+    web_ip = (await a.call("workspace_ip", workspace="web"))["address"]  # may be new
+    probe = probe_to(web_ip)
+    r = await a.call("exec", workspace="owned", command=probe)
+    assert r["stdout"] == "connected\n", r
+
+    rm = await a.call("port_forward_remove", workspace="web", host_port=port)
+    assert rm["forwards"] == []
+    assert env.host_curl(port).returncode != 0
+    await a.call("network_policy", workspace="web", peers=[])
+
+
+@pytest.mark.anyio
+async def test_quotas_refuse_cleanly(env: Env, a: Tools) -> None:
+    before = env.helper_names()
+    listed = {w["name"] for w in (await a.call("workspace_list"))["workspaces"]}
+    err = await a.fails("workspace_create", name="third")
+    assert "workspaces per session: 2 in use + 1 asked > 2 allowed" in err
+    async with mcp_tools(env.params()) as b:
+        err = await b.fails("workspace_create", name="big", memory_mb=1024)
+        assert "memory per user: 512 MB in use + 1024 MB asked > 1024 MB allowed" in err
+        err = await b.fails("workspace_create", name="cpus", vcpus=4)
+        assert "vcpus per session" in err
+        await b.call("workspace_create", name="third")
+        err = await b.fails("workspace_create", name="fourth")
+        assert "workspaces per user: 3 in use + 1 asked > 3 allowed" in err
+        await b.call("workspace_destroy", workspace="third")
+    assert env.helper_names() == before
+    assert {w["name"] for w in (await a.call("workspace_list"))["workspaces"]} == listed
