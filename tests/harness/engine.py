@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
@@ -90,14 +91,16 @@ class EngineVM:
 @contextlib.contextmanager
 def engine_vm(
     image: str = "minimal", *, memory_mib: int = 256, disk_size: int | None = None,
-    vcpus: int = 1,
+    vcpus: int = 1, **config: Any,
 ) -> Iterator[EngineVM]:
     """Boot ``image`` through a private :class:`VmEngine` (skipping the test when the
     image or QEMU is missing); on exit the VM is killed and every file removed.
 
     Returns once QEMU runs; the caller waits for the agent (e.g. by connecting).
     ``disk_size`` (bytes) makes the disk larger than the image; the guest's init
-    grows its filesystem to match."""
+    grows its filesystem to match.  Other keywords go to :class:`VmConfig` as they
+    are (``net=NetAttachment(...)`` for a NIC, ``secret=...``, ``disks=...`` to
+    boot other disk layers than a fresh overlay of the image)."""
     require_image(image)
     # Short (socket paths <= 107 bytes) and traversable by the VMs' uids.
     base = Path(tempfile.mkdtemp(prefix="agvm", dir="/tmp"))
@@ -115,6 +118,8 @@ def engine_vm(
                    DiskLayer(format="raw", path=str(info.rootfs), read_only=True)),
             vcpus=vcpus, memory_mib=memory_mib,
         )
+        if config:
+            cfg = msgspec.structs.replace(cfg, **config)
         with start_blocking_portal() as portal, \
                 portal.wrap_async_context_manager(VmEngine.running(settings)) as engine:
             status = portal.call(engine.start, cfg)
