@@ -284,7 +284,7 @@ class Catalog:
         try:
             db.row_factory = sqlite3.Row
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _wal(db)
             if mode != "wal":
                 raise CatalogError(
                     f"the catalog {path} cannot use a WAL journal (got {mode!r})",
@@ -605,6 +605,27 @@ def _migrate(db: sqlite3.Connection, path: Path, migrations: Sequence[Migration]
     except BaseException:
         db.execute("ROLLBACK")
         raise
+
+
+def _wal(db: sqlite3.Connection) -> str:
+    """Put the database in WAL mode; the journal mode it ends in.
+
+    Switching the mode needs the database to itself for a moment, and SQLite
+    answers "locked" at once (without its busy handler) while another process
+    holds it, e.g. when several frontends open a new catalog together: so
+    the switch is retried for as long as the busy timeout allows, and skipped
+    when the file is already in WAL mode."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            mode = str(db.execute("PRAGMA journal_mode").fetchone()[0])
+            if mode != "wal":
+                mode = str(db.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            return mode
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _check_env(env: Mapping[str, str]) -> None:

@@ -24,16 +24,21 @@ from .helper_client import connect_helper
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agentiso", description="agentiso workspaces for AI agents")
+    # --config and --helper-socket are taken before or after the command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                        help="user config file (default: config.toml in your config dir)")
+    common.add_argument("--helper-socket", default=argparse.SUPPRESS,
+                        help="the helper's socket")
+    p = argparse.ArgumentParser(prog="agentiso", parents=[common],
+                                description="agentiso workspaces for AI agents")
     p.add_argument("--version", action="version", version=f"agentiso {__version__}")
-    p.add_argument("--config", type=Path, default=None,
-                   help="user config file (default: config.toml in your config dir)")
-    p.add_argument("--helper-socket", default=None, help="the helper's socket")
     sub = p.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the MCP server on stdio (for MCP clients)")
+    serve = sub.add_parser("serve", parents=[common],
+                           help="run the MCP server on stdio (for MCP clients)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
-    sub.add_parser("status", help="check the connection to agentiso-helper")
+    sub.add_parser("status", parents=[common], help="check the connection to agentiso-helper")
     return p
 
 
@@ -50,12 +55,14 @@ async def _status(socket_path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = load_config(args.config, helper_socket=args.helper_socket)
+        config = load_config(getattr(args, "config", None),
+                             helper_socket=getattr(args, "helper_socket", None))
         if args.command == "serve":
             from . import logs
-            from .server import serve
+            from .server import check_state, serve
 
             logs.configure(args.log_level)
+            check_state(config)  # a clear message now, not a traceback from the server
             serve(config)
             return 0
         return anyio.run(_status, config.helper_socket)

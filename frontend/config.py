@@ -52,9 +52,11 @@ class Defaults(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: Longest ``timeout_secs`` an exec may ask for.
-    max_exec_timeout_secs: Annotated[int, Meta(ge=1, le=7 * 24 * 3600)] = 3600
+    max_exec_timeout_secs: Annotated[int, Meta(ge=1, le=24 * 3600)] = 3600
     #: Output an exec result carries inline, per stream; the rest goes to a guest file.
     exec_output_cap_bytes: Annotated[int, Meta(ge=1024, le=4 * 1024 * 1024)] = 256 * 1024
+    #: Most of one stream's output kept in the guest file past the cap.
+    exec_spill_max_bytes: Annotated[int, Meta(ge=0, le=1 << 40)] = 1 << 30
     #: Largest file_read / file_write content carried inline in one call.
     max_inline_file_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 4 * 1024 * 1024
     #: How long a workspace boot may take before create/start gives up.

@@ -33,8 +33,9 @@ from .results import Encoding, ExecResult
 
 log = structlog.get_logger("agentiso.frontend.execution")
 
-#: Where the whole output of a truncated stream is kept in the guest.
-SPILL_DIR = "/tmp/agentiso-output"
+#: Where the whole output of a truncated stream is kept in the guest: on its
+#: disk (/tmp is RAM in the guest images), removed at the next boot.
+SPILL_DIR = "/var/tmp/agentiso-output"
 #: No stream cap for the agent: the frontend caps (and spills) itself.
 UNCAPPED = 2**50
 OnOutput = Callable[[str, bytes, int], Awaitable[None]]
@@ -74,15 +75,23 @@ def plain_argv(command: str) -> list[str] | None:
 def decode_output(data: bytes, truncated: bool = False) -> tuple[str, Encoding]:
     """UTF-8 text when it is text, else base64 (lossless either way).  A
     multi-byte character cut by truncation does not make text binary."""
+    text, encoding, _ = decode_prefix(data, truncated)
+    return text, encoding
+
+
+def decode_prefix(data: bytes, cut: bool) -> tuple[str, Encoding, int]:
+    """:func:`decode_output` and how many bytes of ``data`` it stands for: with
+    ``cut``, a character split at the end is left out (and not counted), so
+    a reader going on from ``offset + used`` gets it whole next time."""
     try:
-        return data.decode("utf-8"), "utf-8"
+        return data.decode("utf-8"), "utf-8", len(data)
     except UnicodeDecodeError as exc:
-        if truncated and exc.reason == "unexpected end of data" and exc.start >= len(data) - 3:
+        if cut and exc.reason == "unexpected end of data" and exc.start >= len(data) - 3:
             try:
-                return data[: exc.start].decode("utf-8"), "utf-8"
+                return data[: exc.start].decode("utf-8"), "utf-8", exc.start
             except UnicodeDecodeError:
                 pass
-    return base64.b64encode(data).decode("ascii"), "base64"
+    return base64.b64encode(data).decode("ascii"), "base64", len(data)
 
 
 @dataclass
@@ -91,10 +100,13 @@ class _Capture:
 
     name: str
     cap: int
+    #: Most bytes the guest file may take; past it the rest is not kept.
+    spill_max: int = 1 << 30
     head: bytearray = field(default_factory=bytearray)
     total: int = 0
     spill_path: str | None = None
     spill_failed: str | None = None
+    spill_cut: bool = False
     _send: MemoryObjectSendStream[bytes] | None = None
 
     async def add(self, data: bytes, guest: GuestClient, tg: anyio.abc.TaskGroup,
@@ -103,7 +115,7 @@ class _Capture:
         room = self.cap - len(self.head)
         if room > 0:
             self.head += data[:room]
-        if self.total <= self.cap or self.spill_failed is not None:
+        if self.total <= self.cap or self.spill_failed is not None or self.spill_cut:
             return
         if self._send is None:
             self.spill_path = f"{SPILL_DIR}/{run_id}.{self.name}"
@@ -119,7 +131,15 @@ class _Capture:
             # Everything written so far: the head, then the part of this chunk past it.
             await self._put(bytes(self.head))
             data = data[max(room, 0):]
-        if data:
+        if data and self._send is not None:
+            room_in_file = self.spill_max - (self.total - len(data))
+            if room_in_file <= 0:
+                self.finish()  # the file holds what the cap allows
+                self.spill_cut = True
+                return
+            if len(data) > room_in_file:
+                data = data[:room_in_file]
+                self.spill_cut = True
             await self._put(data)
 
     async def _put(self, data: bytes) -> None:
@@ -151,8 +171,9 @@ async def _exec(guest: GuestClient, command: str, **kw: Any) -> ExecOutcome:
     if argv is not None:
         try:
             return await guest.exec(argv, **kw)
-        except (pe.NotFound, pe.PermissionDenied):
-            # Refused before it started (no such program, cwd, ...): let the
+        except (pe.NotFound, pe.PermissionDenied, pe.InvalidRequest):
+            # Refused before it started (no such program, a script without a
+            # shebang, a bad cwd, ...): let the
             # shell run it, so the result is the shell's (exit 127, its message).
             pass
     return await guest.exec(shell=command, **kw)
@@ -167,12 +188,18 @@ async def run_exec(
     timeout_s: float,
     stdin: bytes,
     cap: int,
+    spill_max: int = 1 << 30,
     on_output: OnOutput | None = None,
 ) -> ExecResult:
     """Run ``command`` with ``/bin/sh -c`` and collect its result."""
     run_id = secrets.token_hex(6)
-    out = _Capture("stdout", cap)
-    err = _Capture("stderr", cap)
+    out = _Capture("stdout", cap, spill_max)
+    err = _Capture("stderr", cap, spill_max)
+    # The spill uploads run beside the command.  Whatever the command's
+    # call raises is taken out of the task group and raised as itself (a task
+    # group would wrap it in an ExceptionGroup, hiding its type from callers).
+    error: BaseException | None = None
+    outcome: ExecOutcome | None = None
     async with anyio.create_task_group() as tg:
 
         async def collect(stream: str, data: bytes) -> None:
@@ -186,9 +213,16 @@ async def run_exec(
                 guest, command, cwd=workdir, env=env, stdin=stdin, timeout_s=timeout_s,
                 stdout_cap=UNCAPPED, stderr_cap=UNCAPPED, on_output=collect,
             )
+        except BaseException as exc:
+            error = exc
+            tg.cancel_scope.cancel()
         finally:
             out.finish()
             err.finish()
+    if error is not None:
+        raise error
+    if outcome is None:  # pragma: no cover - _exec returns or raises
+        raise RuntimeError("exec ended without an outcome")
     results = {}
     for c in (out, err):
         truncated = c.total > c.cap

@@ -33,7 +33,16 @@ from agentiso.protocol.guest_session import HostSync, SessionStart
 from agentiso.protocol.guest_stream import GuestStreamDecoder
 
 from .errors import ConnectionLost, Hop
-from .mux import TRANSPORT_ERRORS, Deadline, ErrorFactory, Mux, Pending, resolve_timeout, tag_of
+from .mux import (
+    TRANSPORT_ERRORS,
+    Deadline,
+    ErrorFactory,
+    Mux,
+    Pending,
+    resolve_timeout,
+    send_whole_frame,
+    tag_of,
+)
 
 DEFAULT_TIMEOUT_S = 60.0
 #: Connection-level errors kept for inspection (a flood must not grow memory).
@@ -83,6 +92,11 @@ class GuestSession:
     def hello(self) -> gp.Hello | None:
         """The agent's Hello of the current session (None while none is)."""
         return self._handshake.hello
+
+    @property
+    def closed(self) -> bool:
+        """The channel is gone: every request on it fails (open a new one)."""
+        return self._mux.closed or self._refusal is not None
 
     @property
     def _pending(self) -> dict[int, Pending[Any]]:
@@ -288,8 +302,8 @@ class GuestSession:
             if closed is not None:
                 raise closed
             try:
-                await self._stream.send(data)
-            except TRANSPORT_ERRORS as exc:
+                await send_whole_frame(self._stream, data)
+            except TRANSPORT_ERRORS as exc:  # TimeoutError (a stuck frame) is an OSError
                 lost = self._channel_closed(exc)
                 self._close(lost)
                 err = self._mux.closed_error() or lost()

@@ -13,6 +13,7 @@ import base64
 import binascii
 import re
 
+from agentiso.protocol import errors as pe
 from agentiso.protocol import guest as gp
 
 from .errors import FrontendError
@@ -76,6 +77,11 @@ class LineWindow:
                     if b"\n" not in self.kept:  # one line longer than the budget: its start
                         self.kept += piece[: self.max_bytes - len(self.kept)]
                         self.count = 1
+                    elif not self.kept.endswith(b"\n"):
+                        # A line begun in an earlier piece: drop its start, so the
+                        # next call (from next_offset) returns it whole.
+                        del self.kept[self.kept.rfind(b"\n") + 1 :]
+                        self.count -= 1
                     self.full = True
                     return False
                 if not self.kept or self.kept.endswith(b"\n"):
@@ -150,6 +156,14 @@ async def read_bytes(guest: GuestClient, path: str, offset: int, limit: int) -> 
                        has_more=not eof, next_offset=pos)
 
 
+async def mode_of(guest: GuestClient, path: str, default: int = 0o644) -> int:
+    """The permissions of ``path`` if it exists (a rewrite keeps them), else ``default``."""
+    try:
+        return (await guest.stat(path, follow_symlinks=True)).perm
+    except pe.NotFound:
+        return default
+
+
 async def write(guest: GuestClient, path: str, data: bytes, *, perm: int, append: bool,
                 exclusive: bool, parents: bool) -> FileWritten:
     if append:
@@ -164,7 +178,10 @@ async def write(guest: GuestClient, path: str, data: bytes, *, perm: int, append
 
 async def edit(guest: GuestClient, path: str, old: str, new: str, replace_all: bool,
                max_bytes: int) -> FileEdited:
-    st = await guest.stat(path, follow_symlinks=True)
+    st = await guest.stat(path, follow_symlinks=False)
+    if st.kind == "symlink":
+        raise FileToolError(f"{path} is a symbolic link (to {st.symlink_target})\n"
+                            "Edit the file it points to.")
     if st.kind != "file":
         raise FileToolError(f"{path} is a {st.kind}, not a regular file\n"
                             "Edit a regular file.")
@@ -176,7 +193,16 @@ async def edit(guest: GuestClient, path: str, old: str, new: str, replace_all: b
         text = base64.b64decode(content.content).decode("utf-8")
     except UnicodeDecodeError:
         raise FileToolError(f"{path} is not UTF-8 text\nEdit binary files with exec.") from None
+    count = text.count(old) if old else 0
+    grown = len(text.encode()) + count * (len(new.encode()) - len(old.encode()))
+    if count and replace_all and grown > max_bytes:
+        raise FileToolError(f"the edit would make {path} {grown} bytes, above the {max_bytes}-"
+                            "byte limit\nReplace fewer occurrences, or edit with exec.")
     updated, count = apply_edit(text, old, new, replace_all, path)
+    now = await guest.stat(path, follow_symlinks=False)
+    if (now.size, now.mtime_ns) != (st.size, st.mtime_ns):
+        raise FileToolError(f"{path} changed while it was being edited\n"
+                            "Read it again and retry the edit.")
     await guest.upload_bytes(updated.encode("utf-8"), path, perm=st.perm)
     return FileEdited(path=path, replacements=count)
 

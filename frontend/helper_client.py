@@ -72,6 +72,7 @@ from .mux import (
     Mux,
     encode_checked,
     resolve_timeout,
+    send_whole_frame,
     tag_of,
 )
 
@@ -123,6 +124,11 @@ class HelperClient:
         self._reader = FrameReader(receive, hp.HELPER_MAX_FRAME)
 
     # --- the one request path --------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """The connection is gone: every request fails (connect again)."""
+        return self._mux.closed
 
     async def request(
         self, msg: hp.HelperRequest, *, timeout: float | None = None
@@ -317,8 +323,8 @@ class HelperClient:
     async def _send(self, frame: bytes) -> None:
         async with self._send_lock:
             try:
-                await self._stream.send(frame)
-            except TRANSPORT_ERRORS as exc:
+                await send_whole_frame(self._stream, frame)
+            except TRANSPORT_ERRORS as exc:  # TimeoutError (a stuck frame) is an OSError
                 lost = self._lost(f"sending failed: {exc!r}", exc)
                 self._mux.close(lost)
                 err = self._mux.closed_error() or lost()

@@ -35,8 +35,12 @@ class KeptOpen(Generic[T]):
         tg: anyio.abc.TaskGroup,
         opener: Callable[[], AbstractAsyncContextManager[T]],
         label: str,
+        *,
+        is_closed: Callable[[T], bool] | None = None,
     ) -> None:
         self._tg = tg
+        #: Tells a value whose connection is gone (reopened at the next get).
+        self._is_closed = is_closed
         self._opener = opener
         self._label = label
         #: Serializes opening, so concurrent first calls share one connection.
@@ -45,15 +49,21 @@ class KeptOpen(Generic[T]):
         self._close: anyio.Event | None = None
 
     async def get(self) -> T:
-        """The open value; opens it (in the task group) if there is none."""
-        if self._value is not None:
+        """The open value; opens it (in the task group) if there is none, or
+        if the kept one reports its connection gone."""
+        if self._value is not None and not self._stale(self._value):
             return self._value
         async with self._lock:
+            if self._value is not None and self._stale(self._value):
+                self.close()
             if self._value is None:
                 close = anyio.Event()
                 self._value = await self._tg.start(self._hold, close)
                 self._close = close
             return self._value
+
+    def _stale(self, value: T) -> bool:
+        return self._is_closed is not None and self._is_closed(value)
 
     def invalidate(self, value: object) -> None:
         """Drop ``value`` if it is still the kept one (it broke); the next

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import anyio
+import anyio.abc
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -284,3 +285,25 @@ def _bad_argument(msg: msgspec.Struct, detail: str) -> str:
 def _path(where: str) -> str:
     """msgspec's ``$.policy.peers[3]`` as ``policy.peers[3]``."""
     return where.removeprefix("$").removeprefix(".") or "message"
+
+
+#: How long one frame may take to go out once its first byte is written.
+FRAME_SEND_TIMEOUT_S = 30.0
+
+
+async def send_whole_frame(stream: anyio.abc.ByteSendStream, data: bytes) -> None:
+    """Write one frame completely, or fail the connection.
+
+    A frame cut in the middle (a caller cancelled while a large frame was
+    still being written in pieces) would leave the peer mid-frame and break
+    every other request on a shared connection.  So the write is shielded
+    from the caller's cancellation, and bounded by its own timeout instead:
+    a peer that stops reading for that long raises ``TimeoutError``, and the
+    caller closes the connection.  A cancellation still takes effect at the
+    caller's next checkpoint, after the frame is out.
+    """
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(FRAME_SEND_TIMEOUT_S) as scope:
+            await stream.send(data)
+    if scope.cancelled_caught:
+        raise TimeoutError(f"a frame could not be written within {FRAME_SEND_TIMEOUT_S:g} s")

@@ -44,6 +44,10 @@ workspace and its disk for good; workspace_stop keeps the disk.
 """
 
 
+#: Jobs whose poll offsets are remembered (a job beyond is polled from 0 or as asked).
+MAX_POLL_OFFSETS = 4096
+
+
 class NotReady(FrontendError):
     """A tool ran before the server finished starting (should not happen)."""
 
@@ -57,6 +61,13 @@ class Runtime:
     _ws: Workspaces | None = None
     #: exec_poll's default offsets, per (workspace id, job): where the last poll ended.
     poll_offsets: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+
+    def remember_poll(self, workspace: str, job: int, offsets: tuple[int, int]) -> None:
+        """Where the last exec_poll of a job ended (bounded: the oldest are forgotten)."""
+        self.poll_offsets.pop((workspace, job), None)
+        self.poll_offsets[(workspace, job)] = offsets
+        while len(self.poll_offsets) > MAX_POLL_OFFSETS:
+            del self.poll_offsets[next(iter(self.poll_offsets))]
 
     @property
     def ws(self) -> Workspaces:
@@ -117,6 +128,18 @@ async def _reconcile(ws: Workspaces) -> None:
         await ws.reconcile_all()
     except Exception as exc:
         log.warning("reconcile_skipped", error=str(exc))
+
+
+def check_state(config: FrontendConfig) -> None:
+    """Open (and close) the catalog and a session lock, so that an unusable
+    state directory is reported as a FrontendError before serving."""
+    Catalog.open(config.state_dir / "catalog.db").close()
+    try:
+        Session(config.state_dir).close()
+    except OSError as exc:
+        raise NotReady(f"cannot make a session lock in {config.state_dir}: {exc.strerror}\n"
+                       "Check that the state directory is writable by you (or set "
+                       "state_dir in config.toml).") from None
 
 
 def serve(config: FrontendConfig) -> None:

@@ -9,7 +9,8 @@ error and where the details are.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import ParamSpec, TypeVar
 
 import anyio
@@ -71,6 +72,9 @@ def describe(exc: BaseException, tool: str) -> str:
         return text if "\n" in text else f"{text}\nCheck the arguments and retry."
     if isinstance(exc, pe.RemoteError):
         return f"{exc.message}\n{_HINTS.get(exc.code, 'Retry; check workspace_logs.')}"
+    if isinstance(exc, pe.LocalProtocolError):
+        return (f"the request is too large to send: {exc}\n"
+                "Send less at once (file_upload moves files of any size).")
     if isinstance(exc, pe.ProtocolError):
         return (f"agentiso could not talk to the helper or the guest agent: {exc}\n"
                 "Retry; if it persists run `agentiso status`.")
@@ -85,6 +89,65 @@ def _sentence(text: str) -> str:
     return text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
+class GuestRefused(FrontendError):
+    """The guest agent refused a step of a tool (its typed answer, relabelled
+    with what to do for that tool)."""
+
+    def __init__(self, cause: str, hint: str) -> None:
+        super().__init__(f"{cause}\n{hint}")
+        self.cause = cause
+        self.hint = hint
+
+
+#: What to do after the guest agent refuses, by its error code.
+_GUEST_HINTS: dict[pe.ErrorCode, str] = {
+    pe.ErrorCode.NOT_FOUND: "Check the path (file_list shows what a directory holds).",
+    pe.ErrorCode.PERMISSION_DENIED: "The workspace refused it: check the file's permissions "
+                                    "and owner (exec runs as root).",
+    pe.ErrorCode.ALREADY_EXISTS: "It exists already: choose another path, or allow "
+                                 "overwriting.",
+    pe.ErrorCode.INVALID: "Fix the argument named above and call again.",
+    pe.ErrorCode.TOO_LARGE: "Send less at once (file_upload moves files of any size).",
+    pe.ErrorCode.CONFLICT: "The path is in a state that does not allow this (e.g. a "
+                           "directory): check it with file_list.",
+}
+
+
+@contextmanager
+def guest_errors(tool: str, *, workdir: str | None = None) -> Iterator[None]:
+    """Relabel the guest agent's refusals inside a tool with a hint for that
+    tool (a guest's not_found is about a path, not about the workspace)."""
+    try:
+        yield
+    except pe.RemoteError as exc:
+        if isinstance(exc, FrontendError) or exc.code not in _GUEST_HINTS:
+            raise
+        hint = _GUEST_HINTS[exc.code]
+        if tool == "exec" and exc.code is pe.ErrorCode.NOT_FOUND and workdir:
+            hint = f"Check that workdir {workdir} exists (create it with exec mkdir -p)."
+        raise GuestRefused(f"in the workspace: {exc.message}", hint) from None
+    except pe.LocalProtocolError as exc:
+        raise GuestRefused(f"the request is too large to send: {exc}",
+                           "Send less at once (file_upload moves files of any size).") from None
+
+
+@asynccontextmanager
+async def guest_call(tool: str) -> AsyncIterator[None]:
+    """:func:`guest_errors` for ``async with`` statements."""
+    with guest_errors(tool):
+        yield
+
+
+def _only(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception a task group wrapped (a group of several stays a group)."""
+    while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner
+    return group
+
+
 def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """Wrap a tool: every exception becomes a :class:`ToolError` with
     :func:`describe`'s text (cancellation passes through untouched)."""
@@ -92,7 +155,10 @@ def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return await fn(*args, **kwargs)
+            try:
+                return await fn(*args, **kwargs)
+            except BaseExceptionGroup as group:
+                raise _only(group) from None
         except ToolError:
             raise
         except anyio.get_cancelled_exc_class():

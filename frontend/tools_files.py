@@ -16,7 +16,7 @@ from agentiso.protocol import guest as gp
 from . import guestfiles
 from .hostpaths import HostRoots
 from .results import FileContent, FileEdited, FileListing, FileWritten, Transfer
-from .toolerrors import BadArgument, tool_errors
+from .toolerrors import BadArgument, guest_call, tool_errors
 from .tools_workspace import WorkspaceRef
 
 if TYPE_CHECKING:
@@ -56,14 +56,14 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         encoding: Literal["utf-8", "base64"] = "utf-8",
     ) -> FileContent:
         rec = rt.ws.owned(workspace)
-        async with rt.ws.guest(rec) as g:
+        async with rt.ws.guest(rec) as g, guest_call("file_read"):
             if encoding == "base64":
                 n = min(limit or inline_limit(), inline_limit())
                 return await guestfiles.read_bytes(g, path, offset, n)
             return await guestfiles.read_text(g, path, offset, limit or 2000, inline_limit())
 
     @app.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True,
-                                          idempotent_hint=True), description=(
+                                          idempotent_hint=False), description=(
         "Write a file in the workspace (replacing it atomically, or appending). Content is "
         "text, or base64 with encoding base64. Up to 4 MiB per call by default: use "
         "file_upload for larger files."))
@@ -72,8 +72,9 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         workspace: WorkspaceRef,
         path: GuestPath,
         content: Annotated[str, Field(max_length=24 * 1024 * 1024)],
-        mode: Annotated[str, Field(pattern=r"^(0o?)?[0-7]{3,4}$",
-                                   description="Permissions, octal (e.g. 644, 0755)")] = "644",
+        mode: Annotated[str, Field(pattern=r"^(0o?)?[0-7]{3,4}$", description=(
+            "Permissions, octal (e.g. 644, 0755); default: the file's own, or 644 "
+            "for a new file"))] | None = None,
         encoding: Literal["utf-8", "base64"] = "utf-8",
         append: Annotated[bool, Field(description="Append instead of replacing")] = False,
         create_only: Annotated[bool, Field(description="Fail if the file exists")] = False,
@@ -84,10 +85,10 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
             raise BadArgument(f"content is {len(data)} bytes, above the {inline_limit()}-"
                                   "byte limit of one call\nUse file_upload for large files.")
         rec = rt.ws.owned(workspace)
-        async with rt.ws.guest(rec) as g:
-            return await guestfiles.write(g, path, data, perm=guestfiles.parse_mode(mode),
-                                          append=append, exclusive=create_only,
-                                          parents=make_parents)
+        async with rt.ws.guest(rec) as g, guest_call("file_write"):
+            perm = guestfiles.parse_mode(mode) if mode else await guestfiles.mode_of(g, path)
+            return await guestfiles.write(g, path, data, perm=perm, append=append,
+                                          exclusive=create_only, parents=make_parents)
 
     @app.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True,
                                           idempotent_hint=False), description=(
@@ -102,7 +103,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         replace_all: bool = False,
     ) -> FileEdited:
         rec = rt.ws.owned(workspace)
-        async with rt.ws.guest(rec) as g:
+        async with rt.ws.guest(rec) as g, guest_call("file_edit"):
             return await guestfiles.edit(g, path, old_text, new_text, replace_all,
                                          inline_limit())
 
@@ -115,7 +116,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         limit: Annotated[int, Field(ge=1, le=100_000)] = 1000,
     ) -> FileListing:
         rec = rt.ws.owned(workspace)
-        async with rt.ws.guest(rec) as g:
+        async with rt.ws.guest(rec) as g, guest_call("file_list"):
             return await guestfiles.listing(g, path, limit)
 
     @app.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True,
@@ -140,7 +141,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
                 while data := await anyio.to_thread.run_sync(f.read, gp.DEFAULT_CHUNK * 4):
                     yield data
 
-            async with rt.ws.guest(rec) as g:
+            async with rt.ws.guest(rec) as g, guest_call("file_upload"):
                 r = await g.upload(guest_path, chunks(), perm=perm, parents=True,
                                    exclusive=not overwrite, window=16)
         finally:
@@ -166,7 +167,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
             async def write(data: bytes) -> None:
                 await anyio.to_thread.run_sync(w.write, data)
 
-            async with rt.ws.guest(rec) as g:
+            async with rt.ws.guest(rec) as g, guest_call("file_download"):
                 r = await g.download(guest_path, write, chunk_size=gp.MAX_CHUNK, window=8)
             # commit() fsyncs: keep it off the event loop (the exit then has nothing to do).
             await anyio.to_thread.run_sync(w.commit)

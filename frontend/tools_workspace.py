@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
+import structlog
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import ToolAnnotations
 from pydantic import Field
@@ -27,6 +29,8 @@ from .workspaces import Detail
 
 if TYPE_CHECKING:
     from .server import Runtime
+
+log = structlog.get_logger("agentiso.frontend.tools")
 
 WorkspaceRef = Annotated[
     str, Field(min_length=1, max_length=80, description="The workspace's name or id")
@@ -79,6 +83,29 @@ def info(d: Detail, own_session: str) -> WorkspaceInfo:
     )
 
 
+def _progress(ctx: Context, total: int) -> Callable[[str], Awaitable[None]]:
+    """Progress notifications that only ever increase (as the MCP spec asks)."""
+    done = 0
+
+    async def report(text: str) -> None:
+        nonlocal done
+        done = min(done + 1, total - 1)
+        await ctx.report_progress(done, total, text)
+
+    return report
+
+
+async def _info_or_row(rt: Runtime, done: Detail) -> WorkspaceInfo:
+    """The workspace after an operation that succeeded: in detail, or (if the
+    helper cannot be asked again right now) from what the operation returned,
+    so a success is never reported as a failure."""
+    try:
+        return info(await rt.ws.detail(done.record.id), rt.ws.session.id)
+    except Exception as exc:
+        log.info("detail_after_success_failed", error=str(exc))
+        return info(done, rt.ws.session.id)
+
+
 def register(app: MCPServer[Any], rt: Runtime) -> None:
     destructive = ToolAnnotations(read_only_hint=False, destructive_hint=True,
                                   idempotent_hint=False)
@@ -107,12 +134,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         | None = None,
     ) -> WorkspaceInfo:
         d = rt.config.defaults
-        steps = 3
-
-        async def progress(text: str) -> None:
-            nonlocal steps
-            await ctx.report_progress(4 - steps, 4, text)
-            steps = max(steps - 1, 1)
+        progress = _progress(ctx, 4)
 
         made = await rt.ws.create(
             name=name, image=image or d.image, vcpus=vcpus or d.vcpus,
@@ -120,7 +142,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
             allow_internet=d.allow_internet if allow_internet is None else allow_internet,
             progress=progress,
         )
-        return info(await rt.ws.detail(made.record.id), rt.ws.session.id)
+        return await _info_or_row(rt, made)
 
     @app.tool(annotations=destructive, description=(
         "Destroy a workspace for good: its VM is killed and its disk deleted. "
@@ -134,11 +156,8 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         "Boot a stopped (or crashed) workspace again, with its disk as it was left."))
     @tool_errors
     async def workspace_start(ctx: Context, workspace: WorkspaceRef) -> WorkspaceInfo:
-        async def progress(text: str) -> None:
-            await ctx.report_progress(1, 2, text)
-
-        d = await rt.ws.start(workspace, progress)
-        return info(await rt.ws.detail(d.record.id), rt.ws.session.id)
+        d = await rt.ws.start(workspace, _progress(ctx, 3))
+        return await _info_or_row(rt, d)
 
     @app.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True,
                                           idempotent_hint=False), description=(
@@ -149,8 +168,8 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         workspace: WorkspaceRef,
         force: Annotated[bool, Field(description="Kill instead of a clean shutdown")] = False,
     ) -> WorkspaceSummary:
-        await rt.ws.stop(workspace, force=force)
-        return WorkspaceSummary(**summary(await rt.ws.detail(workspace), rt.ws.session.id))
+        rec = await rt.ws.stop(workspace, force=force)
+        return WorkspaceSummary(**summary(Detail(rec, None, None), rt.ws.session.id))
 
     @app.tool(annotations=read_only, description=(
         "List your workspaces with their state and address. `orphans` lists helper "

@@ -22,16 +22,15 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import anyio
 import anyio.abc
 import structlog
 
 from agentiso.protocol import helper as hp
-from agentiso.protocol.errors import Conflict, InvalidRequest, NotFound
+from agentiso.protocol.errors import NotFound
 
 from . import lifecycle, quotas
 from .catalog import Catalog, WorkspaceRecord, validate_workspace_name
@@ -43,17 +42,19 @@ from .helper_client import HelperClient, connect_helper
 from .keepopen import KeptOpen
 from .lifecycle import Event, Operation, State
 from .sessions import Session, session_alive
-from .workspace_errors import WorkspaceError
+from .workspace_errors import WorkspaceError, WorkspaceNotFound
+from .workspace_network import NetworkOps
 
 log = structlog.get_logger("agentiso.frontend.workspaces")
 
 GiB = 1024 * 1024 * 1024
+#: After an interrupted create: how many cleanup passes, and the pause
+#: between them, while the helper may still finish a request we abandoned.
+SETTLE_PASSES = 20
+SETTLE_PAUSE_S = 0.5
 #: How long a graceful stop may take before the helper kills the VM.
 STOP_TIMEOUT_S = 30.0
 Progress = Callable[[str], Awaitable[None]]
-Protocol = Literal["tcp", "udp"]
-#: Host ports a forward gets when the caller names none.
-FORWARD_PORTS = (20000, 45000)
 
 
 class NotYours(WorkspaceError):
@@ -74,10 +75,6 @@ class NoSuchImage(WorkspaceError):
             f"Use one of: {', '.join(available) or '(none installed)'}; an administrator "
             f"builds more with `make image IMAGE=<name>`",
         )
-
-
-class NetworkError(WorkspaceError):
-    pass
 
 
 async def _no_progress(_: str) -> None:
@@ -102,7 +99,7 @@ class Orphan:
     state: str
 
 
-class Workspaces:
+class Workspaces(NetworkOps):
     """The orchestrator the MCP tools call.  Create it inside a task group."""
 
     def __init__(
@@ -115,7 +112,7 @@ class Workspaces:
         self._tg = tg
         self._helper: KeptOpen[HelperClient] = KeptOpen(
             tg, lambda: connect_helper(config.helper_socket, client_name="agentiso-serve"),
-            "helper connection",
+            "helper connection", is_closed=lambda c: c.closed,
         )
         self._guests: dict[str, KeptOpen[GuestClient]] = {}
 
@@ -140,13 +137,21 @@ class Workspaces:
     async def guest(self, rec: WorkspaceRecord) -> AsyncIterator[GuestClient]:
         """The guest agent of a running workspace (kept open between calls)."""
         lifecycle.require(rec.name, rec.state, Operation.EXEC)
+        async with self._guest_channel(rec) as client:
+            yield client
+
+    @asynccontextmanager
+    async def _guest_channel(self, rec: WorkspaceRecord) -> AsyncIterator[GuestClient]:
+        """The kept guest channel of ``rec``'s VM, whatever the row's state
+        (create and start use it before the row says running)."""
         kept = self._guests.get(rec.vm)
         if kept is None:
             sock = self.config.helper_socket
             timeout = float(self.config.limits.boot_timeout_secs)
+            vm = rec.vm
             kept = self._guests[rec.vm] = KeptOpen(
-                self._tg, lambda: open_guest(sock, rec.vm, timeout=timeout),
-                f"guest channel of {rec.name}",
+                self._tg, lambda: open_guest(sock, vm, timeout=timeout),
+                f"guest channel of {rec.name}", is_closed=lambda c: c.closed,
             )
         client = await kept.get()
         try:
@@ -171,6 +176,13 @@ class Workspaces:
         if rec.session != self.session.id:
             alive = bool(rec.session) and session_alive(self.config.state_dir, str(rec.session))
             raise NotYours(rec.name, alive)
+        return rec
+
+    async def _owned_fresh(self, ref: str) -> WorkspaceRecord:
+        """:meth:`owned`, with an abandoned operation on it finished first."""
+        rec = await self._recover_if_abandoned(self.owned(ref))
+        if rec is None:
+            raise WorkspaceNotFound(ref)
         return rec
 
     def adopt(self, ref: str) -> WorkspaceRecord:
@@ -222,31 +234,44 @@ class Workspaces:
         )
         self.catalog.add_workspace(rec, check=lambda rows: quotas.check(
             self.config.quotas, rows, self.session.id, ask, default_disk_gb=image_gb))
-        async with AsyncExitStack() as undo:
-            undo.push_async_callback(self._forget_row, wid)
+        try:
             async with self.helper_call() as h:
                 await progress("creating the disk from image " + image)
                 await h.volume_create(
                     name=wid, source=hp.FromImage(image=image),
                     size_bytes=disk_gb * GiB if disk_gb else None,
                 )
-                undo.push_async_callback(self._destroy_volume, wid)
                 await progress("booting the VM")
-                # Pushed first: a boot that times out may leave the VM registered.
-                undo.push_async_callback(self._kill_vm, wid)
-                # Runs first on failure: a crash during the undo leaves a row
-                # that the next start-up finishes as a destroy.
-                undo.push_async_callback(self._mark, wid, Event.CREATE_FAILED)
                 vm = await h.vm_start(
                     name=wid, volume=wid, vcpus=vcpus, memory_mib=memory_mb,
                     network=self._policy(rec),
                     timeout=float(self.config.limits.boot_timeout_secs),
                 )
             await progress("connecting to the guest agent")
-            async with self.guest(self._advance(rec, Event.CREATED)) as g:
+            async with self._guest_channel(rec) as g:
                 await g.ping()
-            undo.pop_all()  # success: keep everything
-        return Detail(self.catalog.get_workspace(wid), vm, None)
+            rec = self._advance(rec, Event.CREATED)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._undo_create(rec, exc)
+            raise
+        return Detail(rec, vm, None)
+
+    async def _undo_create(self, rec: WorkspaceRecord, exc: BaseException) -> None:
+        """Undo a failed or cancelled create: the row goes to destroying first
+        (so a crash now leaves it for recovery), then what the helper holds is
+        removed; the row is deleted only once the helper holds nothing of it.
+        Otherwise it is left to any frontend's recovery (no owning session)."""
+        try:
+            rec = self.catalog.set_state(rec.id, State.DESTROYING,
+                                         f"create failed: {_reason(exc)}")
+        except FrontendError:
+            return
+        if await self._remove_resources(rec, strict=False, settle=True):
+            self._drop_guest(rec.vm)
+            self.catalog.delete_workspace(rec.id)
+        else:
+            self.catalog.update_workspace(rec.id, session=None)
 
     def _auto_name(self, image: str) -> str:
         for _ in range(20):
@@ -255,23 +280,8 @@ class Workspaces:
                 return name
         return f"{image[:40]}-{secrets.token_hex(6)}"
 
-    # --- undo steps (shielded: they run while a failure or cancellation unwinds) ------
-
-    async def _forget_row(self, wid: str) -> None:
-        self._drop_guest(wid)
-        self.catalog.delete_workspace(wid)
-
-    async def _destroy_volume(self, volume: str) -> None:
-        with anyio.CancelScope(shield=True):
-            try:
-                async with self.helper_call() as h:
-                    await h.volume_destroy(name=volume)
-            except NotFound:
-                pass
-            except Exception as exc:
-                log.warning("undo_failed", step="volume_destroy", volume=volume, error=str(exc))
-
     async def _kill_vm(self, vm: str) -> None:
+        """Kill the VM if the helper has it (for start's undo and a crashed VM)."""
         with anyio.CancelScope(shield=True):
             self._drop_guest(vm)
             try:
@@ -290,13 +300,8 @@ class Workspaces:
         new = lifecycle.transition(rec.state, event)
         return self.catalog.set_state(rec.id, new, reason, expect=[rec.state])
 
-    async def _mark(self, wid: str, event: Event) -> None:
-        rec = self.catalog.find_workspace(wid)
-        if rec is not None:
-            self.catalog.set_state(wid, lifecycle.transition(rec.state, event), str(event))
-
     async def start(self, ref: str, progress: Progress = _no_progress) -> Detail:
-        rec = self.owned(ref)
+        rec = await self._owned_fresh(ref)
         lifecycle.require(rec.name, rec.state, Operation.START)
         quotas.check(self.config.quotas, self.catalog.list_workspaces(), self.session.id,
                      quotas.Ask(workspaces=0, vcpus=rec.vcpus, memory_mb=rec.memory_mb,
@@ -314,20 +319,18 @@ class Workspaces:
                 )
                 vm = await self._restore_forwards(h, rec, vm)
             await progress("connecting to the guest agent")
-            rec = self._advance(rec, Event.STARTED)
-            async with self.guest(rec) as g:
+            async with self._guest_channel(rec) as g:
                 await g.ping()
+            rec = self._advance(rec, Event.STARTED)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._kill_vm(rec.vm)
-                rec = self.catalog.get_workspace(rec.id)
-                event = Event.START_FAILED if rec.state is State.STARTING else Event.VANISHED
-                self._advance(rec, event, f"start failed: {_reason(exc)}")
+                self.catalog.set_state(rec.id, State.STOPPED, f"start failed: {_reason(exc)}")
             raise
         return Detail(rec, vm, None)
 
     async def stop(self, ref: str, *, force: bool = False) -> WorkspaceRecord:
-        rec = self.owned(ref)
+        rec = await self._owned_fresh(ref)
         lifecycle.require(rec.name, rec.state, Operation.STOP)
         rec = self._advance(rec, Event.STOP_REQUESTED)
         self._drop_guest(rec.vm)
@@ -345,7 +348,7 @@ class Workspaces:
         return self._advance(rec, Event.STOPPED, "stopped by request")
 
     async def destroy(self, ref: str) -> WorkspaceRecord:
-        rec = self.owned(ref)
+        rec = await self._owned_fresh(ref)
         lifecycle.require(rec.name, rec.state, Operation.DESTROY)
         rec = self._advance(rec, Event.DESTROY_REQUESTED)
         try:
@@ -358,24 +361,40 @@ class Workspaces:
         self.catalog.delete_workspace(rec.id)
         return rec
 
-    async def _remove_resources(self, rec: WorkspaceRecord, *, strict: bool) -> None:
-        """Stop the VM (killing it) and destroy the volume; what is already gone
-        is fine.  ``strict``: other failures are raised (else logged)."""
+    async def _remove_resources(self, rec: WorkspaceRecord, *, strict: bool,
+                                settle: bool = False) -> bool:
+        """Kill the VM and destroy the volume; what is already gone is fine.
+        ``strict``: other failures are raised (else logged and False).
+
+        ``settle`` (after an interrupted create): the helper may still be
+        working on a request we stopped waiting for, so a VM may appear after
+        the first pass; passes repeat until the helper holds neither.
+        Returns True once it holds nothing of the workspace."""
         self._drop_guest(rec.vm)
-        try:
-            async with self.helper_call() as h:
-                try:
-                    await h.vm_stop(name=rec.vm, force=True)
-                except NotFound:
-                    pass
-                try:
-                    await h.volume_destroy(name=rec.volume)
-                except NotFound:
-                    pass
-        except Exception as exc:
-            if strict:
-                raise
-            log.warning("cleanup_failed", workspace=rec.name, error=str(exc))
+        for attempt in range(SETTLE_PASSES if settle else 1):
+            if attempt:
+                await anyio.sleep(SETTLE_PAUSE_S)
+            try:
+                async with self.helper_call() as h:
+                    try:
+                        await h.vm_stop(name=rec.vm, force=True)
+                    except NotFound:
+                        pass
+                    try:
+                        await h.volume_destroy(name=rec.volume)
+                    except NotFound:
+                        pass
+                    if not settle:
+                        return True
+                    await anyio.sleep(SETTLE_PAUSE_S)
+                    if await _absent(h.vm_get(name=rec.vm)) and \
+                            await _absent(h.volume_get(name=rec.volume)):
+                        return True
+            except Exception as exc:
+                if strict:
+                    raise
+                log.warning("cleanup_failed", workspace=rec.name, error=str(exc))
+        return False
 
     async def _settle(self, rec: WorkspaceRecord) -> None:
         """After a failed stop/destroy: make the row say what the helper holds."""
@@ -393,7 +412,10 @@ class Workspaces:
     # --- views -----------------------------------------------------------------------
 
     async def detail(self, ref: str) -> Detail:
-        rec = self.get(ref)
+        found = await self._recover_if_abandoned(self.get(ref))
+        if found is None:
+            raise WorkspaceNotFound(ref)
+        rec = found
         vm: hp.VmInfo | None = None
         vol: hp.VolumeInfo | None = None
         async with self.helper_call() as h:
@@ -417,9 +439,12 @@ class Workspaces:
         out = []
         claimed_vms: set[str] = set()
         claimed_vols: set[str] = set()
-        for rec in self.catalog.list_workspaces():
-            claimed_vms.add(rec.vm)
-            claimed_vols.add(rec.volume)
+        for listed in self.catalog.list_workspaces():
+            claimed_vms.add(listed.vm)
+            claimed_vols.add(listed.volume)
+            rec = await self._recover_if_abandoned(listed)
+            if rec is None:
+                continue
             vm = vms.get(rec.vm)
             out.append(Detail(self._reconciled(rec, vm), vm, vols.get(rec.volume)))
         orphans = [Orphan("vm", n, v.state) for n, v in vms.items() if n not in claimed_vms]
@@ -443,164 +468,39 @@ class Workspaces:
         except FrontendError:
             return self.catalog.get_workspace(rec.id)
 
-    async def reconcile_all(self) -> None:
-        """On start: rows left mid-operation by a frontend that is gone are
-        finished (a half-made create is undone; a destroy is completed), and
-        every other row is corrected from the helper's view."""
-        for rec in self.catalog.list_workspaces():
-            if rec.state not in lifecycle.BUSY_STATES:
-                continue
-            if rec.session and session_alive(self.config.state_dir, rec.session):
-                continue
-            try:
-                async with self.helper_call() as h:
-                    vm_state: str | None = (await h.vm_get(name=rec.vm)).state
-            except NotFound:
-                vm_state = None
-            state, reason = lifecycle.recover(rec.state, vm_state)
-            log.info("recover_abandoned", workspace=rec.name, was=str(rec.state), now=str(state))
-            try:
-                rec = self.catalog.set_state(rec.id, state, reason, expect=[rec.state])
-            except FrontendError:
-                continue  # someone else is recovering it
-            if state is State.DESTROYING:
-                await self._remove_resources(rec, strict=False)
+    async def _recover_if_abandoned(self, rec: WorkspaceRecord) -> WorkspaceRecord | None:
+        """A row left busy by a frontend that is gone is finished here (an
+        interrupted create or destroy is completed as a destroy: None is
+        returned; an interrupted start or stop settles to what the helper
+        shows).  A row busy in a live session is returned as it is."""
+        if rec.state not in lifecycle.BUSY_STATES:
+            return rec
+        if rec.session and session_alive(self.config.state_dir, rec.session):
+            return rec
+        try:
+            async with self.helper_call() as h:
+                vm_state: str | None = (await h.vm_get(name=rec.vm)).state
+        except NotFound:
+            vm_state = None
+        state, reason = lifecycle.recover(rec.state, vm_state)
+        try:
+            rec = self.catalog.set_state(rec.id, state, reason, expect=[rec.state])
+        except FrontendError:
+            return self.catalog.find_workspace(rec.id)  # another frontend recovers it
+        log.info("recovered_abandoned", workspace=rec.name, now=str(state))
+        if state is not State.DESTROYING:
+            return rec
+        with anyio.CancelScope(shield=True):
+            if await self._remove_resources(rec, strict=False, settle=True):
                 self.catalog.delete_workspace(rec.id)
+                return None
+        self.catalog.update_workspace(rec.id, session=None)
+        return self.catalog.find_workspace(rec.id)
+
+    async def reconcile_all(self) -> None:
+        """On start: every row is recovered if abandoned, then corrected from
+        the helper's view (the same happens whenever a row is listed)."""
         await self.list_all()
-
-    # --- network ----------------------------------------------------------------------
-
-    def _policy(self, rec: WorkspaceRecord) -> hp.NetworkPolicy:
-        """The helper policy of a workspace: internet, allow-list, groups, and
-        the peers that have a VM now (a stopped peer has no address to allow)."""
-        net = rec.network
-        peers = []
-        for name in net.get("peers", []):
-            peer = self.catalog.find_workspace(name)
-            if peer is not None and peer.state is State.RUNNING:
-                peers.append(peer.vm)
-        return hp.NetworkPolicy(
-            egress=rec.allow_internet,
-            allow=[hp.AllowRule(cidr=a["cidr"], protocol=a.get("protocol", "any"),
-                                ports=[hp.PortRange(first=p[0], last=p[1])
-                                       for p in a.get("ports", [])])
-                   for a in net.get("allow", [])],
-            peers=peers,
-            groups=list(net.get("groups", [])),
-        )
-
-    async def set_network(
-        self, ref: str, *, allow_internet: bool | None, allow: list[dict[str, Any]] | None,
-        peers: list[str] | None, groups: list[str] | None,
-    ) -> tuple[WorkspaceRecord, hp.VmInfo | None]:
-        """Change what a workspace may reach; applied at once (atomically) if it runs."""
-        rec = self.owned(ref)
-        lifecycle.require(rec.name, rec.state, Operation.NETWORK)
-        net = dict(rec.network)
-        if allow is not None:
-            net["allow"] = allow
-        if peers is not None:
-            for p in peers:
-                if self.catalog.get_workspace(p).id == rec.id:
-                    raise NetworkError(f"workspace {rec.name!r} cannot peer with itself",
-                                       "Name other workspaces of yours in peers.")
-            net["peers"] = [self.catalog.get_workspace(p).name for p in peers]
-        if groups is not None:
-            net["groups"] = groups
-        changes: dict[str, Any] = {"network": net}
-        if allow_internet is not None:
-            changes["allow_internet"] = allow_internet
-        new = self.catalog.update_workspace(rec.id, **changes)
-        vm = None
-        if new.state is State.RUNNING:
-            try:
-                async with self.helper_call() as h:
-                    vm = await h.vm_network_set(name=new.vm, policy=self._policy(new))
-            except BaseException:
-                # Not applied: the catalog goes back to what the VM still has.
-                self.catalog.update_workspace(rec.id, network=rec.network,
-                                              allow_internet=rec.allow_internet)
-                raise
-            await self._refresh_peers_of(new)
-        return new, vm
-
-    async def _refresh_peers_of(self, rec: WorkspaceRecord) -> None:
-        """Re-apply the policies of running workspaces that name ``rec`` as a peer
-        (their policy could not include it while it had no VM)."""
-        for other in self.catalog.list_workspaces():
-            if other.id != rec.id and other.state is State.RUNNING and \
-                    rec.name in other.network.get("peers", []):
-                try:
-                    async with self.helper_call() as h:
-                        await h.vm_network_set(name=other.vm, policy=self._policy(other))
-                except Exception as exc:
-                    log.warning("peer_refresh_failed", workspace=other.name, error=str(exc))
-
-    async def forward_add(self, ref: str, *, guest_port: int, host_port: int | None,
-                          protocol: Protocol) -> tuple[WorkspaceRecord, int]:
-        """Forward a host port (chosen if None) to ``guest_port``; kept across restarts."""
-        rec = self.owned(ref)
-        lifecycle.require(rec.name, rec.state, Operation.NETWORK)
-        tries = [host_port] if host_port else [
-            FORWARD_PORTS[0] + secrets.randbelow(FORWARD_PORTS[1] - FORWARD_PORTS[0])
-            for _ in range(20)]
-        last: Exception | None = None
-        for port in tries:
-            try:
-                async with self.helper_call() as h:
-                    await h.forward_add(vm=rec.vm, host_port=port, guest_port=guest_port,
-                                        protocol=protocol)
-            except Conflict as exc:
-                last = exc
-                if host_port:
-                    raise
-                continue
-            fwd = {"host_port": port, "guest_port": guest_port, "protocol": protocol}
-            net = dict(rec.network)
-            net["forwards"] = [*net.get("forwards", []), fwd]
-            return self.catalog.update_workspace(rec.id, network=net), port
-        raise NetworkError(f"no free host port found for the forward ({last})",
-                           "Give host_port explicitly.")
-
-    async def forward_remove(self, ref: str, *, host_port: int,
-                             protocol: Protocol) -> WorkspaceRecord:
-        rec = self.owned(ref)
-        net = dict(rec.network)
-        kept = [f for f in net.get("forwards", [])
-                if (f["host_port"], f["protocol"]) != (host_port, protocol)]
-        if len(kept) == len(net.get("forwards", [])):
-            raise NetworkError(f"workspace {rec.name!r} has no {protocol} forward from host "
-                               f"port {host_port}", "See its forwards with workspace_info.")
-        if rec.state is State.RUNNING:
-            try:
-                async with self.helper_call() as h:
-                    await h.forward_remove(vm=rec.vm, host_port=host_port, protocol=protocol)
-            except NotFound:
-                pass
-        net["forwards"] = kept
-        return self.catalog.update_workspace(rec.id, network=net)
-
-    async def _restore_forwards(self, h: HelperClient, rec: WorkspaceRecord,
-                                vm: hp.VmInfo) -> hp.VmInfo:
-        """After a start: put the workspace's forwards back (a port taken
-        meanwhile is dropped, and the reason kept)."""
-        lost = []
-        for f in rec.network.get("forwards", []):
-            try:
-                vm = await h.forward_add(vm=rec.vm, host_port=f["host_port"],
-                                         guest_port=f["guest_port"], protocol=f["protocol"])
-            except (Conflict, InvalidRequest) as exc:
-                lost.append(f)
-                log.warning("forward_lost", workspace=rec.name, port=f["host_port"],
-                            error=str(exc))
-        if lost:
-            net = dict(rec.network)
-            net["forwards"] = [f for f in net.get("forwards", []) if f not in lost]
-            self.catalog.update_workspace(rec.id, network=net,
-                                          state_reason=f"forwards dropped at start (port "
-                                          f"taken): {[f['host_port'] for f in lost]}")
-        await self._refresh_peers_of(rec)
-        return vm
 
     async def console(self, ref: str, max_bytes: int) -> tuple[WorkspaceRecord, str, str]:
         """The console tail and the helper's failure reason (if any)."""
@@ -612,6 +512,15 @@ class Workspaces:
             except NotFound:
                 text, vm = "", None
         return rec, text, (vm.reason if vm is not None else "")
+
+
+async def _absent(call: Awaitable[object]) -> bool:
+    """Whether a helper lookup answers not_found."""
+    try:
+        await call
+    except NotFound:
+        return True
+    return False
 
 
 def _reason(exc: BaseException) -> str:
