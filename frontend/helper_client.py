@@ -55,13 +55,12 @@ from agentiso.protocol import helper as hp
 from agentiso.protocol.codec import peek_request_id
 from agentiso.protocol.errors import (
     DecodeError,
-    FrameTooLarge,
     FramingError,
     RemoteProtocolError,
     UnexpectedMessage,
     remote_error,
 )
-from agentiso.protocol.framing import HEADER
+from agentiso.protocol.framing import HEADER_SIZE, frame_length
 from agentiso.protocol.stream import FrameReader
 
 from .errors import ConnectionLost, HelperUnavailable, Hop, InvalidArgument, RequestTimeout
@@ -364,13 +363,10 @@ class HelperClient:
 
     async def _read_one_frame(self) -> bytes | None:
         """One frame's body, read exactly (None if the stream ends first)."""
-        header = await self._receive_exactly(HEADER.size)
+        header = await self._receive_exactly(HEADER_SIZE)
         if header is None:
             return None
-        (length,) = HEADER.unpack(header)
-        if length > hp.HELPER_MAX_FRAME:
-            raise FrameTooLarge(length, hp.HELPER_MAX_FRAME)
-        return await self._receive_exactly(length)
+        return await self._receive_exactly(frame_length(header, hp.HELPER_MAX_FRAME))
 
     async def _receive_exactly(self, n: int) -> bytes | None:
         buf = bytearray()

@@ -24,6 +24,19 @@ HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024
 
 
+def frame_length(header: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> int:
+    """The body length a frame header announces, checked against ``max_frame``
+    before anything more is read (:class:`FrameTooLarge` otherwise).  For
+    readers that must take exactly one frame off a stream and leave the rest
+    (e.g. the helper's last frame before a relayed guest stream)."""
+    if len(header) != HEADER_SIZE:
+        raise ValueError(f"a frame header is {HEADER_SIZE} bytes, not {len(header)}")
+    (length,) = HEADER.unpack(header)
+    if length > max_frame:
+        raise FrameTooLarge(length, max_frame)
+    return int(length)
+
+
 def encode_frame(body: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     """Return ``body`` with its length prefix.
 

@@ -149,3 +149,15 @@ def test_detach_returns_every_unread_byte_in_order(
     first, rest = anyio.run(run)
     assert first == bodies[0]
     assert encode_frame(first, LIMIT) + rest == bytes(received)
+
+
+def test_frame_length_checks_the_limit_before_the_body_is_read() -> None:
+    from agentiso.protocol.errors import FrameTooLarge
+    from agentiso.protocol.framing import HEADER, frame_length
+
+    assert frame_length(HEADER.pack(10), 100) == 10
+    assert frame_length(HEADER.pack(100), 100) == 100
+    with pytest.raises(FrameTooLarge):
+        frame_length(HEADER.pack(101), 100)
+    with pytest.raises(ValueError):
+        frame_length(b"\x00\x00", 100)
