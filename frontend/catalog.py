@@ -1,7 +1,7 @@
 """The catalog: what only the user's side knows about workspaces, in SQLite.
 
 The helper is the truth about resources (VMs, volumes); the catalog holds
-names, shapes, states, env defaults, sessions and lineage (DESIGN §8).  One
+names, shapes, states, env defaults, sessions and lineage.  One
 file per user, ``catalog.db`` under the user's state dir, shared by every
 ``agentiso serve`` process of that user:
 
@@ -28,10 +28,8 @@ one connection); each call is short, but a write may wait up to
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import secrets
 import sqlite3
 import stat
@@ -39,206 +37,45 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from .catalog_rows import (
+    _ENV_KEY_RE,
+    _WS_COLUMNS,
+    BUSY_TIMEOUT_MS,
+    CATALOG_FILE,
+    MAX_ENV_KEYS,
+    MAX_ENV_VALUE,
+    MIGRATIONS,
+    UPDATABLE,
+    InvalidEnv,
+    Migration,
+    SessionRecord,
+    WorkspaceRecord,
+    _check_env,
+    _integrity_error_column,
+    _session,
+    _to_row,
+    _workspace,
+    is_workspace_id,
+    validate_workspace_name,
+)
 from .lifecycle import State
 from .workspace_errors import (
     CatalogError,
-    InvalidName,
     NameTaken,
     SessionNotFound,
     StateConflict,
-    WorkspaceError,
     WorkspaceNotFound,
 )
 
-#: How long a write waits for another process's write before giving up.
-BUSY_TIMEOUT_MS = 10_000
-CATALOG_FILE = "catalog.db"
-
-NAME_RULE = (
-    "1 to 63 characters: lowercase letters, digits and '-', starting with a letter or digit,"
-    " and not of the form ws-<10 hex digits> (that is a workspace id)"
-)
-_NAME_RE = re.compile(r"\A[a-z0-9][a-z0-9-]{0,62}\Z")
-_ID_RE = re.compile(r"\Aws-[0-9a-f]{10}\Z")
-
-# Env defaults, bounded like the guest protocol's (agentiso.protocol.guest.Env).
-_ENV_KEY_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,254}\Z")
-MAX_ENV_VALUE = 32 * 1024
-MAX_ENV_KEYS = 1024
-
-
-class InvalidEnv(WorkspaceError):
-    def __init__(self, what: str) -> None:
-        super().__init__(
-            f"invalid env: {what}",
-            f"Use names like [A-Za-z_][A-Za-z0-9_]*, values without NUL of at most"
-            f" {MAX_ENV_VALUE} bytes, and at most {MAX_ENV_KEYS} variables.",
-        )
-
-
-def validate_workspace_name(name: object) -> str:
-    """``name`` if it is a valid workspace name, else :class:`InvalidName` saying the rule."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or _ID_RE.match(name):
-        raise InvalidName(str(name)[:100], NAME_RULE)
-    return name
-
-
-def is_workspace_id(ref: str) -> bool:
-    return bool(_ID_RE.match(ref))
-
-
-# --- records ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkspaceRecord:
-    """One workspace row.  ``vm`` and ``volume`` are the helper's resource names."""
-
-    id: str
-    name: str
-    image: str
-    vcpus: int
-    memory_mb: int
-    #: None: the image's own disk size.
-    disk_gb: int | None
-    allow_internet: bool
-    state: State
-    vm: str
-    volume: str
-    created_at: float
-    updated_at: float
-    state_reason: str = ""
-    #: The owning session's id (None: unowned, e.g. its session ended).
-    session: str | None = None
-    #: Default environment of later execs.
-    env: dict[str, str] = dataclasses.field(default_factory=dict)
-    #: Fork lineage: the workspace and snapshot this one was made from.
-    parent_workspace: str | None = None
-    parent_snapshot: str | None = None
-    #: The network settings beyond ``allow_internet`` (allow-list, peers,
-    #: groups, port forwards), as the network tools keep them.
-    network: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SessionRecord:
-    id: str
-    pid: int
-    client: str
-    started_at: float
-    ended_at: float | None = None
-
-
-# --- schema ----------------------------------------------------------------------------
-
-
-def _v1_workspaces_and_sessions(db: sqlite3.Connection) -> None:
-    # No CHECK on `state`: the set of states may grow, and changing a CHECK in
-    # SQLite means rebuilding the table; rows are checked when read instead.
-    # `session` is not a foreign key: a workspace outlives its session (it is
-    # adopted later), and sessions may be recorded after the workspaces they own.
-    # `parent_workspace` is not one either: a fork outlives its parent.
-    db.execute(
-        """
-        CREATE TABLE workspaces (
-            id               TEXT PRIMARY KEY,
-            name             TEXT NOT NULL UNIQUE,
-            image            TEXT NOT NULL,
-            vcpus            INTEGER NOT NULL,
-            memory_mb        INTEGER NOT NULL,
-            disk_gb          INTEGER,
-            allow_internet   INTEGER NOT NULL CHECK (allow_internet IN (0, 1)),
-            state            TEXT NOT NULL,
-            state_reason     TEXT NOT NULL DEFAULT '',
-            vm               TEXT NOT NULL,
-            volume           TEXT NOT NULL,
-            session          TEXT,
-            created_at       REAL NOT NULL,
-            updated_at       REAL NOT NULL,
-            env              TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(env)),
-            parent_workspace TEXT,
-            parent_snapshot  TEXT
-        ) STRICT
-        """
-    )
-    db.execute("CREATE INDEX workspaces_by_created ON workspaces (created_at, id)")
-    db.execute(
-        """
-        CREATE TABLE sessions (
-            id         TEXT PRIMARY KEY,
-            pid        INTEGER NOT NULL,
-            client     TEXT NOT NULL DEFAULT '',
-            started_at REAL NOT NULL,
-            ended_at   REAL
-        ) STRICT
-        """
-    )
-
-
-def _v2_network(db: sqlite3.Connection) -> None:
-    db.execute(
-        "ALTER TABLE workspaces ADD COLUMN network TEXT NOT NULL DEFAULT '{}'"
-        " CHECK (json_valid(network))"
-    )
-
-
-Migration = Callable[[sqlite3.Connection], None]
-
-#: Schema steps in order; the database's ``user_version`` is how many ran.
-#: Append, never edit or reorder: a step that ran on a user's file is history.
-MIGRATIONS: Sequence[Migration] = (_v1_workspaces_and_sessions, _v2_network)
-
-_WS_COLUMNS = tuple(f.name for f in dataclasses.fields(WorkspaceRecord))
-_SESSION_COLUMNS = tuple(f.name for f in dataclasses.fields(SessionRecord))
-#: What update_workspace may change (id and created_at are fixed; updated_at is ours).
-UPDATABLE = frozenset(_WS_COLUMNS) - {"id", "created_at", "updated_at"}
-
-
-def _to_row(field: str, value: Any) -> Any:
-    if field in ("env", "network"):
-        return json.dumps(dict(value), sort_keys=True)
-    if field == "state":
-        return str(State(value))
-    if field == "allow_internet":
-        return int(bool(value))
-    return value
-
-
-def _workspace(row: sqlite3.Row) -> WorkspaceRecord:
-    try:
-        values = {k: row[k] for k in _WS_COLUMNS}
-        values["state"] = State(values["state"])
-        values["allow_internet"] = bool(values["allow_internet"])
-        env = json.loads(values["env"])
-        if not isinstance(env, dict):
-            raise ValueError("env is not an object")
-        values["env"] = env
-        network = json.loads(values["network"])
-        if not isinstance(network, dict):
-            raise ValueError("network is not an object")
-        values["network"] = network
-        return WorkspaceRecord(**values)
-    except (ValueError, TypeError) as exc:
-        raise CatalogError(
-            f"the catalog's row for workspace {row['id']!r} is unreadable ({exc})",
-            "This agentiso may be older than the one that wrote it: upgrade agentiso.",
-        ) from None
-
-
-def _session(row: sqlite3.Row) -> SessionRecord:
-    return SessionRecord(**{k: row[k] for k in _SESSION_COLUMNS})
-
-
-def _integrity_error_column(exc: sqlite3.IntegrityError) -> str:
-    """The column of a UNIQUE/PRIMARY KEY violation ('' if another kind)."""
-    m = re.search(r"UNIQUE constraint failed: \w+\.(\w+)", str(exc))
-    return m.group(1) if m else ""
-
+__all__ = [
+    "BUSY_TIMEOUT_MS", "CATALOG_FILE", "MAX_ENV_KEYS", "MAX_ENV_VALUE", "MIGRATIONS",
+    "Catalog", "InvalidEnv", "Migration", "SessionRecord", "WorkspaceRecord",
+    "is_workspace_id", "validate_workspace_name",
+]
 
 # --- the catalog -----------------------------------------------------------------------
 
@@ -626,16 +463,6 @@ def _wal(db: sqlite3.Connection) -> str:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
-
-
-def _check_env(env: Mapping[str, str]) -> None:
-    if len(env) > MAX_ENV_KEYS:
-        raise InvalidEnv(f"{len(env)} variables")
-    for key, value in env.items():
-        if not isinstance(key, str) or not _ENV_KEY_RE.match(key):
-            raise InvalidEnv(f"bad variable name {str(key)[:100]!r}")
-        if not isinstance(value, str) or "\0" in value or len(value.encode()) > MAX_ENV_VALUE:
-            raise InvalidEnv(f"bad value for {key}")
 
 
 def _db_error(path: Path, exc: sqlite3.Error) -> CatalogError:

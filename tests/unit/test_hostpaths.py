@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from agentiso.frontend import hostpaths
+from agentiso.frontend import openat
 from agentiso.frontend.errors import FrontendError
 from agentiso.frontend.hostpaths import (
     HostPathError,
@@ -35,7 +35,7 @@ from agentiso.frontend.hostpaths import (
     PathOutsideRoots,
 )
 
-HAVE_OPENAT2 = hostpaths._probe_openat2()
+HAVE_OPENAT2 = openat._probe_openat2()
 
 
 @pytest.fixture(params=["openat2", "walk"])
@@ -43,9 +43,9 @@ def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     if request.param == "openat2":
         if not HAVE_OPENAT2:
             pytest.skip("this kernel (or its seccomp filter) has no openat2")
-        monkeypatch.setattr(hostpaths, "openat2_available", True)
+        monkeypatch.setattr(openat, "openat2_available", True)
     else:
-        monkeypatch.setattr(hostpaths, "openat2_available", False)
+        monkeypatch.setattr(openat, "openat2_available", False)
     return str(request.param)
 
 
@@ -337,7 +337,7 @@ def test_no_replace_without_renameat2(
     tree: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where renameat2 is missing, link() + unlink() keeps the no-clobber rule."""
-    monkeypatch.setattr(hostpaths, "_renameat2", None)
+    monkeypatch.setattr(openat, "_renameat2", None)
     roots = roots_of(tree)
     with roots.writer("linked.txt") as w:
         w.write(b"one")
@@ -516,10 +516,10 @@ def test_a_root_that_vanishes(tree: Path, mode: str) -> None:
 PERM_SCENARIO = textwrap.dedent(
     """
     import json, sys
-    from agentiso.frontend import hostpaths
+    from agentiso.frontend import openat
     from agentiso.frontend.hostpaths import HostRoots, HostPathError
 
-    hostpaths.openat2_available = {openat2}
+    openat.openat2_available = {openat2}
     roots = HostRoots([sys.argv[1]])
     out = {{}}
     for name, call in [
@@ -597,9 +597,9 @@ def test_every_error_is_a_frontend_error_with_two_lines(tree: Path) -> None:
 
 
 def test_openat2_is_probed_once(monkeypatch: pytest.MonkeyPatch, tree: Path) -> None:
-    monkeypatch.setattr(hostpaths, "openat2_available", None)
+    monkeypatch.setattr(openat, "openat2_available", None)
     assert read(roots_of(tree), "f.txt") == b"inside"
-    assert hostpaths.openat2_available is HAVE_OPENAT2
+    assert openat.openat2_available is HAVE_OPENAT2
 
 
 def test_permission_error_class_is_exported() -> None:

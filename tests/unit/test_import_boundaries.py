@@ -1,4 +1,4 @@
-"""The trust boundary in the import graph (DESIGN §2).
+"""The trust boundary in the import graph (docs/architecture.md).
 
 Every module of agentiso.privhelper, agentiso.guest and agentiso.protocol is
 imported in a fresh interpreter in which mcp, pydantic and platformdirs (and
