@@ -30,6 +30,7 @@ import anyio
 from agentiso.frontend.guest_channel import open_guest
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
+from tests.harness.images import image_dir, unusable_reason
 from tests.support.helper_process import IMAGES, public_tmpdir, running_helper
 from tests.support.mcp_client import Tools, mcp_tools, serve_params
 
@@ -118,8 +119,9 @@ async def through_mcp(tools: Tools, host: Path) -> dict[str, Any]:
 
 
 def main() -> int:
-    if os.geteuid() != 0 or not (IMAGES / "minimal" / "rootfs.img").exists():
-        print("skipped: needs root and `make image`")
+    reason = "needs root" if os.geteuid() != 0 else unusable_reason(image_dir("minimal"))
+    if reason is not None:
+        print(f"skipped: {reason}")
         return 0
     with running_helper(group=0, extra_args=("--images-dir", str(IMAGES)),
                         config="[limits]\nper_uid_memory_mib = 2048\n") as helper:

@@ -13,14 +13,12 @@ import pytest
 
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
+from tests.harness.images import skip_unless_image
 from tests.support.helper_process import IMAGES, HelperProcess, run_as, running_helper
 
 GROUP = 64351
 USER = 64352
-pytestmark = pytest.mark.skipif(
-    not (IMAGES / "minimal" / "rootfs.img").exists(),
-    reason="the minimal image is not built (make image)",
-)
+pytestmark = skip_unless_image("minimal")
 
 
 @pytest.fixture(scope="module")

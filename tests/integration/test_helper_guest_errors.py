@@ -23,6 +23,7 @@ import pytest
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
 from agentiso.protocol.errors import GuestFailed
+from tests.harness.images import skip_unless_image
 from tests.support.helper_process import (
     IMAGES,
     HelperProcess,
@@ -31,10 +32,7 @@ from tests.support.helper_process import (
 )
 
 IMAGE_FILES = ("vmlinuz", "initrd.img", "rootfs.img")
-pytestmark = pytest.mark.skipif(
-    not (IMAGES / "minimal" / "rootfs.img").exists(),
-    reason="the minimal image is not built (make image)",
-)
+pytestmark = skip_unless_image("minimal")
 
 
 def _nicless_image(images: Path) -> None:

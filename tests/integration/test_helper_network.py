@@ -24,6 +24,7 @@ from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
 from agentiso.protocol.errors import Conflict
 from tests.harness import netns as netns_mod
+from tests.harness.images import skip_unless_image
 from tests.harness.netns import NetNs, netns, uplink
 from tests.support.helper_process import IMAGES, HelperProcess, running_helper
 
@@ -31,10 +32,7 @@ INTERNET = "198.51.100.2"
 HOST_UPLINK = "198.51.100.1"
 ALLOWED = "203.0.113.5"
 PROBE = "/root/probe.py"
-pytestmark = pytest.mark.skipif(
-    not (IMAGES / "minimal" / "rootfs.img").exists(),
-    reason="the minimal image is not built (make image)",
-)
+pytestmark = skip_unless_image("minimal")
 
 
 @dataclass

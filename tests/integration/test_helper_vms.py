@@ -25,15 +25,13 @@ from agentiso.frontend.guest_channel import open_guest
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
 from agentiso.protocol.errors import Conflict, LimitExceeded, NotFound, Unavailable
+from tests.harness.images import skip_unless_image
 from tests.support.helper_process import IMAGES, HelperProcess, run_as, running_helper
 
 GROUP = 64341
 ALICE = 64342
 BOB = 64343
-pytestmark = pytest.mark.skipif(
-    not (IMAGES / "minimal" / "rootfs.img").exists(),
-    reason="the minimal image is not built (make image)",
-)
+pytestmark = skip_unless_image("minimal")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
 from agentiso.protocol.errors import AlreadyExists, Conflict, NotFound
+from tests.harness.images import require_image
 from tests.support.helper_process import HelperProcess, run_as, running_helper
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,8 +30,7 @@ GiB = 1024**3
 
 @pytest.fixture(scope="module")
 def helper() -> Iterator[HelperProcess]:
-    if not (IMAGES / "minimal" / "rootfs.img").exists():
-        pytest.skip("the minimal image is not built (make image)")
+    require_image("minimal", tools=("qemu-img",))  # volumes only: no VM is booted
     config = textwrap.dedent(
         """
         [limits]

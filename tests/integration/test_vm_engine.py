@@ -42,51 +42,14 @@ from agentiso.privhelper.vm.errors import (
     VmUnavailable,
 )
 from agentiso.privhelper.vm.procfs import parse_status_groups, parse_status_ids, read_status
+from agentiso.privhelper.vm.record import live_pids
 from agentiso.privhelper.vm.spec import DiskLayer
+from tests.harness.images import image_dir, pin_image, require_image
 
 REPO = Path(__file__).resolve().parents[2]
-IMAGE = REPO / "build" / "images" / "minimal"
 BOOT_TIMEOUT = 90.0  # TCG on 2 shared cores: a boot takes 3 s idle, far more under load
 SECRET = b"s3cr3t-" + secrets.token_hex(16).encode()
 SECRET_IN_GUEST = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.agentiso/secret/raw"
-
-
-IMAGE_FILES = ("vmlinuz", "initrd.img", "rootfs.img")
-
-
-def _image_or_skip() -> None:
-    # A missing manifest in an existing image dir is a rebuild in progress:
-    # _pin_image waits for it.
-    if not (IMAGE / "vmlinuz").exists() and not (IMAGE / "manifest.json").exists():
-        pytest.skip(reason=f"guest image not built ({IMAGE} is empty or missing): run `make image`")
-    if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
-        pytest.skip(reason="qemu-system-x86_64 / qemu-img not installed")
-
-
-def _pin_image(dest: Path) -> dict[str, str]:
-    """Hard-link the image into ``dest``: a rebuild (which writes new files and
-    renames them over the old) cannot change it under a running test.  Waits
-    out a rebuild in progress; retried until the linked files are the ones the
-    linked manifest describes."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            manifest = json.loads((IMAGE / "manifest.json").read_text())
-            dest.mkdir(mode=0o755, exist_ok=True)
-            for f in (*IMAGE_FILES, "manifest.json"):
-                (dest / f).unlink(missing_ok=True)
-                os.link(IMAGE / f, dest / f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            time.sleep(1)  # a rebuild is under way
-            continue
-        pinned = json.loads((dest / "manifest.json").read_text())
-        sizes = pinned.get("files", {})
-        if pinned == manifest and all(
-            (dest / f).stat().st_size == sizes.get(f, {}).get("size") for f in IMAGE_FILES
-        ):
-            return pinned
-        time.sleep(1)
-    pytest.skip(reason="the guest image kept changing (a rebuild in progress) for 5 minutes")
 
 
 @dataclass
@@ -124,7 +87,7 @@ class Env:
 
 @pytest.fixture
 def env() -> Iterator[Env]:
-    _image_or_skip()
+    require_image("minimal")
     # Short (socket paths <= 107 bytes) and traversable by the VMs' uids.
     base = Path(tempfile.mkdtemp(prefix="agvm", dir="/tmp"))
     os.chmod(base, 0o711)
@@ -133,25 +96,20 @@ def env() -> Iterator[Env]:
         state_dir=str(base / "state"), run_dir=str(base / "run"), accel="auto"
     )
     try:
-        manifest = _pin_image(base / "image")
-        yield Env(base, settings, manifest["cmdline"], prefix, base / "image")
+        info = pin_image(image_dir("minimal"), base / "image")
+        yield Env(base, settings, info.cmdline, prefix, info.dir)
     finally:
         _kill_leftovers(base)
         shutil.rmtree(base, ignore_errors=True)
 
 
 def _kill_leftovers(base: Path) -> None:
-    """Kill any QEMU still using this test's run dir (by pid, after checking its argv)."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (Path(entry.path) / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and any(str(base).encode() in a for a in argv):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
+    """Kill any QEMU an engine recorded under this test's state dir that still
+    runs (by pid, checked to be the same process).  QEMU's argv names no path of
+    ours (the engine passes fds), so the records are what tells."""
+    for pid in live_pids(base / "state" / "vm" / "records"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.asynccontextmanager
@@ -649,7 +607,6 @@ async def test_boot_test_machinery_under_tcg(env: Env) -> None:
     from agentiso.privhelper.vm.accel import kvm_boot_test
     from agentiso.privhelper.vm.procfs import read_host_tsc_khz
 
-    _image_or_skip()
     uid = env.settings.uid_base + env.settings.uid_count - 1
     kernel = str(env.image / "vmlinuz")
     t0 = time.monotonic()
