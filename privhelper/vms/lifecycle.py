@@ -35,6 +35,7 @@ from ..server import RequestContext
 from ..service import WorkspaceService
 from ..storage import Attachment
 from ..vm.engine import VmConfig, VmEngine
+from ..vm.engine.types import FINISHED
 from ..vm.spec import DiskLayer, NetAttachment
 from .channels import GuestChannels, engine_state
 from .network import VmNetwork
@@ -45,6 +46,8 @@ log = structlog.get_logger("agentiso.helper.vms")
 #: How long a started VM may take to say hello (TCG boots in ~3 s on 2 cores;
 #: leave room for a loaded machine).
 HELLO_TIMEOUT_S = 90.0
+#: How often the hello wait looks whether QEMU still runs.
+HELLO_POLL_S = 0.25
 GUEST_CALL_TIMEOUT_S = 30.0
 
 
@@ -186,15 +189,7 @@ class VmLifecycle:
         """Wait for the agent's hello, then set the guest's hostname and address.
 
         A step the guest refuses raises GuestStepFailed (``guest_failed``)."""
-        try:
-            await channel.wait_ready(HELLO_TIMEOUT_S)
-        except TimeoutError:
-            st = self.engine.status(key)
-            raise RequestFailed(
-                ErrorCode.TIMEOUT,
-                f"VM {req.name!r} did not say hello within {HELLO_TIMEOUT_S:.0f} s "
-                f"(state {st.state}); console: {self.views.console(key)[-1500:]}",
-            ) from None
+        await self._wait_hello(req, key, channel)
         await channel.call(gp.SetHostname(id=0, hostname=req.name), GUEST_CALL_TIMEOUT_S)
         if net is not None:
             await channel.call(
@@ -204,6 +199,29 @@ class VmLifecycle:
                 ),
                 GUEST_CALL_TIMEOUT_S,
             )
+
+    async def _wait_hello(self, req: hp.VmStart, key: str, channel: GuestChannel) -> None:
+        """Wait for the agent's hello, but no longer than QEMU lives: a guest
+        that powers off or crashes during boot fails the start at once, with
+        its console tail, instead of after the whole hello timeout."""
+        deadline = anyio.current_time() + HELLO_TIMEOUT_S
+        while True:
+            with anyio.move_on_after(HELLO_POLL_S):
+                await channel.wait_ready(HELLO_POLL_S + 1)
+                return
+            state = engine_state(self.engine, key)
+            if state in FINISHED or state is None:
+                raise RequestFailed(
+                    ErrorCode.GUEST_FAILED,
+                    f"VM {req.name!r} ended during boot ({state or 'gone'}) before its agent "
+                    f"said hello; console: {self.views.console(key)[-1500:]}",
+                )
+            if anyio.current_time() >= deadline:
+                raise RequestFailed(
+                    ErrorCode.TIMEOUT,
+                    f"VM {req.name!r} did not say hello within {HELLO_TIMEOUT_S:.0f} s "
+                    f"(state {state}); console: {self.views.console(key)[-1500:]}",
+                )
 
     async def _unregister(self, key: str) -> None:
         async with self.ws.lock:

@@ -400,6 +400,7 @@ async def test_failed_creates_leave_nothing(tools: Tools, env: Env) -> None:
     assert "limit" in err.lower()
     err = await tools.fails("workspace_create", name="noboot", image="broken")
     _two_lines(err)
+    assert "ended during boot" in err and "console" in err, err
     assert env.helper_names() == before
     listed = await tools.call("workspace_list")
     assert listed["workspaces"] == listed_before["workspaces"]
