@@ -47,7 +47,7 @@ def row(label: str, value: str, floor: str = "", ratio: str = "") -> None:
     print(f"  {label:<40} {value:>14}   {floor:>14}   {ratio:>8}", flush=True)
 
 
-async def raw_floor(sock: str, vm: str) -> tuple[list[float], float, float]:
+async def raw_floor(sock: str, vm: str) -> tuple[list[float], float, float, float, float]:
     """exec `true` round trips and 100 MiB up/down MiB/s on the raw channel."""
     async with open_guest(sock, vm) as g:
         for _ in range(20):
@@ -57,6 +57,20 @@ async def raw_floor(sock: str, vm: str) -> tuple[list[float], float, float]:
             t = time.perf_counter()
             await g.exec(["true"])
             times.append(time.perf_counter() - t)
+        small = os.urandom(4 * MiB)
+        t = time.perf_counter()
+        for _ in range(5):
+            await g.upload_bytes(small, "/root/w.bin")
+        w4 = 5 * 4 / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(5):
+            pos = 0
+            while True:
+                chunk = await g.read_file("/root/w.bin", offset=pos)
+                pos += len(chunk.data)
+                if chunk.eof or not chunk.data:
+                    break
+        r4 = 5 * 4 / (time.perf_counter() - t)
         data = os.urandom(100 * MiB)
         t = time.perf_counter()
         await g.upload_bytes(data, "/root/floor.bin")
@@ -70,7 +84,7 @@ async def raw_floor(sock: str, vm: str) -> tuple[list[float], float, float]:
         await g.download("/root/floor.bin", write, chunk_size=MiB)
         down = 100 / (time.perf_counter() - t)
         await g.remove("/root/floor.bin")
-    return times, up, down
+    return times, up, down, w4, r4
 
 
 async def through_mcp(tools: Tools, host: Path) -> dict[str, Any]:
@@ -90,7 +104,8 @@ async def through_mcp(tools: Tools, host: Path) -> dict[str, Any]:
         times.append(time.perf_counter() - t)
         assert not r.is_error and r.structured_content and r.structured_content["exit_code"] == 0
     out["exec"] = times
-    content = base64.b64encode(os.urandom(3 * MiB)).decode()  # 4 MiB of text
+    # 4 MiB of text (MCP carries text; the floor moves 4 MiB of bytes).
+    content = base64.b64encode(os.urandom(3 * MiB)).decode()
     t = time.perf_counter()
     for _ in range(5):
         await tools.call("file_write", workspace="bench", path="/root/w.txt", content=content)
@@ -137,7 +152,8 @@ def main() -> int:
                 t = time.perf_counter()
                 c.request(hp.VmStart(id=0, name="floor", volume="floor"))
             floor_start = time.perf_counter() - t
-            floor_exec, floor_up, floor_down = anyio.run(raw_floor, str(helper.socket), "floor")
+            floor_exec, floor_up, floor_down, floor_w4, floor_r4 = anyio.run(
+                raw_floor, str(helper.socket), "floor")
             with BlockingHelperClient(str(helper.socket), timeout=180) as c:
                 c.request(hp.VmStop(id=0, name="floor"))
                 c.request(hp.VolumeDestroy(id=0, name="floor"))
@@ -159,8 +175,10 @@ def main() -> int:
         f"{pct(floor_exec, 0.99):.2f}", f"{pct(m['exec'], 0.99) / pct(floor_exec, 0.99):.2f}")
     row("exec `true` mean (ms)", f"{statistics.mean(m['exec']) * 1000:.2f}",
         f"{statistics.mean(floor_exec) * 1000:.2f}", "")
-    row("file_write 4 MiB (MiB/s)", f"{m['write']:.1f}", "", "")
-    row("file_read 4 MiB (MiB/s)", f"{m['read']:.1f}", "", "")
+    row("file_write 4 MiB (MiB/s)", f"{m['write']:.1f}", f"{floor_w4:.1f}",
+        f"{m['write'] / floor_w4:.2f}")
+    row("file_read 4 MiB (MiB/s)", f"{m['read']:.1f}", f"{floor_r4:.1f}",
+        f"{m['read'] / floor_r4:.2f}")
     row("file_upload 100 MiB (MiB/s)", f"{m['upload']:.1f}", f"{floor_up:.1f}",
         f"{m['upload'] / floor_up:.2f}")
     row("file_download 100 MiB (MiB/s)", f"{m['download']:.1f}", f"{floor_down:.1f}",
