@@ -8,7 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -26,45 +30,159 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason="integration tests need root"))
 
 
-def _host_footprint() -> dict[str, set[str]]:
-    """What of ours could leak onto the host: nft tables, links, namespaces,
-    QEMU processes named like ours, system state directories."""
-    import subprocess
-    from pathlib import Path
+# --- the session's leak check ----------------------------------------------------
+#
+# Several test runs may share a host (engineers side by side; CI runs alone).
+# Each thing of ours the check sees is classed by who could have made it:
+# * this run's: a network namespace named with this process's pid (the
+#   harness's ``<prefix>-<pid>-<n>-<hex>``, the helper fixture's
+#   ``agentiso-t<pid>-...``) or with the pid of a live process of this run (the
+#   demo's ``agentiso-demo-<pid>``); a QEMU descended from this process, or
+#   living in such a namespace, or watched (pidfd) by a process of this run;
+# * another run's: the same, for a live process that is not of this run (its
+#   helper, its adopting engine, its pytest);
+# * nobody's: a root-namespace nft table, link or system state directory, a
+#   namespace named without a live pid, an orphaned QEMU no live process
+#   watches.  It counts as this run's if it was not there when the run began
+#   (as every leftover did before runs could overlap): alone, as in CI, every
+#   leftover is caught; overlapping, only another run's real leak can be
+#   blamed on this one.
+# A leak is what is this run's or nobody's at the end and was not there at
+# the start.
 
-    def lines(*argv: str) -> set[str]:
+
+class _Procs:
+    """One look at /proc: parents, which processes are this run's, pidfd watchers."""
+
+    def __init__(self) -> None:
+        from agentiso.privhelper.vm.procfs import read_stat
+
+        self.me = os.getpid()
+        self.ppid: dict[int, int] = {}
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and (st := read_stat(int(entry.name))) is not None:
+                self.ppid[st.pid] = st.ppid
+        self._watchers: dict[int, set[int]] | None = None
+
+    def alive(self, pid: int) -> bool:
+        return pid in self.ppid
+
+    def ours(self, pid: int) -> bool:
+        """``pid`` is this process or descends from it."""
+        seen: set[int] = set()
+        while pid > 1 and pid not in seen:
+            if pid == self.me:
+                return True
+            seen.add(pid)
+            pid = self.ppid.get(pid, 0)
+        return False
+
+    def watchers(self, pid: int) -> set[int]:
+        """Processes holding a pidfd of ``pid`` (the engine watches each QEMU by one)."""
+        if self._watchers is None:
+            self._watchers = {}
+            for holder in self.ppid:
+                fds = f"/proc/{holder}/fd"
+                try:
+                    names = os.listdir(fds)
+                except OSError:
+                    continue
+                for fd in names:
+                    try:
+                        if os.readlink(f"{fds}/{fd}") != "anon_inode:[pidfd]":
+                            continue
+                        with open(f"/proc/{holder}/fdinfo/{fd}") as f:
+                            info = f.read()
+                    except OSError:
+                        continue
+                    for line in info.splitlines():
+                        if line.startswith("Pid:"):
+                            self._watchers.setdefault(int(line.split()[1]), set()).add(holder)
+        return self._watchers.get(pid, set())
+
+
+_NETNS_PID = re.compile(r"(?:^|-)t?(\d+)(?:-|$)")
+
+
+def _netns_owner(name: str, procs: _Procs) -> str | None:
+    """"ours", "theirs" or None (nobody's) for a namespace, by the pid in its name."""
+    m = _NETNS_PID.search(name)
+    if m is None:
+        return None
+    pid = int(m.group(1))
+    if procs.ours(pid):
+        return "ours"
+    return "theirs" if procs.alive(pid) else None
+
+
+def _host_footprint() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(this run's or nobody's, another run's): nft tables, links, namespaces,
+    QEMU processes, system state directories."""
+
+    def lines(*argv: str) -> list[str]:
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
         except (OSError, subprocess.TimeoutExpired):
-            return set()
-        return {line.strip() for line in out.splitlines() if "agentiso" in line}
+            return []
+        return [line.strip() for line in out.splitlines() if line.strip()]
 
-    qemus = set()
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
+    procs = _Procs()
+    mine: dict[str, set[str]] = {k: set() for k in (
+        "nft tables", "links", "network namespaces", "QEMU pids", "state dirs")}
+    theirs: dict[str, set[str]] = {k: set() for k in mine}
+
+    def put(kind: str, item: str, owner: str | None) -> None:
+        (theirs if owner == "theirs" else mine)[kind].add(item)
+
+    mine["nft tables"] = {t for t in lines("nft", "list", "tables") if "agentiso" in t}
+    namespaces: dict[int, str | None] = {}  # inode -> owner
+    for line in lines("ip", "netns", "list"):
+        name = line.split()[0]
+        ns_owner = _netns_owner(name, procs)
+        if "agentiso" in name or ns_owner == "ours":
+            put("network namespaces", name, ns_owner)
+        with contextlib.suppress(OSError):
+            namespaces[os.stat(f"/run/netns/{name}").st_ino] = ns_owner
+    for line in lines("ip", "-o", "link"):
+        if "agentiso" in line:
+            # A veth's line names the namespace of its peer: that says whose it is.
+            peer = line.split(" link-netns ")[1].split()[0] if " link-netns " in line else ""
+            put("links", line.split(":")[1].strip(), _netns_owner(peer, procs) if peer else None)
+    for pid in procs.ppid:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if not os.path.basename(argv.split(b"\0")[0]).startswith(b"qemu-system"):
+            continue
+        if procs.ours(pid):
+            owner: str | None = "ours"
+        elif b"agentiso-" not in argv:
+            continue  # not ours, and no QEMU of this project
+        else:
             try:
-                argv = (p / "cmdline").read_bytes()
+                netns_owner = namespaces.get(os.stat(f"/proc/{pid}/ns/net").st_ino)
             except OSError:
-                continue
-            if argv.startswith(b"qemu-system") and b"agentiso-" in argv:
-                qemus.add(p.name)
-    return {
-        "nft tables": lines("nft", "list", "tables"),
-        "links": {x.split(":")[1].strip() for x in lines("ip", "-o", "link")},
-        "network namespaces": lines("ip", "netns", "list"),
-        "QEMU pids": qemus,
-        "state dirs": {d for d in ("/var/lib/agentiso", "/run/agentiso") if Path(d).exists()},
-    }
+                netns_owner = None
+            watched = {"ours" if procs.ours(w) else "theirs" for w in procs.watchers(pid)}
+            owner = ("ours" if "ours" in (netns_owner, *watched)
+                     else "theirs" if "theirs" in (netns_owner, *watched) else None)
+        put("QEMU pids", str(pid), owner)
+    mine["state dirs"] = {d for d in ("/var/lib/agentiso", "/run/agentiso") if Path(d).exists()}
+    return mine, theirs
 
 
 @pytest.fixture(scope="session", autouse=True)
 def host_left_clean() -> object:
-    """Fail the run if the tests left anything of ours on the host."""
+    """Fail the run if it left anything of ours on the host (see above)."""
     if os.geteuid() != 0:
         yield None
         return
-    before = _host_footprint()
+    before, before_theirs = _host_footprint()
     yield None
-    after = _host_footprint()
-    leaked = {k: sorted(after[k] - before[k]) for k in after if after[k] - before[k]}
+    after, _ = _host_footprint()
+    leaked = {
+        k: sorted(after[k] - before[k] - before_theirs[k]) for k in after
+        if after[k] - before[k] - before_theirs[k]
+    }
     assert not leaked, f"the test run left these behind on the host: {leaked}"
