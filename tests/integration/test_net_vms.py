@@ -1,9 +1,9 @@
 """The acceptance scenarios with two real VMs (QEMU microvm under TCG, the minimal
 image), each on a TAP made by the network layer, inside namespaces the test creates.
 
-Until the VM engine launches workspaces, QEMU is started here the way the engine
-will: the TAP fd from :meth:`NetworkManager.attach` passed with ``pass_fds`` as
-``-netdev tap,fd=N``, the MAC from the attachment, and the guest configured by the
+Each VM is started by the real VM engine (:func:`tests.harness.engine.engine_vm`)
+as the helper starts a workspace: the TAP fd from :meth:`NetworkManager.attach`
+and its MAC as the VM's :class:`NetAttachment`, and the guest configured by the
 agent's ``configure_network``.  Probes inside the guests are this repo's
 tests/harness/netns.py, uploaded with ``file_write`` and run with ``exec``.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +23,13 @@ import pytest
 from agentiso.privhelper.net.config import default_settings
 from agentiso.privhelper.net.manager import Attachment, NetworkManager
 from agentiso.privhelper.net.model import AllowRule, Forward, NetPolicy, PortRange
+from agentiso.privhelper.vm.spec import NetAttachment
 from agentiso.protocol import guest as gp
 from agentiso.protocol.framing import encode_frame
 from tests.harness import netns as netns_mod
-from tests.harness.images import ImageInfo, require_image
+from tests.harness.engine import EngineVM, engine_vm
+from tests.harness.images import require_image
 from tests.harness.netns import NetnsUnavailable, netns, uplink
-from tests.harness.qemu import QemuConfig, qemu_argv
-from tests.harness.vm import BootedVM, create_overlay, host_cmdline
 
 INTERNET = "198.51.100.2"
 HOST_UPLINK = "198.51.100.1"
@@ -85,7 +84,7 @@ class Agent:
 
 
 class GuestVM:
-    def __init__(self, vm: BootedVM, agent: Agent, att: Attachment) -> None:
+    def __init__(self, vm: EngineVM, agent: Agent, att: Attachment) -> None:
         self.vm, self.agent, self.att = vm, agent, att
 
     def probe(self, *args: str, timeout: float = 20) -> tuple[int, str]:
@@ -102,42 +101,19 @@ class GuestVM:
         return self.probe("ping", host, timeout)[0] == 0
 
 
-def start_vm(image: ImageInfo, workdir: Path, att: Attachment) -> BootedVM:
-    workdir.mkdir(parents=True, exist_ok=True)
-    disk = workdir / "disk.qcow2"
-    create_overlay(image.rootfs, disk)
-    cfg = QemuConfig(
-        kernel=image.kernel,
-        initrd=image.initrd,
-        cmdline=host_cmdline(image.cmdline),
-        disk=disk,
-        channel=workdir / "agent.sock",
-        console=workdir / "console.log",
-        memory_mib=192,
-        tb_size_mib=32,
-    )
-    argv = [
-        *qemu_argv(cfg),
-        "-netdev", f"tap,id=n0,fd={att.tap_fd}",
-        "-device", f"virtio-net-device,netdev=n0,mac={att.mac}",
-    ]  # fmt: skip
-    with (workdir / "qemu.stderr").open("wb") as err:
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=err,
-            stderr=err,
-            pass_fds=[att.tap_fd],
-            start_new_session=True,
+def start_vm(stack: contextlib.ExitStack, att: Attachment) -> EngineVM:
+    """Boot the minimal image through the engine on ``att``'s TAP (stopped by ``stack``)."""
+    try:
+        return stack.enter_context(
+            engine_vm("minimal", memory_mib=192, net=NetAttachment(tap_fd=att.tap_fd, mac=att.mac))
         )
-    os.close(att.tap_fd)  # QEMU holds the TAP now; it dies with QEMU
-    return BootedVM(proc, workdir, started)
+    finally:
+        os.close(att.tap_fd)  # the engine never closes it; QEMU holds its own copy
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    image = require_image("minimal")
+    require_image("minimal")
     if not os.path.exists("/dev/net/tun"):
         pytest.skip(reason="/dev/net/tun is missing")
     try:
@@ -166,9 +142,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         for name in ("a", "b"):
             with host.entered():
                 att = mgr.attach(name, 1000)
-            vm = start_vm(image, tmp / name, att)
-            stack.callback(vm.stop)
-            booted.append((name, vm, att))
+            booted.append((name, start_vm(stack, att), att))
         for name, vm, att in booted:
             sock = vm.connect_channel()
             stack.callback(sock.close)
