@@ -20,7 +20,9 @@ it from its own loop over the channel socket::
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -37,6 +39,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from agentiso.privhelper.vm.engine import FINISHED, EngineSettings, VmConfig, VmEngine
 from agentiso.privhelper.vm.errors import VmError
+from agentiso.privhelper.vm.procfs import read_stat
 from agentiso.privhelper.vm.record import live_pids
 from agentiso.privhelper.vm.spec import DiskLayer
 
@@ -55,6 +58,8 @@ class EngineVM:
         self.name = name
         self.pid = pid
         self.channel_path = Path(engine.channel_socket(name))
+        #: time.monotonic() when QEMU was spawned (from /proc, to 1/CLK_TCK s).
+        self.started = _spawned_at(pid)
 
     def console_text(self) -> str:
         data: bytes = self._portal.call(self._engine.console_tail, self.name, 1 << 20)
@@ -79,6 +84,30 @@ class EngineVM:
                 if not self.alive() or time.monotonic() > deadline:
                     raise HarnessError(f"cannot connect to {self.channel_path}: {exc}") from exc
                 time.sleep(0.05)
+
+    def wait_for_console(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        """Poll the console until regex ``pattern`` matches; return the match.
+        Raises :class:`HarnessError` with the console tail on timeout or if QEMU ends."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while not (match := regex.search(self.console_text())):
+            if not self.alive():
+                raise HarnessError(f"the VM ended before {pattern!r} appeared\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise HarnessError(f"{pattern!r} not on the console after {timeout} s\n"
+                                   f"{self.tail()}")
+            time.sleep(0.05)
+        return match
+
+    def shut_down(self, powerdown_timeout: float = 10.0) -> None:
+        """Stop the VM the engine's clean way (ACPI powerdown, then QMP ``quit``,
+        SIGKILL last), so QEMU flushes its disk caches; then forget it."""
+        with contextlib.suppress(VmError):
+            self._portal.call(
+                functools.partial(self._engine.stop, self.name,
+                                  powerdown_timeout=powerdown_timeout)
+            )
+        self.stop()
 
     def stop(self) -> None:
         """Kill the VM and forget it (idempotent)."""
@@ -108,7 +137,8 @@ def engine_vm(
     try:
         info = pin_image(image_dir(image), base / "image")
         disk = base / "disk.qcow2"
-        create_overlay(info.rootfs, disk, disk_size)
+        if "disks" not in config:
+            create_overlay(info.rootfs, disk, disk_size)
         settings = EngineSettings(state_dir=str(base / "state"), run_dir=str(base / "run"),
                                   accel="auto")
         name = "h" + secrets.token_hex(4)
@@ -144,6 +174,15 @@ def engine_vm_fixture(
             yield vm
 
     return _vm
+
+
+def _spawned_at(pid: int) -> float:
+    """The time.monotonic() at which process ``pid`` started (now, if it is gone)."""
+    st = read_stat(pid)
+    if st is None:
+        return time.monotonic()
+    ago = time.clock_gettime(time.CLOCK_BOOTTIME) - st.start_time / os.sysconf("SC_CLK_TCK")
+    return time.monotonic() - ago
 
 
 def _kill_leftovers(base: Path) -> None:

@@ -1,8 +1,10 @@
 """The real guest image boots from a volume of each backend, and grows with it.
 
 The ``minimal`` image's rootfs.img is imported as a base, a volume is made from
-it and grown with :meth:`grow_volume`, and a microVM (TCG) boots from exactly
-what :meth:`attachment` names (qcow2 chain / raw file on zfs-fuse).  The guest's
+it and grown with :meth:`grow_volume`, and a microVM (TCG) started by the real VM
+engine (:func:`tests.harness.engine.engine_vm`) boots from exactly what
+:meth:`attachment` names (qcow2 chain / raw file on zfs-fuse), every node of the
+chain a disk layer, as the helper attaches a volume.  The guest's
 init grows the root filesystem to the disk (resize2fs) and says so on the
 console; afterwards the ext4 superblock *in the volume* shows the new size while
 a fresh volume from the same base still shows the image's.
@@ -10,11 +12,8 @@ a fresh volume from the same base still shows the image's.
 
 from __future__ import annotations
 
-import json
 import secrets
 import struct
-import subprocess
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,9 +23,9 @@ import pytest
 from agentiso.privhelper.storage import Attachment, FromBase, VolumeBackend, ZfsConfig
 from agentiso.privhelper.storage.qcow2 import Qcow2Backend
 from agentiso.privhelper.storage.zfs import ZfsBackend
+from agentiso.privhelper.vm.spec import DiskLayer
+from tests.harness.engine import engine_vm
 from tests.harness.images import ImageInfo, require_image
-from tests.harness.qemu import QemuConfig, qemu_argv
-from tests.harness.vm import BootedVM, host_cmdline
 from tests.harness.zfs import ZfsPool
 
 MIB = 1024 * 1024
@@ -60,32 +59,20 @@ async def backend(
             await anyio.run_process(["zfs", "destroy", "-R", b.ds.root], check=False)
 
 
-def boot_volume(image: ImageInfo, att: Attachment, workdir: Path) -> BootedVM:
-    """The harness's command line with its disk replaced by the volume's top node."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = QemuConfig(
-        kernel=image.kernel,
-        initrd=image.initrd,
-        cmdline=host_cmdline(image.cmdline),
-        disk=workdir / "unused",
-        channel=workdir / "agent.sock",
-        console=workdir / "console.log",
+def boot_volume(att: Attachment) -> tuple[int, str]:
+    """Boot the image's kernel from the volume until its init has grown the root
+    filesystem; then stop the VM cleanly (QEMU flushes its qcow2 metadata).
+    Returns the size init reported (MiB) and the console's tail."""
+    layers = tuple(
+        DiskLayer(format=n.format.value, path=str(n.path), read_only=n.read_only)
+        for n in att.chain
     )
-    argv = qemu_argv(cfg)
-    i = argv.index("-drive")
-    node = {
-        "driver": str(att.top.format),
-        "node-name": "vol",
-        "file": {"driver": str(att.top.protocol), "filename": str(att.top.path)},
-    }
-    argv[i : i + 2] = ["-blockdev", json.dumps(node)]
-    argv[argv.index("virtio-blk-device,drive=root")] = "virtio-blk-device,drive=vol"
-    with (workdir / "qemu.stderr").open("wb") as err:
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
-        )
-    return BootedVM(proc, workdir, started)
+    with engine_vm("minimal", disks=layers) as vm:
+        found = vm.wait_for_console(r"root filesystem grown to (\d+) MiB", 120)
+        tail = vm.tail()
+        # The minimal image ignores the ACPI button: on to QMP quit at once.
+        vm.shut_down(powerdown_timeout=1.0)
+    return int(found.group(1)), tail
 
 
 async def fs_bytes(att: Attachment, tmp: Path) -> int:
@@ -114,14 +101,8 @@ async def test_boot_grown_volume(backend: VolumeBackend, image: ImageInfo, tmp_p
     original = await fs_bytes(att, tmp_path)
     assert original < GROWN
 
-    vm = boot_volume(image, att, tmp_path / "vm")
-    try:
-        found = await anyio.to_thread.run_sync(
-            lambda: vm.wait_for_console(r"root filesystem grown to (\d+) MiB", 120)
-        )
-        assert int(found.group(1)) == GROWN // MIB, vm.tail()
-    finally:
-        await anyio.to_thread.run_sync(vm.stop)
+    grown_mib, tail = await anyio.to_thread.run_sync(boot_volume, att)
+    assert grown_mib == GROWN // MIB, tail
 
     # The guest wrote the grown filesystem into the volume, not into the base.
     grown = await fs_bytes(att, tmp_path)
