@@ -1,16 +1,19 @@
 """Guest agent benchmarks: boot to hello, exec round trip, file transfer rates.
 
 Run: ``.venv/bin/python -m bench.guest_bench [--boots N] [--execs N] [--mib N]``
-(or ``make bench``).  Boots the ``minimal`` image under TCG with the test
-harness (needs root and a built image: ``make image``) and talks to the agent
-over the raw virtio-serial channel with GuestClient; then the same exec and
-transfer figures for an in-process agent over a socketpair, as a baseline
-without the VM.  Prints figures; asserts nothing.
+(or ``make bench``).  Boots the ``minimal`` image under TCG through the real VM
+engine, as the helper does (:func:`tests.harness.engine.engine_vm`; needs root
+and a built image: ``make image``), and talks to the agent over the raw
+virtio-serial channel with GuestClient; then the same exec and transfer figures
+for an in-process agent over a socketpair, as a baseline without the VM.  Boot
+times run from QEMU's process start (read from /proc, to 10 ms) to the agent's
+hello.  Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -24,9 +27,10 @@ import anyio
 import anyio.abc
 
 from agentiso.frontend.guest_client import GuestClient
+from agentiso.privhelper import log
 from agentiso.protocol import guest as gp
-from tests.harness.images import ImageInfo, image_dir, missing_reason
-from tests.harness.vm import BootedVM, boot_vm
+from tests.harness.engine import EngineVM, engine_vm
+from tests.harness.images import image_dir, unusable_reason
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
@@ -82,8 +86,11 @@ def report_latency(label: str, times: list[float]) -> None:
           f"min {min(ms):.2f} ms  (n={len(ms)})")
 
 
-async def boot_once(info: ImageInfo, workdir: Path) -> tuple[BootedVM, float, gp.Hello]:
-    vm = boot_vm(info, workdir, disk_size=1024 * MiB)
+async def boot_once(stack: contextlib.ExitStack) -> tuple[EngineVM, float, gp.Hello]:
+    """Boot a VM (stopped when ``stack`` closes); seconds from QEMU's start to hello."""
+    vm = await anyio.to_thread.run_sync(
+        stack.enter_context, engine_vm("minimal", disk_size=1024 * MiB)
+    )
     sock = await anyio.to_thread.run_sync(vm.connect_channel, 30.0)
     stream = await anyio.abc.SocketStream.from_socket(sock)
     async with GuestClient.connect(stream, hello_timeout=120) as c:
@@ -95,16 +102,16 @@ async def boot_once(info: ImageInfo, workdir: Path) -> tuple[BootedVM, float, gp
 
 
 async def bench_vm(args: argparse.Namespace, workroot: Path) -> None:
-    info = ImageInfo.load(image_dir("minimal"))
     print(f"VM: minimal image, TCG, 1 vCPU, 256 MiB, {os.cpu_count()} host cores, "
           f"load {os.getloadavg()[0]:.2f}")
     boots = []
-    vm: BootedVM | None = None
+    vm: EngineVM | None = None
+    stack = contextlib.ExitStack()
     try:
         for i in range(args.boots):
-            if vm is not None:
-                vm.stop()
-            vm, secs, hello = await boot_once(info, workroot / f"boot{i}")
+            await anyio.to_thread.run_sync(stack.close)  # the previous VM
+            stack = contextlib.ExitStack()
+            vm, secs, hello = await boot_once(stack)
             boots.append(secs)
             b = hello.boot
             print(f"  boot {i + 1}: QEMU start -> hello {secs:.2f} s "
@@ -125,8 +132,7 @@ async def bench_vm(args: argparse.Namespace, workroot: Path) -> None:
                   f"guest->host {down:.1f} MiB/s")
         await stream.aclose()
     finally:
-        if vm is not None:
-            vm.stop()
+        await anyio.to_thread.run_sync(stack.close)
 
 
 async def bench_socketpair(args: argparse.Namespace, workroot: Path) -> None:
@@ -154,9 +160,10 @@ async def bench_socketpair(args: argparse.Namespace, workroot: Path) -> None:
 
 
 async def amain(args: argparse.Namespace) -> int:
+    log.configure("warning")  # the engine's own log to stderr, and only its warnings
     workroot = Path(tempfile.mkdtemp(prefix="guest-bench-", dir=REPO / "build"))
     try:
-        reason = missing_reason(image_dir("minimal"))
+        reason = unusable_reason(image_dir("minimal"))
         if reason is None and os.geteuid() != 0:
             reason = "needs root"
         if reason is None:
