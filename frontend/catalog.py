@@ -53,10 +53,12 @@ from .catalog_rows import (
     InvalidEnv,
     Migration,
     SessionRecord,
+    SnapshotRecord,
     WorkspaceRecord,
     _check_env,
     _integrity_error_column,
     _session,
+    _snapshot,
     _to_row,
     _workspace,
     is_workspace_id,
@@ -67,13 +69,15 @@ from .workspace_errors import (
     CatalogError,
     NameTaken,
     SessionNotFound,
+    SnapshotExists,
+    SnapshotQuota,
     StateConflict,
     WorkspaceNotFound,
 )
 
 __all__ = [
     "BUSY_TIMEOUT_MS", "CATALOG_FILE", "MAX_ENV_KEYS", "MAX_ENV_VALUE", "MIGRATIONS",
-    "Catalog", "InvalidEnv", "Migration", "SessionRecord", "WorkspaceRecord",
+    "Catalog", "InvalidEnv", "Migration", "SessionRecord", "SnapshotRecord", "WorkspaceRecord",
     "is_workspace_id", "validate_workspace_name",
 ]
 
@@ -342,6 +346,50 @@ class Catalog:
             db.execute("UPDATE workspaces SET session = ?, updated_at = ? WHERE id = ?",
                        (session, time.time(), id))
             return self._select_ws(db, "id = ?", id)
+
+    # --- snapshots ---------------------------------------------------------------------
+
+    def add_snapshot(self, snap: SnapshotRecord, *, max_count: int | None = None) -> None:
+        """Record a snapshot and make it the workspace's head (one transaction).
+        ``max_count``: refuse (SnapshotQuota) when the workspace has that many."""
+        with self._write() as db:
+            n = db.execute("SELECT count(*) FROM snapshots WHERE workspace = ?",
+                           (snap.workspace,)).fetchone()[0]
+            if max_count is not None and n >= max_count:
+                raise SnapshotQuota(n, max_count)
+            try:
+                db.execute(
+                    "INSERT INTO snapshots (workspace, name, volume, helper_name, parent,"
+                    " description, memory, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (snap.workspace, snap.name, snap.volume, snap.helper_name, snap.parent,
+                     snap.description, int(snap.memory), snap.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise SnapshotExists(snap.name) from None
+            db.execute("UPDATE workspaces SET head = ?, updated_at = ? WHERE id = ?",
+                       (snap.name, time.time(), snap.workspace))
+
+    def list_snapshots(self, workspace: str) -> list[SnapshotRecord]:
+        """A workspace's snapshots, oldest first."""
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM snapshots WHERE workspace = ? ORDER BY created_at",
+                              (workspace,)).fetchall()
+        return [_snapshot(r) for r in rows]
+
+    def delete_snapshot(self, workspace: str, name: str) -> None:
+        """Remove a node; its children hang from its parent, and a head on it
+        moves to its parent."""
+        with self._write() as db:
+            row = db.execute("SELECT parent FROM snapshots WHERE workspace = ? AND name = ?",
+                             (workspace, name)).fetchone()
+            if row is None:
+                return
+            db.execute("UPDATE snapshots SET parent = ? WHERE workspace = ? AND parent = ?",
+                       (row["parent"], workspace, name))
+            db.execute("UPDATE workspaces SET head = ? WHERE id = ? AND head = ?",
+                       (row["parent"], workspace, name))
+            db.execute("DELETE FROM snapshots WHERE workspace = ? AND name = ?",
+                       (workspace, name))
 
     def delete_workspace(self, id: str) -> bool:
         """Delete workspace ``id``'s row; False if there was none (so undo may repeat it)."""

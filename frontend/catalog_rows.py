@@ -86,6 +86,25 @@ class WorkspaceRecord:
     #: The network settings beyond ``allow_internet`` (allow-list, peers,
     #: groups, port forwards), as the network tools keep them.
     network: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: The snapshot the current state descends from (None: none taken yet).
+    head: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapshotRecord:
+    """One node of a workspace's snapshot tree.  ``volume`` is the helper
+    volume that holds it (a restore to an older node moves the workspace to a
+    clone, so the nodes after it stay restorable), ``helper_name`` its name
+    there."""
+
+    workspace: str
+    name: str
+    volume: str
+    helper_name: str
+    parent: str | None
+    description: str
+    memory: bool
+    created_at: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,11 +169,31 @@ def _v2_network(db: sqlite3.Connection) -> None:
     )
 
 
+def _v3_snapshots(db: sqlite3.Connection) -> None:
+    # `head`: the snapshot the workspace's current state descends from.
+    db.execute("ALTER TABLE workspaces ADD COLUMN head TEXT")
+    db.execute(
+        """
+        CREATE TABLE snapshots (
+            workspace   TEXT NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+            name        TEXT NOT NULL,
+            volume      TEXT NOT NULL,
+            helper_name TEXT NOT NULL,
+            parent      TEXT,
+            description TEXT NOT NULL DEFAULT '',
+            memory      INTEGER NOT NULL CHECK (memory IN (0, 1)),
+            created_at  REAL NOT NULL,
+            PRIMARY KEY (workspace, name)
+        ) STRICT
+        """
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 #: Schema steps in order; the database's ``user_version`` is how many ran.
 #: Append, never edit or reorder: a step that ran on a user's file is history.
-MIGRATIONS: Sequence[Migration] = (_v1_workspaces_and_sessions, _v2_network)
+MIGRATIONS: Sequence[Migration] = (_v1_workspaces_and_sessions, _v2_network, _v3_snapshots)
 
 _WS_COLUMNS = tuple(f.name for f in dataclasses.fields(WorkspaceRecord))
 _SESSION_COLUMNS = tuple(f.name for f in dataclasses.fields(SessionRecord))
@@ -191,6 +230,12 @@ def _workspace(row: sqlite3.Row) -> WorkspaceRecord:
             f"the catalog's row for workspace {row['id']!r} is unreadable ({exc})",
             "This agentiso may be older than the one that wrote it: upgrade agentiso.",
         ) from None
+
+
+def _snapshot(row: sqlite3.Row) -> SnapshotRecord:
+    values = {f.name: row[f.name] for f in dataclasses.fields(SnapshotRecord)}
+    values["memory"] = bool(values["memory"])
+    return SnapshotRecord(**values)
 
 
 def _session(row: sqlite3.Row) -> SessionRecord:

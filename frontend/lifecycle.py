@@ -170,14 +170,16 @@ _ANY_STATE = frozenset(State)
 ALLOWED: Mapping[Operation, frozenset[State]] = {
     Operation.EXEC: frozenset({State.RUNNING}),
     Operation.FILES: frozenset({State.RUNNING}),
-    Operation.NETWORK: frozenset({State.RUNNING}),
+    # A stopped workspace's policy is kept and applied when it starts.
+    Operation.NETWORK: frozenset({State.RUNNING, State.STOPPED}),
     Operation.START: frozenset({State.STOPPED, State.CRASHED}),
     Operation.STOP: frozenset({State.RUNNING, State.CRASHED}),
     Operation.DESTROY: frozenset({State.RUNNING, State.STOPPED, State.CRASHED}),
     # A running workspace is snapshotted live (the guest freezes); a crashed
     # one's VM still holds the volume, so it must be stopped or restarted first.
     Operation.SNAPSHOT: frozenset({State.RUNNING, State.STOPPED}),
-    Operation.RESTORE: frozenset({State.STOPPED}),
+    # The orchestrator stops a running or crashed workspace before it restores.
+    Operation.RESTORE: frozenset({State.RUNNING, State.STOPPED, State.CRASHED}),
     Operation.FORK: frozenset({State.RUNNING, State.STOPPED}),
     # Env defaults are catalog-only: anything but a workspace going away.
     Operation.SET_ENV: _ANY_STATE - {State.DESTROYING},

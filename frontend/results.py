@@ -227,3 +227,43 @@ class ForwardResult(_Model):
     host_port: int = Field(description="Reach the guest port at 127.0.0.1:host_port")
     guest_port: int
     protocol: Literal["tcp", "udp"]
+
+
+class SnapshotNode(_Model):
+    name: str
+    parent: str | None = Field(description="The snapshot this one was taken after")
+    children: list[str]
+    created_at: datetime
+    description: str
+    memory: bool = Field(description="A memory state was saved with it")
+    size_bytes: int | None = Field(description="Host space it takes (null: unknown)")
+    is_head: bool = Field(description="The workspace's current state descends from it")
+
+
+class SnapshotTree(_Model):
+    workspace: str
+    head: str | None
+    snapshots: list[SnapshotNode]
+
+
+class SnapshotCreated(_Model):
+    workspace: str
+    name: str
+    parent: str | None
+    memory: bool
+    created_at: datetime
+
+
+class SnapshotRestored(_Model):
+    workspace: str
+    restored: str
+    discarded: list[str] = Field(description="What the restore threw away")
+    memory_restored: bool = Field(description="Processes were resumed from saved memory")
+    state: WorkspaceState
+    note: str
+
+
+class SnapshotDeleted(_Model):
+    workspace: str
+    name: str
+    deleted: bool = True

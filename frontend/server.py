@@ -6,8 +6,9 @@ and the orchestrator with its kept connections.  If the helper cannot be
 reached the server still starts; every tool that needs it answers with one
 clear error saying how to start it, and the next call tries again.
 
-The tools themselves are in ``tools_workspace``, ``tools_exec``,
-``tools_files`` and ``tools_network``; each takes ``workspace`` (a name or an id).
+The tools themselves are in ``tools_workspace``, ``tools_exec``, ``tools_files``,
+``tools_network`` and ``tools_snapshots``; each takes ``workspace`` (a name or
+an id).
 """
 
 from __future__ import annotations
@@ -112,12 +113,13 @@ def build_server(config: FrontendConfig) -> MCPServer[Any]:
         "agentiso", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan,
         log_level="INFO",
     )
-    from . import tools_exec, tools_files, tools_network, tools_workspace
+    from . import tools_exec, tools_files, tools_network, tools_snapshots, tools_workspace
 
     tools_workspace.register(app, rt)
     tools_exec.register(app, rt)
     tools_files.register(app, rt)
     tools_network.register(app, rt)
+    tools_snapshots.register(app, rt)
     return app
 
 

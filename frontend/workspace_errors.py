@@ -111,3 +111,19 @@ class SessionNotFound(WorkspaceError):
             "Sessions are made when an MCP client connects: reconnect to get one.",
         )
         self.session = session
+
+
+class SnapshotExists(WorkspaceError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"the workspace already has a snapshot named {name!r}",
+                         "Choose another name (snapshot_list shows the existing ones).")
+        self.name = name
+
+
+class SnapshotQuota(WorkspaceError):
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(
+            f"quota exceeded: snapshots per workspace: {count} in use + 1 asked > {limit} "
+            "allowed",
+            "Delete a snapshot (snapshot_delete), or raise [quotas] snapshots_per_workspace "
+            "in your agentiso config.toml.")

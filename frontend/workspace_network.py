@@ -115,7 +115,7 @@ class NetworkOps:
                           protocol: Protocol) -> tuple[WorkspaceRecord, int]:
         """Forward a host port (chosen if None) to ``guest_port``; kept across restarts."""
         rec = self.owned(ref)
-        lifecycle.require(rec.name, rec.state, Operation.NETWORK)
+        lifecycle.require(rec.name, rec.state, Operation.EXEC)  # a forward needs the VM
         tries = [host_port] if host_port else [
             FORWARD_PORTS[0] + secrets.randbelow(FORWARD_PORTS[1] - FORWARD_PORTS[0])
             for _ in range(20)]

@@ -42,6 +42,7 @@ from .helper_client import HelperClient, connect_helper
 from .keepopen import KeptOpen
 from .lifecycle import Event, Operation, State
 from .sessions import Session, session_alive
+from .snapshots import SnapshotOps
 from .workspace_errors import WorkspaceError, WorkspaceNotFound
 from .workspace_network import NetworkOps
 
@@ -99,7 +100,7 @@ class Orphan:
     state: str
 
 
-class Workspaces(NetworkOps):
+class Workspaces(NetworkOps, SnapshotOps):
     """The orchestrator the MCP tools call.  Create it inside a task group."""
 
     def __init__(
@@ -303,6 +304,12 @@ class Workspaces(NetworkOps):
     async def start(self, ref: str, progress: Progress = _no_progress) -> Detail:
         rec = await self._owned_fresh(ref)
         lifecycle.require(rec.name, rec.state, Operation.START)
+        return await self._boot(rec, None, progress)
+
+    async def _boot(self, rec: WorkspaceRecord, resume: str | None,
+                    progress: Progress = _no_progress) -> Detail:
+        """Start the VM of a stopped (or crashed) workspace: booting its disk, or
+        resuming the memory saved with helper snapshot ``resume``."""
         quotas.check(self.config.quotas, self.catalog.list_workspaces(), self.session.id,
                      quotas.Ask(workspaces=0, vcpus=rec.vcpus, memory_mb=rec.memory_mb,
                                 disk_gb=0), exclude=rec.id)
@@ -310,11 +317,11 @@ class Workspaces(NetworkOps):
         try:
             # A crashed VM stays registered until stopped: clear it first.
             await self._kill_vm(rec.vm)
-            await progress("booting the VM")
+            await progress("resuming the saved memory" if resume else "booting the VM")
             async with self.helper_call() as h:
                 vm = await h.vm_start(
                     name=rec.vm, volume=rec.volume, vcpus=rec.vcpus, memory_mib=rec.memory_mb,
-                    network=self._policy(rec),
+                    network=self._policy(rec), resume_snapshot=resume,
                     timeout=float(self.config.limits.boot_timeout_secs),
                 )
                 vm = await self._restore_forwards(h, rec, vm)
@@ -371,6 +378,13 @@ class Workspaces(NetworkOps):
         the first pass; passes repeat until the helper holds neither.
         Returns True once it holds nothing of the workspace."""
         self._drop_guest(rec.vm)
+        # Clones before what they were cloned from: the current volume first,
+        # then the others newest first (a restore clones an older volume).
+        newest: dict[str, float] = {}
+        for snap in self.catalog.list_snapshots(rec.id):
+            newest[snap.volume] = max(newest.get(snap.volume, 0.0), snap.created_at)
+        newest.pop(rec.volume, None)
+        volumes = [rec.volume, *sorted(newest, key=lambda v: -newest[v])]
         for attempt in range(SETTLE_PASSES if settle else 1):
             if attempt:
                 await anyio.sleep(SETTLE_PAUSE_S)
@@ -380,15 +394,16 @@ class Workspaces(NetworkOps):
                         await h.vm_stop(name=rec.vm, force=True)
                     except NotFound:
                         pass
-                    try:
-                        await h.volume_destroy(name=rec.volume)
-                    except NotFound:
-                        pass
+                    for volume in volumes:
+                        try:
+                            await h.volume_destroy(name=volume)
+                        except NotFound:
+                            pass
                     if not settle:
                         return True
                     await anyio.sleep(SETTLE_PAUSE_S)
-                    if await _absent(h.vm_get(name=rec.vm)) and \
-                            await _absent(h.volume_get(name=rec.volume)):
+                    if await _absent(h.vm_get(name=rec.vm)) and all(
+                            [await _absent(h.volume_get(name=v)) for v in volumes]):
                         return True
             except Exception as exc:
                 if strict:

@@ -45,7 +45,7 @@ EXPECTED_TOOLS = {
     "exec", "exec_background", "exec_poll", "exec_kill", "set_env",
     "file_read", "file_write", "file_edit", "file_list", "file_upload", "file_download",
     "workspace_adopt", "workspace_adopt_all", "port_forward", "port_forward_remove",
-    "network_policy",
+    "network_policy", "snapshot_create", "snapshot_list", "snapshot_restore", "snapshot_delete",
 }
 
 

@@ -232,3 +232,55 @@ async def test_quotas_refuse_cleanly(env: Env, a: Tools) -> None:
         await b.call("workspace_destroy", workspace="third")
     assert env.helper_names() == before
     assert {w["name"] for w in (await a.call("workspace_list"))["workspaces"]} == listed
+
+
+@pytest.mark.anyio
+async def test_snapshot_tree_restores_every_node(env: Env, a: Tools) -> None:
+    async def put(text: str) -> None:
+        await a.call("file_write", workspace="owned", path="/root/state.txt", content=text)
+
+    async def state() -> str:
+        return (await a.call("file_read", workspace="owned", path="/root/state.txt"))["content"]
+
+    await put("one\n")
+    await a.call("snapshot_create", workspace="owned", name="s1", description="first")
+    await put("two\n")
+    await a.call("snapshot_create", workspace="owned", name="s2")
+    r = await a.call("snapshot_restore", workspace="owned", name="s1")
+    assert r["state"] == "running" and r["discarded"], r
+    assert await state() == "one\n"
+    await put("three\n")
+    await a.call("snapshot_create", workspace="owned", name="s3")
+    for node, want in (("s2", "two\n"), ("s3", "three\n"), ("s1", "one\n"), ("s2", "two\n")):
+        await a.call("snapshot_restore", workspace="owned", name=node)
+        assert await state() == want, node
+    tree = await a.call("snapshot_list", workspace="owned")
+    nodes = {n["name"]: n for n in tree["snapshots"]}
+    assert nodes["s1"]["parent"] is None and sorted(nodes["s1"]["children"]) == ["s2", "s3"]
+    assert nodes["s2"]["parent"] == "s1" and nodes["s3"]["parent"] == "s1"
+    assert tree["head"] == "s2" and nodes["s2"]["is_head"]
+    err = await a.fails("snapshot_create", workspace="owned", name="s1")
+    assert "already has a snapshot" in err
+    err = await a.fails("snapshot_restore", workspace="owned", name="nope")
+    assert "snapshot_list" in err
+
+    # A memory snapshot brings a running process back.
+    await a.call("exec_background", workspace="owned", command="sleep 600")
+    await a.call("snapshot_create", workspace="owned", name="mem", include_memory=True)
+    await a.call("exec", workspace="owned", command="pkill -x sleep || true")
+    r = await a.call("snapshot_restore", workspace="owned", name="mem")
+    assert r["memory_restored"] is True, r
+    p = await a.call("exec", workspace="owned", command="pgrep -x sleep")
+    assert p["exit_code"] == 0, "the process saved with the memory is running again"
+
+    # Snapshots other states were built on cannot be deleted; the others can.
+    err = await a.fails("snapshot_delete", workspace="owned", name="s2")
+    assert "built on it" in err
+    err = await a.fails("snapshot_delete", workspace="owned", name="mem")
+    assert "workspace_stop" in err
+    await a.call("workspace_stop", workspace="owned")
+    await a.call("snapshot_delete", workspace="owned", name="mem")
+    await a.call("snapshot_delete", workspace="owned", name="s3")
+    await a.call("workspace_start", workspace="owned")
+    names = {n["name"] for n in (await a.call("snapshot_list", workspace="owned"))["snapshots"]}
+    assert names == {"s1", "s2"}

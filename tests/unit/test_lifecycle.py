@@ -117,12 +117,12 @@ def test_busy_states_take_no_request() -> None:
 EXPECTED_ALLOWED: dict[Operation, set[State]] = {
     Op.EXEC: {S.RUNNING},
     Op.FILES: {S.RUNNING},
-    Op.NETWORK: {S.RUNNING},
+    Op.NETWORK: {S.RUNNING, S.STOPPED},
     Op.START: {S.STOPPED, S.CRASHED},
     Op.STOP: {S.RUNNING, S.CRASHED},
     Op.DESTROY: {S.RUNNING, S.STOPPED, S.CRASHED},
     Op.SNAPSHOT: {S.RUNNING, S.STOPPED},
-    Op.RESTORE: {S.STOPPED},
+    Op.RESTORE: {S.RUNNING, S.STOPPED, S.CRASHED},
     Op.FORK: {S.RUNNING, S.STOPPED},
     Op.SET_ENV: set(State) - {S.DESTROYING},
     Op.LOGS: set(State),
@@ -168,10 +168,8 @@ def test_require(state: State, op: Operation) -> None:
                              "Start it with workspace_start."),
         (S.CRASHED, Op.EXEC, "cannot run a command in it: workspace 'x' is crashed "
                             "(see workspace_logs for why)\nStart it with workspace_start."),
-        (S.RUNNING, Op.RESTORE, "cannot restore a snapshot: workspace 'x' is running\n"
-                               "Stop it with workspace_stop first."),
-        (S.CRASHED, Op.RESTORE, "cannot restore a snapshot: workspace 'x' is crashed "
-                               "(see workspace_logs for why)\nStop it with workspace_stop first."),
+        (S.CRASHED, Op.SNAPSHOT, "cannot snapshot it: workspace 'x' is crashed "
+                                "(see workspace_logs for why)\nStart it with workspace_start."),
         (S.RUNNING, Op.START, "workspace 'x' is already running\nNothing to do."),
         (S.STOPPED, Op.STOP, "workspace 'x' is already stopped\nNothing to do."),
         (S.STARTING, Op.EXEC, "workspace 'x' is busy (starting)\nRetry in a moment."),
