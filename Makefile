@@ -19,7 +19,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make git \
 
 PKG_DIRS := protocol frontend privhelper guest
 
-.PHONY: help setup apt venv lint test unit integration image bench demo clean typecheck-tree
+.PHONY: help setup apt venv lint test unit integration image bench demo clean typecheck-tree docs
 
 help:
 	@echo "make demo   - install what is missing, build the guest image, run a real workspace session"
@@ -61,6 +61,10 @@ typecheck-tree:
 lint: venv typecheck-tree
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy $(addprefix -p agentiso.,$(PKG_DIRS)) -p images
+
+# The tool reference, from the live tool schemas (a unit test checks it is current).
+docs: venv
+	$(VPY) -m agentiso.frontend.tooldoc > docs/tools.md
 
 image: apt venv
 	$(MAKE) -C images IMAGE=$(IMAGE) PYTHON=$(abspath $(VPY))

@@ -257,3 +257,11 @@ async def test_every_tool_schema_compiles_and_has_no_naive_datetimes(tmp_path: P
         jsonschema.Draft202012Validator.check_schema(t.output_schema)
         if t.name not in ("workspace_list", "workspace_create", "workspace_adopt_all"):
             assert "workspace" in t.input_schema["properties"], t.name
+
+
+def test_the_tool_reference_is_current() -> None:
+    from agentiso.frontend import tooldoc
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "tools.md"
+    assert path.read_text() == tooldoc.current(), (
+        "docs/tools.md is stale: regenerate it with `make docs`")
