@@ -247,6 +247,10 @@ class GuestClient(GuestSession):
                 deadline = self._deadline(req, idle)
                 msg = await self._next(p, deadline)
                 if isinstance(msg, gp.DownloadChunk):
+                    if length is not None and size + len(msg.data) > length:
+                        # Never write more than was asked for, whatever the guest sends.
+                        raise RemoteProtocolError(
+                            f"the guest sent more than the {length} bytes asked for")
                     digest.update(msg.data)
                     size += len(msg.data)
                     await write(msg.data)

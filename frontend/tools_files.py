@@ -168,7 +168,11 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
                 await anyio.to_thread.run_sync(w.write, data)
 
             async with rt.ws.guest(rec) as g, guest_call("file_download"):
-                r = await g.download(guest_path, write, chunk_size=gp.MAX_CHUNK, window=8)
+                # At most the size the file has now: a guest cannot stream forever
+                # into the user's disk by growing it (or by lying).
+                size = (await g.stat(guest_path, follow_symlinks=True)).size
+                r = await g.download(guest_path, write, length=size,
+                                     chunk_size=gp.MAX_CHUNK, window=8)
             # commit() fsyncs: keep it off the event loop (the exit then has nothing to do).
             await anyio.to_thread.run_sync(w.commit)
             resolved = w.path
