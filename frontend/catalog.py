@@ -450,6 +450,23 @@ class Catalog:
                 raise SessionNotFound(id)
         return _session(row)
 
+    def prune_sessions(self, alive: Callable[[str], bool], keep_s: float = 7 * 86400) -> int:
+        """Close the sessions whose process is gone (killed without a word), and
+        forget ended ones older than ``keep_s`` that own no workspace.  Returns
+        how many rows were removed."""
+        with self._read() as db:
+            open_ids = [r[0] for r in db.execute(
+                "SELECT id FROM sessions WHERE ended_at IS NULL").fetchall()]
+        for sid in open_ids:
+            if not alive(sid):
+                self.end_session(sid)
+        with self._write() as db:
+            return db.execute(
+                "DELETE FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ? AND id NOT IN"
+                " (SELECT session FROM workspaces WHERE session IS NOT NULL)",
+                (time.time() - keep_s,),
+            ).rowcount
+
     def get_session(self, id: str) -> SessionRecord:
         with self._read() as db:
             row = db.execute("SELECT * FROM sessions WHERE id = ?", (id,)).fetchone()

@@ -28,7 +28,7 @@ from .catalog import Catalog
 from .config import FrontendConfig
 from .errors import FrontendError
 from .hostpaths import HostRoots
-from .sessions import Session
+from .sessions import Session, session_alive
 from .workspaces import Workspaces
 
 log = structlog.get_logger("agentiso.frontend.server")
@@ -85,6 +85,7 @@ def build_server(config: FrontendConfig) -> MCPServer[Any]:
         catalog = Catalog.open(config.state_dir / "catalog.db")
         session = Session(config.state_dir)
         catalog.add_session(session.id, os.getpid(), "agentiso serve")
+        catalog.prune_sessions(lambda sid: session_alive(config.state_dir, sid))
         try:
             rt.roots = (HostRoots(config.host_roots, config_file=config.source or "")
                         if config.host_roots else None)

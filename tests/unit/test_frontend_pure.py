@@ -265,3 +265,21 @@ def test_the_tool_reference_is_current() -> None:
     path = Path(__file__).resolve().parents[2] / "docs" / "tools.md"
     assert path.read_text() == tooldoc.current(), (
         "docs/tools.md is stale: regenerate it with `make docs`")
+
+
+def test_sessions_of_dead_processes_are_closed_and_old_ones_forgotten(tmp_path: Path) -> None:
+    import time as _time
+
+    from agentiso.frontend.catalog import Catalog
+
+    with Catalog.open(tmp_path / "c.db") as cat:
+        cat.add_session("s-alive", 1)
+        cat.add_session("s-dead", 2)
+        cat.add_session("s-old", 3)
+        cat.end_session("s-old")
+        assert cat.prune_sessions(lambda sid: sid == "s-alive", keep_s=3600) == 0
+        assert cat.get_session("s-dead").ended_at is not None
+        assert cat.get_session("s-alive").ended_at is None
+        _time.sleep(0.01)
+        assert cat.prune_sessions(lambda sid: sid == "s-alive", keep_s=0) == 2
+        assert [s.id for s in cat.list_sessions()] == ["s-alive"]
