@@ -30,6 +30,7 @@ import anyio
 from agentiso.privhelper import log
 from agentiso.privhelper.vm.engine import EngineSettings, VmConfig, VmEngine
 from agentiso.privhelper.vm.spec import DiskLayer
+from tests.harness.images import unusable_reason
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "build" / "images" / "minimal"
@@ -82,8 +83,9 @@ async def main() -> int:
     if os.geteuid() != 0:
         print("vm_bench: needs root (QEMU runs as per-VM uids)")
         return 1
-    if not (IMAGE / "manifest.json").exists():
-        print(f"vm_bench: no image at {IMAGE}: run `make image` first")
+    reason = unusable_reason(IMAGE)
+    if reason is not None:
+        print(f"vm_bench: {reason}")
         return 1
     log.configure("warning")
     cmdline = json.loads((IMAGE / "manifest.json").read_text())["cmdline"]
