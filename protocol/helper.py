@@ -179,15 +179,36 @@ class NetworkPolicy(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class VmStart(_Request, tag="vm_start"):
-    """Boot VM ``name`` on volume ``volume``; with ``resume_snapshot`` resume
-    from that snapshot's saved memory instead of booting.  ``network`` None:
-    no network interface at all."""
+    """Boot VM ``name`` on volume ``volume``.  ``network`` None: no network
+    interface at all.
+
+    Instead of booting, a VM may resume a memory state saved by
+    ``SnapshotCreate(memory=True)``, in one of two ways (at most one is given;
+    both at once is ``invalid``):
+
+    * ``resume_snapshot``: the memory of that snapshot *of ``volume`` itself*;
+      the volume is rolled back to it and the VM keeps the identity it had
+      (its old address, which must be free).
+    * ``resume_from``: the memory of snapshot ``resume_from.snapshot`` of the
+      caller's volume ``resume_from.volume``, resumed on ``volume``, which
+      must have been created as a clone of exactly that snapshot
+      (``VolumeCreate(source=FromSnapshot(...))``) and never run since, else
+      ``conflict``.  The VM always takes a new identity: a fresh
+      address from the pool and the MAC derived from it, hostname = ``name``,
+      a new machine-id, fresh randomness, the clock stepped to now; its link
+      stays down until the guest has taken it.  Any number of VMs may resume
+      from one snapshot at once, next to the VM that saved it.
+
+    A resumed VM's ``vcpus`` and ``memory_mib`` must be those of the VM that
+    saved the memory (``conflict`` otherwise).
+    """
 
     name: Name
     volume: Name
     vcpus: Vcpus = 1
     memory_mib: MemoryMiB = 256
     resume_snapshot: Name | None = None
+    resume_from: FromSnapshot | None = None
     network: NetworkPolicy | None = msgspec.field(default_factory=NetworkPolicy)
 
 

@@ -130,6 +130,11 @@ VALID_WITH_NAMES: list[tuple[dict[str, object], list[str]]] = [
         {"type": "vm_start", "name": "a", "volume": "b", "resume_snapshot": "c"},
         ["name", "volume", "resume_snapshot"],
     ),
+    (
+        {"type": "vm_start", "name": "a", "volume": "b",
+         "resume_from": {"type": "snapshot", "volume": "c", "snapshot": "d"}},
+        ["resume_from.volume", "resume_from.snapshot"],
+    ),
     ({"type": "vm_stop", "name": "a"}, ["name"]),
     ({"type": "vm_get", "name": "a"}, ["name"]),
     ({"type": "vm_console", "name": "a"}, ["name"]),
@@ -189,6 +194,17 @@ def test_every_name_field_refuses_hostile_names(
         {"type": "volume_create", "name": "v", "source": {"type": "image", "image": "m",
                                                           "path": "/etc"}},
         {"type": "gc", "dry_run": "yes"},
+        # resume_from names a snapshot of one of the caller's volumes, nothing else
+        {"type": "vm_start", "name": "v", "volume": "v", "resume_from": "a@b"},
+        {"type": "vm_start", "name": "v", "volume": "v", "resume_from": ["a", "b"]},
+        {"type": "vm_start", "name": "v", "volume": "v", "resume_from": {"type": "image",
+                                                                        "image": "m"}},
+        {"type": "vm_start", "name": "v", "volume": "v", "resume_from": {
+            "type": "snapshot", "volume": "a", "snapshot": "b", "path": "/var/lib/x.mem"}},
+        {"type": "vm_start", "name": "v", "volume": "v", "resume_from": {
+            "type": "snapshot", "volume": "a"}},
+        {"type": "vm_start", "name": "v", "volume": "v", "resume_from": {
+            "type": "snapshot", "volume": "a", "snapshot": 7}},
     ],
 )
 def test_absurd_sizes_counts_and_host_paths_are_refused(raw: dict[str, object]) -> None:
@@ -203,3 +219,14 @@ def test_owner_is_optional_and_bounded() -> None:
     for bad in (-1, 2**32, "1000", 1.5):
         with pytest.raises(DecodeError):
             hp.request_codec.decode(_request({"type": "vm_get", "name": "a", "owner": bad}))
+
+
+def test_vm_start_resume_from_is_optional_and_typed() -> None:
+    plain = hp.request_codec.decode(_request({"type": "vm_start", "name": "a", "volume": "b"}))
+    assert isinstance(plain, hp.VmStart) and plain.resume_from is None
+    msg = hp.request_codec.decode(_request({
+        "type": "vm_start", "name": "a", "volume": "b",
+        "resume_from": {"type": "snapshot", "volume": "src", "snapshot": "s1"}}))
+    assert isinstance(msg, hp.VmStart)
+    assert msg.resume_from == hp.FromSnapshot(volume="src", snapshot="s1")
+    assert hp.request_codec.decode(hp.request_codec.encode(msg)) == msg
