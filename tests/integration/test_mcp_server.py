@@ -29,15 +29,13 @@ import pytest
 
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
+from tests.harness.images import pin_image, skip_unless_image
 from tests.support.helper_process import IMAGES, HelperProcess, public_tmpdir, running_helper
 from tests.support.mcp_client import ToolFailed, Tools, mcp_tools, serve_params
 
 GROUP = 64361
 USER = 64362
-pytestmark = pytest.mark.skipif(
-    not (IMAGES / "minimal" / "rootfs.img").exists(),
-    reason="the minimal image is not built (make image)",
-)
+pytestmark = skip_unless_image()
 
 EXPECTED_TOOLS = {
     "workspace_create", "workspace_destroy", "workspace_start", "workspace_stop",
@@ -79,9 +77,7 @@ def _test_images() -> Path:
     ``broken``: a real kernel and initramfs with a root disk that cannot be
     mounted, so the guest powers off during boot."""
     d = public_tmpdir("agentiso-mcp-img-")
-    (d / "minimal").mkdir()
-    for f in ("vmlinuz", "initrd.img", "rootfs.img", "manifest.json"):
-        os.link(IMAGES / "minimal" / f, d / "minimal" / f)
+    pin_image(IMAGES / "minimal", d / "minimal")
     (d / "broken").mkdir()
     for f in ("vmlinuz", "initrd.img"):
         os.link(IMAGES / "minimal" / f, d / "broken" / f)

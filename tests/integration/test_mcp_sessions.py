@@ -26,15 +26,13 @@ import pytest
 
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
+from tests.harness.images import pin_image, skip_unless_image
 from tests.support.helper_process import IMAGES, HelperProcess, public_tmpdir, running_helper
 from tests.support.mcp_client import Tools, mcp_tools, serve_params
 
 GROUP = 64371
 USER = 64372
-pytestmark = pytest.mark.skipif(
-    not (IMAGES / "minimal" / "rootfs.img").exists(),
-    reason="the minimal image is not built (make image)",
-)
+pytestmark = skip_unless_image()
 QUOTAS = """
 [quotas]
 workspaces = 3
@@ -78,10 +76,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
     images = public_tmpdir("agentiso-mcps-img-")
-    (images / "minimal").mkdir()
-    for f in ("vmlinuz", "initrd.img", "rootfs.img", "manifest.json"):
-        os.link(IMAGES / "minimal" / f, images / "minimal" / f)
-    (images / "minimal").chmod(0o755)
+    pin_image(IMAGES / "minimal", images / "minimal")
     config = "[limits]\nper_uid_memory_mib = 2048\nper_uid_vms = 6\n"
     try:
         with running_helper(group=GROUP, extra_args=("--images-dir", str(images)),
