@@ -178,6 +178,38 @@ class NetworkPolicy(msgspec.Struct, forbid_unknown_fields=True):
     inbound_ports: Annotated[list[Port], Meta(max_length=64)] = []
 
 
+#: A time limit: 10 s .. 30 days.
+LimitSeconds = Annotated[float, Meta(ge=10, le=30 * 24 * 3600)]
+TimeLimitAction = Literal["stop", "destroy"]
+
+
+class TimeLimits(msgspec.Struct, forbid_unknown_fields=True):
+    """When the helper ends a VM by itself.  The helper holds them, so they
+    fire with no client connected, and they survive a helper restart.
+
+    * ``idle_s``: no client request through the VM's guest relay (exec,
+      files, jobs...) and no helper request that uses the VM (``GuestOpen``,
+      ``VmNetworkSet``, ``ForwardAdd``/``ForwardRemove``, ``SnapshotCreate``
+      of its volume) for this long.  Looking at a VM (``VmGet``, ``VmList``,
+      ``VmConsole``) is not activity, and neither is a job running in the
+      guest with no client traffic.  After a helper restart idle time counts
+      from the restart.
+    * ``lifetime_s``: this long after the VM started, whatever its traffic.
+    * ``action``: ``stop`` (the volume is kept) or ``destroy`` (the VM's
+      volume, with its snapshots, is destroyed too).
+
+    Neither limit set means no limit.  A VM a limit ended stays visible
+    (``VmGet``, ``VmList``) as state ``stopped`` with ``ended`` and a
+    ``reason``, holding nothing (no QEMU, no address, no TAP), until its
+    owner's next ``VmStop`` (which just forgets it) or a ``VmStart`` of the
+    same name (which replaces it).
+    """
+
+    idle_s: LimitSeconds | None = None
+    lifetime_s: LimitSeconds | None = None
+    action: TimeLimitAction = "stop"
+
+
 class VmStart(_Request, tag="vm_start"):
     """Boot VM ``name`` on volume ``volume``.  ``network`` None: no network
     interface at all.
@@ -210,6 +242,7 @@ class VmStart(_Request, tag="vm_start"):
     resume_snapshot: Name | None = None
     resume_from: FromSnapshot | None = None
     network: NetworkPolicy | None = msgspec.field(default_factory=NetworkPolicy)
+    time_limits: TimeLimits | None = None
 
 
 class VmNetworkSet(_Request, tag="vm_network_set"):
@@ -385,6 +418,17 @@ class VmNetworkInfo(msgspec.Struct, forbid_unknown_fields=True):
     forwards: Annotated[list[ForwardInfo], Meta(max_length=64)] = []
 
 
+class VmEnded(msgspec.Struct, forbid_unknown_fields=True):
+    """How a time limit ended a VM (see :class:`TimeLimits`)."""
+
+    #: Which limit fired.
+    limit: Literal["idle", "lifetime"]
+    #: When (seconds since the epoch).
+    at: Timestamp
+    #: ``stop``: the volume is kept; ``destroy``: the volume is gone too.
+    action: TimeLimitAction
+
+
 class VmInfo(_Msg, tag="vm"):
     name: Name
     volume: Name
@@ -394,9 +438,18 @@ class VmInfo(_Msg, tag="vm"):
     created: Timestamp
     #: Accelerator in use: "kvm" or "tcg".
     accel: Label = ""
-    #: Why it stopped, with the tail of its console, when it crashed.
+    #: Why it stopped: with the tail of its console when it crashed; the
+    #: limit (e.g. "idle for 600 s (time limit)") when a time limit ended it.
     reason: ShortText = ""
     network: VmNetworkInfo | None = None
+    #: The limits it was started with.
+    time_limits: TimeLimits | None = None
+    #: Running VM with limits: when the first of them fires if nothing
+    #: happens from now on (seconds since the epoch).
+    expires_at: Timestamp | None = None
+    #: Set when a time limit ended it (state ``stopped``, no QEMU, no
+    #: address, no network: all released).
+    ended: VmEnded | None = None
 
 
 class Vms(_Msg, tag="vms"):
