@@ -6,7 +6,7 @@ from typing import Any
 
 from agentiso.protocol import guest as gp
 
-from . import execs, files, jobs, system, transfers
+from . import execs, files, identity, jobs, system, transfers
 from .connection import Handler
 
 HANDLERS: dict[type[Any], Handler] = {
@@ -27,6 +27,7 @@ HANDLERS: dict[type[Any], Handler] = {
     gp.UploadBegin: transfers.handle_upload,
     gp.SetHostname: system.handle_hostname,
     gp.ConfigureNetwork: system.handle_network,
+    gp.Reidentify: identity.handle_reidentify,
     gp.Sync: system.handle_sync,
     gp.Freeze: system.handle_freeze,
     gp.Thaw: system.handle_thaw,

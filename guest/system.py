@@ -34,7 +34,7 @@ async def handle_ping(req: gp.Ping, ctx: RequestContext) -> gp.Pong:
     return gp.Pong(id=req.id, uptime_s=kernel_uptime())
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.agentiso-tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -42,17 +42,17 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_hostname_files(hostname: str) -> None:
-    _atomic_write("/etc/hostname", hostname + "\n")
+def write_hostname_files(hostname: str) -> None:
+    atomic_write("/etc/hostname", hostname + "\n")
     try:
         with open("/etc/hosts") as f:
             hosts = f.read()
     except FileNotFoundError:
         hosts = ""
-    _atomic_write("/etc/hosts", netconfig.hosts_with_hostname(hosts, hostname))
+    atomic_write("/etc/hosts", netconfig.hosts_with_hostname(hosts, hostname))
 
 
-def _require_vm(ctx: RequestContext, what: str) -> None:
+def require_vm(ctx: RequestContext, what: str) -> None:
     # Outside a VM (tests, benchmarks on a developer's machine) these would
     # change the machine the agent runs on.
     if not ctx.state.pid1:
@@ -60,19 +60,19 @@ def _require_vm(ctx: RequestContext, what: str) -> None:
 
 
 async def handle_hostname(req: gp.SetHostname, ctx: RequestContext) -> gp.Ok:
-    _require_vm(ctx, "setting the hostname")
+    require_vm(ctx, "setting the hostname")
     try:
         socket.sethostname(req.hostname)
     except OSError as exc:
         raise from_oserror(exc, "sethostname") from None
     try:
-        await asyncio.to_thread(_write_hostname_files, req.hostname)
+        await asyncio.to_thread(write_hostname_files, req.hostname)
     except OSError as exc:
         raise from_oserror(exc, "/etc") from None
     return gp.Ok(id=req.id)
 
 
-async def _run(argv: list[str], ctx: RequestContext) -> None:
+async def run_command(argv: list[str], ctx: RequestContext) -> None:
     from .process import spawn
 
     child = spawn(argv, None, ctx.state.env_defaults, b"", ctx.state.reaper)
@@ -93,7 +93,7 @@ async def _run(argv: list[str], ctx: RequestContext) -> None:
 
 
 async def handle_network(req: gp.ConfigureNetwork, ctx: RequestContext) -> gp.Ok:
-    _require_vm(ctx, "network configuration")
+    require_vm(ctx, "network configuration")
     ifname = req.interface
     if ifname is None:
         if req.mac is None:  # the decoder refuses this already; a request is not trusted
@@ -104,10 +104,10 @@ async def handle_network(req: gp.ConfigureNetwork, ctx: RequestContext) -> gp.Ok
     elif not await asyncio.to_thread(os.path.exists, f"/sys/class/net/{ifname}"):
         raise Failed(ErrorCode.NOT_FOUND, f"no interface {ifname}")
     for argv in netconfig.ip_commands(req, ifname):
-        await _run(argv, ctx)
+        await run_command(argv, ctx)
     if req.dns or req.search:
         try:
-            _atomic_write("/etc/resolv.conf", netconfig.resolv_conf(req.dns, req.search))
+            atomic_write("/etc/resolv.conf", netconfig.resolv_conf(req.dns, req.search))
         except OSError as exc:
             raise from_oserror(exc, "/etc/resolv.conf") from None
     return gp.Ok(id=req.id)
@@ -185,7 +185,7 @@ class Freezer:
 
 
 async def handle_freeze(req: gp.Freeze, ctx: RequestContext) -> gp.Ok:
-    _require_vm(ctx, "freezing the root filesystem")
+    require_vm(ctx, "freezing the root filesystem")
     freezer = ctx.state.freezer
     try:
         # sync can take long with much dirty data: keep the loop serving meanwhile.

@@ -26,8 +26,7 @@ accept an unbounded list or string.
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
@@ -36,6 +35,51 @@ from . import guest_constants as _c
 from . import guest_stream as _stream
 from .codec import Codec
 from .errors import ErrorCode
+from .guest_system import ConfigureNetwork as ConfigureNetwork
+from .guest_system import Reidentify as Reidentify
+from .guest_system import SetHostname as SetHostname
+from .guest_types import (
+    Argv,
+    AutoThaw,
+    ByteCount,
+    Chunk,
+    ChunkSize,
+    Env,
+    EnvKeys,
+    ExitCode,
+    FileName,
+    GuestPath,
+    InlineOutput,
+    JobId,
+    ListLimit,
+    Perm,
+    Pid,
+    RawName,
+    RingSize,
+    Seconds,
+    SecretBytes,
+    Seq,
+    Sha256Hex,
+    ShellCommand,
+    Signal,
+    Stdin,
+    StreamCap,
+    Timeout,
+    WaitSeconds,
+    Window,
+)
+from .guest_types import (
+    FileKind as FileKind,
+)
+from .guest_types import (
+    Msg as _Msg,
+)
+from .guest_types import (
+    OutputStream as OutputStream,
+)
+from .guest_types import (
+    WriteMode as WriteMode,
+)
 from .types import Label, ProtocolVersion, RequestId, ShortText
 
 # The channel's constants and stream decoders live beside this module; they are
@@ -64,84 +108,6 @@ MiB = _c.MiB
 GuestStreamDecoder = _stream.GuestStreamDecoder
 HostStreamDecoder = _stream.HostStreamDecoder
 HostMarker = _stream.HostMarker
-
-# --- bounded scalar types --------------------------------------------------------------
-
-#: An absolute guest path: no NUL (the kernel would cut it short), below PATH_MAX.
-GuestPath = Annotated[str, Meta(min_length=1, max_length=4095, pattern=r"\A/[^\x00]*\Z")]
-#: One argv element (MAX_ARG_STRLEN) without NUL.
-Arg = Annotated[str, Meta(max_length=128 * KiB, pattern=r"\A[^\x00]*\Z")]
-Argv = Annotated[list[Arg], Meta(min_length=1, max_length=4096)]
-#: A shell command line for ``/bin/sh -c``.
-ShellCommand = Annotated[str, Meta(min_length=1, max_length=128 * KiB, pattern=r"\A[^\x00]*\Z")]
-EnvKey = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"\A[A-Za-z_][A-Za-z0-9_]*\Z")]
-EnvValue = Annotated[str, Meta(max_length=32 * KiB, pattern=r"\A[^\x00]*\Z")]
-Env = Annotated[dict[EnvKey, EnvValue], Meta(max_length=1024)]
-EnvKeys = Annotated[list[EnvKey], Meta(max_length=1024)]
-Stdin = Annotated[bytes, Meta(max_length=MAX_CHUNK)]
-Chunk = Annotated[bytes, Meta(max_length=MAX_CHUNK)]
-InlineOutput = Annotated[bytes, Meta(max_length=MAX_INLINE_OUTPUT)]
-#: A deadline in seconds: positive, at most a day.
-Timeout = Annotated[float, Meta(gt=0, le=86400)]
-#: Seconds a long-poll may wait.
-WaitSeconds = Annotated[float, Meta(ge=0, le=300)]
-#: A byte offset or a byte count of a file or a stream (up to 1 PiB).
-ByteCount = Annotated[int, Meta(ge=0, le=2**50)]
-ChunkSize = Annotated[int, Meta(ge=4 * KiB, le=MAX_CHUNK)]
-Window = Annotated[int, Meta(ge=1, le=MAX_WINDOW)]
-Seq = Annotated[int, Meta(ge=0, le=2**62)]
-#: Output cap per stream of a streaming exec.
-StreamCap = Annotated[int, Meta(ge=0, le=2**50)]
-Perm = Annotated[int, Meta(ge=0, le=0o7777)]
-Signal = Annotated[int, Meta(ge=1, le=64)]
-ExitCode = Annotated[int, Meta(ge=0, le=255)]
-JobId = Annotated[int, Meta(ge=1, le=2**62)]
-Pid = Annotated[int, Meta(ge=1, le=2**22)]
-#: Ring buffer per job output stream.
-RingSize = Annotated[int, Meta(ge=4 * KiB, le=16 * MiB)]
-Sha256Hex = Annotated[str, Meta(pattern=r"\A[0-9a-f]{64}\Z")]
-#: RFC 1123 host name (labels of letters, digits, inner dashes).
-Hostname = Annotated[
-    str,
-    Meta(
-        min_length=1,
-        max_length=253,
-        pattern=r"\A[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z",
-    ),
-]
-Mac = Annotated[str, Meta(pattern=r"\A[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")]
-#: IPv4 or IPv6 address text; parsed by ``ipaddress`` in ``__post_init__``.
-IpText = Annotated[str, Meta(min_length=2, max_length=45, pattern=r"\A[0-9a-fA-F.:]+\Z")]
-IfName = Annotated[
-    str, Meta(min_length=1, max_length=15, pattern=r"\A[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
-]
-DnsDomain = Annotated[str, Meta(min_length=1, max_length=253, pattern=r"\A[A-Za-z0-9.-]+\Z")]
-FileName = Annotated[str, Meta(max_length=1024)]
-RawName = Annotated[bytes, Meta(max_length=1024)]
-SecretBytes = Annotated[bytes, Meta(min_length=SECRET_MIN_BYTES, max_length=SECRET_MAX_BYTES)]
-Seconds = Annotated[float, Meta(ge=0, le=2**40)]
-AutoThaw = Annotated[float, Meta(ge=1, le=600)]
-ListLimit = Annotated[int, Meta(ge=1, le=100_000)]
-
-OutputStream = Literal["stdout", "stderr"]
-#: How FileWrite opens its file: ``truncate`` (create or replace contents),
-#: ``create`` (must not exist), ``append`` (create or append), ``overwrite``
-#: (must exist; write at ``offset`` without truncating).
-WriteMode = Literal["truncate", "create", "append", "overwrite"]
-FileKind = Literal["file", "dir", "symlink", "chardev", "blockdev", "fifo", "socket", "unknown"]
-
-
-def _check_ip(text: str, what: str) -> None:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        raise ValueError(f"{what} is not an IP address") from None
-
-
-class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
-    id: RequestId
-
 
 # --- requests (host -> guest) ------------------------------------------------------------
 
@@ -338,39 +304,6 @@ class Cancel(_Msg, tag="cancel"):
     target: RequestId
 
 
-class SetHostname(_Msg, tag="set_hostname"):
-    hostname: Hostname
-
-
-class ConfigureNetwork(_Msg, tag="configure_network"):
-    """Bring up the interface with ``mac`` (or ``interface``), give it
-    ``address/prefix``, default route via ``gateway``, and write /etc/resolv.conf
-    when ``dns`` is given."""
-
-    address: IpText
-    prefix: Annotated[int, Meta(ge=0, le=128)]
-    mac: Mac | None = None
-    interface: IfName | None = None
-    gateway: IpText | None = None
-    dns: Annotated[list[IpText], Meta(max_length=3)] = msgspec.field(default_factory=list)
-    search: Annotated[list[DnsDomain], Meta(max_length=6)] = msgspec.field(default_factory=list)
-    mtu: Annotated[int, Meta(ge=576, le=65535)] | None = None
-
-    def __post_init__(self) -> None:
-        if (self.mac is None) == (self.interface is None):
-            raise ValueError("exactly one of mac and interface must be given")
-        if self.interface in (".", ".."):
-            raise ValueError("bad interface name")
-        _check_ip(self.address, "address")
-        limit = 32 if ipaddress.ip_address(self.address).version == 4 else 128
-        if self.prefix > limit:
-            raise ValueError(f"prefix above {limit}")
-        if self.gateway is not None:
-            _check_ip(self.gateway, "gateway")
-        for server in self.dns:
-            _check_ip(server, "dns server")
-
-
 class Sync(_Msg, tag="sync"):
     pass
 
@@ -425,6 +358,7 @@ GuestRequest = (
     | Cancel
     | SetHostname
     | ConfigureNetwork
+    | Reidentify
     | Sync
     | Freeze
     | Thaw

@@ -169,3 +169,80 @@ async def test_supervisor_restarts_a_failing_transport() -> None:
             await done.wait()
         tg.cancel_scope.cancel()
     assert runs == [0, 1, 2]
+
+
+# --- Reidentify's pure parts --------------------------------------------------------------
+
+def _reidentify(**over: object) -> gp.Reidentify:
+    fields: dict[str, object] = {
+        "id": 1, "mac": "52:54:0A:2A:00:09", "address": "10.42.0.9", "prefix": 16,
+        "hostname": "fork-1", "machine_id": "0123456789abcdef" * 2, "entropy": b"e" * 32,
+        "time_ns": 1_800_000_000 * 10**9, "gateway": "10.42.0.1", **over,
+    }
+    return gp.Reidentify(**fields)  # type: ignore[arg-type]
+
+
+def test_rand_pool_info_credits_every_byte() -> None:
+    import struct
+
+    from agentiso.guest.identity import rand_pool_info
+
+    blob = rand_pool_info(b"\x01" * 40)
+    assert struct.unpack("ii", blob[:8]) == (320, 40) and blob[8:] == b"\x01" * 40
+
+
+def test_the_interface_to_reidentify(tmp_path: Path) -> None:
+    from agentiso.guest.identity import interfaces, pick_interface
+
+    for name, mac in (("lo", "00:00:00:00:00:00"), ("eth0", "52:54:0A:2A:00:02")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "address").write_text(mac + "\n")
+    nics = interfaces(str(tmp_path))
+    assert nics == {"eth0": "52:54:0a:2a:00:02"}  # loopback is never a candidate
+    assert pick_interface(nics, "52:54:0a:2a:00:09", "52:54:0A:2A:00:02") == "eth0"
+    assert pick_interface(nics, "52:54:0a:2a:00:09", None) == "eth0"  # the only one
+    two = {**nics, "eth1": "52:54:0a:2a:00:09"}
+    assert pick_interface(two, "52:54:0a:2a:00:09", None) == "eth1"  # already has the new MAC
+    assert pick_interface(two, "52:54:0a:2a:00:07", "52:54:0a:2a:00:02") == "eth0"
+    assert pick_interface(two, "52:54:0a:2a:00:07", None) is None  # ambiguous: refuse
+    assert pick_interface({}, "52:54:0a:2a:00:07", None) is None
+    assert interfaces(str(tmp_path / "missing")) == {}
+
+
+def test_reidentify_network_commands_set_the_mac_with_the_link_down() -> None:
+    from agentiso.guest.identity import network_commands
+
+    cmds = network_commands(_reidentify(), "eth0")
+    assert cmds == [
+        ["ip", "link", "set", "dev", "eth0", "down"],
+        ["ip", "link", "set", "dev", "eth0", "address", "52:54:0a:2a:00:09"],
+        ["ip", "neigh", "flush", "dev", "eth0"],
+        ["ip", "link", "set", "dev", "eth0", "up"],
+        ["ip", "addr", "flush", "dev", "eth0"],
+        ["ip", "addr", "add", "10.42.0.9/16", "dev", "eth0"],
+        ["ip", "route", "replace", "default", "via", "10.42.0.1", "dev", "eth0"],
+    ]
+    bare = network_commands(_reidentify(gateway=None), "eth0")
+    assert ["ip", "route"] not in [c[:2] for c in bare]
+
+
+@pytest.mark.anyio
+async def test_reidentify_is_refused_outside_a_vm_and_failures_name_the_step() -> None:
+    from agentiso.guest import identity
+    from agentiso.guest.errors import Failed
+
+    class Ctx:
+        class state:
+            pid1 = False
+
+    with pytest.raises(Failed) as info:
+        await identity.handle_reidentify(_reidentify(), Ctx())  # type: ignore[arg-type]
+    assert info.value.code == ErrorCode.PERMISSION_DENIED
+
+    async def boom() -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    with pytest.raises(Failed) as info:
+        await identity._step("clock", boom)
+    assert info.value.code == ErrorCode.PERMISSION_DENIED
+    assert "'clock'" in info.value.message and "not permitted" in info.value.message

@@ -36,6 +36,7 @@ EXAMPLES: dict[str, str] = {
     r"\A[0-9a-fA-F.:]+\Z": "10.42.0.7",
     r"\A[A-Za-z0-9_][A-Za-z0-9_.-]*\Z": "eth0",
     r"\A[A-Za-z0-9.-]+\Z": "example.org",
+    r"\A[0-9a-f]{32}\Z": "0123456789abcdef" * 2,
 }
 
 #: Patterns for free text in which a newline is content, not a hole: paths,
