@@ -40,10 +40,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 #   demo's ``agentiso-demo-<pid>``); a QEMU descended from this process, or
 #   living in such a namespace, or watched (pidfd) by a process of this run;
 # * another run's: the same, for a live process that is not of this run (its
-#   helper, its adopting engine, its pytest);
+#   helper, its adopting engine, its pytest) and not an orphan of it (see
+#   ``_Procs.other_run``: a helper this run leaked still watches its QEMUs);
 # * nobody's: a root-namespace nft table, link or system state directory, a
-#   namespace named without a live pid, an orphaned QEMU no live process
-#   watches.  It counts as this run's if it was not there when the run began
+#   namespace named without a live pid, an orphaned QEMU no live process of
+#   another run watches.  It counts as this run's if it was not there when the run began
 #   (as every leftover did before runs could overlap): alone, as in CI, every
 #   leftover is caught; overlapping, only another run's real leak can be
 #   blamed on this one.
@@ -63,9 +64,28 @@ class _Procs:
             if entry.name.isdigit() and (st := read_stat(int(entry.name))) is not None:
                 self.ppid[st.pid] = st.ppid
         self._watchers: dict[int, set[int]] | None = None
+        self.my_ancestors: set[int] = set()
+        pid = self.ppid.get(self.me, 0)
+        while pid > 0 and pid not in self.my_ancestors:
+            self.my_ancestors.add(pid)
+            pid = self.ppid.get(pid, 0)
 
     def alive(self, pid: int) -> bool:
         return pid in self.ppid
+
+    def other_run(self, pid: int) -> bool:
+        """``pid`` is alive, not of this run, and no orphan of it: a process whose
+        parent is one of this process's own ancestors was (unless it is a test
+        run itself) reparented there when its parent died, and may be a helper
+        this run leaked, with the QEMUs it still watches."""
+        if not self.alive(pid) or self.ours(pid):
+            return False
+        if self.ppid[pid] in self.my_ancestors:
+            try:
+                return b"pytest" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                return False
+        return True
 
     def ours(self, pid: int) -> bool:
         """``pid`` is this process or descends from it."""
@@ -112,7 +132,7 @@ def _netns_owner(name: str, procs: _Procs) -> str | None:
     pid = int(m.group(1))
     if procs.ours(pid):
         return "ours"
-    return "theirs" if procs.alive(pid) else None
+    return "theirs" if procs.other_run(pid) else None
 
 
 def _host_footprint() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
@@ -164,7 +184,8 @@ def _host_footprint() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
                 netns_owner = namespaces.get(os.stat(f"/proc/{pid}/ns/net").st_ino)
             except OSError:
                 netns_owner = None
-            watched = {"ours" if procs.ours(w) else "theirs" for w in procs.watchers(pid)}
+            watched = {"ours" if procs.ours(w) else "theirs" if procs.other_run(w) else None
+                       for w in procs.watchers(pid)}
             owner = ("ours" if "ours" in (netns_owner, *watched)
                      else "theirs" if "theirs" in (netns_owner, *watched) else None)
         put("QEMU pids", str(pid), owner)
