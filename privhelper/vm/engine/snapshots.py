@@ -56,6 +56,7 @@ async def save_memory(vm: VmSupervisor, fd: int, timeout: float) -> MemorySaveRe
         raise
     if status != "completed":
         raise VmUnavailable(f"saving the memory of {vm.name} ended {status}")
+    await _runstate_settled(vm, timeout)
     return MemorySaveResult(os.fstat(fd).st_size - start_size, time.monotonic() - t0)
 
 
@@ -68,6 +69,25 @@ async def restore_memory(vm: VmSupervisor, fd: int, timeout: float) -> None:
     status = await vm.wait_migration(timeout)
     if status != "completed":
         raise LaunchError(f"restoring memory ended {status}")
+    await _runstate_settled(vm, timeout)
+
+
+#: Run states QEMU passes through while it finishes a migration: ``cont`` is
+#: refused in them ("Migration is not finalized yet").
+_MIGRATING_RUNSTATES = ("finish-migrate", "inmigrate")
+
+
+async def _runstate_settled(vm: VmSupervisor, timeout: float) -> None:
+    """Wait until QEMU has left the migration run states.  The MIGRATION
+    event says "completed" a moment before the run state changes (the
+    migration thread finishes after announcing it), and a ``cont`` in that
+    moment fails; a loaded host makes the moment long enough to hit."""
+    with anyio.fail_after(timeout):
+        while True:
+            info = await vm.execute("query-status")
+            if not isinstance(info, dict) or info.get("status") not in _MIGRATING_RUNSTATES:
+                return
+            await anyio.sleep(0.01)
 
 
 async def switch_to_overlay(
