@@ -88,6 +88,8 @@ class WorkspaceRecord:
     network: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: The snapshot the current state descends from (None: none taken yet).
     head: str | None = None
+    #: When the helper ends it by itself: ``idle_s``, ``lifetime_s``, ``action``.
+    time_limits: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,11 +191,20 @@ def _v3_snapshots(db: sqlite3.Connection) -> None:
     )
 
 
+def _v4_time_limits(db: sqlite3.Connection) -> None:
+    db.execute(
+        "ALTER TABLE workspaces ADD COLUMN time_limits TEXT NOT NULL DEFAULT '{}'"
+        " CHECK (json_valid(time_limits))"
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 #: Schema steps in order; the database's ``user_version`` is how many ran.
 #: Append, never edit or reorder: a step that ran on a user's file is history.
-MIGRATIONS: Sequence[Migration] = (_v1_workspaces_and_sessions, _v2_network, _v3_snapshots)
+MIGRATIONS: Sequence[Migration] = (
+    _v1_workspaces_and_sessions, _v2_network, _v3_snapshots, _v4_time_limits,
+)
 
 _WS_COLUMNS = tuple(f.name for f in dataclasses.fields(WorkspaceRecord))
 _SESSION_COLUMNS = tuple(f.name for f in dataclasses.fields(SessionRecord))
@@ -202,7 +213,7 @@ UPDATABLE = frozenset(_WS_COLUMNS) - {"id", "created_at", "updated_at"}
 
 
 def _to_row(field: str, value: Any) -> Any:
-    if field in ("env", "network"):
+    if field in ("env", "network", "time_limits"):
         return json.dumps(dict(value), sort_keys=True)
     if field == "state":
         return str(State(value))
@@ -220,10 +231,11 @@ def _workspace(row: sqlite3.Row) -> WorkspaceRecord:
         if not isinstance(env, dict):
             raise ValueError("env is not an object")
         values["env"] = env
-        network = json.loads(values["network"])
-        if not isinstance(network, dict):
-            raise ValueError("network is not an object")
-        values["network"] = network
+        for key in ("network", "time_limits"):
+            value = json.loads(values[key])
+            if not isinstance(value, dict):
+                raise ValueError(f"{key} is not an object")
+            values[key] = value
         return WorkspaceRecord(**values)
     except (ValueError, TypeError) as exc:
         raise CatalogError(

@@ -241,12 +241,18 @@ class HelperClient:
     async def vm_start(
         self, *, name: str, volume: str, vcpus: int = 1, memory_mib: int = 256,
         resume_snapshot: str | None = None,
+        resume_from: hp.FromSnapshot | None = None,
         network: hp.NetworkPolicy | None = _DEFAULT_NETWORK,
+        time_limits: hp.TimeLimits | None = None,
         owner: int | None = None, timeout: float | None = None,
     ) -> hp.VmInfo:
-        """Boot a VM (``network`` None: no network interface at all)."""
+        """Boot a VM (``network`` None: no network interface at all), or resume
+        saved memory: of its own volume's snapshot (``resume_snapshot``), or of
+        the snapshot its volume was cloned from, with a new identity
+        (``resume_from``)."""
         msg = hp.VmStart(id=0, name=name, volume=volume, vcpus=vcpus, memory_mib=memory_mib,
-                         resume_snapshot=resume_snapshot, network=network, owner=owner)
+                         resume_snapshot=resume_snapshot, resume_from=resume_from,
+                         network=network, time_limits=time_limits, owner=owner)
         return await self.call(msg, hp.VmInfo, timeout=timeout)
 
     async def vm_stop(

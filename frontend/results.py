@@ -81,6 +81,12 @@ class WorkspaceInfo(WorkspaceSummary):
     snapshot_count: int
     accel: str | None = Field(description="Accelerator: kvm or tcg")
     env_keys: list[str] = Field(description="Default environment variables set with set_env")
+    forked_from: str | None = Field(description="The workspace this one was forked from")
+    forked_at_snapshot: str | None = Field(description="The snapshot it was forked from")
+    idle_timeout_secs: int | None = Field(description="Stopped after this long unused")
+    lifetime_secs: int | None = Field(description="Stopped this long after it starts")
+    expires_at: datetime | None = Field(description="When a time limit fires if nothing "
+                                        "happens from now on")
 
 
 class Destroyed(_Model):
@@ -267,3 +273,21 @@ class SnapshotDeleted(_Model):
     workspace: str
     name: str
     deleted: bool = True
+
+
+class ForkItem(_Model):
+    name: str
+    ok: bool
+    id: str | None
+    state: WorkspaceState | None
+    address: str | None
+    error: str | None = Field(description="Why this fork failed (nothing of it was kept)")
+
+
+class ForkResult(_Model):
+    source: str
+    snapshot: str = Field(description="The snapshot the forks were made from")
+    live: bool = Field(description="Forked with memory: running processes go on in each fork")
+    forks: list[ForkItem]
+    created: int
+    failed: int

@@ -114,13 +114,21 @@ def build_server(config: FrontendConfig) -> MCPServer[Any]:
         "agentiso", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan,
         log_level="INFO",
     )
-    from . import tools_exec, tools_files, tools_network, tools_snapshots, tools_workspace
+    from . import (
+        tools_exec,
+        tools_files,
+        tools_forks,
+        tools_network,
+        tools_snapshots,
+        tools_workspace,
+    )
 
     tools_workspace.register(app, rt)
     tools_exec.register(app, rt)
     tools_files.register(app, rt)
     tools_network.register(app, rt)
     tools_snapshots.register(app, rt)
+    tools_forks.register(app, rt)
     return app
 
 

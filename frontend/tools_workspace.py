@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import structlog
 from mcp.server.mcpserver import Context, MCPServer
@@ -80,6 +80,11 @@ def info(d: Detail, own_session: str) -> WorkspaceInfo:
         snapshot_count=len(d.volume.snapshots) if d.volume else 0,
         accel=d.vm.accel or None if d.vm is not None else None,
         env_keys=sorted(d.record.env),
+        forked_from=d.parent_name,
+        forked_at_snapshot=d.record.parent_snapshot,
+        idle_timeout_secs=d.record.time_limits.get("idle_s"),
+        lifetime_secs=d.record.time_limits.get("lifetime_s"),
+        expires_at=utc(d.vm.expires_at) if running and d.vm and d.vm.expires_at else None,
     )
 
 
@@ -132,6 +137,13 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         | None = None,
         allow_internet: Annotated[bool, Field(description="Allow outbound internet access")]
         | None = None,
+        idle_timeout_secs: Annotated[int, Field(ge=10, le=30 * 86400, description=(
+            "Stop it after this long without any tool using it (held by the host: fires "
+            "even with no agent connected)"))] | None = None,
+        lifetime_secs: Annotated[int, Field(ge=10, le=30 * 86400, description=(
+            "Stop it this long after it starts, whatever it is doing"))] | None = None,
+        on_timeout: Annotated[Literal["stop", "destroy"], Field(description=(
+            "What a time limit does: stop (the disk is kept) or destroy"))] = "stop",
     ) -> WorkspaceInfo:
         d = rt.config.defaults
         progress = _progress(ctx, 4)
@@ -141,6 +153,8 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
             memory_mb=memory_mb or d.memory_mb, disk_gb=disk_gb or d.disk_gb,
             allow_internet=d.allow_internet if allow_internet is None else allow_internet,
             progress=progress,
+            time_limits={"idle_s": idle_timeout_secs, "lifetime_s": lifetime_secs,
+                         "action": on_timeout} if idle_timeout_secs or lifetime_secs else None,
         )
         return await _info_or_row(rt, made)
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -36,6 +37,7 @@ from . import lifecycle, quotas
 from .catalog import Catalog, WorkspaceRecord, validate_workspace_name
 from .config import FrontendConfig
 from .errors import ConnectionLost, FrontendError
+from .forks import ForkOps, new_machine_id
 from .guest_channel import open_guest
 from .guest_client import GuestClient
 from .helper_client import HelperClient, connect_helper
@@ -89,6 +91,8 @@ class Detail:
     record: WorkspaceRecord
     vm: hp.VmInfo | None
     volume: hp.VolumeInfo | None
+    #: The name of the workspace it was forked from (its id if that is gone).
+    parent_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,7 @@ class Orphan:
     state: str
 
 
-class Workspaces(NetworkOps, SnapshotOps):
+class Workspaces(NetworkOps, SnapshotOps, ForkOps):
     """The orchestrator the MCP tools call.  Create it inside a task group."""
 
     def __init__(
@@ -161,6 +165,20 @@ class Workspaces(NetworkOps, SnapshotOps):
             kept.invalidate(client)
             raise
 
+    async def _ping(self, rec: WorkspaceRecord) -> None:
+        """The workspace's agent answers through our kept channel (before the
+        row may say running)."""
+        async with self._guest_channel(rec) as g:
+            await g.ping()
+
+    def _time_limits(self, rec: WorkspaceRecord) -> hp.TimeLimits | None:
+        return _limits(rec)
+
+    async def _new_machine_id(self, rec: WorkspaceRecord) -> None:
+        async with self._guest_channel(rec) as g:
+            await g.write_file("/etc/machine-id", (new_machine_id() + "\n").encode(),
+                               perm=0o444)
+
     def _drop_guest(self, vm: str) -> None:
         kept = self._guests.pop(vm, None)
         if kept is not None:
@@ -212,6 +230,7 @@ class Workspaces(NetworkOps, SnapshotOps):
     async def create(
         self, *, name: str | None, image: str, vcpus: int, memory_mb: int,
         disk_gb: int | None, allow_internet: bool, progress: Progress = _no_progress,
+        time_limits: dict[str, Any] | None = None,
     ) -> Detail:
         """Volume from the image, VM with its network, agent hello, guest
         configured (by the helper), then the row says running.  Any failure
@@ -231,7 +250,7 @@ class Workspaces(NetworkOps, SnapshotOps):
             disk_gb=disk_gb, allow_internet=allow_internet, state=State.CREATING,
             state_reason="", vm=wid, volume=wid, session=self.session.id,
             created_at=now, updated_at=now, env={}, parent_workspace=None,
-            parent_snapshot=None,
+            parent_snapshot=None, time_limits=time_limits or {},
         )
         self.catalog.add_workspace(rec, check=lambda rows: quotas.check(
             self.config.quotas, rows, self.session.id, ask, default_disk_gb=image_gb))
@@ -245,12 +264,11 @@ class Workspaces(NetworkOps, SnapshotOps):
                 await progress("booting the VM")
                 vm = await h.vm_start(
                     name=wid, volume=wid, vcpus=vcpus, memory_mib=memory_mb,
-                    network=self._policy(rec),
+                    network=self._policy(rec), time_limits=_limits(rec),
                     timeout=float(self.config.limits.boot_timeout_secs),
                 )
             await progress("connecting to the guest agent")
-            async with self._guest_channel(rec) as g:
-                await g.ping()
+            await self._ping(rec)
             rec = self._advance(rec, Event.CREATED)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -322,12 +340,12 @@ class Workspaces(NetworkOps, SnapshotOps):
                 vm = await h.vm_start(
                     name=rec.vm, volume=rec.volume, vcpus=rec.vcpus, memory_mib=rec.memory_mb,
                     network=self._policy(rec), resume_snapshot=resume,
+                    time_limits=_limits(rec),
                     timeout=float(self.config.limits.boot_timeout_secs),
                 )
                 vm = await self._restore_forwards(h, rec, vm)
             await progress("connecting to the guest agent")
-            async with self._guest_channel(rec) as g:
-                await g.ping()
+            await self._ping(rec)
             rec = self._advance(rec, Event.STARTED)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -443,7 +461,11 @@ class Workspaces(NetworkOps, SnapshotOps):
             except NotFound:
                 vol = None
         rec = self._reconciled(rec, vm)
-        return Detail(rec, vm, vol)
+        parent = None
+        if rec.parent_workspace:
+            found_parent = self.catalog.find_workspace(rec.parent_workspace)
+            parent = found_parent.name if found_parent else rec.parent_workspace
+        return Detail(rec, vm, vol, parent)
 
     async def list_all(self) -> tuple[list[Detail], list[Orphan]]:
         """Every workspace of this user (reconciled with the helper) and the
@@ -527,6 +549,15 @@ class Workspaces(NetworkOps, SnapshotOps):
             except NotFound:
                 text, vm = "", None
         return rec, text, (vm.reason if vm is not None else "")
+
+
+def _limits(rec: WorkspaceRecord) -> hp.TimeLimits | None:
+    """The helper's time limits of a workspace (None: none)."""
+    t = rec.time_limits
+    if not t.get("idle_s") and not t.get("lifetime_s"):
+        return None
+    return hp.TimeLimits(idle_s=t.get("idle_s"), lifetime_s=t.get("lifetime_s"),
+                         action=t.get("action", "stop"))
 
 
 async def _absent(call: Awaitable[object]) -> bool:
