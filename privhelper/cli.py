@@ -27,7 +27,7 @@ from .server import HelperServer, bind_listener, listener_from_fd
 from .service import WorkspaceService
 from .storage import make_backend
 from .vm.engine import EngineSettings, VmEngine
-from .vms import VmServices, handler_table
+from .vms import VmServices
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,10 +135,11 @@ async def _serve(cfg: HelperConfig) -> None:
     async with VmEngine.running(settings) as engine, anyio.create_task_group() as tg:
         vms = VmServices.build(service, engine, tg, net)
         await vms.lifecycle.adopt()
+        tg.start_soon(vms.timer.run)
         server = HelperServer(
             cfg,
-            handlers=handler_table([service, *vms.services()]),
-            open_guest=vms.lifecycle.open_guest,
+            handlers=vms.handlers(service),
+            open_guest=vms.time_limits.open_guest,
         )
         if fds:
             listener = await listener_from_fd(fds[0])

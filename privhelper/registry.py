@@ -18,9 +18,11 @@ from __future__ import annotations
 import secrets
 import time
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
+from agentiso.protocol import helper as hp
 from agentiso.protocol.errors import ErrorCode
 
 from .atomicfile import atomic_write
@@ -71,12 +73,34 @@ class VmRecord(msgspec.Struct, forbid_unknown_fields=True):
     #: (hex).  Kept for the relay to reconnect after a helper restart.
     cid: int | None = None
     secret: str | None = None
+    #: Set once the VM has started (a starting VM is never ended by a limit);
+    #: lifetime counts from ``created``.
+    time_limits: hp.TimeLimits | None = None
+
+
+class EndedVmRecord(msgspec.Struct, forbid_unknown_fields=True):
+    """A VM a time limit ended: it holds nothing any more, but its owner can
+    still learn why until the next VmStop or VmStart of its name."""
+
+    owner: int
+    name: str
+    #: The volume's name as its owner knew it (it may be destroyed).
+    volume: str
+    vcpus: int
+    memory_mib: int
+    created: float
+    time_limits: hp.TimeLimits
+    limit: Literal["idle", "lifetime"]
+    at: float
+    action: hp.TimeLimitAction
+    reason: str
 
 
 class RegistryData(msgspec.Struct, forbid_unknown_fields=True):
     version: int = REGISTRY_VERSION
     volumes: list[VolumeRecord] = msgspec.field(default_factory=list)
     vms: list[VmRecord] = msgspec.field(default_factory=list)
+    ended: list[EndedVmRecord] = msgspec.field(default_factory=list)
 
 
 class Registry:
@@ -179,6 +203,27 @@ class Registry:
 
     def remove_vm(self, key: str) -> None:
         self.data.vms = [m for m in self.data.vms if m.key != key]
+
+    # --- VMs a time limit ended ----------------------------------------------------------
+
+    def ended_vm(self, owner: int, name: str) -> EndedVmRecord | None:
+        return next((e for e in self.data.ended if e.owner == owner and e.name == name), None)
+
+    def ended_vms(self, owner: int | None = None) -> list[EndedVmRecord]:
+        return [e for e in self.data.ended if owner is None or e.owner == owner]
+
+    def add_ended(self, rec: EndedVmRecord) -> None:
+        """Keep ``rec``, replacing an older record of the same owner and name."""
+        self.forget_ended(rec.owner, rec.name)
+        self.data.ended.append(rec)
+
+    def forget_ended(self, owner: int, name: str) -> bool:
+        """Drop the ended record of ``name``; whether there was one."""
+        before = len(self.data.ended)
+        self.data.ended = [
+            e for e in self.data.ended if not (e.owner == owner and e.name == name)
+        ]
+        return len(self.data.ended) != before
 
     @staticmethod
     def _new_key(prefix: str, taken: set[str]) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,6 +211,10 @@ class GuestChannel:
     _retry_deadline: float = 0.0
     connects: int = 0
     garbage_frames: int = 0
+    #: Monotonic time of the last client activity (a request from a relayed
+    #: client, an answer to one, or :meth:`touch`): the VM's idle time limit
+    #: counts from it.  A plain store on each request, no lock.
+    last_activity: float = field(default_factory=time.monotonic)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -256,6 +261,15 @@ class GuestChannel:
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    def touch(self) -> None:
+        """Note client activity that did not pass through the channel."""
+        self.last_activity = time.monotonic()
+
+    @property
+    def client_busy(self) -> bool:
+        """A relayed client has a request in flight (the VM is in use)."""
+        return any(isinstance(r.sink, ClientSink) for r in self._routes.values())
+
     async def _session(self, stream: ByteStream) -> None:
         if self.secret is not None:
             auth = gp.Auth(id=0, secret=self.secret)
@@ -295,6 +309,8 @@ class GuestChannel:
         route = self._routes.get(msg.id)
         if route is None:
             return  # late answer to a request already failed or cancelled
+        if isinstance(route.sink, ClientSink):
+            self.last_activity = time.monotonic()
         if not isinstance(msg, INTERMEDIATE):
             del self._routes[msg.id]
             route.sink.forget(route.client_id)
@@ -456,6 +472,7 @@ class GuestChannel:
                     await self._write(gp.Cancel(id=next(self._ids), target=upstream))
 
     async def _from_client(self, body: bytes, sink: ClientSink) -> None:
+        self.last_activity = time.monotonic()
         try:
             msg = gp.request_codec.decode(body)
         except DecodeError as exc:

@@ -135,14 +135,18 @@ class WorkspaceService:
 
     async def volume_destroy(self, req: hp.VolumeDestroy, ctx: RequestContext) -> hp.Done:
         async with self.lock:
-            rec = self.registry.volume(ctx.owner, req.name)
-            self._refuse_if_in_use(rec, "destroy")
-            await self.storage.destroy_volume(rec.key)
-            for snap in rec.snapshots:
-                self.drop_memory(snap)
-            self.registry.remove_volume(rec.key)
-            self.registry.save()
+            await self.destroy_volume(self.registry.volume(ctx.owner, req.name))
         return hp.Done(id=req.id)
+
+    async def destroy_volume(self, rec: VolumeRecord) -> None:
+        """Destroy volume ``rec`` (``conflict`` if a VM uses it) with its
+        snapshots' saved memory.  The caller holds :attr:`lock`."""
+        self._refuse_if_in_use(rec, "destroy")
+        await self.storage.destroy_volume(rec.key)
+        for snap in rec.snapshots:
+            self.drop_memory(snap)
+        self.registry.remove_volume(rec.key)
+        self.registry.save()
 
     async def volume_get(self, req: hp.VolumeGet, ctx: RequestContext) -> hp.VolumeInfo:
         rec = self.registry.volume(ctx.owner, req.name)

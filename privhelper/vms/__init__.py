@@ -5,7 +5,9 @@
 * :mod:`.snapshots`  SnapshotCreate (live when a VM runs on the volume);
 * :mod:`.admin`      AdminList, Gc;
 * :mod:`.channels`   the guest channel of each running VM;
-* :mod:`.views`      VmInfo as a client sees it; :mod:`.policy` its policy names.
+* :mod:`.views`      VmInfo as a client sees it; :mod:`.policy` its policy names;
+* :mod:`.timer`      the task that ends VMs whose time limit passed;
+* :mod:`.timelimited` time limits as clients see them (a layer over the life cycle).
 
 Each service (and :class:`~agentiso.privhelper.service.WorkspaceService`)
 declares the request types it handles in ``HANDLES``; :func:`handler_table`
@@ -29,6 +31,8 @@ from .channels import GuestChannels
 from .lifecycle import VmLifecycle
 from .network import VmNetwork
 from .snapshots import LiveSnapshots
+from .timelimited import TimeLimitedRequests
+from .timer import TimeLimitTimer
 from .views import VmViews
 
 
@@ -72,6 +76,9 @@ class VmServices:
     network: VmNetwork
     snapshots: LiveSnapshots
     admin: Admin
+    #: Run :meth:`TimeLimitTimer.run` in a task once the VMs are adopted.
+    timer: TimeLimitTimer
+    time_limits: TimeLimitedRequests
 
     @classmethod
     def build(
@@ -81,12 +88,21 @@ class VmServices:
         channels = GuestChannels(ws.registry, engine, tg)
         views = VmViews(ws.registry, engine, net)
         network = VmNetwork(ws.registry, views, net)
+        lifecycle = VmLifecycle(ws, engine, channels, network, views)
+        timer = TimeLimitTimer(ws, lifecycle, channels)
+        views.expires_at = timer.expires_at
         return cls(
-            lifecycle=VmLifecycle(ws, engine, channels, network, views),
+            lifecycle=lifecycle,
             network=network,
             snapshots=LiveSnapshots(ws, engine, channels, network),
             admin=Admin(ws, engine, views, net),
+            timer=timer,
+            time_limits=TimeLimitedRequests(timer),
         )
+
+    def handlers(self, ws: WorkspaceService) -> dict[type[Any], Handler]:
+        """The server's handler table: every service's, time limits over the life cycle."""
+        return self.time_limits.wrap(handler_table([ws, *self.services()]))
 
     def services(self) -> list[Service]:
         return [self.lifecycle, self.network, self.snapshots, self.admin]

@@ -30,6 +30,7 @@ from agentiso.protocol.errors import ErrorCode
 from .. import images, limits, vsock
 from ..errors import RequestFailed
 from ..net.manager import Attachment as NetAttachmentInfo
+from ..registry import VmRecord
 from ..relay import GuestChannel
 from ..server import RequestContext
 from ..service import WorkspaceService
@@ -238,6 +239,12 @@ class VmLifecycle:
 
     async def vm_stop(self, req: hp.VmStop, ctx: RequestContext) -> hp.Done:
         rec = self.ws.registry.vm(ctx.owner, req.name)
+        await self.stop_vm(rec, req.timeout_s, req.force)
+        return hp.Done(id=req.id)
+
+    async def stop_vm(self, rec: VmRecord, timeout_s: float, force: bool = False) -> None:
+        """Stop VM ``rec`` and release all it holds (QEMU, channel, TAP and
+        rules, registry entry); ``VmStop``'s path, also taken by a time limit."""
         channel = self.channels.get(rec.key)
 
         async def agent_shutdown() -> None:
@@ -248,10 +255,10 @@ class VmLifecycle:
             await channel.call(gp.Shutdown(id=0), GUEST_CALL_TIMEOUT_S)
 
         if engine_state(self.engine, rec.key) is not None:
-            if req.force:
+            if force:
                 await self.engine.kill(rec.key)
             else:
-                t = max(req.timeout_s, 1.0)
+                t = max(timeout_s, 1.0)
                 await self.engine.stop(
                     rec.key,
                     agent_shutdown=agent_shutdown,
@@ -262,7 +269,6 @@ class VmLifecycle:
         self.channels.stop(rec.key)
         await self.network.detach(rec.key)
         await self._unregister(rec.key)
-        return hp.Done(id=req.id)
 
     # --- views -----------------------------------------------------------------------------
 

@@ -3,13 +3,14 @@ the registry, the engine's status and the network state."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agentiso.protocol import helper as hp
 
 from ..errors import HelperError
 from ..net.manager import NetworkManager
-from ..registry import Registry, VmRecord
+from ..registry import EndedVmRecord, Registry, VmRecord
 from ..vm.engine import VmEngine, VmState, VmStatus
 from .policy import to_wire_policy
 
@@ -30,6 +31,9 @@ class VmViews:
     registry: Registry
     engine: VmEngine
     net: NetworkManager | None = None
+    #: When VM ``rec``'s first time limit fires if nothing happens (epoch
+    #: seconds; None: no limit); set by the time-limit timer.
+    expires_at: Callable[[VmRecord], float | None] | None = None
 
     def console(self, key: str, nbytes: int = 64 * 1024) -> str:
         """The tail of VM ``key``'s serial console ('' if the engine has none)."""
@@ -61,6 +65,24 @@ class VmViews:
             accel=self.engine.record(rec.key).spec.accel.kind if st is not None else "",
             reason=reason[:4096],
             network=self._net_info(rec),
+            time_limits=rec.time_limits,
+            expires_at=None if self.expires_at is None else self.expires_at(rec),
+        )
+
+    @staticmethod
+    def ended_info(rid: int, e: EndedVmRecord) -> hp.VmInfo:
+        """A VM a time limit ended: stopped, holding nothing, with the reason."""
+        return hp.VmInfo(
+            id=rid,
+            name=e.name,
+            volume=e.volume,
+            state="stopped",
+            vcpus=e.vcpus,
+            memory_mib=e.memory_mib,
+            created=e.created,
+            reason=e.reason[:4096],
+            time_limits=e.time_limits,
+            ended=hp.VmEnded(limit=e.limit, at=e.at, action=e.action),
         )
 
     def _net_info(self, rec: VmRecord) -> hp.VmNetworkInfo | None:
