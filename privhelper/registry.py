@@ -39,6 +39,10 @@ class SnapshotRecord(msgspec.Struct, forbid_unknown_fields=True):
     #: The VM's network address when the memory was saved: the resumed guest
     #: still has it (and its MAC), so a resume asks the pool for it again.
     address: str | None = None
+    #: The saving VM's size: a resumed VM must have the same (QEMU refuses
+    #: a state of another RAM size).  None in records older than the field.
+    vcpus: int | None = None
+    memory_mib: int | None = None
 
 
 class VolumeRecord(msgspec.Struct, forbid_unknown_fields=True):
@@ -51,6 +55,10 @@ class VolumeRecord(msgspec.Struct, forbid_unknown_fields=True):
     #: The guest image whose kernel boots this volume (its root ancestor).
     image: str = ""
     snapshots: list[SnapshotRecord] = msgspec.field(default_factory=list)
+    #: ``<source volume key>@<snapshot>`` while this volume is a clone of that
+    #: snapshot on which no VM has run yet: only then may the snapshot's
+    #: memory be resumed on it (``VmStart(resume_from=...)``).
+    pristine_clone_of: str | None = None
 
     def snapshot(self, name: str) -> SnapshotRecord:
         for s in self.snapshots:

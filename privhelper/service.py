@@ -130,6 +130,8 @@ class WorkspaceService:
                 self.registry.remove_volume(rec.key)
                 raise
             rec.size_bytes = info.virtual_size
+            if isinstance(source, FromSnapshot):
+                rec.pristine_clone_of = f"{source.volume}@{source.snapshot}"
             self.registry.save()
         return self.volume_info(req.id, rec, info)
 

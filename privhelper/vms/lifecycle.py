@@ -39,6 +39,7 @@ from ..vm.engine import VmConfig, VmEngine
 from ..vm.engine.types import FINISHED
 from ..vm.spec import DiskLayer, NetAttachment
 from .channels import GuestChannels, engine_state
+from .forks import ForkSource, fork_source, reidentify_request
 from .network import VmNetwork
 from .views import VmViews
 
@@ -130,7 +131,11 @@ class VmLifecycle:
                 with ExitStack() as fds:  # QEMU holds its own copies once it runs
                     memory_fd: int | None = None
                     address: str | None = None
-                    if req.resume_snapshot is not None:
+                    fork: ForkSource | None = None
+                    if req.resume_from is not None:  # a new address comes from the pool
+                        fork = fork_source(ws.registry, owner, vol, req)
+                        memory_fd = _open_fd(fds, ws.memory_dir / fork.memory_file, os.O_RDONLY)
+                    elif req.resume_snapshot is not None:
                         snap = vol.snapshot(req.resume_snapshot)
                         if snap.memory_file is None:
                             raise RequestFailed(
@@ -174,13 +179,19 @@ class VmLifecycle:
                             guest_cid=rec.cid,
                             vhost_vsock_fd=vhost_fd,
                             secret=secret,
+                            net_link_down=fork is not None,
                         )
                     )
                     push_shielded(undo, self._discard_qemu, rec.key)
+                # A guest ran on it: its disk is no longer the snapshot's.
+                vol.pristine_clone_of = None
                 ws.registry.save()
                 channel = self.channels.start(rec.key)
                 undo.callback(self.channels.stop, rec.key)
-            await self._configure_guest(req, rec.key, channel, net)
+            if fork is not None and net is not None:
+                await self._reidentify(req, rec.key, channel, net, fork)
+            else:
+                await self._configure_guest(req, rec.key, channel, net)
             undo.pop_all()  # it all stays
         return self.views.info(req.id, rec)
 
@@ -200,6 +211,16 @@ class VmLifecycle:
                 ),
                 GUEST_CALL_TIMEOUT_S,
             )
+
+    async def _reidentify(
+        self, req: hp.VmStart, key: str, channel: GuestChannel, net: NetAttachmentInfo,
+        fork: ForkSource,
+    ) -> None:
+        """A fork's agent takes its new identity while the link is down; then
+        the link comes up (see :mod:`.forks`)."""
+        await self._wait_hello(req, key, channel)
+        await channel.call(reidentify_request(req.name, net, fork.old_mac), GUEST_CALL_TIMEOUT_S)
+        await self.engine.set_link(key, True)
 
     async def _wait_hello(self, req: hp.VmStart, key: str, channel: GuestChannel) -> None:
         """Wait for the agent's hello, but no longer than QEMU lives: a guest

@@ -72,6 +72,8 @@ class LiveSnapshots:
                 SnapshotRecord(
                     name=req.snapshot, created=time.time(), memory_file=memory_file,
                     address=address,
+                    vcpus=vm.vcpus if memory_file is not None else None,
+                    memory_mib=vm.memory_mib if memory_file is not None else None,
                 )
             )
             ws.registry.save()

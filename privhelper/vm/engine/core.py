@@ -35,6 +35,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .. import accel as accel_mod
 from ..boundedlog import tail
+from ..cmdline import NET_DEVICE
 from ..errors import (
     LaunchError,
     VmAlreadyExists,
@@ -204,6 +205,8 @@ class VmEngine:
                 await snapshots.restore_memory(
                     vm, cfg.incoming_fd, self.settings.incoming_timeout_s
                 )
+            if cfg.net_link_down and cfg.net is not None:
+                await vm.execute("set_link", {"name": NET_DEVICE, "up": False})
             await vm.execute("cont")
             vm.transition(VmState.RUNNING, only_from=(VmState.STARTING, VmState.PAUSED))
         except BaseException as exc:
@@ -274,6 +277,10 @@ class VmEngine:
         vm.require(VmState.RUNNING, VmState.PAUSED, to="pause")
         await vm.execute("stop")
         vm.transition(VmState.PAUSED, only_from=(VmState.RUNNING,))
+
+    async def set_link(self, name: str, up: bool) -> None:
+        """Set the link of the VM's NIC (the netdev and the guest's NIC) up or down."""
+        await self._alive(name, "set its link").execute("set_link", {"name": NET_DEVICE, "up": up})
 
     async def resume(self, name: str) -> None:
         vm = self._get(name)

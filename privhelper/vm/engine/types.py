@@ -61,6 +61,11 @@ class VmConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Readable fd of a memory image written by ``VmEngine.save_memory``;
     #: stays the caller's.
     incoming_fd: int | None = None
+    #: Run with the NIC's link down (set before the first ``cont``, after a
+    #: restored state, whose own link state would otherwise win) until
+    #: ``VmEngine.set_link(name, True)``: a guest resumed from another VM's
+    #: memory must not reach the network under that VM's identity.
+    net_link_down: bool = False
 
 
 class VmState(enum.StrEnum):

@@ -1,0 +1,244 @@
+"""Forks with a new identity through the real helper: ``VmStart(resume_from=...)``.
+
+One VM runs a TCP server and a sleeping process, writes a file and saves its
+memory with a snapshot; three clones of that snapshot are resumed from that
+memory while the original keeps running.  All four run at once, each with
+its own address, MAC, hostname, machine-id and random bytes, the processes
+started before the snapshot alive in each, their disks apart, each reachable
+from the host at its new address.  Stopping them leaves no link, rule or
+address behind; a ``resume_from`` on a volume that is not an unused clone of
+the snapshot is refused and leaves nothing.
+
+Real QEMU (TCG), the real guest image and agent, in a network namespace the
+helper harness made.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import pytest
+
+from agentiso.frontend.guest_channel import open_guest
+from agentiso.privhelper.net.store import STATE_FILE_NAME
+from agentiso.protocol import helper as hp
+from agentiso.protocol.blocking import BlockingHelperClient
+from agentiso.protocol.errors import Conflict, NotFound
+from tests.harness import netns as netns_mod
+from tests.harness.images import skip_unless_image
+from tests.harness.netns import NetNs
+from tests.support.helper_process import IMAGES, HelperProcess, running_helper
+
+pytestmark = skip_unless_image("minimal")
+
+PROBE = "/root/probe.py"
+PORT = 80
+FORKS = ("f1", "f2", "f3")
+POLICY = hp.NetworkPolicy(inbound_ports=[PORT])
+SOURCE = hp.FromSnapshot(volume="src-vol", snapshot="s1")
+
+
+@dataclass
+class Lab:
+    helper: HelperProcess
+    host: NetNs
+    info: dict[str, hp.VmInfo] = field(default_factory=dict)
+    #: Seconds from sending VmStart(resume_from) to the agent's answer to an exec.
+    resume_s: dict[str, float] = field(default_factory=dict)
+    sleeper: str = ""
+
+    def client(self) -> BlockingHelperClient:
+        return BlockingHelperClient(str(self.helper.socket), timeout=300)
+
+    def sh(self, vm: str, cmd: str) -> str:
+        async def run() -> str:
+            async with open_guest(str(self.helper.socket), vm) as g:
+                r = await g.exec(shell=cmd, timeout_s=60)
+                assert r.exit_code == 0, (vm, cmd, r)
+                return r.stdout.decode().strip()
+
+        return anyio.run(run)
+
+    def net(self, vm: str) -> hp.VmNetworkInfo:
+        net = self.info[vm].network
+        assert net is not None
+        return net
+
+
+def _leftovers(lab: Lab) -> tuple[str, str, str]:
+    """Links, ruleset and the network state as text, for before/after comparisons."""
+    links = lab.host.ip("-o", "link")
+    ruleset = lab.host.run("nft", "list", "ruleset").stdout
+    state = (lab.helper.state_dir / STATE_FILE_NAME).read_text()
+    return links, ruleset, state
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    config = "[limits]\nper_uid_memory_mib = 4096\nper_uid_vms = 8\n"
+    probe = Path(netns_mod.__file__).read_bytes()
+    with running_helper(
+        group=0, extra_args=("--images-dir", str(IMAGES)), config=config
+    ) as helper:
+        lab = Lab(helper=helper, host=NetNs(helper.netns))
+        with lab.client() as c:
+            c.request(hp.VolumeCreate(id=0, name="src-vol", source=hp.FromImage(image="minimal")))
+            info = c.request(hp.VmStart(id=0, name="src", volume="src-vol", network=POLICY))
+            assert isinstance(info, hp.VmInfo)
+            lab.info["src"] = info
+
+            async def setup() -> None:
+                async with open_guest(str(helper.socket), "src") as g:
+                    await g.upload_bytes(probe, PROBE)
+                    await g.job_start(shell=f"python3 {PROBE} serve banner {PORT}")
+
+            anyio.run(setup)
+            for _ in range(60):
+                if lab.host.probe("tcp", lab.net("src").address, str(PORT), "3").returncode == 0:
+                    break
+                time.sleep(0.5)
+            else:
+                raise AssertionError("the server in src did not start")
+            lab.sleeper = lab.sh("src", "sleep 100000 >/dev/null 2>&1 & echo $!")
+            lab.sh("src", "echo before > /root/f; sync")
+            snap = c.request(
+                hp.SnapshotCreate(id=0, volume="src-vol", snapshot="s1", memory=True)
+            )
+            assert isinstance(snap, hp.VolumeInfo) and snap.snapshots[0].memory
+            lab.sh("src", "echo after > /root/f")  # the original runs on and changes
+            for vm in FORKS:
+                c.request(hp.VolumeCreate(id=0, name=f"{vm}-vol", source=SOURCE))
+                t0 = time.monotonic()
+                info = c.request(
+                    hp.VmStart(id=0, name=vm, volume=f"{vm}-vol", network=POLICY,
+                               resume_from=SOURCE)
+                )
+                assert isinstance(info, hp.VmInfo) and info.state == "running", info
+                lab.sh(vm, "true")
+                lab.resume_s[vm] = time.monotonic() - t0
+                lab.info[vm] = info
+        print("resume_from to the agent's first answer (s):",
+              {k: round(v, 2) for k, v in lab.resume_s.items()})
+        yield lab
+
+
+ALL = ("src", *FORKS)
+
+
+def test_all_run_at_once_each_with_its_own_identity(lab: Lab) -> None:
+    with lab.client() as c:
+        listing = c.request(hp.VmList(id=0))
+    assert isinstance(listing, hp.Vms)
+    assert {v.name: v.state for v in listing.vms} == {vm: "running" for vm in ALL}
+    addrs = {vm: lab.net(vm).address for vm in ALL}
+    macs = {vm: lab.net(vm).mac for vm in ALL}
+    assert len(set(addrs.values())) == 4 and len(set(macs.values())) == 4
+    seen: dict[str, set[str]] = {"host": set(), "mid": set(), "rand": set()}
+    for vm in ALL:
+        out = lab.sh(
+            vm,
+            # (a booted image's machine-id may be empty: no systemd made one)
+            "hostname; echo \"id=$(cat /etc/machine-id)\";"
+            " head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n';"
+            " echo; ip -o link show eth0; ip -o -4 addr show eth0",
+        ).splitlines()
+        assert len(out) == 5, (vm, out)
+        hostname, machine_id, rand, link, addr = out
+        assert hostname == vm
+        assert macs[vm] in link.lower(), (vm, link)
+        assert f"inet {addrs[vm]}/" in addr, (vm, addr)
+        assert len(rand) == 64
+        if vm != "src":
+            assert len(machine_id) == len("id=") + 32, (vm, machine_id)
+        seen["host"].add(hostname)
+        seen["mid"].add(machine_id)
+        seen["rand"].add(rand)
+    assert all(len(s) == 4 for s in seen.values()), seen
+
+
+def test_processes_from_before_the_snapshot_live_in_every_fork(lab: Lab) -> None:
+    for vm in ALL:
+        assert lab.sh(vm, f"kill -0 {lab.sleeper} && echo alive") == "alive", vm
+    assert lab.sh("src", "cat /root/f") == "after"
+    for vm in FORKS:
+        assert lab.sh(vm, "cat /root/f") == "before", vm
+
+
+def test_a_write_in_one_shows_in_no_other(lab: Lab) -> None:
+    lab.sh("f1", "echo mine > /root/only-f1; sync")
+    for vm in ALL:
+        if vm != "f1":
+            assert lab.sh(vm, "test -e /root/only-f1 && echo yes || echo no") == "no", vm
+    assert lab.sh("f1", "cat /root/only-f1") == "mine"
+
+
+def test_each_answers_the_host_at_its_new_address(lab: Lab) -> None:
+    for vm in ALL:
+        address = lab.net(vm).address
+        ping = lab.host.probe("ping", address, "5")
+        assert ping.returncode == 0, (vm, ping.stderr)
+        tcp = lab.host.probe("tcp", address, str(PORT), "5")
+        # The server was started before the snapshot: every fork serves too.
+        assert tcp.returncode == 0 and tcp.stdout.strip() == "banner", (vm, tcp.stderr)
+
+
+def test_resume_from_is_refused_on_a_volume_that_is_not_an_unused_clone(lab: Lab) -> None:
+    before = _leftovers(lab)
+    with lab.client() as c:
+        c.request(hp.VolumeCreate(id=0, name="plain", source=hp.FromImage(image="minimal")))
+        c.request(hp.VolumeCreate(id=0, name="big", source=SOURCE))
+        refused = [
+            # a volume made from the image, not from the snapshot
+            hp.VmStart(id=0, name="x", volume="plain", network=POLICY, resume_from=SOURCE),
+            # a clone of the snapshot, but resumed with another memory size
+            hp.VmStart(id=0, name="x", volume="big", memory_mib=512, network=POLICY,
+                       resume_from=SOURCE),
+            # a clone, but without a network to take the new identity on
+            hp.VmStart(id=0, name="x", volume="big", network=None, resume_from=SOURCE),
+        ]
+        for req in refused:
+            with pytest.raises(Conflict):
+                c.request(req)
+        with pytest.raises(NotFound):
+            c.request(hp.VmStart(
+                id=0, name="x", volume="big", network=POLICY,
+                resume_from=hp.FromSnapshot(volume="src-vol", snapshot="nope"),
+            ))
+        listing = c.request(hp.VmList(id=0))
+        assert isinstance(listing, hp.Vms) and "x" not in {v.name for v in listing.vms}
+        c.request(hp.VolumeDestroy(id=0, name="plain"))
+        c.request(hp.VolumeDestroy(id=0, name="big"))
+    assert _leftovers(lab) == before
+    assert len(lab.helper.qemu_pids()) == len(ALL)
+
+
+def test_stopping_the_forks_leaves_nothing_and_a_used_clone_is_refused(lab: Lab) -> None:
+    with lab.client() as c:
+        for vm in FORKS:
+            c.request(hp.VmStop(id=0, name=vm))
+        links, ruleset, state = _leftovers(lab)
+        for vm in FORKS:
+            net = lab.net(vm)
+            for needle in (net.address, net.mac):
+                assert needle not in links and needle not in ruleset, (vm, needle)
+            assert net.address not in state  # back in the pool
+        assert len(lab.helper.qemu_pids()) == 1
+        # f1's volume has been run on: its disk is no longer the snapshot's.
+        with pytest.raises(Conflict):
+            c.request(hp.VmStart(id=0, name="f1", volume="f1-vol", network=POLICY,
+                                 resume_from=SOURCE))
+        assert lab.sh("src", "cat /root/f") == "after"  # the original is untouched
+        for vm in FORKS:
+            c.request(hp.VolumeDestroy(id=0, name=f"{vm}-vol"))
+        c.request(hp.VmStop(id=0, name="src"))
+        c.request(hp.SnapshotDelete(id=0, volume="src-vol", snapshot="s1"))
+        c.request(hp.VolumeDestroy(id=0, name="src-vol"))
+    assert lab.helper.qemu_pids() == []
+    assert list((lab.helper.state_dir / "memory").iterdir()) == []
+    state = json.loads((lab.helper.state_dir / STATE_FILE_NAME).read_text())
+    assert not state.get("workspaces"), state
