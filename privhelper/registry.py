@@ -29,6 +29,10 @@ from .atomicfile import atomic_write
 from .errors import RequestFailed
 
 REGISTRY_VERSION = 1
+#: VMs a time limit ended are remembered until their owner forgets them; a
+#: uid that never does (a new name each time) cannot grow the registry
+#: beyond this many.
+MAX_ENDED_PER_OWNER = 256
 
 
 class SnapshotRecord(msgspec.Struct, forbid_unknown_fields=True):
@@ -221,9 +225,14 @@ class Registry:
         return [e for e in self.data.ended if owner is None or e.owner == owner]
 
     def add_ended(self, rec: EndedVmRecord) -> None:
-        """Keep ``rec``, replacing an older record of the same owner and name."""
+        """Keep ``rec``, replacing an older record of the same owner and name;
+        an owner keeps at most :data:`MAX_ENDED_PER_OWNER` (oldest dropped)."""
         self.forget_ended(rec.owner, rec.name)
         self.data.ended.append(rec)
+        mine = sorted(self.ended_vms(rec.owner), key=lambda e: e.at)
+        drop = {id(e) for e in mine[: max(len(mine) - MAX_ENDED_PER_OWNER, 0)]}
+        if drop:
+            self.data.ended = [e for e in self.data.ended if id(e) not in drop]
 
     def forget_ended(self, owner: int, name: str) -> bool:
         """Drop the ended record of ``name``; whether there was one."""

@@ -190,7 +190,8 @@ class TimeLimits(msgspec.Struct, forbid_unknown_fields=True):
     * ``idle_s``: no client request through the VM's guest relay (exec,
       files, jobs...) and no helper request that uses the VM (``GuestOpen``,
       ``VmNetworkSet``, ``ForwardAdd``/``ForwardRemove``, ``SnapshotCreate``
-      of its volume) for this long.  Looking at a VM (``VmGet``, ``VmList``,
+      of its volume) for this long, and none in flight (a long exec keeps
+      it in use).  Looking at a VM (``VmGet``, ``VmList``,
       ``VmConsole``) is not activity, and neither is a job running in the
       guest with no client traffic.  After a helper restart idle time counts
       from the restart.

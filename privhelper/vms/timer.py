@@ -133,11 +133,13 @@ class TimeLimitTimer:
         volume = registry.volume_by_key(rec.volume_key).name
         log.info("time_limit_fired", vm=rec.key, owner=rec.owner, limit=e.limit,
                  action=limits.action)
+        before = self.lifecycle.views.info(0, rec)
+        # A VM that crashed meanwhile keeps saying so: the limit only ended it.
+        note = f"; it had crashed before: {before.reason}" if before.state == "crashed" else ""
         await self.lifecycle.stop_vm(rec, self.grace_s)
         with anyio.CancelScope(shield=True):
             async with self.ws.lock:
                 destroyed = False
-                note = ""
                 if limits.action == "destroy":
                     try:
                         vol = registry.volume_by_key(rec.volume_key)
@@ -146,7 +148,7 @@ class TimeLimitTimer:
                     except Exception as exc:
                         # e.g. a clone depends on one of its snapshots, or a
                         # new VM of the owner took the volume meanwhile.
-                        note = f"; its volume was kept: {getattr(exc, 'message', exc)}"
+                        note += f"; its volume was kept: {getattr(exc, 'message', exc)}"
                         log.warning("time_limit_volume_kept", vm=rec.key, error=str(exc))
                 # A VmStart of the same name may have come in meanwhile: it wins.
                 if not any(m.name == rec.name for m in registry.vms(rec.owner)):

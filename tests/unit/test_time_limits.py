@@ -7,7 +7,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from agentiso.privhelper.registry import EndedVmRecord, Registry
+from agentiso.privhelper.registry import MAX_ENDED_PER_OWNER, EndedVmRecord, Registry
 from agentiso.privhelper.timelimits import (
     MAX_SLEEP_S,
     Expiry,
@@ -154,3 +154,22 @@ def test_a_registry_from_before_time_limits_still_loads(tmp_path: Path) -> None:
     )
     reg = Registry.load(path)
     assert reg.vm(1, "a").time_limits is None and reg.ended_vms() == []
+
+
+def test_an_owner_keeps_a_bounded_number_of_ended_records(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "registry.json")
+
+    def ended(owner: int, i: int) -> EndedVmRecord:
+        return EndedVmRecord(
+            owner=owner, name=f"vm{i}", volume="v", vcpus=1, memory_mib=256, created=WALL,
+            time_limits=hp.TimeLimits(idle_s=60), limit="idle", at=WALL + i, action="stop",
+            reason="idle for 60 s (time limit)",
+        )
+
+    reg.add_ended(ended(2000, 0))
+    for i in range(MAX_ENDED_PER_OWNER + 10):
+        reg.add_ended(ended(1000, i))
+    mine = reg.ended_vms(1000)
+    assert len(mine) == MAX_ENDED_PER_OWNER
+    assert min(e.at for e in mine) == WALL + 10  # the oldest went first
+    assert reg.ended_vm(2000, "vm0") is not None  # another owner's are untouched
