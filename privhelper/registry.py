@@ -47,6 +47,9 @@ class SnapshotRecord(msgspec.Struct, forbid_unknown_fields=True):
     #: a state of another RAM size).  None in records older than the field.
     vcpus: int | None = None
     memory_mib: int | None = None
+    #: vsock only: the secret (hex) the saving VM's agent demands; a VM
+    #: resumed from this memory demands it too.
+    secret: str | None = None
 
 
 class VolumeRecord(msgspec.Struct, forbid_unknown_fields=True):

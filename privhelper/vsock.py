@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import socket
 from collections.abc import Iterable
 
@@ -28,6 +29,15 @@ SECRET_BYTES = 32
 
 def available(path: str = VHOST_VSOCK) -> bool:
     return os.path.exists(path)
+
+
+def secret_for(saved_hex: str | None) -> bytes:
+    """The secret a VM's agent will demand: when the VM resumes saved memory,
+    the one that memory's agent read at its boot (it never reads fw_cfg
+    again), else a fresh one."""
+    if saved_hex:
+        return bytes.fromhex(saved_hex)
+    return secrets.token_bytes(SECRET_BYTES)
 
 
 def pick_cid(taken: Iterable[int]) -> int:

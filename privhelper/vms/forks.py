@@ -38,6 +38,8 @@ class ForkSource:
 
     memory_file: str
     old_mac: str | None
+    #: vsock only: the secret (hex) the resumed agent still demands.
+    secret: str | None = None
 
 
 def clone_mark(volume_key: str, snapshot: str) -> str:
@@ -94,7 +96,7 @@ def fork_source(registry: Registry, owner: int, vol: VolumeRecord, req: hp.VmSta
         addr = ipaddress.ip_address(snap.address)
         if isinstance(addr, ipaddress.IPv4Address):
             old_mac = mac_for(addr)
-    return ForkSource(memory_file=snap.memory_file, old_mac=old_mac)
+    return ForkSource(memory_file=snap.memory_file, old_mac=old_mac, secret=snap.secret)
 
 
 def reidentify_request(

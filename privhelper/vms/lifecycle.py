@@ -14,7 +14,6 @@ once QEMU holds its copies, success or not.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
@@ -132,9 +131,11 @@ class VmLifecycle:
                     memory_fd: int | None = None
                     address: str | None = None
                     fork: ForkSource | None = None
+                    saved_secret: str | None = None
                     if req.resume_from is not None:  # a new address comes from the pool
                         fork = fork_source(ws.registry, owner, vol, req)
                         memory_fd = _open_fd(fds, ws.memory_dir / fork.memory_file, os.O_RDONLY)
+                        saved_secret = fork.secret
                     elif req.resume_snapshot is not None:
                         snap = vol.snapshot(req.resume_snapshot)
                         if snap.memory_file is None:
@@ -147,6 +148,7 @@ class VmLifecycle:
                         ws.sync_snapshots(vol, info)
                         memory_fd = _open_fd(fds, ws.memory_dir / snap.memory_file, os.O_RDONLY)
                         address = snap.address
+                        saved_secret = snap.secret
                     attachment = await ws.storage.attachment(vol.key)
 
                     rec = ws.registry.add_vm(owner, req.name, vol.key, req.vcpus, req.memory_mib)
@@ -155,7 +157,7 @@ class VmLifecycle:
                     secret: bytes | None = None
                     if self.use_vsock:
                         rec.cid = vsock.pick_cid(m.cid for m in ws.registry.vms() if m.cid)
-                        secret = secrets.token_bytes(vsock.SECRET_BYTES)
+                        secret = vsock.secret_for(saved_secret)
                         rec.secret = secret.hex()
                         vhost_fd = _open_fd(fds, vsock.VHOST_VSOCK, os.O_RDWR)
                     net: NetAttachmentInfo | None = None

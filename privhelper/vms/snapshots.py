@@ -74,6 +74,7 @@ class LiveSnapshots:
                     address=address,
                     vcpus=vm.vcpus if memory_file is not None else None,
                     memory_mib=vm.memory_mib if memory_file is not None else None,
+                    secret=vm.secret if memory_file is not None else None,
                 )
             )
             ws.registry.save()
