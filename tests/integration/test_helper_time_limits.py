@@ -183,3 +183,22 @@ def test_limits_survive_a_helper_restart(helper: HelperProcess) -> None:
     with client(helper) as c:
         c.request(hp.VmStop(id=0, name="kept"))
         c.request(hp.VolumeDestroy(id=0, name="kept-vol"))
+
+
+def test_a_request_in_flight_keeps_a_vm_in_use(helper: HelperProcess) -> None:
+    start(helper, "slow", "slow-vol", hp.TimeLimits(idle_s=10), network=None)
+
+    async def long_exec() -> bytes:
+        # One silent request for twice the idle limit: the VM is in use.
+        async with open_guest(str(helper.socket), "slow") as g:
+            r = await g.exec(shell="sleep 22; echo done", timeout_s=60)
+            return r.stdout
+
+    assert anyio.run(long_exec) == b"done\n"
+    assert get(helper, "slow").state == "running"
+    info, _ = wait_ended(helper, "slow", within=30)  # idle once it returned
+    assert info.ended is not None and info.ended.limit == "idle"
+    with client(helper) as c:
+        c.request(hp.VmStop(id=0, name="slow"))
+        c.request(hp.VolumeDestroy(id=0, name="slow-vol"))
+    assert helper.qemu_pids() == []
