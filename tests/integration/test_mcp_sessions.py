@@ -279,3 +279,28 @@ async def test_snapshot_tree_restores_every_node(env: Env, a: Tools) -> None:
     await a.call("workspace_start", workspace="owned")
     names = {n["name"] for n in (await a.call("snapshot_list", workspace="owned"))["snapshots"]}
     assert names == {"s1", "s2"}
+
+
+@pytest.mark.anyio
+async def test_an_idle_timeout_stops_a_workspace_with_no_frontend_running(
+    env: Env, a: Tools
+) -> None:
+    async with mcp_tools(env.params()) as s:
+        ws = await s.call("workspace_create", name="sleepy", idle_timeout_secs=10)
+        assert ws["idle_timeout_secs"] == 10 and ws["expires_at"], ws
+    # Its session has ended and nothing uses it: the helper alone stops it.
+    for _ in range(120):
+        with BlockingHelperClient(str(env.helper.socket), timeout=60) as c:
+            info = c.request(hp.VmGet(id=0, name=ws["id"], owner=USER))
+        assert isinstance(info, hp.VmInfo)
+        if info.state == "stopped":
+            break
+        await anyio.sleep(0.5)
+    assert info.state == "stopped" and info.ended is not None, info
+    listed = {w["name"]: w for w in (await a.call("workspace_list"))["workspaces"]}
+    assert listed["sleepy"]["state"] == "stopped"
+    assert "idle" in listed["sleepy"]["state_reason"], listed["sleepy"]
+    await a.call("workspace_adopt", workspace="sleepy")
+    again = await a.call("workspace_start", workspace="sleepy")
+    assert again["state"] == "running"
+    await a.call("workspace_destroy", workspace="sleepy")

@@ -1,0 +1,157 @@
+"""``workspace_fork`` through the real MCP client, against a real helper and real VMs.
+
+* A live fork of a running workspace into five: every fork resumes the
+  original's memory with a new identity (address, MAC, hostname,
+  machine-id, fresh randomness); a process started before the fork runs in
+  the original and every fork at once; a write in one shows in no other;
+  forks cannot reach each other by traffic unless peered.
+* Forks of a disk-only snapshot boot with their own identity.
+* Limits: too many forks in one call, a name taken; a snapshot with forks
+  cannot be deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from agentiso.protocol import helper as hp
+from agentiso.protocol.blocking import BlockingHelperClient
+from tests.harness.images import pin_image, skip_unless_image
+from tests.support.helper_process import IMAGES, HelperProcess, public_tmpdir, running_helper
+from tests.support.mcp_client import Tools, mcp_tools, serve_params
+
+GROUP = 64381
+USER = 64382
+pytestmark = skip_unless_image()
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class Env:
+    helper: HelperProcess
+    work: Any
+
+    def helper_names(self) -> tuple[set[str], set[str]]:
+        with BlockingHelperClient(str(self.helper.socket), timeout=60) as c:
+            vms = c.request(hp.VmList(id=0, owner=USER))
+            vols = c.request(hp.VolumeList(id=0, owner=USER))
+        assert isinstance(vms, hp.Vms) and isinstance(vols, hp.Volumes)
+        return {v.name for v in vms.vms}, {v.name for v in vols.volumes}
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    images = public_tmpdir("agentiso-mcpf-img-")
+    pin_image(IMAGES / "minimal", images / "minimal")
+    config = "[limits]\nper_uid_memory_mib = 3072\nper_uid_vms = 10\n"
+    try:
+        with running_helper(group=GROUP, extra_args=("--images-dir", str(images)),
+                            config=config) as helper:
+            work = public_tmpdir("agentiso-mcpf-")
+            (work / "state").mkdir()
+            for p in (work, work / "state"):
+                os.chown(p, USER, USER)
+            (work / "config.toml").write_text(
+                f'helper_socket = "{helper.socket}"\nstate_dir = "{work / "state"}"\n'
+                "[quotas]\nforks_per_call = 5\n"
+            )
+            yield Env(helper, work)
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(images, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+async def t(env: Env) -> AsyncIterator[Tools]:
+    params = serve_params(env.work / "config.toml", uid=USER, gid=USER, groups=(GROUP,),
+                          home=env.work)
+    async with mcp_tools(params) as tools:
+        yield tools
+        for w in (await tools.call("workspace_list"))["workspaces"]:
+            await tools.call("workspace_destroy", workspace=w["name"])
+
+
+async def sh(t: Tools, ws: str, command: str) -> str:
+    r = await t.call("exec", workspace=ws, command=command)
+    assert r["exit_code"] == 0, (ws, command, r)
+    return str(r["stdout"]).strip()
+
+
+IDENTITY = ("hostname; cat /etc/machine-id; ip -o link show eth0 | grep -o 'ether [^ ]*'; "
+            "ip -o -4 addr show eth0 | awk '{print $4}'; head -c 16 /dev/urandom | od -An -tx1")
+
+
+@pytest.mark.anyio
+async def test_a_live_fork_runs_everywhere_with_new_identities(env: Env, t: Tools) -> None:
+    await t.call("workspace_create", name="origin")
+    await t.call("file_write", workspace="origin", path="/root/shared.txt", content="before\n")
+    await t.call("exec_background", workspace="origin", command="sleep 3600")
+    result = await t.call("workspace_fork", workspace="origin", count=5, name_prefix="f")
+    assert result["live"] and result["created"] == 5 and result["failed"] == 0, result
+    names = ["origin", *(f["name"] for f in result["forks"])]
+    assert names[1:] == ["f-1", "f-2", "f-3", "f-4", "f-5"]
+
+    identities = {n: (await sh(t, n, IDENTITY)).split("\n") for n in names}
+    for i in range(4):  # hostname, machine-id, MAC, address: each distinct
+        values = [v[i] for v in identities.values()]
+        assert len(set(values)) == len(values), (i, identities)
+    randomness = [" ".join(v[4:]) for v in identities.values()]
+    assert len(set(randomness)) == len(randomness), "forks share their random state"
+    for n in names:
+        assert await sh(t, n, "pgrep -x sleep >/dev/null && cat /root/shared.txt") == "before"
+    info = await t.call("workspace_info", workspace="f-1")
+    assert info["forked_from"] == "origin" and info["forked_at_snapshot"] == result["snapshot"]
+
+    await sh(t, "f-1", "echo mine > /root/only-f1.txt")
+    for n in names:
+        if n != "f-1":
+            assert await sh(t, n, "test -e /root/only-f1.txt && echo yes || echo no") == "no"
+
+    # Isolated by traffic, unless peered.
+    await t.call("exec_background", workspace="f-2",
+                 command="python3 -m http.server 8000 --directory /root")
+    f2 = (await t.call("workspace_ip", workspace="f-2"))["address"]
+    probe = (f"python3 -c \"import socket; socket.create_connection(('{f2}', 8000), "
+             f"timeout=3); print('connected')\"")
+    r = await t.call("exec", workspace="f-3", command=probe)
+    assert r["exit_code"] != 0
+    await t.call("network_policy", workspace="f-2", peers=["f-3"])
+    for _ in range(30):
+        r = await t.call("exec", workspace="f-3", command=probe)
+        if r["stdout"] == "connected\n":
+            break
+    assert r["stdout"] == "connected\n", r
+
+    err = await t.fails("snapshot_delete", workspace="origin", name=result["snapshot"])
+    assert "f-1" in err
+    for n in names[1:]:
+        await t.call("workspace_destroy", workspace=n)
+
+
+@pytest.mark.anyio
+async def test_forks_of_a_disk_snapshot_boot_with_their_own_identity(t: Tools) -> None:
+    await t.call("snapshot_create", workspace="origin", name="disk")
+    result = await t.call("workspace_fork", workspace="origin", snapshot="disk", count=2,
+                          name_prefix="cold")
+    assert not result["live"] and result["created"] == 2, result
+    ids = {await sh(t, n, "hostname; cat /etc/machine-id") for n in ("origin", "cold-1",
+                                                                        "cold-2")}
+    assert len(ids) == 3
+    assert await sh(t, "cold-1", "pgrep -x sleep || echo none") == "none", "booted, not resumed"
+    err = await t.fails("workspace_fork", workspace="origin", snapshot="disk", count=6)
+    assert "limit of 5" in err
+    err = await t.fails("workspace_fork", workspace="origin", snapshot="disk", count=1,
+                        name_prefix="cold")
+    assert "exist already" in err
+    for n in ("cold-1", "cold-2"):
+        await t.call("workspace_destroy", workspace=n)
