@@ -152,6 +152,9 @@ class VmLifecycle:
                     attachment = await ws.storage.attachment(vol.key)
 
                     rec = ws.registry.add_vm(owner, req.name, vol.key, req.vcpus, req.memory_mib)
+                    # Saved with the record, so a helper restart keeps them; the
+                    # timer leaves a VM alone until its VmStart is over.
+                    rec.time_limits = req.time_limits
                     push_shielded(undo, self._unregister, rec.key)
                     vhost_fd: int | None = None
                     secret: bytes | None = None

@@ -1,7 +1,7 @@
 """Time limits, as clients see them: a thin layer over the life-cycle requests.
 
-* ``VmStart`` sets the VM's limits once it runs (a VM still starting is
-  never ended by one) and replaces the ended record of the same name.
+* ``VmStart`` (whose record keeps the limits) is shielded from the timer
+  until it is over, and replaces the ended record of the same name.
 * ``VmGet``/``VmList`` also answer for VMs a limit ended (state
   ``stopped``, ``ended``, ``reason``); running VMs show their limits and
   ``expires_at`` (through :attr:`VmViews.expires_at`).
@@ -98,19 +98,24 @@ class TimeLimitedRequests:
     # --- life cycle --------------------------------------------------------------------
 
     async def vm_start(self, req: hp.VmStart, ctx: RequestContext) -> hp.VmInfo:
-        info = await self.timer.lifecycle.vm_start(req, ctx)
+        # The life cycle keeps the limits on the record; the timer waits
+        # until the start is over (a VM still booting is never ended).
+        starting = self.timer.starting
+        starting[(ctx.owner, req.name)] += 1
+        try:
+            info = await self.timer.lifecycle.vm_start(req, ctx)
+            rec = self._live(ctx.owner, req.name)
+            self.touch(rec)  # idle counts from the end of the start
+        finally:
+            starting[(ctx.owner, req.name)] -= 1
+            if starting[(ctx.owner, req.name)] <= 0:
+                del starting[(ctx.owner, req.name)]
         ws = self.timer.ws
         async with ws.lock:
-            ws.registry.forget_ended(ctx.owner, req.name)
-            rec = self._live(ctx.owner, req.name)
-            if rec is not None and req.time_limits is not None:
-                rec.time_limits = req.time_limits
-            ws.registry.save()
-        if rec is None:  # stopped already by a concurrent VmStop
-            return info
-        self.touch(rec)
+            if ws.registry.forget_ended(ctx.owner, req.name):
+                ws.registry.save()
         self.timer.wake()
-        return self.timer.lifecycle.views.info(req.id, rec)
+        return info
 
     async def vm_stop(self, req: hp.VmStop, ctx: RequestContext) -> hp.Done:
         rec = self._live(ctx.owner, req.name)

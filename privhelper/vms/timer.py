@@ -17,6 +17,7 @@ across a wait on QEMU or a guest.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import anyio
@@ -49,6 +50,9 @@ class TimeLimitTimer:
     _ending: dict[str, anyio.Event] = field(default_factory=dict)
     #: VM key -> monotonic time before which a failed end is not retried.
     _retry_after: dict[str, float] = field(default_factory=dict)
+    #: (owner, name) -> VmStarts in progress: such a VM is never ended (its
+    #: record, limits included, exists from early in the start).
+    starting: Counter[tuple[int, str]] = field(default_factory=Counter)
 
     def wake(self) -> None:
         """Look again now (a VM with limits started or changed)."""
@@ -79,6 +83,8 @@ class TimeLimitTimer:
         out = []
         for rec in self.ws.registry.vms():
             if rec.key in self._ending or self._retry_after.get(rec.key, 0.0) > now:
+                continue
+            if self.starting[(rec.owner, rec.name)] > 0:
                 continue
             w = self._watched(rec)
             if w is not None:

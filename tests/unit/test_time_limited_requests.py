@@ -25,6 +25,8 @@ OWNER = 1000
 @dataclass
 class Channel:
     touched: int = 0
+    last_activity: float = 0.0
+    client_busy: bool = False
 
     def touch(self) -> None:
         self.touched += 1
@@ -144,3 +146,14 @@ def test_an_ended_vm_is_shown_until_its_owner_stops_it(tmp_path: Path) -> None:
             s.call(req)
         assert err.value.code == ErrorCode.NOT_FOUND
     assert s.call(hp.VmList(id=12)).vms == []
+
+
+def test_a_vm_whose_start_is_in_progress_is_never_ended(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    timer = s.layer.timer
+    assert timer.watched() == []  # no limits
+    s.vm.time_limits = hp.TimeLimits(lifetime_s=10)
+    assert [w.key for w in timer.watched()] == [s.vm.key]
+    timer.starting[(OWNER, "box")] += 1
+    assert timer.watched() == []
+    assert timer.expires_at(s.vm) is not None  # still shown to its owner
