@@ -22,10 +22,19 @@ from dataclasses import dataclass, field
 
 import anyio
 import structlog
+from anyio.abc import TaskGroup
 
 from ..registry import EndedVmRecord, VmRecord
 from ..service import WorkspaceService
-from ..timelimits import Expiry, Watched, expiry, next_expiry, reason, sleep_for
+from ..timelimits import (
+    MAX_SLEEP_S,
+    Expiry,
+    Watched,
+    expiry,
+    next_expiry,
+    reason,
+    sleep_for,
+)
 from .channels import GuestChannels
 from .lifecycle import VmLifecycle
 
@@ -81,7 +90,11 @@ class TimeLimitTimer:
         """Every VM with a limit that no task is ending already."""
         now = time.monotonic()
         out = []
-        for rec in self.ws.registry.vms():
+        vms = self.ws.registry.vms()
+        keys = {rec.key for rec in vms}
+        for key in [k for k in self._retry_after if k not in keys]:
+            del self._retry_after[key]  # stopped by its owner meanwhile
+        for rec in vms:
             if rec.key in self._ending or self._retry_after.get(rec.key, 0.0) > now:
                 continue
             if self.starting[(rec.owner, rec.name)] > 0:
@@ -107,16 +120,25 @@ class TimeLimitTimer:
         async with anyio.create_task_group() as tg:
             while True:
                 self._wake = anyio.Event()
-                now_wall, now_mono = time.time(), time.monotonic()
-                watched = self.watched()
-                for w in watched:
-                    e = expiry(w, now_wall, now_mono)
-                    if e is not None and e.delay <= 0:
-                        self._ending[e.key] = anyio.Event()
-                        tg.start_soon(self._end, e)
-                rest = [w for w in watched if w.key not in self._ending]
-                with anyio.move_on_after(sleep_for(next_expiry(rest, now_wall, now_mono))):
+                try:
+                    sleep = self._fire_due(tg)
+                except Exception:  # a bug here must not take the helper down
+                    log.exception("time_limit_timer_failed")
+                    sleep = MAX_SLEEP_S
+                with anyio.move_on_after(sleep):
                     await self._wake.wait()
+
+    def _fire_due(self, tg: TaskGroup) -> float:
+        """Start ending every VM whose limit passed; how long to sleep then."""
+        now_wall, now_mono = time.time(), time.monotonic()
+        watched = self.watched()
+        for w in watched:
+            e = expiry(w, now_wall, now_mono)
+            if e is not None and e.delay <= 0:
+                self._ending[e.key] = anyio.Event()
+                tg.start_soon(self._end, e)
+        rest = [w for w in watched if w.key not in self._ending]
+        return sleep_for(next_expiry(rest, now_wall, now_mono))
 
     async def _end(self, e: Expiry) -> None:
         try:

@@ -157,3 +157,70 @@ def test_a_vm_whose_start_is_in_progress_is_never_ended(tmp_path: Path) -> None:
     timer.starting[(OWNER, "box")] += 1
     assert timer.watched() == []
     assert timer.expires_at(s.vm) is not None  # still shown to its owner
+
+
+@dataclass
+class EndingLifecycle:
+    """Stands in for VmLifecycle.stop_vm: releases nothing but the record."""
+
+    registry: Registry
+    stopped: list[str] = field(default_factory=list)
+
+    @property
+    def views(self) -> Any:
+        return self
+
+    def info(self, rid: int, rec: Any) -> hp.VmInfo:
+        return hp.VmInfo(id=rid, name=rec.name, volume="vol", state="running", vcpus=1,
+                         memory_mib=256, created=rec.created)
+
+    async def stop_vm(self, rec: Any, timeout_s: float, force: bool = False) -> None:
+        self.stopped.append(rec.name)
+        self.registry.remove_vm(rec.key)
+
+
+@dataclass
+class DestroyingWs(Ws):
+    refuse: bool = False
+    destroyed: list[str] = field(default_factory=list)
+
+    async def destroy_volume(self, rec: Any) -> None:
+        if self.refuse:
+            raise HelperError("a clone depends on snapshot s1")
+        self.destroyed.append(rec.name)
+        self.registry.remove_volume(rec.key)
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_the_timer_ends_a_vm_past_its_lifetime_and_records_why(
+    tmp_path: Path, refuse: bool
+) -> None:
+    s = Setup(tmp_path)
+    s.vm.time_limits = hp.TimeLimits(lifetime_s=10, action="destroy")
+    s.vm.created -= 100  # long past its lifetime
+    ws = DestroyingWs(s.registry, refuse=refuse)
+    lifecycle = EndingLifecycle(s.registry)
+    timer = TimeLimitTimer(ws=cast(Any, ws), lifecycle=cast(Any, lifecycle),
+                           channels=cast(Any, Channels()))
+
+    async def run() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(timer.run)
+            with anyio.fail_after(5):
+                while s.registry.ended_vm(OWNER, "box") is None:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+
+    anyio.run(run)
+    assert lifecycle.stopped == ["box"] and s.registry.vms() == []
+    ended = s.registry.ended_vm(OWNER, "box")
+    assert ended is not None and ended.limit == "lifetime" and ended.volume == "vol"
+    if refuse:
+        assert ended.action == "stop" and ws.destroyed == []
+        assert ended.reason == ("lifetime of 10 s reached (time limit); its volume was kept: "
+                                "a clone depends on snapshot s1")
+    else:
+        assert ended.action == "destroy" and ws.destroyed == ["vol"]
+        assert "destroyed" in ended.reason
+    # It was saved: a restarted helper still knows why.
+    assert Registry.load(s.registry.path).ended_vm(OWNER, "box") == ended
