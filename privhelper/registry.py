@@ -66,6 +66,10 @@ class VolumeRecord(msgspec.Struct, forbid_unknown_fields=True):
     #: snapshot on which no VM has run yet: only then may the snapshot's
     #: memory be resumed on it (``VmStart(resume_from=...)``).
     pristine_clone_of: str | None = None
+    #: The machine-id the helper gave the machine on this volume (at its
+    #: first boot, or a fork's new one).  None: the next boot gives one; a
+    #: new volume, a clone included, is a new machine.
+    machine_id: str | None = None
 
     def snapshot(self, name: str) -> SnapshotRecord:
         for s in self.snapshots:

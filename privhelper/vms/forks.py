@@ -29,6 +29,12 @@ from ..registry import Registry, VolumeRecord
 
 #: Random bytes mixed into a fork's kernel pool (512 bits).
 ENTROPY_BYTES = 64
+MACHINE_ID_PATH = "/etc/machine-id"
+
+
+def new_machine_id() -> str:
+    """A random machine-id (128 bits, 32 hex digits, as systemd makes them)."""
+    return secrets.token_hex(16)
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,7 @@ def reidentify_request(
         gateway=net.gateway,
         dns=list(net.dns),
         hostname=hostname,
-        machine_id=secrets.token_hex(16),
+        machine_id=new_machine_id(),
         entropy=secrets.token_bytes(ENTROPY_BYTES),
         time_ns=time.time_ns(),
         old_mac=old_mac,

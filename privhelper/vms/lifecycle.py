@@ -38,7 +38,7 @@ from ..vm.engine import VmConfig, VmEngine
 from ..vm.engine.types import FINISHED
 from ..vm.spec import DiskLayer, NetAttachment
 from .channels import GuestChannels, engine_state
-from .forks import ForkSource, fork_source, reidentify_request
+from .forks import MACHINE_ID_PATH, ForkSource, fork_source, new_machine_id, reidentify_request
 from .network import VmNetwork
 from .views import VmViews
 
@@ -193,21 +193,39 @@ class VmLifecycle:
                 ws.registry.save()
                 channel = self.channels.start(rec.key)
                 undo.callback(self.channels.stop, rec.key)
+            machine_id: str | None
             if fork is not None and net is not None:
-                await self._reidentify(req, rec.key, channel, net, fork)
+                machine_id = await self._reidentify(req, rec.key, channel, net, fork)
             else:
-                await self._configure_guest(req, rec.key, channel, net)
+                machine_id = await self._configure_guest(
+                    req, rec.key, channel, net, give_machine_id=vol.machine_id is None
+                )
+            if machine_id is not None:
+                async with ws.lock:
+                    vol.machine_id = machine_id
+                    ws.registry.save()
             undo.pop_all()  # it all stays
         return self.views.info(req.id, rec)
 
     async def _configure_guest(
-        self, req: hp.VmStart, key: str, channel: GuestChannel, net: NetAttachmentInfo | None
-    ) -> None:
-        """Wait for the agent's hello, then set the guest's hostname and address.
+        self, req: hp.VmStart, key: str, channel: GuestChannel, net: NetAttachmentInfo | None,
+        *, give_machine_id: bool = False,
+    ) -> str | None:
+        """Wait for the agent's hello, then set the guest's hostname and address;
+        with ``give_machine_id`` (the volume's first boot: a new machine) write
+        a new /etc/machine-id and return it.
 
         A step the guest refuses raises GuestStepFailed (``guest_failed``)."""
         await self._wait_hello(req, key, channel)
         await channel.call(gp.SetHostname(id=0, hostname=req.name), GUEST_CALL_TIMEOUT_S)
+        machine_id = None
+        if give_machine_id:
+            machine_id = new_machine_id()
+            await channel.call(
+                gp.FileWrite(id=0, path=MACHINE_ID_PATH, data=f"{machine_id}\n".encode(),
+                             perm=0o444),
+                GUEST_CALL_TIMEOUT_S,
+            )
         if net is not None:
             await channel.call(
                 gp.ConfigureNetwork(
@@ -216,16 +234,19 @@ class VmLifecycle:
                 ),
                 GUEST_CALL_TIMEOUT_S,
             )
+        return machine_id
 
     async def _reidentify(
         self, req: hp.VmStart, key: str, channel: GuestChannel, net: NetAttachmentInfo,
         fork: ForkSource,
-    ) -> None:
+    ) -> str:
         """A fork's agent takes its new identity while the link is down; then
-        the link comes up (see :mod:`.forks`)."""
+        the link comes up (see :mod:`.forks`).  Returns the new machine-id."""
         await self._wait_hello(req, key, channel)
-        await channel.call(reidentify_request(req.name, net, fork.old_mac), GUEST_CALL_TIMEOUT_S)
+        identity = reidentify_request(req.name, net, fork.old_mac)
+        await channel.call(identity, GUEST_CALL_TIMEOUT_S)
         await self.engine.set_link(key, True)
+        return identity.machine_id
 
     async def _wait_hello(self, req: hp.VmStart, key: str, channel: GuestChannel) -> None:
         """Wait for the agent's hello, but no longer than QEMU lives: a guest

@@ -16,6 +16,7 @@ helper harness made.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,9 +31,9 @@ from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
 from agentiso.protocol.errors import Conflict, GuestFailed, NotFound
 from tests.harness import netns as netns_mod
-from tests.harness.images import skip_unless_image
+from tests.harness.images import pin_image, skip_unless_image
 from tests.harness.netns import NetNs
-from tests.support.helper_process import IMAGES, HelperProcess, running_helper
+from tests.support.helper_process import IMAGES, HelperProcess, public_tmpdir, running_helper
 
 pytestmark = skip_unless_image("minimal")
 
@@ -51,6 +52,7 @@ class Lab:
     #: Seconds from sending VmStart(resume_from) to the agent's answer to an exec.
     resume_s: dict[str, float] = field(default_factory=dict)
     sleeper: str = ""
+    machine_ids: dict[str, str] = field(default_factory=dict)
 
     def client(self) -> BlockingHelperClient:
         return BlockingHelperClient(str(self.helper.socket), timeout=300)
@@ -82,50 +84,58 @@ def _leftovers(lab: Lab) -> tuple[str, str, str]:
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     config = "[limits]\nper_uid_memory_mib = 4096\nper_uid_vms = 8\n"
+    images = public_tmpdir("agentiso-fork-img-")  # a rebuild cannot change it under us
+    try:
+        pin_image(IMAGES / "minimal", images / "minimal")
+        with running_helper(
+            group=0, extra_args=("--images-dir", str(images)), config=config
+        ) as helper:
+            lab = Lab(helper=helper, host=NetNs(helper.netns))
+            _start_source_and_fork_it(lab)
+            print("resume_from to the agent's first answer (s):",
+                  {k: round(v, 2) for k, v in lab.resume_s.items()})
+            yield lab
+    finally:
+        shutil.rmtree(images, ignore_errors=True)
+
+
+def _start_source_and_fork_it(lab: Lab) -> None:
+    """``src`` with a TCP server, a sleeping process and a file, snapshotted
+    with memory; then changed, and resumed three times as ``f1``..``f3``."""
     probe = Path(netns_mod.__file__).read_bytes()
-    with running_helper(
-        group=0, extra_args=("--images-dir", str(IMAGES)), config=config
-    ) as helper:
-        lab = Lab(helper=helper, host=NetNs(helper.netns))
-        with lab.client() as c:
-            c.request(hp.VolumeCreate(id=0, name="src-vol", source=hp.FromImage(image="minimal")))
-            info = c.request(hp.VmStart(id=0, name="src", volume="src-vol", network=POLICY))
-            assert isinstance(info, hp.VmInfo)
-            lab.info["src"] = info
+    with lab.client() as c:
+        c.request(hp.VolumeCreate(id=0, name="src-vol", source=hp.FromImage(image="minimal")))
+        info = c.request(hp.VmStart(id=0, name="src", volume="src-vol", network=POLICY))
+        assert isinstance(info, hp.VmInfo)
+        lab.info["src"] = info
 
-            async def setup() -> None:
-                async with open_guest(str(helper.socket), "src") as g:
-                    await g.upload_bytes(probe, PROBE)
-                    await g.job_start(shell=f"python3 {PROBE} serve banner {PORT}")
+        async def setup() -> None:
+            async with open_guest(str(lab.helper.socket), "src") as g:
+                await g.upload_bytes(probe, PROBE)
+                await g.job_start(shell=f"python3 {PROBE} serve banner {PORT}")
 
-            anyio.run(setup)
-            for _ in range(60):
-                if lab.host.probe("tcp", lab.net("src").address, str(PORT), "3").returncode == 0:
-                    break
-                time.sleep(0.5)
-            else:
-                raise AssertionError("the server in src did not start")
-            lab.sleeper = lab.sh("src", "sleep 100000 >/dev/null 2>&1 & echo $!")
-            lab.sh("src", "echo before > /root/f; sync")
-            snap = c.request(
-                hp.SnapshotCreate(id=0, volume="src-vol", snapshot="s1", memory=True)
+        anyio.run(setup)
+        for _ in range(60):
+            if lab.host.probe("tcp", lab.net("src").address, str(PORT), "3").returncode == 0:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the server in src did not start")
+        lab.sleeper = lab.sh("src", "sleep 100000 >/dev/null 2>&1 & echo $!")
+        lab.sh("src", "echo before > /root/f; sync")
+        snap = c.request(hp.SnapshotCreate(id=0, volume="src-vol", snapshot="s1", memory=True))
+        assert isinstance(snap, hp.VolumeInfo) and snap.snapshots[0].memory
+        lab.sh("src", "echo after > /root/f")  # the original runs on and changes
+        for vm in FORKS:
+            c.request(hp.VolumeCreate(id=0, name=f"{vm}-vol", source=SOURCE))
+            t0 = time.monotonic()
+            info = c.request(
+                hp.VmStart(id=0, name=vm, volume=f"{vm}-vol", network=POLICY, resume_from=SOURCE)
             )
-            assert isinstance(snap, hp.VolumeInfo) and snap.snapshots[0].memory
-            lab.sh("src", "echo after > /root/f")  # the original runs on and changes
-            for vm in FORKS:
-                c.request(hp.VolumeCreate(id=0, name=f"{vm}-vol", source=SOURCE))
-                t0 = time.monotonic()
-                info = c.request(
-                    hp.VmStart(id=0, name=vm, volume=f"{vm}-vol", network=POLICY,
-                               resume_from=SOURCE)
-                )
-                assert isinstance(info, hp.VmInfo) and info.state == "running", info
-                lab.sh(vm, "true")
-                lab.resume_s[vm] = time.monotonic() - t0
-                lab.info[vm] = info
-        print("resume_from to the agent's first answer (s):",
-              {k: round(v, 2) for k, v in lab.resume_s.items()})
-        yield lab
+            assert isinstance(info, hp.VmInfo) and info.state == "running", info
+            lab.sh(vm, "true")
+            lab.resume_s[vm] = time.monotonic() - t0
+            lab.info[vm] = info
 
 
 ALL = ("src", *FORKS)
@@ -143,8 +153,7 @@ def test_all_run_at_once_each_with_its_own_identity(lab: Lab) -> None:
     for vm in ALL:
         out = lab.sh(
             vm,
-            # (a booted image's machine-id may be empty: no systemd made one)
-            "hostname; echo \"id=$(cat /etc/machine-id)\";"
+            "hostname; cat /etc/machine-id;"
             " head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n';"
             " echo; ip -o link show eth0; ip -o -4 addr show eth0",
         ).splitlines()
@@ -153,9 +162,8 @@ def test_all_run_at_once_each_with_its_own_identity(lab: Lab) -> None:
         assert hostname == vm
         assert macs[vm] in link.lower(), (vm, link)
         assert f"inet {addrs[vm]}/" in addr, (vm, addr)
-        assert len(rand) == 64
-        if vm != "src":
-            assert len(machine_id) == len("id=") + 32, (vm, machine_id)
+        assert len(rand) == 64 and len(machine_id) == 32, (vm, machine_id)
+        lab.machine_ids[vm] = machine_id
         seen["host"].add(hostname)
         seen["mid"].add(machine_id)
         seen["rand"].add(rand)
@@ -258,6 +266,11 @@ def test_stopping_the_forks_leaves_nothing_and_a_used_clone_is_refused(lab: Lab)
         with pytest.raises(Conflict):
             c.request(hp.VmStart(id=0, name="f1", volume="f1-vol", network=POLICY,
                                  resume_from=SOURCE))
+        # Booted again, a fork's volume keeps the machine-id the fork was given.
+        c.request(hp.VmStart(id=0, name="f2b", volume="f2-vol", network=POLICY))
+        assert lab.sh("f2b", "hostname; cat /etc/machine-id").split() == [
+            "f2b", lab.machine_ids["f2"]]
+        c.request(hp.VmStop(id=0, name="f2b"))
         assert lab.sh("src", "cat /root/f") == "after"  # the original is untouched
         for vm in FORKS:
             c.request(hp.VolumeDestroy(id=0, name=f"{vm}-vol"))
