@@ -32,6 +32,7 @@ from tests.support.mcp_client import Tools, mcp_tools, serve_params
 
 GROUP = 64371
 USER = 64372
+OTHER = 64373
 pytestmark = skip_unless_image()
 QUOTAS = """
 [quotas]
@@ -40,6 +41,8 @@ workspaces_per_session = 2
 memory_mb = 1024
 memory_mb_per_session = 768
 vcpus_per_session = 3
+disk_gb_per_session = 8
+snapshots_per_workspace = 4
 """
 
 
@@ -221,6 +224,8 @@ async def test_quotas_refuse_cleanly(env: Env, a: Tools) -> None:
         assert "memory per user: 512 MB in use + 1024 MB asked > 1024 MB allowed" in err
         err = await b.fails("workspace_create", name="cpus", vcpus=4)
         assert "vcpus per session" in err
+        err = await b.fails("workspace_create", name="disk", disk_gb=20)
+        assert "disk per session: 0 GB in use + 20 GB asked > 8 GB allowed" in err
         await b.call("workspace_create", name="third")
         err = await b.fails("workspace_create", name="fourth")
         assert "workspaces per user: 3 in use + 1 asked > 3 allowed" in err
@@ -268,6 +273,9 @@ async def test_snapshot_tree_restores_every_node(env: Env, a: Tools) -> None:
     p = await a.call("exec", workspace="owned", command="pgrep -x sleep")
     assert p["exit_code"] == 0, "the process saved with the memory is running again"
 
+    err = await a.fails("snapshot_create", workspace="owned", name="fifth")
+    assert "snapshots per workspace: 4 in use + 1 asked > 4 allowed" in err
+
     # Snapshots other states were built on cannot be deleted; the others can.
     err = await a.fails("snapshot_delete", workspace="owned", name="s2")
     assert "built on it" in err
@@ -304,3 +312,30 @@ async def test_an_idle_timeout_stops_a_workspace_with_no_frontend_running(
     again = await a.call("workspace_start", workspace="sleepy")
     assert again["state"] == "running"
     await a.call("workspace_destroy", workspace="sleepy")
+
+
+@pytest.mark.anyio
+async def test_another_user_sees_and_touches_nothing(env: Env, a: Tools) -> None:
+    """Another uid of the helper's group, with its own agentiso serve: none of
+    USER's workspaces is visible or usable through any tool, by name or id."""
+    other_state = env.work / "other-state"
+    other_state.mkdir()
+    os.chown(other_state, OTHER, OTHER)
+    cfg = env.work / "other.toml"
+    cfg.write_text(f'helper_socket = "{env.helper.socket}"\nstate_dir = "{other_state}"\n')
+    owned = await a.call("workspace_info", workspace="owned")
+    params = serve_params(cfg, uid=OTHER, gid=OTHER, groups=(GROUP,), home=env.work)
+    async with mcp_tools(params) as o:
+        listed = await o.call("workspace_list")
+        assert listed == {"workspaces": [], "orphans": []}, listed
+        for ref in ("owned", owned["id"]):
+            for tool, args in (("exec", {"command": "true"}), ("workspace_info", {}),
+                               ("workspace_destroy", {}), ("workspace_adopt", {}),
+                               ("file_read", {"path": "/etc/hostname"}),
+                               ("snapshot_list", {})):
+                err = await o.fails(tool, workspace=ref, **args)
+                assert "no workspace" in err, (tool, err)
+    # USER's catalog is not even readable by the other uid.
+    assert (env.work / "state").stat().st_mode & 0o077 == 0 or \
+        (env.work / "state" / "catalog.db").stat().st_mode & 0o077 == 0
+    assert (await a.call("workspace_info", workspace="owned"))["state"] == "running"
