@@ -15,8 +15,10 @@ helper harness made.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ import anyio
 import pytest
 
 from agentiso.frontend.guest_channel import open_guest
+from agentiso.privhelper.net.naming import tap_name
 from agentiso.privhelper.net.store import STATE_FILE_NAME
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
@@ -38,6 +41,43 @@ from tests.support.helper_process import IMAGES, HelperProcess, public_tmpdir, r
 pytestmark = skip_unless_image("minimal")
 
 PROBE = "/root/probe.py"
+#: In the source VM: a UDP datagram to the gateway every 10 ms, from before
+#: the snapshot on, so a fork that reached the network before taking its new
+#: identity would be seen doing so.
+CHATTER = (
+    "import socket, time\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "while True:\n"
+    "    try:\n"
+    "        s.sendto(b'x', ('10.42.0.1', 9))\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "    time.sleep(0.01)\n"
+)
+#: In the helper's namespace: every distinct (TAP, source MAC, source IPv4)
+#: of the frames guests send into their TAPs, one line each, to a file.
+SNIFFER = """
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+seen = set()
+out = open(sys.argv[1], "w")
+print("ready", flush=True)
+while True:
+    data, addr = s.recvfrom(65535)
+    if not addr[0].startswith("ai-") or addr[2] == socket.PACKET_OUTGOING:
+        continue
+    kind = int.from_bytes(data[12:14], "big")
+    ip = ""
+    if kind == 0x0800:
+        ip = socket.inet_ntoa(data[26:30])
+    elif kind == 0x0806:
+        ip = socket.inet_ntoa(data[28:32])
+    key = (addr[0], data[6:12].hex(":"), ip)
+    if key not in seen:
+        seen.add(key)
+        out.write(" ".join(key) + "\\n")
+        out.flush()
+"""
 PORT = 80
 FORKS = ("f1", "f2", "f3")
 POLICY = hp.NetworkPolicy(inbound_ports=[PORT])
@@ -51,6 +91,8 @@ class Lab:
     info: dict[str, hp.VmInfo] = field(default_factory=dict)
     #: Seconds from sending VmStart(resume_from) to the agent's answer to an exec.
     resume_s: dict[str, float] = field(default_factory=dict)
+    #: What the sniffer saw: lines "TAP MAC IP".
+    frames: Path = Path("/nonexistent")
     sleeper: str = ""
     machine_ids: dict[str, str] = field(default_factory=dict)
 
@@ -115,6 +157,11 @@ def _start_source_and_fork_it(lab: Lab) -> None:
                 await g.job_start(shell=f"python3 {PROBE} serve banner {PORT}")
 
         anyio.run(setup)
+        lab.sh("src", f"cat > /root/chatter.py <<'EOF'\n{CHATTER}EOF\n"
+                      "python3 /root/chatter.py >/dev/null 2>&1 &")
+        lab.frames = lab.helper.workdir / "frames.txt"
+        sniffer = lab.host.spawn(sys.executable, "-c", SNIFFER, str(lab.frames))
+        assert sniffer.stdout is not None and sniffer.stdout.readline().strip() == "ready"
         for _ in range(60):
             if lab.host.probe("tcp", lab.net("src").address, str(PORT), "3").returncode == 0:
                 break
@@ -168,6 +215,21 @@ def test_all_run_at_once_each_with_its_own_identity(lab: Lab) -> None:
         seen["mid"].add(machine_id)
         seen["rand"].add(rand)
     assert all(len(s) == 4 for s in seen.values()), seen
+
+
+def test_a_fork_never_sends_a_frame_under_the_old_identity(lab: Lab) -> None:
+    # The chatter runs on in every fork; its link stayed down until the new
+    # identity was in place, so each fork's TAP only ever saw the new one.
+    seen: dict[str, set[tuple[str, str]]] = {}
+    for line in lab.frames.read_text().splitlines():
+        tap, mac, *ip = line.split(" ")
+        seen.setdefault(tap, set()).add((mac, ip[0] if ip else ""))
+    for vm in ALL:
+        net = lab.net(vm)
+        frames = seen.get(tap_name("ai-", ipaddress.IPv4Address(net.address)), set())
+        assert (net.mac, net.address) in frames, (vm, frames)  # it did talk
+        assert {mac for mac, _ in frames} == {net.mac}, (vm, frames)
+        assert {ip for _, ip in frames} <= {net.address, "", "0.0.0.0"}, (vm, frames)
 
 
 def test_processes_from_before_the_snapshot_live_in_every_fork(lab: Lab) -> None:
