@@ -7,7 +7,7 @@ and identity.  A mixin of :class:`~.workspaces.Workspaces`.
   hostname, machine-id, fresh randomness, the clock): running processes go
   on in every fork at once, each reachable at its own address.
 * From a disk-only snapshot, each fork boots its clone; the helper gives it a
-  new address and MAC, and the frontend a new machine-id.
+  new address, MAC and machine-id (a clone's first boot is a new machine).
 
 ``snapshot`` omitted forks the current state: a running workspace is
 snapshotted with its memory first (a live fork), a stopped one disk-only.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import secrets
 import time
-import uuid
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -146,8 +145,6 @@ class ForkOps:
                     timeout=float(self.config.limits.boot_timeout_secs),
                 )
             await self._ping(rec)
-            if not snap.memory:
-                await self._new_machine_id(rec)
             rec = self._advance(rec, Event.CREATED)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -156,11 +153,3 @@ class ForkOps:
                 raise
             return ForkOutcome(name, None, None, exc)
         return ForkOutcome(name, rec, vm, None)
-
-    async def _new_machine_id(self, rec: WorkspaceRecord) -> None:
-        """A booted clone carries its origin's /etc/machine-id: give it its own."""
-        raise NotImplementedError
-
-
-def new_machine_id() -> str:
-    return uuid.uuid4().hex

@@ -37,7 +37,7 @@ from . import lifecycle, quotas
 from .catalog import Catalog, WorkspaceRecord, validate_workspace_name
 from .config import FrontendConfig
 from .errors import ConnectionLost, FrontendError
-from .forks import ForkOps, new_machine_id
+from .forks import ForkOps
 from .guest_channel import open_guest
 from .guest_client import GuestClient
 from .helper_client import HelperClient, connect_helper
@@ -173,11 +173,6 @@ class Workspaces(NetworkOps, SnapshotOps, ForkOps):
 
     def _time_limits(self, rec: WorkspaceRecord) -> hp.TimeLimits | None:
         return _limits(rec)
-
-    async def _new_machine_id(self, rec: WorkspaceRecord) -> None:
-        async with self._guest_channel(rec) as g:
-            await g.write_file("/etc/machine-id", (new_machine_id() + "\n").encode(),
-                               perm=0o444)
 
     def _drop_guest(self, vm: str) -> None:
         kept = self._guests.pop(vm, None)

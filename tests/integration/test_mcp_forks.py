@@ -81,6 +81,15 @@ async def t(env: Env) -> AsyncIterator[Tools]:
             await tools.call("workspace_destroy", workspace=w["name"])
 
 
+@pytest.fixture(scope="module")
+async def origin(t: Tools) -> dict[str, Any]:
+    """The workspace both tests fork (running, with a process started before any fork)."""
+    ws = await t.call("workspace_create", name="origin")
+    await t.call("file_write", workspace="origin", path="/root/shared.txt", content="before\n")
+    await t.call("exec_background", workspace="origin", command="sleep 3600")
+    return ws
+
+
 async def sh(t: Tools, ws: str, command: str) -> str:
     r = await t.call("exec", workspace=ws, command=command)
     assert r["exit_code"] == 0, (ws, command, r)
@@ -92,10 +101,9 @@ IDENTITY = ("hostname; cat /etc/machine-id; ip -o link show eth0 | grep -o 'ethe
 
 
 @pytest.mark.anyio
-async def test_a_live_fork_runs_everywhere_with_new_identities(env: Env, t: Tools) -> None:
-    await t.call("workspace_create", name="origin")
-    await t.call("file_write", workspace="origin", path="/root/shared.txt", content="before\n")
-    await t.call("exec_background", workspace="origin", command="sleep 3600")
+async def test_a_live_fork_runs_everywhere_with_new_identities(
+    env: Env, t: Tools, origin: dict[str, Any]
+) -> None:
     result = await t.call("workspace_fork", workspace="origin", count=5, name_prefix="f")
     assert result["live"] and result["created"] == 5 and result["failed"] == 0, result
     names = ["origin", *(f["name"] for f in result["forks"])]
@@ -139,7 +147,9 @@ async def test_a_live_fork_runs_everywhere_with_new_identities(env: Env, t: Tool
 
 
 @pytest.mark.anyio
-async def test_forks_of_a_disk_snapshot_boot_with_their_own_identity(t: Tools) -> None:
+async def test_forks_of_a_disk_snapshot_boot_with_their_own_identity(
+    t: Tools, origin: dict[str, Any]
+) -> None:
     await t.call("snapshot_create", workspace="origin", name="disk")
     result = await t.call("workspace_fork", workspace="origin", snapshot="disk", count=2,
                           name_prefix="cold")
