@@ -115,7 +115,10 @@ class TimeLimitedRequests:
             if ws.registry.forget_ended(ctx.owner, req.name):
                 ws.registry.save()
         self.timer.wake()
-        return info
+        # Shown again after the touch: idle time counts from now, not from
+        # before the boot (unless a concurrent VmStop took it meanwhile).
+        rec = self._live(ctx.owner, req.name)
+        return info if rec is None else self.timer.lifecycle.views.info(req.id, rec)
 
     async def vm_stop(self, req: hp.VmStop, ctx: RequestContext) -> hp.Done:
         rec = self._live(ctx.owner, req.name)
