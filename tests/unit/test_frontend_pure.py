@@ -8,6 +8,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import jsonschema
@@ -283,3 +284,56 @@ def test_sessions_of_dead_processes_are_closed_and_old_ones_forgotten(tmp_path: 
         _time.sleep(0.01)
         assert cat.prune_sessions(lambda sid: sid == "s-alive", keep_s=0) == 2
         assert [s.id for s in cat.list_sessions()] == ["s-alive"]
+
+
+# --- quotas -----------------------------------------------------------------------------------
+
+
+def _row(wid: str, session: str, *, vcpus: int = 1, memory_mb: int = 256, disk_gb: int = 2,
+         state: str = "running") -> Any:
+    from agentiso.frontend.catalog import WorkspaceRecord
+    from agentiso.frontend.lifecycle import State
+
+    return WorkspaceRecord(id=wid, name=wid, image="minimal", vcpus=vcpus, memory_mb=memory_mb,
+                           disk_gb=disk_gb, allow_internet=False, state=State(state), vm=wid,
+                           volume=wid, created_at=0.0, updated_at=0.0, session=session)
+
+
+@pytest.mark.parametrize(("limit", "scope", "ask", "message"), [
+    ("workspaces", "user", {"workspaces": 1}, "workspaces per user: 2 in use + 1 asked > 2"),
+    ("workspaces_per_session", "session", {"workspaces": 1},
+     "workspaces per session: 1 in use + 1 asked > 1"),
+    ("vcpus", "user", {"vcpus": 2}, "vcpus per user: 2 in use + 2 asked > 3"),
+    ("vcpus_per_session", "session", {"vcpus": 1}, "vcpus per session: 1 in use + 1 asked > 1"),
+    ("memory_mb", "user", {"memory_mb": 600}, "memory per user: 512 MB in use + 600 MB"),
+    ("memory_mb_per_session", "session", {"memory_mb": 300},
+     "memory per session: 256 MB in use + 300 MB"),
+    ("disk_gb", "user", {"disk_gb": 5}, "disk per user: 4 GB in use + 5 GB asked > 8 GB"),
+    ("disk_gb_per_session", "session", {"disk_gb": 3}, "disk per session: 2 GB in use + 3 GB"),
+])
+def test_every_quota_refuses_naming_the_limit_the_use_and_the_request(
+    limit: str, scope: str, ask: dict[str, int], message: str
+) -> None:
+    from agentiso.frontend import quotas
+    from agentiso.frontend.config import Quotas
+
+    generous = dict(workspaces=100, workspaces_per_session=100, vcpus=100, vcpus_per_session=100,
+                    memory_mb=10**6, memory_mb_per_session=10**6, disk_gb=10**4,
+                    disk_gb_per_session=10**4)
+    tight = {"workspaces": 2, "workspaces_per_session": 1, "vcpus": 3, "vcpus_per_session": 1,
+             "memory_mb": 1000, "memory_mb_per_session": 500, "disk_gb": 8,
+             "disk_gb_per_session": 4}
+    q = Quotas(**{**generous, limit: tight[limit]})
+    running = [_row("ws-0000000001", "s-me"), _row("ws-0000000002", "s-other")]
+    full = quotas.Ask(**{"workspaces": 0, "vcpus": 0, "memory_mb": 0, "disk_gb": 0, **ask})
+    with pytest.raises(quotas.QuotaExceeded) as e:
+        quotas.check(q, running, "s-me", full)
+    assert message in str(e.value), str(e.value)
+    assert e.value.scope == scope
+    assert "raise [quotas]" in str(e.value)
+    if limit.startswith(("vcpus", "memory")):
+        # A stopped workspace takes no vCPUs or memory: the same use is reported.
+        stopped = _row("ws-0000000003", "s-me", state="stopped", vcpus=8, memory_mb=8000)
+        with pytest.raises(quotas.QuotaExceeded) as again:
+            quotas.check(q, [*running, stopped], "s-me", full)
+        assert message in str(again.value)
