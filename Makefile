@@ -78,7 +78,7 @@ unit: venv
 	$(call run_pytest,tests/unit $(PYTEST_ARGS))
 
 test: setup lint image
-	$(call run_pytest,tests $(PYTEST_ARGS))
+	$(call run_pytest,tests --durations=25 $(PYTEST_ARGS))
 
 bench: setup image
 	$(VPY) -m bench
