@@ -136,7 +136,8 @@ class ForkOps:
         try:
             source = hp.FromSnapshot(volume=snap.volume, snapshot=snap.helper_name)
             async with self.helper_call() as h:
-                await h.volume_create(name=wid, source=source)
+                await h.volume_create(name=wid, source=source,
+                                      timeout=float(self.config.limits.boot_timeout_secs))
                 vm = await h.vm_start(
                     name=wid, volume=wid, vcpus=rec.vcpus, memory_mib=rec.memory_mb,
                     network=self._policy(rec),

@@ -140,7 +140,8 @@ class SnapshotOps:
             else:
                 new_volume = f"{rec.id}-{secrets.token_hex(3)}"
                 await h.volume_create(name=new_volume, source=hp.FromSnapshot(
-                    volume=target.volume, snapshot=target.helper_name))
+                    volume=target.volume, snapshot=target.helper_name),
+                    timeout=float(self.config.limits.boot_timeout_secs))
                 old = rec.volume
                 rec = self.catalog.update_workspace(rec.id, volume=new_volume)
                 if not any(s.volume == old for s in nodes):

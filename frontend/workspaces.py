@@ -252,9 +252,11 @@ class Workspaces(NetworkOps, SnapshotOps, ForkOps):
         try:
             async with self.helper_call() as h:
                 await progress("creating the disk from image " + image)
+                # The first volume of an image imports it: give it the boot's time.
                 await h.volume_create(
                     name=wid, source=hp.FromImage(image=image),
                     size_bytes=disk_gb * GiB if disk_gb else None,
+                    timeout=float(self.config.limits.boot_timeout_secs),
                 )
                 await progress("booting the VM")
                 vm = await h.vm_start(

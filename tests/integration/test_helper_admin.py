@@ -39,7 +39,7 @@ def test_admin_requests_need_root(helper: HelperProcess) -> None:
         from agentiso.protocol import helper as hp
         from agentiso.protocol.blocking import BlockingHelperClient
         from agentiso.protocol.errors import RemoteError
-        c = BlockingHelperClient({str(helper.socket)!r})
+        c = BlockingHelperClient({str(helper.socket)!r}, timeout=180)
         for msg in (hp.Gc(id=0, dry_run=True), hp.AdminList(id=0)):
             try:
                 c.request(msg); print("ALLOWED")
@@ -87,7 +87,7 @@ def test_list_gc_and_logs(helper: HelperProcess) -> None:
     assert "removed: QEMU pid" in done and f"removed: volume {lost_key}" in done, done
     again = cli(helper, "gc", "--dry-run", "--socket", str(helper.socket)).stdout
     assert again.strip().endswith("0 orphan(s)"), again
-    with BlockingHelperClient(str(helper.socket)) as c:
+    with BlockingHelperClient(str(helper.socket), timeout=180) as c:
         listing = c.request(hp.AdminList(id=0))
         assert isinstance(listing, hp.AdminListing)
         assert [v.name for v in listing.volumes] == ["keep"]

@@ -60,7 +60,7 @@ def as_user(helper: HelperProcess, uid: int, code: str) -> list[object]:
                 return type(r).__name__
             except RemoteError as e:
                 return e.code
-        c = BlockingHelperClient({str(helper.socket)!r})
+        c = BlockingHelperClient({str(helper.socket)!r}, timeout=180)
         """
     ) + textwrap.dedent(code)
     r = run_as(uid, uid, [GROUP], prog, timeout=120)
@@ -69,7 +69,7 @@ def as_user(helper: HelperProcess, uid: int, code: str) -> list[object]:
 
 
 def test_images_are_listed(helper: HelperProcess) -> None:
-    with BlockingHelperClient(str(helper.socket)) as c:
+    with BlockingHelperClient(str(helper.socket), timeout=180) as c:
         imgs = c.request(hp.ImageList(id=0))
     assert isinstance(imgs, hp.Images)
     assert "minimal" in [i.name for i in imgs.images]
@@ -132,7 +132,7 @@ def test_limits_refuse_with_typed_error_and_create_nothing(helper: HelperProcess
 
 
 def test_snapshot_clone_rollback_destroy_life_cycle(helper: HelperProcess) -> None:
-    with BlockingHelperClient(str(helper.socket)) as c:
+    with BlockingHelperClient(str(helper.socket), timeout=180) as c:
         c.request(hp.VolumeCreate(id=0, name="life", source=hp.FromImage(image="minimal")))
         with pytest.raises(AlreadyExists):
             c.request(hp.VolumeCreate(id=0, name="life", source=hp.FromImage(image="minimal")))
