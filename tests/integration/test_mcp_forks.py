@@ -12,19 +12,15 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from agentiso.protocol import helper as hp
-from agentiso.protocol.blocking import BlockingHelperClient
-from tests.harness.images import pin_image, skip_unless_image
-from tests.support.helper_process import IMAGES, HelperProcess, public_tmpdir, running_helper
-from tests.support.mcp_client import Tools, mcp_tools, serve_params
+from tests.harness.images import skip_unless_image
+from tests.support.mcp_client import Tools, mcp_tools
+from tests.support.mcp_env import McpEnv as Env
+from tests.support.mcp_env import mcp_env
 
 GROUP = 64381
 USER = 64382
@@ -36,46 +32,16 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@dataclass
-class Env:
-    helper: HelperProcess
-    work: Any
-
-    def helper_names(self) -> tuple[set[str], set[str]]:
-        with BlockingHelperClient(str(self.helper.socket), timeout=60) as c:
-            vms = c.request(hp.VmList(id=0, owner=USER))
-            vols = c.request(hp.VolumeList(id=0, owner=USER))
-        assert isinstance(vms, hp.Vms) and isinstance(vols, hp.Volumes)
-        return {v.name for v in vms.vms}, {v.name for v in vols.volumes}
-
-
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    images = public_tmpdir("agentiso-mcpf-img-")
-    pin_image(IMAGES / "minimal", images / "minimal")
-    config = "[limits]\nper_uid_memory_mib = 3072\nper_uid_vms = 10\n"
-    try:
-        with running_helper(group=GROUP, extra_args=("--images-dir", str(images)),
-                            config=config) as helper:
-            work = public_tmpdir("agentiso-mcpf-")
-            (work / "state").mkdir()
-            for p in (work, work / "state"):
-                os.chown(p, USER, USER)
-            (work / "config.toml").write_text(
-                f'helper_socket = "{helper.socket}"\nstate_dir = "{work / "state"}"\n'
-                "[quotas]\nforks_per_call = 5\n"
-            )
-            yield Env(helper, work)
-            shutil.rmtree(work, ignore_errors=True)
-    finally:
-        shutil.rmtree(images, ignore_errors=True)
+    with mcp_env(group=GROUP, user=USER, user_config="[quotas]\nforks_per_call = 5\n",
+                 helper_config="[limits]\nper_uid_memory_mib = 3072\nper_uid_vms = 10\n") as e:
+        yield e
 
 
 @pytest.fixture(scope="module")
 async def t(env: Env) -> AsyncIterator[Tools]:
-    params = serve_params(env.work / "config.toml", uid=USER, gid=USER, groups=(GROUP,),
-                          home=env.work)
-    async with mcp_tools(params) as tools:
+    async with mcp_tools(env.params()) as tools:
         yield tools
         for w in (await tools.call("workspace_list"))["workspaces"]:
             await tools.call("workspace_destroy", workspace=w["name"])

@@ -17,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +27,11 @@ import pytest
 
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
-from tests.harness.images import pin_image, skip_unless_image
-from tests.support.helper_process import IMAGES, HelperProcess, public_tmpdir, running_helper
-from tests.support.mcp_client import ToolFailed, Tools, mcp_tools, serve_params
+from tests.harness.images import skip_unless_image
+from tests.support.helper_process import IMAGES
+from tests.support.mcp_client import ToolFailed, Tools, mcp_tools
+from tests.support.mcp_env import McpEnv as Env
+from tests.support.mcp_env import mcp_env
 
 GROUP = 64361
 USER = 64362
@@ -52,32 +52,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@dataclass
-class Env:
-    helper: HelperProcess
-    work: Path
-    host: Path
-    config: Path
-
-    def params(self, config: Path | None = None) -> Any:
-        return serve_params(config or self.config, uid=USER, gid=USER, groups=(GROUP,),
-                            home=self.work)
-
-    def helper_names(self) -> tuple[set[str], set[str]]:
-        """The VMs and volumes the helper holds for USER."""
-        with BlockingHelperClient(str(self.helper.socket), timeout=60) as c:
-            vms = c.request(hp.VmList(id=0, owner=USER))
-            vols = c.request(hp.VolumeList(id=0, owner=USER))
-        assert isinstance(vms, hp.Vms) and isinstance(vols, hp.Volumes)
-        return {v.name for v in vms.vms}, {v.name for v in vols.volumes}
-
-
-def _test_images() -> Path:
-    """``minimal`` pinned by hard links (it may be rebuilt while we run), and
-    ``broken``: a real kernel and initramfs with a root disk that cannot be
+def _broken_image(d: Path) -> None:
+    """``broken``: a real kernel and initramfs with a root disk that cannot be
     mounted, so the guest powers off during boot."""
-    d = public_tmpdir("agentiso-mcp-img-")
-    pin_image(IMAGES / "minimal", d / "minimal")
     (d / "broken").mkdir()
     for f in ("vmlinuz", "initrd.img"):
         os.link(IMAGES / "minimal" / f, d / "broken" / f)
@@ -86,36 +63,15 @@ def _test_images() -> Path:
     manifest = json.loads((IMAGES / "minimal" / "manifest.json").read_text())
     manifest["files"]["rootfs.img"] = {"sha256": "0" * 64, "size": 64 * 1024 * 1024}
     (d / "broken" / "manifest.json").write_text(json.dumps(manifest))
-    for p in d.rglob("*"):
-        if p.is_dir():
-            p.chmod(0o755)
-    return d
+    (d / "broken").chmod(0o755)
 
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    images = _test_images()
-    config = "[limits]\nper_uid_memory_mib = 1280\nper_uid_vms = 4\n"
-    try:
-        with running_helper(group=GROUP, extra_args=("--images-dir", str(images)),
-                            config=config) as helper:
-            work = public_tmpdir("agentiso-mcp-")
-            host = work / "host"
-            host.mkdir()
-            (work / "state").mkdir()
-            for p in (work, host, work / "state"):
-                os.chown(p, USER, USER)
-            cfg = work / "config.toml"
-            cfg.write_text(
-                f'helper_socket = "{helper.socket}"\n'
-                f'host_roots = ["{host}"]\n'
-                f'state_dir = "{work / "state"}"\n'
-                "[limits]\nboot_timeout_secs = 150\n"
-            )
-            yield Env(helper, work, host, cfg)
-            shutil.rmtree(work, ignore_errors=True)
-    finally:
-        shutil.rmtree(images, ignore_errors=True)
+    with mcp_env(group=GROUP, user=USER, host_root=True, more_images=_broken_image,
+                 helper_config="[limits]\nper_uid_memory_mib = 1280\nper_uid_vms = 4\n",
+                 user_config="[limits]\nboot_timeout_secs = 150\n") as e:
+        yield e
 
 
 @pytest.fixture(scope="module")

@@ -14,21 +14,17 @@ unprivileged uid in the helper's group.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
-from tests.harness.images import pin_image, skip_unless_image
-from tests.support.helper_process import IMAGES, HelperProcess, public_tmpdir, running_helper
-from tests.support.mcp_client import Tools, mcp_tools, serve_params
+from tests.harness.images import skip_unless_image
+from tests.support.mcp_client import Tools, mcp_tools
+from tests.support.mcp_env import McpEnv as Env
+from tests.support.mcp_env import mcp_env
 
 GROUP = 64371
 USER = 64372
@@ -51,51 +47,11 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@dataclass
-class Env:
-    helper: HelperProcess
-    work: Path
-
-    def params(self) -> Any:
-        return serve_params(self.work / "config.toml", uid=USER, gid=USER, groups=(GROUP,),
-                            home=self.work)
-
-    def helper_names(self) -> tuple[set[str], set[str]]:
-        with BlockingHelperClient(str(self.helper.socket), timeout=60) as c:
-            vms = c.request(hp.VmList(id=0, owner=USER))
-            vols = c.request(hp.VolumeList(id=0, owner=USER))
-        assert isinstance(vms, hp.Vms) and isinstance(vols, hp.Volumes)
-        return {v.name for v in vms.vms}, {v.name for v in vols.volumes}
-
-    def host_curl(self, port: int, path: str = "") -> subprocess.CompletedProcess[str]:
-        """``curl 127.0.0.1:port`` on the helper's host (its network namespace)."""
-        return subprocess.run(
-            ["ip", "netns", "exec", self.helper.netns, "curl", "-s", "-m", "10",
-             f"http://127.0.0.1:{port}/{path}"],
-            capture_output=True, text=True, timeout=30,
-        )
-
-
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    images = public_tmpdir("agentiso-mcps-img-")
-    pin_image(IMAGES / "minimal", images / "minimal")
-    config = "[limits]\nper_uid_memory_mib = 2048\nper_uid_vms = 6\n"
-    try:
-        with running_helper(group=GROUP, extra_args=("--images-dir", str(images)),
-                            config=config) as helper:
-            work = public_tmpdir("agentiso-mcps-")
-            (work / "state").mkdir()
-            for p in (work, work / "state"):
-                os.chown(p, USER, USER)
-            (work / "config.toml").write_text(
-                f'helper_socket = "{helper.socket}"\nstate_dir = "{work / "state"}"\n'
-                + QUOTAS
-            )
-            yield Env(helper, work)
-            shutil.rmtree(work, ignore_errors=True)
-    finally:
-        shutil.rmtree(images, ignore_errors=True)
+    with mcp_env(group=GROUP, user=USER, user_config=QUOTAS,
+                 helper_config="[limits]\nper_uid_memory_mib = 2048\nper_uid_vms = 6\n") as e:
+        yield e
 
 
 @pytest.fixture(scope="module")
@@ -265,9 +221,11 @@ async def test_snapshot_tree_restores_every_node(env: Env, a: Tools) -> None:
     assert "snapshot_list" in err
 
     # A memory snapshot brings a running process back.
-    await a.call("exec_background", workspace="owned", command="sleep 600")
+    job = await a.call("exec_background", workspace="owned", command="sleep 600")
     await a.call("snapshot_create", workspace="owned", name="mem", include_memory=True)
-    await a.call("exec", workspace="owned", command="pkill -x sleep || true")
+    await a.call("exec_kill", workspace="owned", job=job["job"], signal="KILL")
+    gone = await a.call("exec", workspace="owned", command="pgrep -x sleep")
+    assert gone["exit_code"] == 1, "killed after the snapshot"
     r = await a.call("snapshot_restore", workspace="owned", name="mem")
     assert r["memory_restored"] is True, r
     p = await a.call("exec", workspace="owned", command="pgrep -x sleep")
@@ -324,7 +282,7 @@ async def test_another_user_sees_and_touches_nothing(env: Env, a: Tools) -> None
     cfg = env.work / "other.toml"
     cfg.write_text(f'helper_socket = "{env.helper.socket}"\nstate_dir = "{other_state}"\n')
     owned = await a.call("workspace_info", workspace="owned")
-    params = serve_params(cfg, uid=OTHER, gid=OTHER, groups=(GROUP,), home=env.work)
+    params = env.params(cfg, uid=OTHER)
     async with mcp_tools(params) as o:
         listed = await o.call("workspace_list")
         assert listed == {"workspaces": [], "orphans": []}, listed

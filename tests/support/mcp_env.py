@@ -1,0 +1,98 @@
+"""A private helper and an unprivileged user's config, for tests that drive
+``agentiso serve`` (one per test module).
+
+:func:`mcp_env` pins the ``minimal`` image (plus any extra image directories a
+test makes), starts a helper in its own network namespace with the user's
+group allowed, and writes the user's ``config.toml`` (socket, state dir,
+extra TOML such as quotas).  :class:`McpEnv` starts servers as that user and
+looks at what the helper holds for them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mcp.client.stdio import StdioServerParameters
+
+from agentiso.protocol import helper as hp
+from agentiso.protocol.blocking import BlockingHelperClient
+from tests.harness.images import pin_image
+from tests.support.helper_process import IMAGES, HelperProcess, public_tmpdir, running_helper
+from tests.support.mcp_client import serve_params
+
+
+@dataclass
+class McpEnv:
+    helper: HelperProcess
+    work: Path
+    config: Path
+    group: int
+    user: int
+
+    @property
+    def host(self) -> Path:
+        """A host directory of the user's, the one host root when asked for."""
+        return self.work / "host"
+
+    def params(
+        self, config: Path | None = None, *, uid: int | None = None
+    ) -> StdioServerParameters:
+        """``agentiso serve`` as ``uid`` (default: the env's user) in the helper's group."""
+        uid = self.user if uid is None else uid
+        return serve_params(config or self.config, uid=uid, gid=uid, groups=(self.group,),
+                            home=self.work)
+
+    def helper_names(self) -> tuple[set[str], set[str]]:
+        """The VMs and volumes the helper holds for the user."""
+        with BlockingHelperClient(str(self.helper.socket), timeout=60) as c:
+            vms = c.request(hp.VmList(id=0, owner=self.user))
+            vols = c.request(hp.VolumeList(id=0, owner=self.user))
+        assert isinstance(vms, hp.Vms) and isinstance(vols, hp.Volumes)
+        return {v.name for v in vms.vms}, {v.name for v in vols.volumes}
+
+    def host_curl(self, port: int, path: str = "") -> subprocess.CompletedProcess[str]:
+        """``curl 127.0.0.1:port`` on the helper's host (its network namespace)."""
+        return subprocess.run(
+            ["ip", "netns", "exec", self.helper.netns, "curl", "-s", "-m", "10",
+             f"http://127.0.0.1:{port}/{path}"],
+            capture_output=True, text=True, timeout=30,
+        )
+
+
+@contextmanager
+def mcp_env(
+    *, group: int, user: int, helper_config: str, user_config: str = "",
+    host_root: bool = False, more_images: Callable[[Path], None] | None = None,
+) -> Iterator[McpEnv]:
+    """The helper (``helper_config``: its TOML) and the user's config
+    (``user_config``: TOML appended after the socket, the state dir and, with
+    ``host_root``, ``host_roots`` naming :attr:`McpEnv.host`)."""
+    images = public_tmpdir("agentiso-mcp-img-")
+    try:
+        pin_image(IMAGES / "minimal", images / "minimal")
+        if more_images is not None:
+            more_images(images)
+        with running_helper(group=group, extra_args=("--images-dir", str(images)),
+                            config=helper_config) as helper:
+            work = public_tmpdir("agentiso-mcp-")
+            try:
+                for p in (work, work / "state", work / "host"):
+                    p.mkdir(exist_ok=True)
+                    os.chown(p, user, user)
+                roots = f'host_roots = ["{work / "host"}"]\n' if host_root else ""
+                config = work / "config.toml"
+                config.write_text(
+                    f'helper_socket = "{helper.socket}"\nstate_dir = "{work / "state"}"\n'
+                    + roots + user_config
+                )
+                yield McpEnv(helper, work, config, group, user)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(images, ignore_errors=True)
