@@ -202,7 +202,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         "connection is one session; a workspace is used only by its own session)."))
     @tool_errors
     async def workspace_adopt(workspace: WorkspaceRef) -> WorkspaceSummary:
-        rec = rt.ws.adopt(workspace)
+        rec = await rt.ws.adopt(workspace)
         return WorkspaceSummary(**summary(await rt.ws.detail(rec.id), rt.ws.session.id))
 
     @app.tool(annotations=changes, description=(
@@ -210,7 +210,7 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         "client restarted or crashed). Workspaces of sessions still running are left alone."))
     @tool_errors
     async def workspace_adopt_all() -> Adopted:
-        taken = rt.ws.adopt_all()
+        taken = await rt.ws.adopt_all()
         return Adopted(workspaces=[WorkspaceSummary(**summary(await rt.ws.detail(r.id),
                                                               rt.ws.session.id))
                                    for r in taken])

@@ -199,18 +199,26 @@ class Workspaces(NetworkOps, SnapshotOps, ForkOps):
             raise WorkspaceNotFound(ref)
         return rec
 
-    def adopt(self, ref: str) -> WorkspaceRecord:
+    async def adopt(self, ref: str) -> WorkspaceRecord:
         """Make this session the owner of a workspace (even one whose session
-        still runs: an explicit take-over)."""
-        rec = self.catalog.get_workspace(ref)
+        still runs: an explicit take-over).  An operation its dead owner left
+        half-done is finished first (a busy row adopted as it is would stay
+        busy for as long as this session lives)."""
+        rec = await self._recover_if_abandoned(self.catalog.get_workspace(ref))
+        if rec is None:
+            raise WorkspaceNotFound(ref)
         adopted = self.catalog.adopt(rec.id, self.session.id)
         return adopted if adopted is not None else self.catalog.get_workspace(rec.id)
 
-    def adopt_all(self) -> list[WorkspaceRecord]:
-        """Adopt every workspace whose session has ended."""
+    async def adopt_all(self) -> list[WorkspaceRecord]:
+        """Adopt every workspace whose session has ended (finishing what such
+        a session left half-done first)."""
         taken = []
-        for rec in self.catalog.list_workspaces():
-            if rec.session == self.session.id:
+        for listed in self.catalog.list_workspaces():
+            if listed.session == self.session.id:
+                continue
+            rec = await self._recover_if_abandoned(listed)
+            if rec is None or rec.state in lifecycle.BUSY_STATES:
                 continue
             got = self.catalog.adopt(
                 rec.id, self.session.id,
