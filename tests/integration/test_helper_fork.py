@@ -133,10 +133,15 @@ def lab() -> Iterator[Lab]:
             group=0, extra_args=("--images-dir", str(images)), config=config
         ) as helper:
             lab = Lab(helper=helper, host=NetNs(helper.netns))
-            _start_source_and_fork_it(lab)
-            print("resume_from to the agent's first answer (s):",
-                  {k: round(v, 2) for k, v in lab.resume_s.items()})
-            yield lab
+            try:
+                _start_source_and_fork_it(lab)
+                print("resume_from to the agent's first answer (s):",
+                      {k: round(v, 2) for k, v in lab.resume_s.items()})
+                yield lab
+            finally:
+                # The sniffer lives in the helper's namespace, which this test did
+                # not make: end it by pid (deleting the namespace would not).
+                lab.host.stop_procs()
     finally:
         shutil.rmtree(images, ignore_errors=True)
 
