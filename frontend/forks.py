@@ -35,8 +35,6 @@ from .lifecycle import Event, Operation, State
 from .sessions import Session
 from .workspace_errors import WorkspaceError
 
-GiB = 1024 * 1024 * 1024
-
 
 class ForkError(WorkspaceError):
     pass

@@ -84,10 +84,6 @@ class SnapshotOps:
         if include_memory and rec.state is not State.RUNNING:
             raise SnapshotError(f"workspace {rec.name!r} is {rec.state}: it has no memory to "
                                 "save", "Start it first, or snapshot without include_memory.")
-        existing = self.catalog.list_snapshots(rec.id)
-        if any(s.name == name for s in existing):
-            raise SnapshotError(f"workspace {rec.name!r} already has a snapshot {name!r}",
-                                "Choose another name (snapshot_list shows them).")
         limit = self.config.quotas.snapshots_per_workspace
         snap = SnapshotRecord(
             workspace=rec.id, name=name, volume=rec.volume,

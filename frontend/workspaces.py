@@ -497,7 +497,7 @@ class Workspaces(NetworkOps, SnapshotOps, ForkOps):
     def _reconciled(self, rec: WorkspaceRecord, vm: hp.VmInfo | None) -> WorkspaceRecord:
         """The row, corrected where the helper contradicts it (e.g. a VM that died)."""
         if rec.state in lifecycle.BUSY_STATES:
-            return rec  # an operation is under way (or its frontend died: see reconcile_all)
+            return rec  # an operation is under way (a dead one's: _recover_if_abandoned)
         state, reason = lifecycle.reconcile(rec.state, None if vm is None else vm.state)
         if state == rec.state:
             return rec
