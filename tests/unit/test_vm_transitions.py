@@ -82,6 +82,20 @@ def test_exit_reason_names_what_ended_qemu() -> None:
     assert exit_reason(-9, None) == "QEMU killed by signal 9 (SIGKILL)"
 
 
+def test_exit_reason_of_a_real_time_signal_does_not_raise() -> None:
+    # signal.Signals has no members for SIGRTMIN+k: Signals(n) raised ValueError
+    # in the watcher, so a QEMU killed by one took the watcher down.
+    import signal
+
+    rt = signal.SIGRTMIN + 3
+    assert exit_reason(-rt, None) == f"QEMU killed by signal {rt} (SIGRTMIN+3)"
+    top = signal.SIGRTMAX - 1
+    assert exit_reason(-top, "QMP quit").endswith(
+        f"(SIGRTMIN+{top - signal.SIGRTMIN}) after QMP quit"
+    )
+    assert exit_reason(-200, None) == "QEMU killed by signal 200 (signal 200)"
+
+
 def test_next_fdset_checks_qemus_reply() -> None:
     assert next_fdset([{"fdset-id": 3}, {"fdset-id": 7}], 2) == 8
     assert next_fdset([], 2) == 3

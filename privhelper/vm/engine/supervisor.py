@@ -373,7 +373,19 @@ def exit_reason(rc: int | None, stop_method: str | None) -> str:
     if rc is None:
         reason = "QEMU exited"
     elif rc < 0:
-        reason = f"QEMU killed by signal {-rc} ({signal.Signals(-rc).name})"
+        reason = f"QEMU killed by signal {-rc} ({signal_name(-rc)})"
     else:
         reason = f"QEMU exited with status {rc}"
     return f"{reason} after {stop_method}" if stop_method else reason
+
+
+def signal_name(signum: int) -> str:
+    """A signal's name; real-time signals (which ``signal.Signals`` lacks and
+    would raise ValueError for, taking the watcher down) are ``SIGRTMIN+k``."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        rtmin, rtmax = signal.SIGRTMIN, signal.SIGRTMAX
+        if rtmin <= signum <= rtmax:
+            return f"SIGRTMIN+{signum - rtmin}"
+        return f"signal {signum}"
