@@ -77,7 +77,9 @@ endef
 unit: venv
 	$(call run_pytest,tests/unit $(PYTEST_ARGS))
 
+# The agent-workflow tests need the dev image (git) besides the default one.
 test: setup lint image
+	$(MAKE) image IMAGE=dev
 	$(call run_pytest,tests --durations=25 $(PYTEST_ARGS))
 
 bench: setup image
