@@ -236,28 +236,14 @@ def _logs(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _check(cfg: HelperConfig, images_dir: Path) -> int:
-    from .images import list_images
+async def _check(cfg: HelperConfig, source: str) -> int:
+    from . import check
 
-    state_dir = Path(cfg.paths.state_dir)
-    ok = True
-    rows: list[tuple[str, bool, str]] = []
-    imgs = list_images(images_dir)
-    rows.append(("images", bool(imgs),
-                 ", ".join(i.name for i in imgs) or f"none in {images_dir} (make image)"))
-    storage = make_backend(cfg.storage, state_dir)
-    try:
-        await storage.setup()
-        rows.append(("storage", True, f"{cfg.storage.backend} backend ready"))
-    except HelperError as exc:
-        rows.append(("storage", False, str(exc)))
-    async with VmEngine.running(engine_settings(cfg, state_dir)) as engine:
-        for r in await engine.check(str(imgs[0].kernel) if imgs else None):
-            rows.append((r.name, r.ok, r.detail))
-    for name, good, detail in rows:
-        ok = ok and good
-        print(f"{'ok ' if good else 'BAD'}  {name:<18} {detail}")
-    return 0 if ok else 1
+    settings = engine_settings(cfg, Path(cfg.paths.state_dir))
+    facts = await check.gather(cfg, source, settings, Path(cfg.paths.images_dir))
+    lines = check.judge(facts)
+    print(check.render(lines))
+    return check.exit_code(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,8 +254,15 @@ def main(argv: list[str] | None = None) -> int:
         return _logs(args)
     log.configure(getattr(args, "log_level", "warning"))
     if args.command == "check":
-        cfg = _apply_overrides(load_config(args.config), args)
-        return anyio.run(_check, cfg, Path(cfg.paths.images_dir))
+        try:
+            cfg = _apply_overrides(load_config(args.config), args)
+            engine_settings(cfg, Path(cfg.paths.state_dir))
+        except HelperError as exc:
+            print(f"FAIL  config             {exc}\n{'':<24} fix: correct that key "
+                  f"(every key is optional; see docs/configuration.md)", file=sys.stdout)
+            return 1
+        source = str(args.config) if args.config.exists() else f"{args.config} absent: defaults"
+        return anyio.run(_check, cfg, source)
     try:
         cfg = _apply_overrides(load_config(args.config), args)
         engine_settings(cfg, Path(cfg.paths.state_dir))  # fail early on a bad [vm]
