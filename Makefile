@@ -15,7 +15,8 @@ PYTEST_ARGS ?=
 # Every Debian package the project needs on the build/test host.
 APT_PACKAGES := python3 python3-venv python3-dev gcc make git \
 	qemu-system-x86 qemu-utils debootstrap busybox-static cpio zstd lz4 kmod e2fsprogs \
-	nftables iproute2 zfs-fuse util-linux systemd procps curl socat ca-certificates
+	nftables iproute2 zfs-fuse util-linux systemd procps curl socat ca-certificates \
+	dbus polkitd
 
 PKG_DIRS := protocol frontend privhelper guest
 

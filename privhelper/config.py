@@ -9,7 +9,7 @@ from __future__ import annotations
 import grp
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -27,6 +27,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     socket: str = str(DEFAULT_SOCKET_PATH)
     #: Group whose members may use the helper (besides root): a name or a gid.
     group: str | int = "agentiso"
+    #: Who may do what: "group" (root and members of ``group``, for hosts
+    #: without polkit) or "polkit" (the helper asks polkit for every action
+    #: class, privhelper/polkit.py; polkit unreachable means refused).
+    authorization: Literal["group", "polkit"] = "group"
     socket_mode: Annotated[int, Meta(ge=0, le=0o777)] = 0o660
     #: Concurrent requests served per connection; more wait (backpressure).
     max_inflight_per_connection: Annotated[int, Meta(ge=1, le=4096)] = 64

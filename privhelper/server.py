@@ -39,7 +39,8 @@ from . import __version__
 from .actions import ACTION_FOR_REQUEST, ADMIN_ONLY
 from .config import HelperConfig, resolve_gid
 from .errors import HelperError, RequestFailed
-from .peercred import PeerCredentials, get_peer_credentials, is_authorized
+from .peercred import PeerCredentials, get_peer_credentials
+from .polkit import ConnectionAuthorizer
 from .transport import peer_gone_is_eof, receive_some
 
 if TYPE_CHECKING:
@@ -115,13 +116,13 @@ class HelperServer:
         conn = _Connection(stream)
         logc = log.bind(peer_uid=peer.uid, peer_pid=peer.pid)
 
-        if not is_authorized(peer, self.allowed_gid):
-            logc.warning("peer_refused")
-            await conn.send_error(
-                0,
-                ErrorCode.PERMISSION_DENIED,
-                f"uid {peer.uid} is neither root nor a member of the helper's group",
-            )
+        # Group membership, or polkit (asked per action class, cached per connection).
+        authz = ConnectionAuthorizer(peer, self.config.server.authorization, self.allowed_gid)
+        try:
+            await authz.admit()
+        except RequestFailed as exc:
+            logc.warning("peer_refused", reason=exc.message)
+            await conn.send_error(0, exc.code, exc.message)
             await _linger(stream)
             return
         if self.connections > self.config.server.max_connections:
@@ -160,7 +161,7 @@ class HelperServer:
         reader = FrameReader(receive, hp.HELPER_MAX_FRAME)
         ctx = RequestContext(peer=peer, server=self)
         if await self._handshake(conn, read_frame):
-            await self._request_loop(conn, read_frame, unframed, ctx)
+            await self._request_loop(conn, read_frame, unframed, ctx, authz)
 
     async def _handshake(self, conn: _Connection, read_frame: FrameSource) -> bool:
         with anyio.move_on_after(HELLO_TIMEOUT_S):
@@ -201,6 +202,7 @@ class HelperServer:
         read_frame: FrameSource,
         unframed: Callable[[], Callable[[], Awaitable[bytes]]],
         ctx: RequestContext,
+        authz: ConnectionAuthorizer,
     ) -> None:
         slots = anyio.Semaphore(self.config.server.max_inflight_per_connection)
         # At end of stream, requests already in flight still complete (a client
@@ -215,10 +217,10 @@ class HelperServer:
                 if isinstance(req, hp.GuestOpen):
                     # The connection becomes a guest channel; requests already
                     # in flight still complete first.
-                    await self._relay(conn, unframed, req, ctx)
+                    await self._relay(conn, unframed, req, ctx, authz)
                     return
                 await slots.acquire()  # a flood waits here instead of growing memory
-                tg.start_soon(self._serve_one, conn, req, ctx, slots)
+                tg.start_soon(self._serve_one, conn, req, ctx, authz, slots)
 
     async def _relay(
         self,
@@ -226,8 +228,10 @@ class HelperServer:
         unframed: Callable[[], Callable[[], Awaitable[bytes]]],
         req: hp.GuestOpen,
         ctx: RequestContext,
+        authz: ConnectionAuthorizer,
     ) -> None:
         try:
+            await authz.authorize(ACTION_FOR_REQUEST[hp.GuestOpen])
             if self.open_guest is None:
                 raise RequestFailed(ErrorCode.UNAVAILABLE, "this helper runs no VMs")
             if req.owner is not None:
@@ -247,7 +251,12 @@ class HelperServer:
             log.info("relay_ended", vm=req.vm, reason=exc.message)
 
     async def _serve_one(
-        self, conn: _Connection, req: Any, ctx: RequestContext, slots: anyio.Semaphore
+        self,
+        conn: _Connection,
+        req: Any,
+        ctx: RequestContext,
+        authz: ConnectionAuthorizer,
+        slots: anyio.Semaphore,
     ) -> None:
         try:
             handler = self.handlers.get(type(req))
@@ -266,6 +275,7 @@ class HelperServer:
                 if req.owner is not None:
                     ctx = RequestContext(peer=ctx.peer, server=self, owner=req.owner)
                 try:
+                    await authz.authorize(ACTION_FOR_REQUEST[type(req)])
                     resp = await handler(req, ctx)
                 except HelperError as exc:
                     resp = _typed_error(req, exc)
