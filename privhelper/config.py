@@ -34,7 +34,26 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     socket_mode: Annotated[int, Meta(ge=0, le=0o777)] = 0o660
     #: Concurrent requests served per connection; more wait (backpressure).
     max_inflight_per_connection: Annotated[int, Meta(ge=1, le=4096)] = 64
+    #: Connections of all non-root uids at once (root is never counted: it
+    #: always gets a slot, so an operator can act during a flood).
     max_connections: Annotated[int, Meta(ge=1, le=65536)] = 1024
+    #: Connections of one non-root uid at once.
+    max_connections_per_uid: Annotated[int, Meta(ge=1, le=65536)] = 128
+    #: Seconds a new connection has to say hello.
+    hello_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+    #: Seconds a connection may stay open with no request in flight and none
+    #: sent (relayed guest channels excepted: their traffic is the guest's).
+    idle_timeout_s: Annotated[float, Meta(gt=0, le=86400)] = 900.0
+    #: Bytes (MiB) the helper may hold buffered for all non-root clients
+    #: together (relay output queues, partial frames); see docs/helper.md.
+    buffer_budget_mib: Annotated[int, Meta(ge=1, le=1 << 20)] = 512
+    #: The share of ``buffer_budget_mib`` one non-root uid may hold.
+    per_uid_buffer_mib: Annotated[int, Meta(ge=1, le=1 << 20)] = 128
+    #: Output queued for one relayed client before it is judged not reading
+    #: and dropped (at least two credit windows of a transfer).
+    relay_queue_mib: Annotated[int, Meta(ge=1, le=4096)] = 32
+    #: Requests of all relayed clients of one VM in flight at once.
+    relay_max_inflight_per_vm: Annotated[int, Meta(ge=1, le=65536)] = 256
 
 
 class PathsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
