@@ -133,7 +133,8 @@ def test_rows_join_catalog_and_helper_and_show_untracked() -> None:
     table = render_list(rows, untracked)
     assert "web" in table and "10.42.0.2" in table and "5.0 MiB" in table
     assert "ws-orphan" in table and "reconciles" in table
-    hello = hp.HelloOk(id=0, version=hp.HELPER_PROTOCOL_VERSION, server="agentiso-helper 0.1", uptime_s=5)
+    hello = hp.HelloOk(id=0, version=hp.HELPER_PROTOCOL_VERSION, server="agentiso-helper 0.1",
+                       uptime_s=5)
     text = render_status(hello, hp.Identity(id=0, uid=1000, gid=1000, pid=1, admin=False),
                          "/s/catalog.db", rows, untracked)
     assert "reachable: agentiso-helper 0.1" in text
