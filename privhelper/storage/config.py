@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from .names import MIB, TIB
+from .names import GIB, MIB, TIB
 
 #: A ZFS dataset path: components of ZFS's own safe characters, no '@' or '%'.
 _DATASET_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}(/[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}){0,7}$"
@@ -48,3 +48,11 @@ class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: Seconds any single qemu-img/zfs command may take before it is killed.
     command_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 600.0
     zfs: ZfsConfig = msgspec.field(default_factory=ZfsConfig)
+    #: Snapshots one uid may hold (all its volumes together), memory ones included.
+    per_uid_snapshots: Annotated[int, Meta(ge=0, le=100_000)] = 256
+    #: Bytes of saved VM memory (memory snapshots) one uid may hold.  A new
+    #: memory snapshot counts as its VM's RAM until its real size is known.
+    per_uid_memory_state_bytes: Annotated[int, Meta(ge=0, le=1024 * TIB)] = 32 * GIB
+    #: Free bytes the state filesystem keeps: volume creates and snapshots that
+    #: would go below are refused (the registry and logs still have room).
+    reserve_free_bytes: Annotated[int, Meta(ge=0, le=1024 * TIB)] = 1 * GIB

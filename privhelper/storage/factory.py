@@ -20,4 +20,7 @@ def make_backend(config: StorageConfig, state_dir: Path) -> VolumeBackend:
     if config.backend == "zfs":
         return ZfsBackend(config.zfs, runner=runner, min_size=lo, max_size=hi)
     root = Path(state_dir) / STORAGE_SUBDIR / "qcow2"
-    return Qcow2Backend(root, runner=runner, min_size=lo, max_size=hi)
+    return Qcow2Backend(
+        root, runner=runner, min_size=lo, max_size=hi,
+        reserve_free_bytes=config.reserve_free_bytes,
+    )

@@ -59,6 +59,7 @@ from .qcow2_state import (
     unreferenced,
 )
 from .qemu_img import is_lock_error, parse_info
+from .quotas import check_reserve, free_bytes
 from .runner import Runner
 
 #: Frozen layers and bases are never written again; the top is QEMU's.
@@ -90,8 +91,11 @@ class Qcow2Backend:
         runner: Runner | None = None,
         min_size: int = 1024 * 1024,
         max_size: int = 2 * 1024**4,
+        reserve_free_bytes: int = 0,
     ) -> None:
         self.layout = Layout(Path(root).absolute())
+        #: Creates and snapshots are refused when the filesystem has less free.
+        self.reserve_free_bytes = reserve_free_bytes
         self.runner = runner or Runner()
         self.min_size = min_size
         self.max_size = max_size
@@ -164,6 +168,9 @@ class Qcow2Backend:
     def _delete_layers(self, layers: list[str] | tuple[str, ...]) -> None:
         for layer in unreferenced(layers, self._load_all()):
             self.layout.layer(layer).unlink(missing_ok=True)
+
+    def _check_reserve(self) -> None:
+        check_reserve(free_bytes(self.layout.root), self.reserve_free_bytes)
 
     def _check_size(self, size: int) -> int:
         return check_size(size, minimum=self.min_size, maximum=self.max_size)
@@ -255,6 +262,7 @@ class Qcow2Backend:
         async with self._lock:
             if self.layout.meta(name).exists():
                 raise AlreadyExists("volume", name)
+            self._check_reserve()
             metas = self._load_all()
             if isinstance(source, FromBase):
                 check_name("base", source.base)
@@ -353,6 +361,7 @@ class Qcow2Backend:
             meta = self._load(volume)
             if any(s.name == snapshot for s in meta.snapshots):
                 raise AlreadyExists("snapshot", f"{volume}@{snapshot}")
+            self._check_reserve()
             current = self.layout.layer(meta.top)
             new = await self._make_overlay(current, meta.virtual_size)
             self._pending.add(new)

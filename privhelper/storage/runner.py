@@ -3,7 +3,8 @@
 A thin adapter over :func:`anyio.run_process`: argv only (never a shell), the C
 locale so messages are parseable, a timeout, and a non-zero exit turned into
 :class:`CommandFailed` carrying the command's stderr.  A missing program is
-:class:`BackendUnavailable`.
+:class:`BackendUnavailable`; a command that failed because its filesystem is
+full is :class:`~agentiso.privhelper.atomicfile.StateFilesystemFull`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from dataclasses import dataclass
 
 import anyio
 
+from ..atomicfile import StateFilesystemFull
 from .errors import BackendUnavailable, CommandFailed
 
 _ENV_KEEP = ("PATH",)
+#: strerror(ENOSPC) in the C locale the commands run in.
+_NO_SPACE = "No space left on device"
 
 
 @dataclass(frozen=True)
@@ -60,5 +64,7 @@ class Runner:
             proc.stderr.decode("utf-8", "replace"),
         )
         if check and result.returncode != 0:
+            if _NO_SPACE in result.stderr:
+                raise StateFilesystemFull(f"running {' '.join(argv[:2])}")
             raise CommandFailed(argv, result.returncode, result.stderr or result.stdout)
         return result

@@ -12,8 +12,11 @@ Two users:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+
+from ..atomicfile import is_full
 
 
 def _rotated(path: Path) -> Path:
@@ -28,22 +31,36 @@ class BoundedLog:
         self.half = max_bytes // 2
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self._size = os.fstat(self._fd).st_size
+        #: Bytes not written because the filesystem was full.
+        self.dropped = 0
 
     def write(self, data: bytes) -> None:
-        while data:
-            if self._size >= self.half:
-                self._rotate()
-            room = self.half - self._size
-            chunk, data = data[:room], data[room:]
-            os.write(self._fd, chunk)
-            self._size += len(chunk)
+        """Append ``data``, rotating at half the cap.  A full filesystem drops
+        the rest of ``data`` (counted in :attr:`dropped`); never raises for it."""
+        try:
+            while data:
+                if self._size >= self.half:
+                    self._rotate()
+                room = self.half - self._size
+                chunk = data[:room]
+                n = os.write(self._fd, chunk)
+                self._size += n
+                data = data[n:]
+        except OSError as exc:
+            if not is_full(exc):
+                raise
+            self.dropped += len(data)
 
     def _rotate(self) -> None:
-        os.replace(self.path, _rotated(self.path))
-        os.close(self._fd)
-        self._fd = os.open(
+        # A rotation that a full filesystem cut short (the new file could not
+        # be made) is simply tried again at the next write.
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.path, _rotated(self.path))
+        fd = os.open(
             self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600
         )
+        os.close(self._fd)
+        self._fd = fd
         self._size = 0
 
     def close(self) -> None:
@@ -83,7 +100,14 @@ def cap_appended_file(path: Path, max_bytes: int) -> bool:
         return False
     keep = tail(path, max_bytes // 2)  # reads only the live file: it is bigger than keep
     tmp = path.with_name(path.name + ".1.tmp")
-    tmp.write_bytes(keep)
-    os.replace(tmp, _rotated(path))
+    try:
+        tmp.write_bytes(keep)
+        os.replace(tmp, _rotated(path))
+    except OSError as exc:
+        if not is_full(exc):
+            raise
+        # No room for the tail: losing it beats letting the log fill the disk.
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     os.truncate(path, 0)
     return True

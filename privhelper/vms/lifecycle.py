@@ -169,6 +169,10 @@ class VmLifecycle:
                         fds.callback(os.close, net.tap_fd)
                         push_shielded(undo, self.network.detach, rec.key)
                     tap = None if net is None else NetAttachment(tap_fd=net.tap_fd, mac=net.mac)
+                    # Pushed before the start: a start that fails after QEMU
+                    # was spawned (its record unsaved on a full disk, say)
+                    # leaves a QEMU the engine knows; it must not outlive us.
+                    push_shielded(undo, self._discard_qemu, rec.key)
                     await self.engine.start(
                         VmConfig(
                             name=rec.key,
@@ -187,7 +191,6 @@ class VmLifecycle:
                             net_link_down=fork is not None,
                         )
                     )
-                    push_shielded(undo, self._discard_qemu, rec.key)
                 # A guest ran on it: its disk is no longer the snapshot's.
                 vol.pristine_clone_of = None
                 ws.registry.save()

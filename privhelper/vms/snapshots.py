@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import anyio
@@ -24,6 +24,7 @@ from ..registry import SnapshotRecord, VmRecord, VolumeRecord
 from ..relay import GuestChannel
 from ..server import RequestContext
 from ..service import WorkspaceService
+from ..storage import quotas
 from ..vm.engine import VmEngine
 from .channels import GuestChannels
 from .lifecycle import GUEST_CALL_TIMEOUT_S
@@ -34,6 +35,8 @@ log = structlog.get_logger("agentiso.helper.vms")
 #: Longest a guest stays frozen for a snapshot if the helper died meanwhile.
 FREEZE_AUTO_THAW_S = 60.0
 MEMORY_FILE_SUFFIX = ".mem"
+#: How often a memory save's file size is checked against its bound.
+MEMORY_WATCH_S = 0.2
 
 
 @dataclass
@@ -41,9 +44,16 @@ class LiveSnapshots:
     """Handles SnapshotCreate (of any volume: one without a running VM is
     handed to the workspace service).
 
-    The snapshot's name is checked, and the snapshot taken and recorded,
-    under ``ws.lock`` (the registry's lock), so two requests cannot both make
-    a snapshot of one name.
+    Locking: ``ws.lock`` (the registry's lock, shared by every uid) is held
+    only for the checks and for recording the result, never across a wait on
+    the guest or QEMU (freeze, memory save, resume).  While a snapshot of a
+    volume is in progress the volume is marked busy here, so a second
+    snapshot of it is refused (``conflict``) instead of waiting; another
+    uid's start, stop or create never waits for a guest.
+
+    Quotas (``[storage]``): snapshots per uid, bytes of saved memory per uid
+    (a memory snapshot in progress counts as its VM's RAM), and the free-space
+    reserve of the state filesystem; all checked before anything is made.
     """
 
     HANDLES: ClassVar[dict[type[Any], str]] = {hp.SnapshotCreate: "snapshot_create"}
@@ -52,34 +62,78 @@ class LiveSnapshots:
     engine: VmEngine
     channels: GuestChannels
     network: VmNetwork
+    #: volume key -> (owner, bytes of memory state it may still write) while a
+    #: snapshot of that volume is in progress.
+    _in_progress: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     async def snapshot_create(self, req: hp.SnapshotCreate, ctx: RequestContext) -> hp.VolumeInfo:
         ws = self.ws
-        vol = ws.registry.volume(ctx.owner, req.volume)
-        vm = ws.registry.vm_on_volume(vol.key)
-        if vm is None:
-            return await ws.snapshot_create(req, ctx)
-        async with ws.lock:
+        async with ws.lock:  # checks and the busy mark only: no waiting in here
+            vol = ws.registry.volume(ctx.owner, req.volume)
+            vm = ws.registry.vm_on_volume(vol.key)
+            if vol.key in self._in_progress:
+                raise RequestFailed(
+                    ErrorCode.CONFLICT,
+                    f"a snapshot of volume {req.volume!r} is in progress; retry when it ends",
+                )
             if any(s.name == req.snapshot for s in vol.snapshots):
                 raise RequestFailed(
                     ErrorCode.ALREADY_EXISTS,
                     f"volume {req.volume!r} already has a snapshot {req.snapshot!r}",
                 )
+            memory_bound = (
+                quotas.memory_state_bound(vm.memory_mib) if req.memory and vm is not None else 0
+            )
+            self._check_quotas(ctx.owner, memory_bound)
+            self._in_progress[vol.key] = (ctx.owner, memory_bound)
+        try:
+            if vm is None:
+                return await ws.snapshot_create(req, ctx)
             channel = self.channels.of_running(vm)
             memory_file = await self._live_snapshot(vol, vm, channel, req.snapshot, req.memory)
-            address = self.network.address_of(vm.key) if memory_file is not None else None
-            vol.snapshots.append(
-                SnapshotRecord(
-                    name=req.snapshot, created=time.time(), memory_file=memory_file,
-                    address=address,
-                    vcpus=vm.vcpus if memory_file is not None else None,
-                    memory_mib=vm.memory_mib if memory_file is not None else None,
-                    secret=vm.secret if memory_file is not None else None,
+            async with ws.lock:
+                address = self.network.address_of(vm.key) if memory_file is not None else None
+                vol.snapshots.append(
+                    SnapshotRecord(
+                        name=req.snapshot, created=time.time(), memory_file=memory_file,
+                        address=address,
+                        vcpus=vm.vcpus if memory_file is not None else None,
+                        memory_mib=vm.memory_mib if memory_file is not None else None,
+                        secret=vm.secret if memory_file is not None else None,
+                    )
                 )
-            )
-            ws.registry.save()
-            info = await ws.storage.volume_info(vol.key)
+                # A full disk here leaves the snapshot made and in the helper's
+                # memory (the next save records it): StateFilesystemFull.
+                ws.registry.save()
+        finally:
+            self._in_progress.pop(vol.key, None)
+        info = await ws.storage.volume_info(vol.key)
         return ws.volume_info(req.id, vol, info)
+
+    def _check_quotas(self, owner: int, memory_bound: int) -> None:
+        """Refuse (``limit_exceeded``) a snapshot over ``owner``'s quotas or
+        below the state filesystem's reserve.  Caller holds ``ws.lock``."""
+        cfg = self.ws.config.storage
+        mine = self.ws.registry.volumes(owner)
+        pending = [b for o, b in self._in_progress.values() if o == owner]
+        files = [
+            self.ws.memory_dir / s.memory_file
+            for v in mine for s in v.snapshots if s.memory_file is not None
+        ]
+        use = quotas.SnapshotUse(
+            snapshots=sum(len(v.snapshots) for v in mine) + len(pending),
+            memory_bytes=quotas.file_bytes(files) + sum(pending),
+        )
+        quotas.check_snapshot(
+            use, max_snapshots=cfg.per_uid_snapshots,
+            max_memory_bytes=cfg.per_uid_memory_state_bytes, memory_bytes=memory_bound,
+        )
+        # Memory states of other uids in progress take room too.
+        others = sum(b for o, b in self._in_progress.values() if o != owner)
+        quotas.check_reserve(
+            quotas.free_bytes(self.ws.memory_dir), cfg.reserve_free_bytes,
+            memory_bound + others,
+        )
 
     async def _live_snapshot(
         self, vol: VolumeRecord, vm: VmRecord, channel: GuestChannel, snap: str, memory: bool
@@ -96,10 +150,15 @@ class LiveSnapshots:
         if memory:
             memory_file = f"{vol.key}-{snap}{MEMORY_FILE_SUFFIX}"
             path = self.ws.memory_dir / memory_file
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                if quotas.is_full(exc):
+                    raise quotas.StateFilesystemFull("creating a memory state file") from None
+                raise
             try:
                 await channel.call(gp.Sync(id=0), GUEST_CALL_TIMEOUT_S)
-                await self.engine.save_memory(vm.key, fd)
+                await self._save_memory(vm, fd)
             except BaseException:
                 path.unlink(missing_ok=True)
                 with anyio.CancelScope(shield=True):
@@ -139,6 +198,38 @@ class LiveSnapshots:
                 else:
                     await self._thaw_quietly(channel)
         return memory_file
+
+    async def _save_memory(self, vm: VmRecord, fd: int) -> None:
+        """QEMU writes the VM's state to ``fd``, watched: a file growing past
+        what the VM's RAM can explain (a compromised QEMU filling the disk) is
+        cut off, and a save that failed for want of space says so."""
+        bound = quotas.memory_state_bound(vm.memory_mib)
+        too_big = False
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def watch() -> None:
+                    nonlocal too_big
+                    while True:
+                        if os.fstat(fd).st_size > bound:
+                            too_big = True
+                            scope.cancel()
+                            return
+                        await anyio.sleep(MEMORY_WATCH_S)
+
+                tg.start_soon(watch)
+                try:
+                    await self.engine.save_memory(vm.key, fd)
+                except HelperError:
+                    if quotas.free_bytes(self.ws.memory_dir) < quotas.MIB:
+                        raise quotas.StateFilesystemFull("saving the VM's memory") from None
+                    raise
+                tg.cancel_scope.cancel()
+        if too_big:
+            raise quotas.QuotaExceeded(
+                f"the saved memory of VM {vm.name!r} grew past {bound} bytes, more than its "
+                f"{vm.memory_mib} MiB of RAM can explain; the save was stopped"
+            )
 
     async def _resume_quietly(self, key: str) -> None:
         try:
