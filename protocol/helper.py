@@ -254,13 +254,18 @@ class VmNetworkSet(_Request, tag="vm_network_set"):
 
 
 class ForwardAdd(_Request, tag="forward_add"):
-    """Forward ``host_port`` (>= 1024, free) on every host address, 127.0.0.1
-    included, to ``guest_port`` of the VM."""
+    """Forward ``host_port`` (>= 1024, free on every address, IPv4 and IPv6,
+    and redirected by no other nft rule) to ``guest_port`` of the VM.
+
+    Connections the host makes to the port (127.0.0.1 or any host address) are
+    forwarded for the VM's owner uid and root only.  ``external`` also forwards
+    the port for traffic from other hosts, on every host address."""
 
     vm: Name
     host_port: Port
     guest_port: Port
     protocol: Literal["tcp", "udp"] = "tcp"
+    external: bool = False
 
 
 class ForwardRemove(_Request, tag="forward_remove"):

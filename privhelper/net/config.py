@@ -25,6 +25,21 @@ UNPRIVILEGED_PORT_MIN = 1024
 TAP_PREFIX_PATTERN = r"^[a-z][a-z0-9]{0,5}-?$"
 
 
+DEFAULT_BLOCKED = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+)
+
+
 class NetConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     bridge: Annotated[str, Meta(max_length=15)] = "br-agentiso"
     subnet: Annotated[str, Meta(max_length=43)] = "10.42.0.0/16"
@@ -35,8 +50,17 @@ class NetConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     dns: Annotated[tuple[str, ...], Meta(max_length=4)] = ("1.1.1.1", "8.8.8.8")
     #: Set when a resolver listens on the gateway address: opens port 53 there.
     gateway_dns: bool = False
-    #: Destinations no workspace may reach, whatever its policy (cloud metadata...).
-    blocked: Annotated[tuple[str, ...], Meta(max_length=64)] = ("169.254.0.0/16",)
+    #: Destinations no workspace may reach, whatever its policy: "this
+    #: network", private (RFC 1918), CGNAT, loopback, link-local (cloud
+    #: metadata), multicast and reserved.  Replace the list to allow some.
+    blocked: Annotated[tuple[str, ...], Meta(max_length=64)] = DEFAULT_BLOCKED
+    #: Block the IPv4 networks on the host's own interfaces (the bridge's
+    #: excepted) too: the LAN the host sits on, whatever its addresses.
+    block_host_networks: bool = True
+    #: Destinations reachable despite ``blocked`` and the host's networks (an
+    #: internal mirror, a proxy): still only for workspaces whose policy has
+    #: egress and, with an allow-list, names them.
+    exempt: Annotated[tuple[str, ...], Meta(max_length=64)] = ()
     forward_port_min: Annotated[int, Meta(ge=UNPRIVILEGED_PORT_MIN, le=65535)] = (
         UNPRIVILEGED_PORT_MIN
     )
@@ -54,6 +78,8 @@ class NetSettings:
     gateway_dns: bool
     blocked: tuple[ipaddress.IPv4Network, ...]
     forward_port_min: int
+    block_host_networks: bool = True
+    exempt: tuple[ipaddress.IPv4Network, ...] = ()
 
     @property
     def prefixlen(self) -> int:
@@ -73,6 +99,7 @@ def parse_net_config(cfg: NetConfig) -> NetSettings:
         gateway = parse_address(cfg.gateway)
         dns = tuple(parse_address(a) for a in cfg.dns)
         blocked = tuple(parse_network(n) for n in cfg.blocked)
+        exempt = tuple(parse_network(n) for n in cfg.exempt)
     except NetConfigError:
         raise
     except Exception as exc:  # InvalidNetInput from the parsers
@@ -92,6 +119,8 @@ def parse_net_config(cfg: NetConfig) -> NetSettings:
         gateway_dns=cfg.gateway_dns,
         blocked=blocked,
         forward_port_min=cfg.forward_port_min,
+        block_host_networks=cfg.block_host_networks,
+        exempt=exempt,
     )
 
 

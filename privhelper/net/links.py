@@ -7,6 +7,8 @@ created (see tests/harness/netns.py).
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -93,6 +95,20 @@ class Links:
         if (PROC_SYS_NET / f"ipv6/conf/{s.bridge}/disable_ipv6").exists():
             set_sysctl(f"ipv6/conf/{s.bridge}/disable_ipv6", "1")
         return idx
+
+    def host_networks(self, exclude: str) -> list[str]:
+        """The IPv4 networks (CIDRs) of every address on an interface other
+        than ``exclude`` (the bridge, whose subnet the workspaces share)."""
+        skip = self.index(exclude)
+        nets = set()
+        for msg in self.ipr.get_addr(family=socket.AF_INET):
+            if msg["index"] == skip:
+                continue
+            addr = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
+            if addr:
+                net = ipaddress.IPv4Interface(f"{addr}/{msg['prefixlen']}").network
+                nets.add(str(net))
+        return sorted(nets)
 
     def enslave(self, name: str, bridge: str) -> None:
         """Put ``name`` on ``bridge`` and bring it up."""

@@ -50,7 +50,7 @@ from .model import (
 from .naming import mac_for, tap_name
 from .nft import Nft
 from .pool import allocate
-from .ports import port_is_free
+from .ports import nft_ruleset_json, port_unavailable
 from .ruleset import build_ruleset, delete_ruleset
 from .store import STATE_FILE_NAME, load_state, save_state
 from .tap import open_tap
@@ -69,6 +69,7 @@ class LinkOps(Protocol):
     def enslave(self, name: str, bridge: str) -> None: ...
     def names(self) -> list[str]: ...
     def delete(self, name: str) -> bool: ...
+    def host_networks(self, exclude: str) -> list[str]: ...
     def close(self) -> None: ...
 
 
@@ -104,7 +105,8 @@ class NetworkManager:
         nft: RulesetApplier | None = None,
         links: LinkOps | None = None,
         tap_opener: Callable[[str, bool], int] = open_tap,
-        port_probe: Callable[[int, str], bool] = port_is_free,
+        port_probe: Callable[[int, str], str | None] | None = None,
+        host_networks: Callable[[], list[str]] | None = None,
         sysctl: Callable[[str, str], None] = set_sysctl,
         vnet_hdr: bool = True,
     ) -> None:
@@ -113,7 +115,13 @@ class NetworkManager:
         self.nft: RulesetApplier = nft or Nft()
         self.links: LinkOps = links or Links()
         self._open_tap = tap_opener
-        self._port_free = port_probe
+        #: Why a host port cannot be forwarded (None: it can); see ports.py.
+        self._port_unavailable = port_probe or _live_port_probe
+        #: The host's own IPv4 networks (CIDRs), blocked for guests unless the
+        #: config says otherwise; read again at every ruleset build.
+        self._host_networks = host_networks or (
+            lambda: self.links.host_networks(self.settings.bridge)
+        )
         self._sysctl = sysctl
         self._vnet_hdr = vnet_hdr
         #: Protects ``_state`` and the host state it mirrors (TAPs, nft rules,
@@ -269,10 +277,15 @@ class NetworkManager:
                 for f in other.forwards:
                     if (f.protocol, f.host_port) == (fwd.protocol, fwd.host_port):
                         raise PortUnavailable(
-                            f"host port {fwd.protocol}/{fwd.host_port} is already forwarded"
+                            f"host port {fwd.protocol}/{fwd.host_port} is already forwarded "
+                            "to a workspace; choose another host port"
                         )
-            if not self._port_free(fwd.host_port, fwd.protocol):
-                raise PortUnavailable(f"host port {fwd.protocol}/{fwd.host_port} is in use")
+            why = self._port_unavailable(fwd.host_port, fwd.protocol)
+            if why is not None:
+                raise PortUnavailable(
+                    f"host port {fwd.protocol}/{fwd.host_port} is in use: {why}; "
+                    "choose another host port, or stop what holds it"
+                )
             ws = msgspec.structs.replace(ws, forwards=(*ws.forwards, fwd))
             self._commit(self._with(ws))
             return ws
@@ -316,7 +329,7 @@ class NetworkManager:
 
     def _commit(self, new: NetState) -> None:
         """Validate (by building the ruleset), save, apply; restore on failure."""
-        doc = build_ruleset(self.settings, new)
+        doc = build_ruleset(self.settings, new, self._host_networks())
         old = self._state
         save_state(self.state_path, new)
         self._state = new
@@ -329,9 +342,14 @@ class NetworkManager:
 
     def _apply(self, state: NetState, doc: dict[str, Any] | None = None) -> None:
         if doc is None:
-            doc = build_ruleset(self.settings, state)
+            doc = build_ruleset(self.settings, state, self._host_networks())
         if any(ws.policy.egress or ws.forwards for ws in state.workspaces.values()):
             # Routing between the bridge and other interfaces.  Never switched
             # back off: other software on the host may rely on it too.
             self._sysctl("ipv4/ip_forward", "1")
         self.nft.apply(doc)
+
+
+def _live_port_probe(port: int, protocol: str) -> str | None:
+    return port_unavailable(port, protocol, nft_ruleset_json(Nft().list_ruleset_json))
+

@@ -77,11 +77,19 @@ class NetPolicy(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Forward(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """Host port -> guest port, on every host address including 127.0.0.1."""
+    """Host port -> guest port.
+
+    From the host itself (127.0.0.1 or any host address) only connections
+    made by the workspace's owner uid (and root) are forwarded; other uids
+    reach whatever else is on that port (nothing: the port was free).  With
+    ``external`` the port is also forwarded for traffic arriving from other
+    hosts, on every host address.
+    """
 
     host_port: Port
     guest_port: Port
     protocol: Proto = "tcp"
+    external: bool = False
 
 
 class WorkspaceNet(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -204,6 +212,8 @@ def check_forward(fwd: Forward, port_min: int) -> Forward:
     check_port(fwd.guest_port, "guest port")
     if fwd.protocol not in ("tcp", "udp"):
         raise InvalidNetInput(f"invalid forward protocol: {_show(fwd.protocol)}")
+    if not isinstance(fwd.external, bool):
+        raise InvalidNetInput(f"invalid forward external flag: {_show(fwd.external)}")
     if fwd.host_port < port_min:
         raise InvalidNetInput(
             f"host port {fwd.host_port} is privileged (forwards need >= {port_min})"

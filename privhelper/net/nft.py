@@ -67,5 +67,9 @@ class Nft:
         out = json.loads(self._run(["-j", "list", "table", family, TABLE]))
         return [o for o in out.get("nftables", []) if "metainfo" not in o]
 
+    def list_ruleset_json(self) -> bytes:
+        """``nft -j list ruleset``: every table of every family, ours included."""
+        return self._run(["-j", "list", "ruleset"])
+
     def list_ruleset_text(self) -> str:
         return self._run(["list", "ruleset"]).decode()

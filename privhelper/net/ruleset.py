@@ -28,10 +28,16 @@ bridge table has made trustworthy):
     (if configured) DNS on the gateway; the host's other services are closed.
   * output: from the host to guests only established, forwards, ping and the
     workspace's ``inbound_ports`` (TCP).
-  * nat: DNAT of forwarded host ports in prerouting (traffic from other hosts,
-    not from guests) and output (the host itself, 127.0.0.1 included); masquerade
-    of egress and of 127.0.0.0/8-sourced forward traffic (with route_localnet
-    on the bridge).
+  * nat: DNAT of forwarded host ports in output (connections the host itself
+    makes, 127.0.0.1 included, from the owner's uid or root only: ``meta
+    skuid``) and, for ``external`` forwards, in prerouting (traffic from other
+    hosts, never from guests); masquerade of egress and of 127.0.0.0/8-sourced
+    forward traffic (with route_localnet on the bridge).
+
+Blocked destinations (``@blocked``) are the configured ranges (by default
+private, CGNAT, loopback, link-local, multicast, reserved) plus the networks on
+the host's own interfaces, minus ``@exempt``; the configured DNS servers stay
+reachable on port 53 for egress-enabled workspaces.
 
 Every value is validated (again) here; bad input raises a typed error and no
 rule is produced.
@@ -216,12 +222,36 @@ def validate_state(settings: NetSettings, state: NetState) -> None:
 # --- the generator -------------------------------------------------------------------------
 
 
-def build_ruleset(settings: NetSettings, state: NetState) -> JsonObj:
-    """The complete nft JSON transaction for ``state`` (see the module docstring)."""
+def build_ruleset(
+    settings: NetSettings, state: NetState, host_networks: Iterable[str] = ()
+) -> JsonObj:
+    """The complete nft JSON transaction for ``state`` (see the module docstring).
+
+    ``host_networks`` are the CIDRs on the host's own interfaces; they join the
+    blocked destinations when ``settings.block_host_networks`` is set.
+    """
     validate_state(settings, state)
     wss = sorted(state.workspaces.values(), key=lambda w: w.name)
     pairs = connected_pairs(state)
-    return {"nftables": _bridge_table(settings, wss, pairs) + _inet_table(settings, wss, pairs)}
+    blocked = blocked_networks(settings, host_networks)
+    return {
+        "nftables": _bridge_table(settings, wss, pairs)
+        + _inet_table(settings, wss, pairs, blocked)
+    }
+
+
+def blocked_networks(
+    settings: NetSettings, host_networks: Iterable[str]
+) -> list[ipaddress.IPv4Network]:
+    """The configured blocked ranges plus (if so configured) the host's
+    networks, merged: an nft interval set refuses overlapping elements."""
+    nets = list(settings.blocked)
+    if settings.block_host_networks:
+        for text in host_networks:
+            net = ipaddress.ip_network(text, strict=False)
+            if isinstance(net, ipaddress.IPv4Network):
+                nets.append(net)
+    return list(ipaddress.collapse_addresses(nets))
 
 
 def _bridge_table(
@@ -287,6 +317,7 @@ def _inet_table(
     s: NetSettings,
     wss: list[WorkspaceNet],
     pairs: list[tuple[WorkspaceNet, WorkspaceNet]],
+    blocked: list[ipaddress.IPv4Network],
 ) -> list[JsonObj]:
     b = _Batch("inet")
     br = s.bridge
@@ -299,7 +330,9 @@ def _inet_table(
     for x, y in pairs:
         ip_pairs += [{"concat": [x.address, y.address]}, {"concat": [y.address, x.address]}]
     b.set("ws_pairs", ["ipv4_addr", "ipv4_addr"], ip_pairs)
-    b.set("blocked", "ipv4_addr", [_net(n) for n in s.blocked], flags=["interval"])
+    b.set("blocked", "ipv4_addr", [_net(n) for n in blocked], flags=["interval"])
+    exempt = list(ipaddress.collapse_addresses(s.exempt))
+    b.set("exempt", "ipv4_addr", [_net(n) for n in exempt], flags=["interval"])
     inbound = sorted(
         {(ws.address, p) for ws in wss for p in ws.policy.inbound_ports},
         key=lambda e: (ipaddress.IPv4Address(e[0]), e[1]),
@@ -335,7 +368,20 @@ def _inet_table(
         _ACCEPT,
     )
     b.rule("forward", from_br, to_br, _DROP)
-    b.rule("forward", from_br, _match(_payload("ip", "daddr"), "@blocked"), _DROP)
+    if dns:
+        # The configured resolvers stay reachable for egress-enabled workspaces
+        # even when they sit in a blocked range (a resolver on the LAN).
+        b.rule(
+            "forward",
+            from_br,
+            _match(_payload("ip", "saddr"), "@egress_on"),
+            _match(_payload("ip", "daddr"), _set(dns)),
+            _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
+            _match(_payload("th", "dport"), 53),
+            _ACCEPT,
+        )
+    not_exempt = [_match(_payload("ip", "daddr"), "@exempt", "!=")] if exempt else []
+    b.rule("forward", from_br, _match(_payload("ip", "daddr"), "@blocked"), *not_exempt, _DROP)
     if egress_wss:
         vmap = [[ws.address, {"jump": {"target": f"eg-{ws.name}"}}] for ws in egress_wss]
         b.rule(
@@ -386,13 +432,17 @@ def _inet_table(
     # One rule per forward (nft 1.0.6 crashes on JSON "dnat to <concat map>").
     not_from_br = _match(_meta("iifname"), br, "!=")
     for ws in wss:
+        # Connections the host itself makes are forwarded for the owner (and
+        # root) only: another local user reaches nothing through the port.
+        owners = _set(sorted({ws.owner_uid, 0}))
         for f in sorted(ws.forwards, key=lambda f: (f.protocol, f.host_port)):
             l4 = _match(_meta("l4proto"), f.protocol)
             dport = _match(_payload(f.protocol, "dport"), f.host_port)
             dnat = {"dnat": {"family": "ip", "addr": ws.address, "port": f.guest_port}}
-            # Guests never go through forwards: that would bypass workspace isolation.
-            b.rule("prerouting", not_from_br, local, l4, dport, dnat)
-            b.rule("nat-output", local, l4, dport, dnat)
+            if f.external:
+                # Guests never go through forwards: that would bypass workspace isolation.
+                b.rule("prerouting", not_from_br, local, l4, dport, dnat)
+            b.rule("nat-output", local, l4, dport, _match(_meta("skuid"), owners), dnat)
 
     b.chain("postrouting", ("nat", "postrouting", SRCNAT_PRIO))
     b.rule(

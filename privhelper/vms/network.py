@@ -81,7 +81,12 @@ class VmNetwork:
     async def forward_add(self, req: hp.ForwardAdd, ctx: RequestContext) -> hp.VmInfo:
         rec = self.registry.vm(ctx.owner, req.vm)
         net = self._attached(rec, req.vm)
-        fwd = Forward(host_port=req.host_port, guest_port=req.guest_port, protocol=req.protocol)
+        fwd = Forward(
+            host_port=req.host_port,
+            guest_port=req.guest_port,
+            protocol=req.protocol,
+            external=req.external,
+        )
         await anyio.to_thread.run_sync(net.add_forward, rec.key, fwd)
         return self.views.info(req.id, rec)
 

@@ -73,7 +73,13 @@ class Lab:
 def lab() -> Iterator[Lab]:
     probe = Path(netns_mod.__file__).read_bytes()
     with (
-        running_helper(group=0, extra_args=("--images-dir", str(IMAGES))) as helper,
+        # The "internet" is on the host's uplink network, which the default
+        # blocks as one of the host's own: exempt it, as an operator would.
+        running_helper(
+            group=0,
+            extra_args=("--images-dir", str(IMAGES)),
+            config='[net]\nexempt = ["198.51.100.0/24"]\n',
+        ) as helper,
         netns("aihn") as internet,
     ):
         host = NetNs(helper.netns)

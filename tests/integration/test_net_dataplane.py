@@ -17,6 +17,7 @@ host's masquerade.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from agentiso.privhelper.net.config import default_settings
+from agentiso.privhelper.net.config import NetConfig, parse_net_config
 from agentiso.privhelper.net.errors import InvalidNetInput, PortUnavailable
 from agentiso.privhelper.net.manager import NetworkManager
 from agentiso.privhelper.net.model import AllowRule, Forward, NetPolicy, PortRange
@@ -96,7 +97,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         ctx = [netns("aih"), netns("aia"), netns("aib"), netns("aii")]
     except NetnsUnavailable as exc:
         pytest.skip(reason=str(exc))
-    settings = default_settings()
+    # The "internet" sits on the host's uplink network, which the default
+    # blocks as one of the host's own: exempt it, as an operator would.
+    settings = parse_net_config(NetConfig(exempt=(f"{INTERNET.rsplit('.', 1)[0]}.0/24",)))
     with ctx[0] as host, ctx[1] as ga, ctx[2] as gb, ctx[3] as net:
         mgr = InHost(NetworkManager(settings, tmp_path_factory.mktemp("netstate")), host)
         try:
@@ -184,6 +187,23 @@ def test_egress_on_reaches_the_internet_masqueraded(fresh: Lab) -> None:
     assert tcp_blocked(fresh.a, addr(fresh, "b"), 80)
     # Nor to the host's own services on its other addresses.
     assert tcp_blocked(fresh.a, HOST_UPLINK, 2222)
+
+
+def test_the_hosts_own_networks_are_blocked_unless_exempt(fresh: Lab) -> None:
+    exempting = fresh.mgr.mgr.settings
+    fresh.mgr.mgr.settings = dataclasses.replace(exempting, exempt=())
+    try:
+        # An allow-list naming the host's LAN does not open it either.
+        fresh.mgr.set_policy("a", NetPolicy(egress=True, allow=(AllowRule(cidr=INTERNET),
+                                                                  AllowRule(cidr=ALLOWED))))
+        assert tcp_blocked(fresh.a, INTERNET, 80)  # on the host's uplink network
+        assert tcp_ok(fresh.a, ALLOWED, 8443) == "internet"  # beyond it: reachable
+        fresh.mgr.set_policy("a", NetPolicy(egress=True))
+        assert tcp_blocked(fresh.a, INTERNET, 80)
+    finally:
+        fresh.mgr.mgr.settings = exempting
+        fresh.mgr.reapply()
+    assert tcp_ok(fresh.a, INTERNET, 80) == "internet"
 
 
 def test_allow_list_limits_egress(fresh: Lab) -> None:
@@ -310,8 +330,11 @@ def test_inbound_ports_from_the_host(fresh: Lab) -> None:
 
 
 def test_forwards_from_localhost_and_other_hosts(fresh: Lab) -> None:
-    fresh.mgr.add_forward("a", Forward(host_port=18080, guest_port=80))
+    fresh.mgr.add_forward("a", Forward(host_port=18080, guest_port=80, external=True))
     fresh.mgr.add_forward("a", Forward(host_port=18053, guest_port=5353, protocol="udp"))
+    fresh.mgr.add_forward("a", Forward(host_port=18081, guest_port=80))
+    assert tcp_ok(fresh.host, HOST_UPLINK, 18081) == "a"  # from the host itself (root)
+    assert tcp_blocked(fresh.net, HOST_UPLINK, 18081)  # not external: not from other hosts
     assert tcp_ok(fresh.host, "127.0.0.1", 18080) == "a"
     # The acceptance wording, literally: curl on the host (the server's banner is
     # a bare line, hence HTTP/0.9).

@@ -21,7 +21,7 @@ from agentiso.privhelper.net.model import (
 )
 from agentiso.privhelper.net.naming import mac_for, tap_name
 from agentiso.privhelper.net.nft import Nft
-from agentiso.privhelper.net.ruleset import build_ruleset, delete_ruleset
+from agentiso.privhelper.net.ruleset import blocked_networks, build_ruleset, delete_ruleset
 from tests.harness.netns import NetNs, NetnsUnavailable, netns
 
 S = default_settings()
@@ -112,5 +112,6 @@ def test_listing_matches_the_generated_sets(ns: NetNs) -> None:
         w.address for w in st.workspaces.values() if w.policy.egress
     )
     assert json.dumps(sets["blocked"]) == json.dumps(
-        [{"prefix": {"addr": "169.254.0.0", "len": 16}}]
+        [{"prefix": {"addr": str(n.network_address), "len": n.prefixlen}}
+         for n in blocked_networks(S, ())]
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from agentiso.privhelper.net.config import default_settings
+from agentiso.privhelper.net.config import NetConfig, parse_net_config
 from agentiso.privhelper.net.manager import Attachment, NetworkManager
 from agentiso.privhelper.net.model import AllowRule, Forward, NetPolicy, PortRange
 from agentiso.privhelper.vm.spec import NetAttachment
@@ -122,7 +122,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         pytest.skip(reason=str(exc))
     probe_src = Path(netns_mod.__file__).read_bytes()
     tmp = tmp_path_factory.mktemp("netvms")
-    settings = default_settings()
+    # The "internet" is on the host's uplink network, blocked by default as one
+    # of the host's own: exempt it, as an operator would.
+    settings = parse_net_config(NetConfig(exempt=("198.51.100.0/24",)))
     with namespaces[0] as host, namespaces[1] as net, contextlib.ExitStack() as stack:
         mgr = NetworkManager(settings, tmp / "state")
         stack.callback(mgr.links.close)

@@ -210,7 +210,7 @@ def test_egress_on_without_allow_list_accepts_all_but_blocked() -> None:
     blocked = next(i for i, r in enumerate(fwd) if "@blocked" in r)
     jump = next(i for i, r in enumerate(fwd) if "eg-a" in r)
     assert blocked < jump  # blocked ranges win over any policy
-    assert set_elems(doc, "inet", "blocked") == [{"prefix": {"addr": "169.254.0.0", "len": 16}}]
+    assert {"prefix": {"addr": "169.254.0.0", "len": 16}} in set_elems(doc, "inet", "blocked")
     post = [text(r) for r in rules(doc, "inet", "postrouting")]
     assert any("@egress_on" in r and "masquerade" in r and '"!="' in r for r in post)
 
@@ -274,6 +274,12 @@ def test_forwards_become_dnat_in_prerouting_and_output() -> None:
     doc = build_ruleset(S, state(ws("a", 2, forwards=fwds)))
     pre = [text(r) for r in rules(doc, "inet", "prerouting")]
     out = [text(r) for r in rules(doc, "inet", "nat-output")]
+    assert pre == []  # not external: other hosts get nothing
+    assert len(out) == 2
+    ext = tuple(msgspec.structs.replace(f, external=True) for f in fwds)
+    doc = build_ruleset(S, state(ws("a", 2, forwards=ext)))
+    pre = [text(r) for r in rules(doc, "inet", "prerouting")]
+    out = [text(r) for r in rules(doc, "inet", "nat-output")]
     assert len(pre) == len(out) == 2
     not_from_bridge = {
         "match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "br-agentiso"}
@@ -284,6 +290,9 @@ def test_forwards_become_dnat_in_prerouting_and_output() -> None:
     tcp = next(r for r in out if '"tcp"' in r)
     assert '"dnat": {"addr": "10.42.0.2", "family": "ip", "port": 80}' in tcp
     assert '"right": 8080' in tcp and '"local"' in tcp
+    # Locally made connections are forwarded for the owner (uid 1000 here) and root only.
+    assert '{"meta": {"key": "skuid"}}, "op": "==", "right": {"set": [0, 1000]}' in tcp
+    assert all("skuid" not in r for r in pre)  # other hosts' packets have no socket
     post = [text(r) for r in rules(doc, "inet", "postrouting")]
     assert any("127.0.0.0" in r and "masquerade" in r for r in post)
     fwd = [text(r) for r in rules(doc, "inet", "forward")]
@@ -350,3 +359,73 @@ def test_duplicates_are_conflicts() -> None:
         build_ruleset(S, state(ws("a", 2, forwards=f), ws("b", 3, forwards=f)))
     with pytest.raises(NetError):
         build_ruleset(S, state(ws("a", 2, forwards=f + f)))
+
+
+# --- the default block list --------------------------------------------------------------
+
+
+def _blocked(doc: dict[str, Any]) -> list[ipaddress.IPv4Network]:
+    out = []
+    for e in set_elems(doc, "inet", "blocked"):
+        if isinstance(e, str):
+            out.append(ipaddress.IPv4Network(e))
+        else:
+            out.append(ipaddress.IPv4Network(f"{e['prefix']['addr']}/{e['prefix']['len']}"))
+    return out
+
+
+@pytest.mark.parametrize(
+    "dest",
+    ["10.1.2.3", "172.16.0.1", "172.31.255.254", "192.168.1.1", "100.64.0.1", "100.127.255.1",
+     "169.254.169.254", "127.0.0.1", "0.0.0.1", "224.0.0.251", "255.255.255.255"],
+)
+def test_default_block_list_covers_private_cgnat_link_local_loopback(dest: str) -> None:
+    doc = build_ruleset(S, state(ws("a", 2, egress=True)))
+    assert any(ipaddress.IPv4Address(dest) in n for n in _blocked(doc)), dest
+
+
+@pytest.mark.parametrize("dest", ["1.1.1.1", "8.8.8.8", "203.0.113.5", "172.32.0.1", "100.128.0.1"])
+def test_default_block_list_leaves_the_internet(dest: str) -> None:
+    doc = build_ruleset(S, state(ws("a", 2, egress=True)))
+    assert not any(ipaddress.IPv4Address(dest) in n for n in _blocked(doc)), dest
+
+
+def test_host_networks_are_blocked_merged_and_can_be_allowed() -> None:
+    hosts = ["198.51.100.0/24", "10.9.0.0/16", "192.0.2.7/32"]
+    doc = build_ruleset(S, state(ws("a", 2, egress=True)), hosts)
+    blocked = _blocked(doc)
+    for dest in ("198.51.100.9", "192.0.2.7"):
+        assert any(ipaddress.IPv4Address(dest) in n for n in blocked), dest
+    # Overlaps are merged (10.9/16 inside 10/8): nft refuses overlapping intervals.
+    assert not any(a != b and a.overlaps(b) for a in blocked for b in blocked)
+    off = parse_net_config(NetConfig(block_host_networks=False))
+    blocked = _blocked(build_ruleset(off, state(ws("a", 2, egress=True)), hosts))
+    assert not any(ipaddress.IPv4Address("198.51.100.9") in n for n in blocked)
+
+
+def test_exempt_destinations_pass_the_block_list() -> None:
+    s2 = parse_net_config(NetConfig(exempt=("10.1.2.3", "192.168.7.0/24")))
+    doc = build_ruleset(s2, state(ws("a", 2, egress=True)))
+    assert set_elems(doc, "inet", "exempt") == [
+        "10.1.2.3", {"prefix": {"addr": "192.168.7.0", "len": 24}}
+    ]
+    fwd = [text(r) for r in rules(doc, "inet", "forward")]
+    rule = next(r for r in fwd if "@blocked" in r)
+    assert '"op": "!=", "right": "@exempt"' in rule
+    plain = [text(r) for r in rules(build_ruleset(S, state(ws("a", 2))), "inet", "forward")]
+    assert "@exempt" not in next(r for r in plain if "@blocked" in r)
+
+
+def test_dns_servers_stay_reachable_before_the_block_list() -> None:
+    s2 = parse_net_config(NetConfig(dns=("192.168.1.53",)))
+    doc = build_ruleset(s2, state(ws("a", 2, egress=True)))
+    fwd = [text(r) for r in rules(doc, "inet", "forward")]
+    dns = next(i for i, r in enumerate(fwd) if "192.168.1.53" in r)
+    blocked = next(i for i, r in enumerate(fwd) if "@blocked" in r)
+    assert dns < blocked and "@egress_on" in fwd[dns] and '"right": 53' in fwd[dns]
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.0/33", "not-a-net", "10.0.0.1/8", "::/0"])
+def test_bad_exempt_is_refused(bad: str) -> None:
+    with pytest.raises(NetError):
+        parse_net_config(NetConfig(exempt=(bad,)))

@@ -87,6 +87,9 @@ class RecordingLinks:
     def close(self) -> None:
         pass
 
+    def host_networks(self, exclude: str) -> list[str]:
+        return ["192.0.2.0/24"]
+
     def delete(self, name: str) -> bool:
         self.deleted.append(name)
         if name in self.existing:
@@ -105,7 +108,7 @@ def make(
         nft=nft,
         links=links,
         tap_opener=lambda name, vnet: os.open("/dev/null", os.O_RDONLY),
-        port_probe=lambda port, proto: free_ports,
+        port_probe=lambda port, proto: None if free_ports else "a socket is bound to it",
         sysctl=lambda key, value: None,
     )
     return mgr, nft, links
