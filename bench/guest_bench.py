@@ -29,11 +29,14 @@ import anyio.abc
 from agentiso.frontend.guest_client import GuestClient
 from agentiso.privhelper import log
 from agentiso.protocol import guest as gp
+from bench import report
 from tests.harness.engine import EngineVM, engine_vm
 from tests.harness.images import image_dir, unusable_reason
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
+#: What this run measured, recorded as part "guest" at the end.
+FIGURES: dict[str, object] = {}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -80,8 +83,11 @@ async def transfer(c: GuestClient, mib: int, guest_path: str, workdir: Path) -> 
     return mib / up_s, mib / down_s
 
 
-def report_latency(label: str, times: list[float]) -> None:
+def report_latency(label: str, times: list[float], key: str = "") -> None:
     ms = [t * 1000 for t in times]
+    if key:
+        FIGURES[f"{key}_p50_ms"] = pct(ms, 50)
+        FIGURES[f"{key}_p99_ms"] = pct(ms, 99)
     print(f"  {label}: p50 {pct(ms, 50):.2f} ms  p99 {pct(ms, 99):.2f} ms  "
           f"min {min(ms):.2f} ms  (n={len(ms)})")
 
@@ -117,19 +123,24 @@ async def bench_vm(args: argparse.Namespace, workroot: Path) -> None:
             print(f"  boot {i + 1}: QEMU start -> hello {secs:.2f} s "
                   f"(guest uptime: init {b.init_t0}, agent start {b.agent_start:.2f}, "
                   f"listening {b.listen:.2f}, hello {b.hello:.2f})")
+        FIGURES["boot_to_hello"] = statistics.median(boots)
+        FIGURES["boot_to_hello_all"] = boots
+        FIGURES["guest_init_to_agent_start"] = b.agent_start - (b.init_t0 or 0.0)
         print(f"  QEMU start -> agent hello: median {statistics.median(boots):.2f} s, "
               f"best {min(boots):.2f} s (target <= 3.5 s)")
         assert vm is not None
         sock = await anyio.to_thread.run_sync(vm.connect_channel, 30.0)
         stream = await anyio.abc.SocketStream.from_socket(sock)
         async with GuestClient.connect(stream, hello_timeout=60) as c:
-            report_latency("ping round trip (virtio-serial)", await ping_round_trips(c, 200))
+            report_latency("ping round trip (virtio-serial)", await ping_round_trips(c, 200),
+                           "ping")
             report_latency("exec `true` round trip (virtio-serial)",
-                           await exec_round_trips(c, args.execs))
+                           await exec_round_trips(c, args.execs), "exec")
             print("    (target p50 <= 30 ms)")
             up, down = await transfer(c, args.mib, "/root/bench.bin", workroot)
             print(f"  file transfer {args.mib} MiB: host->guest {up:.1f} MiB/s, "
                   f"guest->host {down:.1f} MiB/s")
+            FIGURES.update(upload_mib_s=up, download_mib_s=down, transfer_mib=args.mib)
         await stream.aclose()
     finally:
         await anyio.to_thread.run_sync(stack.close)
@@ -173,6 +184,7 @@ async def amain(args: argparse.Namespace) -> int:
         await bench_socketpair(args, workroot)
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
+    report.record("guest", FIGURES)
     return 0
 
 

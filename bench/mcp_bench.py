@@ -7,11 +7,12 @@ stdio, against a private helper and a real VM (TCG), each figure beside its floo
   trip to the same VM (through the helper's relay, no MCP), the two
   interleaved round by round so both see the same load: the ratio's target
   is <= 1.3.
-* ``file_write`` / ``file_read`` MiB/s through MCP (4 MiB inline content), and
+* ``file_write`` / ``file_read`` MiB/s through MCP (1 MiB inline content), and
   ``file_upload`` / ``file_download`` of 100 MiB, against the raw channel's
   upload/download.
 
-Needs root and ``make image``.  Prints a table; nothing is left behind.
+Needs root and ``make image``.  Prints a table and records part "mcp"
+(:mod:`bench.report`); nothing is left behind.
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ import anyio
 from agentiso.frontend.guest_channel import open_guest
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
+from bench import report
 from tests.harness.images import image_dir, unusable_reason
 from tests.support.helper_process import IMAGES, public_tmpdir, running_helper
 from tests.support.mcp_client import Tools, mcp_tools, serve_params
 
 ROUNDS = 200
 MiB = 1024 * 1024
+#: The small file: its size and how many times it is written and read.
+SMALL_MIB = 1
+SMALL_ROUNDS = 10
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -49,7 +54,8 @@ def row(label: str, value: str, floor: str = "", ratio: str = "") -> None:
 
 
 async def raw_floor(sock: str, vm: str) -> tuple[list[float], float, float, float, float]:
-    """exec `true` round trips and 100 MiB up/down MiB/s on the raw channel."""
+    """exec `true` round trips, 100 MiB up/down MiB/s and 1 MiB write/read MiB/s
+    on the raw channel."""
     async with open_guest(sock, vm) as g:
         for _ in range(20):
             await g.exec(["true"])
@@ -58,20 +64,20 @@ async def raw_floor(sock: str, vm: str) -> tuple[list[float], float, float, floa
             t = time.perf_counter()
             await g.exec(["true"])
             times.append(time.perf_counter() - t)
-        small = os.urandom(4 * MiB)
+        small = os.urandom(SMALL_MIB * MiB)
         t = time.perf_counter()
-        for _ in range(5):
+        for _ in range(SMALL_ROUNDS):
             await g.upload_bytes(small, "/root/w.bin")
-        w4 = 5 * 4 / (time.perf_counter() - t)
+        w4 = SMALL_ROUNDS * SMALL_MIB / (time.perf_counter() - t)
         t = time.perf_counter()
-        for _ in range(5):
+        for _ in range(SMALL_ROUNDS):
             pos = 0
             while True:
                 chunk = await g.read_file("/root/w.bin", offset=pos)
                 pos += len(chunk.data)
                 if chunk.eof or not chunk.data:
                     break
-        r4 = 5 * 4 / (time.perf_counter() - t)
+        r4 = SMALL_ROUNDS * SMALL_MIB / (time.perf_counter() - t)
         data = os.urandom(100 * MiB)
         t = time.perf_counter()
         await g.upload_bytes(data, "/root/floor.bin")
@@ -114,17 +120,17 @@ async def through_mcp(tools: Tools, host: Path, sock: str) -> dict[str, Any]:
                 raw_times.append(end - mid)
     out["exec"] = mcp_times
     out["exec_raw_same_vm"] = raw_times
-    # 4 MiB of text (MCP carries text; the floor moves 4 MiB of bytes).
-    content = base64.b64encode(os.urandom(3 * MiB)).decode()
+    # 1 MiB of text (MCP carries text; the floor moves 1 MiB of bytes).
+    content = base64.b64encode(os.urandom(SMALL_MIB * MiB * 3 // 4)).decode()
     t = time.perf_counter()
-    for _ in range(5):
+    for _ in range(SMALL_ROUNDS):
         await tools.call("file_write", workspace="bench", path="/root/w.txt", content=content)
-    out["write"] = 5 * len(content) / MiB / (time.perf_counter() - t)
+    out["write"] = SMALL_ROUNDS * len(content) / MiB / (time.perf_counter() - t)
     t = time.perf_counter()
-    for _ in range(5):
+    for _ in range(SMALL_ROUNDS):
         r = await tools.call("file_read", workspace="bench", path="/root/w.txt")
         assert len(r["content"]) == len(content)
-    out["read"] = 5 * len(content) / MiB / (time.perf_counter() - t)
+    out["read"] = SMALL_ROUNDS * len(content) / MiB / (time.perf_counter() - t)
     src = host / "up.bin"
     src.write_bytes(os.urandom(100 * MiB))
     want = hashlib.sha256(src.read_bytes()).hexdigest()
@@ -230,9 +236,9 @@ def main() -> int:
     row("exec `true` mean (ms)", f"{statistics.mean(m['exec']) * 1000:.2f}",
         f"{statistics.mean(raw) * 1000:.2f}", "")
     row("exec `true` p50, raw, separate VM (ms)", "", f"{pct(floor_exec, 0.5):.2f}", "")
-    row("file_write 4 MiB (MiB/s)", f"{m['write']:.1f}", f"{floor_w4:.1f}",
+    row("file_write 1 MiB (MiB/s)", f"{m['write']:.1f}", f"{floor_w4:.1f}",
         f"{m['write'] / floor_w4:.2f}")
-    row("file_read 4 MiB (MiB/s)", f"{m['read']:.1f}", f"{floor_r4:.1f}",
+    row("file_read 1 MiB (MiB/s)", f"{m['read']:.1f}", f"{floor_r4:.1f}",
         f"{m['read'] / floor_r4:.2f}")
     row("file_upload 100 MiB (MiB/s)", f"{m['upload']:.1f}", f"{floor_up:.1f}",
         f"{m['upload'] / floor_up:.2f}")
@@ -248,6 +254,18 @@ def main() -> int:
     row("live fork 1 -> first exec (s)", f"{m['live1']:.2f}", "", "")
     row("live fork 5 -> all exec (s)", f"{m['live5']:.2f}", "", "")
     row("workspace_destroy (s)", f"{m['destroy']:.2f}", "", "")
+    report.record("mcp", {
+        "create_to_exec": m["create_to_exec"], "helper_vmstart": floor_start,
+        "exec_p50_ms": e50, "exec_raw_p50_ms": f50,
+        "exec_p99_ms": pct(m["exec"], 0.99), "exec_raw_p99_ms": pct(raw, 0.99),
+        "exec_raw_own_vm_p50_ms": pct(floor_exec, 0.5),
+        "write_1mib": m["write"], "raw_write_1mib": floor_w4,
+        "read_1mib": m["read"], "raw_read_1mib": floor_r4,
+        "upload_100mib": m["upload"], "raw_upload_100mib": floor_up,
+        "download_100mib": m["download"], "raw_download_100mib": floor_down,
+        **{k: m[k] for k in ("snap_disk", "snap_mem", "restore_disk", "restore_mem",
+                             "fork1", "fork5", "live1", "live5", "destroy")},
+    })
     print(f"  target: MCP exec p50 <= 1.3 x raw channel: "
           f"{'met' if e50 <= 1.3 * f50 else 'NOT met'} ({e50 / f50:.2f})")
     return 0

@@ -30,6 +30,8 @@ import anyio
 from agentiso.privhelper import log
 from agentiso.privhelper.vm.engine import EngineSettings, VmConfig, VmEngine
 from agentiso.privhelper.vm.spec import DiskLayer
+from bench import report
+from bench.procfs import pss_kib, rss_kib
 from tests.harness.images import unusable_reason
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,13 +72,6 @@ async def first_frame(engine: VmEngine, name: str, timeout: float = 120.0) -> by
             while len(data) < len(SYNC_MARKER) + 8:
                 data += await s.receive()
             return data
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return -1
 
 
 async def main() -> int:
@@ -124,7 +119,8 @@ async def main() -> int:
             name = f"bench-{RUNS - 1}"
             await anyio.sleep(3)  # let the guest go idle
             pid = engine.status(name).pid
-            print(f"idle QEMU RSS (256 MiB guest): {rss_kib(pid) / 1024:.0f} MiB")
+            rss, pss = rss_kib(pid) / 1024, pss_kib(pid) / 1024
+            print(f"idle QEMU (256 MiB guest): RSS {rss:.0f} MiB, PSS {pss:.0f} MiB")
 
             mem = base / "bench.mem"
             fd = os.open(mem, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -150,6 +146,13 @@ async def main() -> int:
             await first_frame(engine, "bench-r")
             t2 = time.monotonic()
             print(f"memory snapshot restore: {t1 - t0:.2f} s to running, {t2 - t0:.2f} s to hello")
+            report.record("vm", {
+                "boot_to_hello": statistics.median(hellos), "boot_to_hello_all": hellos,
+                "engine_start": statistics.median(starts), "idle_rss_mib": rss,
+                "idle_pss_mib": pss, "mem_save": saved.seconds,
+                "mem_size_mib": saved.bytes_written / 2**20,
+                "resume_to_running": t1 - t0, "resume_to_hello": t2 - t0,
+            })
             for n in engine.names():
                 await engine.kill(n)
                 engine.forget(n)
