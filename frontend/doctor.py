@@ -19,6 +19,7 @@ import grp
 import os
 import pwd
 import stat
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -27,7 +28,13 @@ import msgspec
 
 from agentiso.protocol.errors import RemoteError, WireError
 
-from .config import DEFAULT_HELPER_SOCKET, FrontendConfig, load_config, parse_config
+from .config import (
+    DEFAULT_HELPER_SOCKET,
+    FrontendConfig,
+    default_config_path,
+    load_config,
+    parse_config,
+)
 from .errors import FrontendError
 from .helper_client import connect_helper
 
@@ -245,6 +252,16 @@ def listed_in(group: str, user: str) -> bool:
     return primary or user in g.gr_mem
 
 
+def raw_helper_socket(path: Path | None) -> str | None:
+    """``helper_socket`` of a config file that did not validate, if readable."""
+    try:
+        raw = tomllib.loads((path or default_config_path()).read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    value = raw.get("helper_socket")
+    return value if isinstance(value, str) else None
+
+
 def user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -264,8 +281,10 @@ async def gather(config_path: Path | None, helper_socket: str | None,
     except FrontendError as exc:
         config_error = str(exc)
         cfg = parse_config("", source="<defaults>", cwd=Path.cwd())
-        if helper_socket is not None:
-            cfg = _replace(cfg, helper_socket=helper_socket)
+        # Check the rest against the socket the file names, if it names one.
+        sock = helper_socket or raw_helper_socket(config_path)
+        if sock is not None:
+            cfg = _replace(cfg, helper_socket=sock)
     sock, dir_problem, group = socket_facts(cfg.helper_socket)
     facts = UserFacts(
         uid=uid, user=user, groups=groups, config_source=cfg.source,
