@@ -282,9 +282,9 @@ async def gather(config_path: Path | None, helper_socket: str | None,
         config_error = str(exc)
         cfg = parse_config("", source="<defaults>", cwd=Path.cwd())
         # Check the rest against the socket the file names, if it names one.
-        sock = helper_socket or raw_helper_socket(config_path)
-        if sock is not None:
-            cfg = _replace(cfg, helper_socket=sock)
+        named = helper_socket or raw_helper_socket(config_path)
+        if named is not None:
+            cfg = _replace(cfg, helper_socket=named)
     sock, dir_problem, group = socket_facts(cfg.helper_socket)
     facts = UserFacts(
         uid=uid, user=user, groups=groups, config_source=cfg.source,
