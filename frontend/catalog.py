@@ -422,6 +422,29 @@ class Catalog:
             )
         return env
 
+    # --- golden workspaces (workspace_prepare) -----------------------------------------
+
+    def get_golden(self, workspace: str) -> dict[str, Any] | None:
+        """The golden record of workspace id ``workspace``: ``args`` (a dict),
+        ``state`` ('preparing' or 'ready'), ``commit_id``, ``updated_at``."""
+        with self._read() as db:
+            row = db.execute("SELECT * FROM golden WHERE workspace = ?", (workspace,)).fetchone()
+        if row is None:
+            return None
+        return {"args": json.loads(row["args"]), "state": row["state"],
+                "commit_id": row["commit_id"], "updated_at": row["updated_at"]}
+
+    def set_golden(self, workspace: str, args: Mapping[str, Any], state: str,
+                   commit_id: str | None = None) -> None:
+        """Record (or replace) workspace ``workspace``'s golden record."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO golden (workspace, args, state, commit_id, updated_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (workspace, json.dumps(dict(args), sort_keys=True), state, commit_id,
+                 time.time()),
+            )
+
     # --- sessions ----------------------------------------------------------------------
 
     def add_session(self, id: str, pid: int, client: str = "") -> SessionRecord:

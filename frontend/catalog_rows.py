@@ -198,12 +198,29 @@ def _v4_time_limits(db: sqlite3.Connection) -> None:
     )
 
 
+def _v5_golden(db: sqlite3.Connection) -> None:
+    # A golden workspace (workspace_prepare): the arguments it was prepared
+    # with (to answer a repeat call, or refuse a changed one) and whether it
+    # is `ready` or still `preparing` (a crash leaves that: redone next time).
+    db.execute(
+        """
+        CREATE TABLE golden (
+            workspace  TEXT PRIMARY KEY REFERENCES workspaces (id) ON DELETE CASCADE,
+            args       TEXT NOT NULL CHECK (json_valid(args)),
+            state      TEXT NOT NULL CHECK (state IN ('preparing', 'ready')),
+            commit_id  TEXT,
+            updated_at REAL NOT NULL
+        ) STRICT
+        """
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 #: Schema steps in order; the database's ``user_version`` is how many ran.
 #: Append, never edit or reorder: a step that ran on a user's file is history.
 MIGRATIONS: Sequence[Migration] = (
-    _v1_workspaces_and_sessions, _v2_network, _v3_snapshots, _v4_time_limits,
+    _v1_workspaces_and_sessions, _v2_network, _v3_snapshots, _v4_time_limits, _v5_golden,
 )
 
 _WS_COLUMNS = tuple(f.name for f in dataclasses.fields(WorkspaceRecord))

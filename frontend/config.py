@@ -61,6 +61,17 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_inline_file_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 4 * 1024 * 1024
     #: How long a workspace boot may take before create/start gives up.
     boot_timeout_secs: Annotated[int, Meta(ge=10, le=3600)] = 180
+    #: Most workspaces one exec_parallel call may name.
+    max_parallel_workspaces: Annotated[int, Meta(ge=1, le=1000)] = 20
+    #: How many of an exec_parallel's commands run at once.
+    exec_parallelism: Annotated[int, Meta(ge=1, le=256)] = 8
+    #: Inline output per stream of each exec_parallel result.
+    exec_parallel_output_cap_bytes: Annotated[int, Meta(ge=1024, le=4 * 1024 * 1024)] = 64 * 1024
+    #: Let git_clone (and workspace_prepare) use file:// URLs (for tests; off: a
+    #: file URL reads the workspace's own files as if they were a remote).
+    git_allow_file_urls: bool = False
+    #: Default time limit of a clone or a push (their timeout_secs overrides it).
+    git_network_timeout_secs: Annotated[int, Meta(ge=5, le=24 * 3600)] = 600
 
 
 Count = Annotated[int, Meta(ge=0, le=1 << 20)]

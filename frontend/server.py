@@ -118,7 +118,10 @@ def build_server(config: FrontendConfig) -> MCPServer[Any]:
         tools_exec,
         tools_files,
         tools_forks,
+        tools_git,
+        tools_golden,
         tools_network,
+        tools_parallel,
         tools_snapshots,
         tools_workspace,
     )
@@ -129,6 +132,9 @@ def build_server(config: FrontendConfig) -> MCPServer[Any]:
     tools_network.register(app, rt)
     tools_snapshots.register(app, rt)
     tools_forks.register(app, rt)
+    tools_parallel.register(app, rt)
+    tools_git.register(app, rt)
+    tools_golden.register(app, rt)
     return app
 
 
