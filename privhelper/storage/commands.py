@@ -9,6 +9,7 @@ no ``zfs get -t``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,6 +91,64 @@ def qemu_img_rebase(path: Path, new_backing: Path, backing_format: str) -> list[
 
 def qemu_img_resize(path: Path, fmt: str, size: int) -> list[str]:
     return [QEMU_IMG, "resize", "-q", "-f", fmt, str(path), str(size)]
+
+
+# --- qemu-img on guest-written qcow2 chains, pinned ---------------------------
+#
+# A layer's header names its backing file, and a QEMU that wrote the layer
+# could have rewritten that name.  These builders hand qemu-img the whole
+# chain as explicit options (a ``json:`` filename): every node's ``backing``
+# is given, down to the base's ``null``, and explicit options override what a
+# header says, so root's qemu-img opens exactly the files listed here.
+
+
+def pinned_chain(chain: Sequence[Path], *, with_driver: bool = True) -> dict[str, object]:
+    """Options of a qcow2 chain, ``chain[0]`` on top, the last one with no backing."""
+    if not chain:
+        raise ValueError("an empty chain")
+    for p in chain:
+        if not p.is_absolute():
+            raise ValueError(f"chain paths must be absolute: {p}")
+    node: object = None
+    for path in reversed(chain):
+        node = {"driver": "qcow2", "file": {"driver": "file", "filename": str(path)},
+                "backing": node}
+    assert isinstance(node, dict)
+    if not with_driver:
+        node = {k: v for k, v in node.items() if k != "driver"}
+    return node
+
+
+def json_filename(options: dict[str, object]) -> str:
+    return "json:" + json.dumps(options, separators=(",", ":"), sort_keys=True)
+
+
+def qemu_img_resize_pinned(chain: Sequence[Path], size: int) -> list[str]:
+    """Resize ``chain[0]``, its backing chain pinned to ``chain[1:]``."""
+    return [QEMU_IMG, "resize", "-q", json_filename(pinned_chain(chain)), str(size)]
+
+
+def qemu_img_rebase_pinned(chain: Sequence[Path], new_chain: Sequence[Path]) -> list[str]:
+    """Safe rebase of ``chain[0]`` (whose chain is pinned) onto ``new_chain[0]`` (pinned).
+
+    The header then records the ``json:`` name; :func:`qemu_img_set_backing`
+    writes the plain path afterwards.  (``-F`` gives the driver, so the
+    ``-b`` options carry none: qemu-img refuses both.)"""
+    return [
+        QEMU_IMG, "rebase", "-q", "-F", "qcow2",
+        "-b", json_filename(pinned_chain(new_chain, with_driver=False)),
+        json_filename(pinned_chain(chain)),
+    ]  # fmt: skip
+
+
+def qemu_img_set_backing(path: Path, backing: Path) -> list[str]:
+    """Only rewrite ``path``'s header to name ``backing`` (qcow2); opens no backing."""
+    if not backing.is_absolute():
+        raise ValueError(f"backing path must be absolute: {backing}")
+    return [
+        QEMU_IMG, "rebase", "-u", "-F", "qcow2", "-b", str(backing),
+        json_filename(pinned_chain([path])),
+    ]  # fmt: skip
 
 
 # --- zfs / zpool --------------------------------------------------------------

@@ -41,6 +41,7 @@ from .model import (
     VolumeSource,
 )
 from .names import check_name, check_size
+from .qcow2_header import check_layer, read_header
 from .qcow2_state import (
     LAYER_ID,
     METADATA_VERSION,
@@ -161,6 +162,19 @@ class Qcow2Backend:
         os.chmod(tmp, _TOP_MODE)
         os.replace(tmp, self.layout.layer(layer))
         return layer
+
+    def _chain_paths(self, meta: VolumeMeta, index: int) -> list[Path]:
+        """``chain[index]`` (-1: the base) and everything below it, top first."""
+        below = [self.layout.layer(lay) for lay in reversed(meta.chain[: index + 1])]
+        return [*below, self.layout.base(meta.base)]
+
+    def _verify_chain(self, meta: VolumeMeta) -> None:
+        """Every layer's header must be what the helper wrote (see
+        :mod:`.qcow2_header`) before root runs qemu-img on the chain."""
+        what = "a layer of this volume"
+        for i, lay in enumerate(meta.chain):
+            check_layer(read_header(self.layout.layer(lay)), self.layout.backing_of(meta, i), what)
+        check_layer(read_header(self.layout.base(meta.base)), None, "the volume's base image")
 
     def _freeze(self, layer: str) -> None:
         os.chmod(self.layout.layer(layer), _FROZEN_MODE)
@@ -334,8 +348,10 @@ class Qcow2Backend:
             if size < meta.virtual_size:
                 raise InvalidSize(size, f"volumes only grow (now {meta.virtual_size} bytes)")
             if size > meta.virtual_size:
-                top = self.layout.layer(meta.top)
-                await self._run(cmd.qemu_img_resize(top, "qcow2", size), name, "grow")
+                self._ensure_idle(meta, "grow")
+                self._verify_chain(meta)
+                chain = self._chain_paths(meta, len(meta.chain) - 1)
+                await self._run(cmd.qemu_img_resize_pinned(chain, size), name, "grow")
                 meta = msgspec.structs.replace(meta, virtual_size=size)
                 self._store(meta)
             return self._info(meta, self._load_all())
@@ -475,28 +491,39 @@ class Qcow2Backend:
             new_backing = self.layout.backing_of(dplan.meta, dplan.child_index)
             if streamed:
                 # QEMU merged the layer (block-stream): the top must now stand on
-                # the new backing, or the layer is still needed.
-                info = parse_info((await self.runner.run(cmd.qemu_img_info(child))).stdout)
-                backing = info.full_backing_filename or info.backing_filename
-                if backing != str(new_backing):
+                # the new backing, or the layer is still needed.  Read from the
+                # header by the helper itself: a root qemu-img on a top a VM
+                # writes would follow whatever data file its header names.
+                header = read_header(child)
+                if header.backing_file != str(new_backing):
                     raise CorruptState(
-                        f"volume {plan.volume!r}: top is backed by {backing!r} after the "
-                        "stream, not by the snapshot's parent; snapshot kept"
+                        f"volume {plan.volume!r}: top is backed by {header.backing_file!r} "
+                        "after the stream, not by the snapshot's parent; snapshot kept"
                     )
+                check_layer(header, new_backing, "the volume's top")
             else:
-                await self._rebase(child, new_backing, plan.volume)
+                self._verify_chain(meta)
+                old_index = meta.chain.index(dplan.child)
+                await self._rebase(
+                    self._chain_paths(meta, old_index),
+                    self._chain_paths(dplan.meta, dplan.child_index - 1),
+                    plan.volume,
+                )
             self._store(dplan.meta)
             self._delete_layers([dplan.layer])
 
-    async def _rebase(self, child: Path, new_backing: Path, volume: str) -> None:
-        """Copy into ``child`` what its backing held beyond ``new_backing`` (content unchanged)."""
+    async def _rebase(self, chain: list[Path], new_chain: list[Path], volume: str) -> None:
+        """Copy into ``chain[0]`` what its backing held beyond ``new_chain[0]``
+        (content unchanged), both chains pinned; then name the new backing in
+        its header."""
+        child = chain[0]
         # A frozen child is made writable just for this.
         mode = os.stat(child).st_mode & 0o777
         os.chmod(child, 0o600)
+        what = "deleting this snapshot"
         try:
-            await self._run(
-                cmd.qemu_img_rebase(child, new_backing, "qcow2"), volume, "deleting this snapshot"
-            )
+            await self._run(cmd.qemu_img_rebase_pinned(chain, new_chain), volume, what)
+            await self._run(cmd.qemu_img_set_backing(child, new_chain[0]), volume, what)
         finally:
             os.chmod(child, mode)
 

@@ -61,6 +61,10 @@ from .zfs_state import (
     snapshots_of,
 )
 
+#: Every zvol (base, clone, probe): the host exposes it as one device only
+#: and never scans the partition table its guest wrote (no kpartx/udev
+#: parsing of guest data as root).
+ZVOL_PROPS = {"volmode": "dev"}
 #: Attempts of a zfs command failing with a transient "dataset is busy".
 _BUSY_RETRIES = 5
 #: How long a new zvol's device node may take to appear (udev).
@@ -137,7 +141,9 @@ class ZfsBackend:
 
     async def _probe_zvols(self) -> bool:
         """Can this pool make a zvol?  (zfs-fuse's ``zfs create -V`` aborts.)"""
-        res = await self.runner.run(cmd.zfs_create_zvol(self.ds.probe, 1024 * 1024), check=False)
+        res = await self.runner.run(
+            cmd.zfs_create_zvol(self.ds.probe, 1024 * 1024, ZVOL_PROPS), check=False
+        )
         if await self._exists(self.ds.probe):
             await self.runner.run(cmd.zfs_destroy(self.ds.probe), check=False)
         return res.returncode == 0
@@ -280,7 +286,7 @@ class ZfsBackend:
                         cmd.zfs_create_zvol(
                             ds,
                             self._zvol_size(src.virtual_size),
-                            {"volblocksize": str(self.config.volblocksize)},
+                            {"volblocksize": str(self.config.volblocksize), **ZVOL_PROPS},
                         )
                     )
                     dev = await self._wait_zvol(ds)
@@ -370,7 +376,11 @@ class ZfsBackend:
                 raise InvalidSize(size, f"smaller than its source ({src_size} bytes)")
             # A clone of a readonly base would inherit nothing from it (properties
             # come from the parent dataset), so the volume is writable.
-            await self.runner.run(cmd.zfs_clone(origin, ds))
+            # A zvol clone gets volmode=dev too: never let the host parse
+            # the partition table a guest wrote (no partition devices, no udev
+            # probing); a file dataset knows no volmode.
+            is_zvol = props[origin.partition("@")[0]].get("type") == "volume"
+            await self.runner.run(cmd.zfs_clone(origin, ds, ZVOL_PROPS if is_zvol else None))
             try:
                 props = await self._props()
                 if props[ds].get("type") == "volume":

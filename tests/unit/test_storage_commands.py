@@ -98,3 +98,16 @@ def test_hostile_name_stays_one_argument() -> None:
     # Builders never split or interpret: a (wrongly unvalidated) value is one argv item.
     argv = cmd.zfs_snapshot("p/v", "x; rm -rf /")
     assert argv[-1] == "p/v@x; rm -rf /" and len(argv) == 3
+
+
+def test_zvols_are_made_with_volmode_dev() -> None:
+    from agentiso.privhelper.storage.zfs import ZVOL_PROPS
+
+    assert ZVOL_PROPS == {"volmode": "dev"}
+    assert cmd.zfs_create_zvol("p/v", 1 << 20, {"volblocksize": "16384", **ZVOL_PROPS}) == [
+        "zfs", "create", "-s", "-V", str(1 << 20),
+        "-o", "volblocksize=16384", "-o", "volmode=dev", "p/v",
+    ]
+    assert cmd.zfs_clone("p/i/b@base", "p/v/x", ZVOL_PROPS) == [
+        "zfs", "clone", "-o", "volmode=dev", "p/i/b@base", "p/v/x",
+    ]
