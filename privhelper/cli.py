@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import pwd
 import signal
+import sqlite3
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -176,7 +179,7 @@ def _client_command(args: argparse.Namespace) -> int:
             if args.command == "status":
                 _print_status(c, path)
             elif args.command == "list":
-                _print_listing(c)
+                print(render_listing(_gather_view(c)))
             elif args.command == "gc":
                 report = _expect(c.request(hp.Gc(id=0, dry_run=args.dry_run)), hp.GcReport)
                 verb = "would remove" if report.dry_run else "removed"
@@ -203,19 +206,143 @@ def _print_status(c: BlockingHelperClient, path: Path) -> None:
     print(f"uptime:   {c.hello.uptime_s:.1f} s")
     admin = " (admin)" if who.admin else ""
     print(f"you are:  uid {who.uid} gid {who.gid} pid {who.pid}{admin}")
+    if who.admin:
+        view = _gather_view(c)
+        print()
+        print(render_totals(view))
 
 
-def _print_listing(c: BlockingHelperClient) -> None:
+@dataclass(frozen=True)
+class AdminView:
+    """What ``list`` and ``status`` show: the helper's listing, each owner's
+    VMs and volumes (addresses, disk use), QEMU memory use by pid, workspace
+    names from the owners' catalogs where readable."""
+
+    listing: hp.AdminListing
+    vms: dict[int, list[hp.VmInfo]] = field(default_factory=dict)
+    volumes: dict[int, list[hp.VolumeInfo]] = field(default_factory=dict)
+    rss_kib: dict[int, int] = field(default_factory=dict)
+    #: (owner, helper VM or volume name) -> workspace name.
+    names: dict[tuple[int, str], str] = field(default_factory=dict)
+    users: dict[int, str] = field(default_factory=dict)
+
+
+def _gather_view(c: BlockingHelperClient) -> AdminView:
     listing = _expect(c.request(hp.AdminList(id=0)), hp.AdminListing)
-    print(f"{'OWNER':>8}  {'VM':<20} {'KEY':<14} {'STATE':<9} {'PID':>7} {'QEMU UID':>9}  VOLUME")
+    owners = sorted({v.owner for v in listing.vms} | {v.owner for v in listing.volumes})
+    view = AdminView(listing)
+    for uid in owners:
+        view.vms[uid] = list(_expect(c.request(hp.VmList(id=0, owner=uid)), hp.Vms).vms)
+        view.volumes[uid] = list(
+            _expect(c.request(hp.VolumeList(id=0, owner=uid)), hp.Volumes).volumes)
+        view.users[uid] = _user_name(uid)
+        view.names.update({(uid, k): n for k, n in _catalog_names(uid).items()})
     for m in listing.vms:
-        print(f"{m.owner:>8}  {m.name:<20} {m.key:<14} {m.state:<9} {m.pid:>7} "
-              f"{m.qemu_uid:>9}  {m.volume}")
-    print()
-    print(f"{'OWNER':>8}  {'VOLUME':<20} {'KEY':<14} {'SIZE':>12}  SNAPSHOTS")
-    for v in listing.volumes:
-        print(f"{v.owner:>8}  {v.name:<20} {v.key:<14} {v.size_bytes:>12}  "
-              f"{','.join(v.snapshots) or '-'}")
+        if m.pid:
+            rss = _rss_kib(m.pid)
+            if rss is not None:
+                view.rss_kib[m.pid] = rss
+    return view
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _catalog_names(uid: int) -> dict[str, str]:
+    """Helper VM/volume name -> workspace name, from the owner's catalog at its
+    default place (``~/.local/state/agentiso/catalog.db``), opened read-only;
+    empty when it is elsewhere or unreadable (names are the user's data: the
+    helper itself never holds them)."""
+    try:
+        home = Path(pwd.getpwuid(uid).pw_dir)
+    except KeyError:
+        return {}
+    db_path = home / ".local" / "state" / "agentiso" / "catalog.db"
+    if not db_path.is_file():
+        return {}
+    try:
+        db = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True, timeout=1.0)
+        try:
+            rows = db.execute("SELECT name, vm, volume FROM workspaces").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return {}
+    out: dict[str, str] = {}
+    for name, vm, volume in rows:
+        out[str(vm)] = out[str(volume)] = str(name)
+    return out
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f}M"
+
+
+def render_listing(v: AdminView) -> str:
+    """Every owner's VMs and volumes, with workspace names and resource use (pure)."""
+    addr = {(uid, i.name): (i.network.address if i.network else "-")
+            for uid, infos in v.vms.items() for i in infos}
+    used = {(uid, i.name): i.used_bytes for uid, infos in v.volumes.items() for i in infos}
+    out = [f"{'OWNER':<14} {'VM':<14} {'KEY':<14} {'STATE':<9} {'CPU':>3} {'MEM':>6} "
+           f"{'RSS':>6} {'ADDRESS':<15} {'PID':>7} {'QEMU UID':>9} {'VOLUME':<14} WORKSPACE"]
+    for m in sorted(v.listing.vms, key=lambda m: (m.owner, m.name)):
+        rss = v.rss_kib.get(m.pid)
+        out.append(
+            f"{_owner(v, m.owner):<14} {m.name:<14} {m.key:<14} {m.state:<9} {m.vcpus:>3} "
+            f"{m.memory_mib:>5}M {(_mib(rss * 1024) if rss is not None else '-'):>6} "
+            f"{addr.get((m.owner, m.name), '-'):<15} {m.pid:>7} {m.qemu_uid:>9} "
+            f"{m.volume:<14} {v.names.get((m.owner, m.name), '-')}")
+    out.append("")
+    out.append(f"{'OWNER':<14} {'VOLUME':<14} {'KEY':<14} {'SIZE':>7} {'USED':>7} "
+               f"{'WORKSPACE':<20} SNAPSHOTS")
+    for vol in sorted(v.listing.volumes, key=lambda x: (x.owner, x.name)):
+        u = used.get((vol.owner, vol.name))
+        out.append(
+            f"{_owner(v, vol.owner):<14} {vol.name:<14} {vol.key:<14} {_mib(vol.size_bytes):>7} "
+            f"{(_mib(u) if u is not None else '-'):>7} "
+            f"{v.names.get((vol.owner, vol.name), '-'):<20} {','.join(vol.snapshots) or '-'}")
+    out.append("")
+    out.append(render_totals(v))
+    return "\n".join(out)
+
+
+def _owner(v: AdminView, uid: int) -> str:
+    name = v.users.get(uid, str(uid))
+    return f"{name}({uid})" if name != str(uid) else name
+
+
+def render_totals(v: AdminView) -> str:
+    """Per owner: running VMs, vCPUs, memory (asked, resident), volumes, disk used."""
+    out = [f"{'OWNER':<14} {'VMS':>4} {'RUNNING':>7} {'CPU':>4} {'MEM':>7} {'RSS':>7} "
+           f"{'VOLUMES':>7} {'DISK USED':>9}"]
+    owners = sorted({m.owner for m in v.listing.vms} | {x.owner for x in v.listing.volumes})
+    for uid in owners:
+        vms = [m for m in v.listing.vms if m.owner == uid]
+        live = [m for m in vms if m.state in ("starting", "running", "stopping")]
+        rss = sum(v.rss_kib.get(m.pid, 0) for m in live) * 1024
+        disk = sum(i.used_bytes for i in v.volumes.get(uid, []))
+        nvol = sum(1 for x in v.listing.volumes if x.owner == uid)
+        out.append(f"{_owner(v, uid):<14} {len(vms):>4} {len(live):>7} "
+                   f"{sum(m.vcpus for m in live):>4} "
+                   f"{sum(m.memory_mib for m in live):>6}M {_mib(rss):>7} {nvol:>7} "
+                   f"{_mib(disk):>9}")
+    if not owners:
+        out.append("(nothing held)")
+    return "\n".join(out)
 
 
 def _logs(args: argparse.Namespace) -> int:
