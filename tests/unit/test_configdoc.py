@@ -5,6 +5,7 @@ meaning."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -15,6 +16,7 @@ def _configdoc() -> ModuleType:
     spec = importlib.util.spec_from_file_location("configdoc", REPO / "scripts" / "configdoc.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["configdoc"] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
