@@ -72,3 +72,86 @@ def check(limits: LimitsConfig, uid_usage: Usage, host_usage: Usage, delta: Usag
                 ErrorCode.LIMIT_EXCEEDED,
                 f"limit reached: this would make {total} {what}, the limit is {limit}",
             )
+
+
+class BufferBudget:
+    """Bytes the helper holds for its clients (relay output queues, partial
+    request frames), capped per uid and in total.
+
+    The cap is what makes the helper's memory a budget instead of a function
+    of its clients' behaviour: every byte buffered for a client is taken here
+    first and given back when sent or dropped; a client whose buffers would
+    pass its uid's share, or the total, is dropped instead (see
+    docs/helper.md, "Connections and buffers").  Root is exempt: its buffers
+    are the operator's own and must never be refused because of others.
+    Pure bookkeeping, no I/O, no locks (one event loop).
+    """
+
+    def __init__(self, total: int, per_uid: int) -> None:
+        if total < 0 or per_uid < 0:
+            raise ValueError("buffer budgets cannot be negative")
+        self.total = total
+        self.per_uid = per_uid
+        self.used = 0
+        self._by_uid: dict[int, int] = {}
+
+    def used_by(self, uid: int) -> int:
+        return self._by_uid.get(uid, 0)
+
+    def refusal(self, uid: int, n: int) -> str | None:
+        """Why ``uid`` may not hold ``n`` more bytes, or None if it may."""
+        if uid == 0 or n <= 0:
+            return None
+        mine = self.used_by(uid) + n
+        if mine > self.per_uid:
+            return (f"uid {uid} would hold {mine} bytes of buffers, "
+                    f"its share is {self.per_uid}")
+        if self.used + n > self.total:
+            return (f"the helper would hold {self.used + n} bytes of client "
+                    f"buffers, its budget is {self.total}")
+        return None
+
+    def take(self, uid: int, n: int) -> str | None:
+        """Take ``n`` bytes for ``uid``; None on success, else why not (nothing taken)."""
+        why = self.refusal(uid, n)
+        if why is None and uid != 0 and n > 0:
+            self.used += n
+            self._by_uid[uid] = self.used_by(uid) + n
+        return why
+
+    def give_back(self, uid: int, n: int) -> None:
+        if uid == 0 or n <= 0:
+            return
+        left = self.used_by(uid) - n
+        if left < 0:
+            raise ValueError(f"uid {uid} gives back more than it holds")
+        self.used -= n
+        if left:
+            self._by_uid[uid] = left
+        else:
+            del self._by_uid[uid]
+
+
+#: An unlimited budget, for code paths with no helper behind them (tests, tools).
+def unlimited_budget() -> BufferBudget:
+    return BufferBudget(total=2**62, per_uid=2**62)
+
+
+def connection_refusal(
+    uid: int, uid_open: int, others_open: int, max_total: int, max_per_uid: int
+) -> str | None:
+    """Why a new connection of ``uid`` is refused, or None to admit it.
+
+    ``uid_open`` is what ``uid`` already has open, ``others_open`` what all
+    non-root uids have.  Root is always admitted and never counted: however
+    many connections one user opens, the operator can still get in.
+    """
+    if uid == 0:
+        return None
+    if uid_open >= max_per_uid:
+        return (f"uid {uid} has {uid_open} connections open, the limit is {max_per_uid}: "
+                "close some (or raise server.max_connections_per_uid)")
+    if others_open >= max_total:
+        return (f"the helper has {others_open} user connections open, the limit is "
+                f"{max_total}: try again later (or raise server.max_connections)")
+    return None

@@ -14,9 +14,15 @@ routes by request id:
 
 Guarantees:
 
-* A slow client never blocks the others: each has a bounded outbound queue;
-  a client that lets it overflow is disconnected (its requests' credit windows
-  already bound what a well-behaved client can have queued).
+* A slow client never blocks the others: each has a bounded outbound queue
+  (:mod:`.relay_sinks`), which everything toward it passes, greetings
+  included; a client that lets it overflow, or passes its uid's share of the
+  helper's buffer budget, is dropped with the reason logged and sent last
+  (its requests' credit windows already bound what a well-behaved client
+  can have queued).
+* Requests in flight are capped per client and per VM (:class:`RelayLimits`);
+  a request over a cap is refused ``limit_exceeded``.  The helper's own calls
+  are not counted, so a client flood never blocks a freeze.
 * Every frame is decoded with the guest protocol's bounded types in both
   directions; a guest that sends garbage or oversize frames loses its channel
   (which is then re-established) and never crashes the helper.
@@ -29,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,18 +55,23 @@ from agentiso.protocol.errors import (
     VersionMismatch,
     map_exceptions,
 )
-from agentiso.protocol.framing import encode_frame
+from agentiso.protocol.framing import HEADER_SIZE, encode_frame
 from agentiso.protocol.guest_constants import GUEST_MAX_FRAME, SYNC_RETRY_S
 from agentiso.protocol.guest_session import AgentSync, HostSync, greeting
-from agentiso.protocol.guest_stream import GuestStreamDecoder, HostMarker, HostStreamDecoder
+from agentiso.protocol.guest_stream import (
+    HOST_MARKER_LEN,
+    GuestStreamDecoder,
+    HostMarker,
+    HostStreamDecoder,
+)
 
 from .errors import GuestStepFailed, HelperError, RequestFailed
+from .limits import BufferBudget
+from .relay_sinks import CLIENT_QUEUE_BYTES, INTERMEDIATE, CallSink, ClientSink, Sink
 from .transport import STREAM_GONE, PeerGone, peer_gone, peer_gone_is_eof, receive_some
 
 log = structlog.get_logger("agentiso.helper.relay")
 
-#: Responses after which more frames of the same request follow.
-INTERMEDIATE: tuple[type[Any], ...] = (gp.ExecOutput, gp.DownloadChunk, gp.UploadAck)
 #: Requests that may be sent again after a channel drop without changing anything.
 IDEMPOTENT: tuple[type[Any], ...] = (
     gp.Ping,
@@ -72,14 +82,31 @@ IDEMPOTENT: tuple[type[Any], ...] = (
     gp.JobList,
     gp.Sync,
 )
-#: Most bytes queued for one client before it is judged stuck and disconnected.
-CLIENT_QUEUE_BYTES = 64 * 1024 * 1024
+#: Requests of one relayed client in flight at once; more are refused.
+MAX_INFLIGHT_PER_CLIENT = 64
+#: Requests of all relayed clients of one VM in flight at once (the helper's
+#: own calls are not counted: a client flood must not block a freeze).
+MAX_INFLIGHT_PER_CHANNEL = 256
+#: How long a dropped client gets to read what was queued (and the reason).
+DROP_FLUSH_S = 2.0
 #: How much unframed noise may precede the agent's sync marker.
 MAX_SYNC_SCAN = 1024 * 1024
 HELLO_TIMEOUT_S = 30.0
 RECONNECT_RETRY_WINDOW_S = 15.0
 
 Connector = Callable[[], Awaitable[ByteStream]]
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """What one relayed client may cost (the server fills it from its config)."""
+
+    #: Bytes queued toward the client before it is dropped as not reading.
+    queue_bytes: int = CLIENT_QUEUE_BYTES
+    #: Its requests in flight at once.
+    max_inflight: int = MAX_INFLIGHT_PER_CLIENT
+    #: Requests of all relayed clients of the VM in flight at once.
+    max_inflight_per_vm: int = MAX_INFLIGHT_PER_CHANNEL
 
 
 class GuestChannelBroken(HelperError):
@@ -99,94 +126,15 @@ _CHANNEL_BROKEN: ExceptionMap = {
 }
 
 
-class _Sink:
-    """Where the responses of one client's requests go."""
-
-    def deliver(self, msg: Any) -> None:
-        """A message from the guest, already relabelled with the client's id."""
-        raise NotImplementedError
-
-    def fail(self, client_id: int, code: ErrorCode, message: str) -> None:
-        """The relay itself (not the guest) gives up on request ``client_id``."""
-        self.deliver(gp.Error(id=client_id, code=code, message=message))
-
-    def forget(self, client_id: int) -> None:
-        """The request ``client_id`` is finished."""
-
-
 @dataclass
 class _Route:
-    sink: _Sink
+    sink: Sink
     client_id: int
+    #: Kept only while it may have to be sent again (idempotent requests,
+    #: which are small): a guest that never answers must not make the helper
+    #: hold every upload chunk it was sent.
     request: Any
     retried: bool = False
-
-
-class ClientSink(_Sink):
-    """Outbound queue of one relayed client connection (bounded in bytes)."""
-
-    def __init__(self, limit: int = CLIENT_QUEUE_BYTES) -> None:
-        self._send, self._recv = anyio.create_memory_object_stream[bytes](math.inf)
-        self._queued = 0
-        self._limit = limit
-        self.overflowed = False
-        #: client request id -> upstream id, while the request is in flight.
-        self.upstream: dict[int, int] = {}
-
-    def deliver(self, msg: Any) -> None:
-        if self.overflowed:
-            return
-        frame = encode_frame(gp.response_codec.encode(msg), GUEST_MAX_FRAME)
-        if self._queued + len(frame) > self._limit:
-            self.overflowed = True
-            self._send.close()
-            return
-        self._queue(frame)
-
-    def deliver_raw(self, data: bytes) -> None:
-        """Queue bytes already encoded (a sync marker and its Hello)."""
-        if not self.overflowed:
-            self._queue(data)
-
-    def _queue(self, data: bytes) -> None:
-        self._queued += len(data)
-        with peer_gone_is_eof():  # the queue is closed once the client is gone
-            self._send.send_nowait(data)
-
-    def forget(self, client_id: int) -> None:
-        self.upstream.pop(client_id, None)
-
-    async def next_frame(self) -> bytes | None:
-        """The next queued frame; None once the queue is closed and drained."""
-        frame: bytes | None = None
-        with peer_gone_is_eof():
-            frame = await self._recv.receive()
-        if frame is not None:
-            self._queued -= len(frame)
-        return frame
-
-    def close(self) -> None:
-        self._send.close()
-
-
-class _CallSink(_Sink):
-    """Collects the single response of a helper-internal request."""
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.response: Any = None
-        #: Set instead of ``response`` when the relay (not the guest) gave up.
-        self.error: HelperError | None = None
-
-    def deliver(self, msg: Any) -> None:
-        if not isinstance(msg, INTERMEDIATE) and not self.done.is_set():
-            self.response = msg
-            self.done.set()
-
-    def fail(self, client_id: int, code: ErrorCode, message: str) -> None:
-        if not self.done.is_set():
-            self.error = RequestFailed(code, message)
-            self.done.set()
 
 
 @dataclass
@@ -325,7 +273,7 @@ class GuestChannel:
             self._retry_deadline = anyio.current_time() + RECONNECT_RETRY_WINDOW_S
         routes, self._routes = self._routes, {}
         for r in routes.values():
-            if isinstance(r.request, IDEMPOTENT) and not r.retried:
+            if r.request is not None and not r.retried:
                 r.retried = True
                 self._retry.append(r)
             else:
@@ -360,7 +308,10 @@ class GuestChannel:
         self._routes[uid] = route
         if client_upstream is not None:
             client_upstream[route.client_id] = uid
-        await self._write(msgspec.structs.replace(route.request, id=uid))
+        msg = route.request
+        if not isinstance(msg, IDEMPOTENT):
+            route.request = None  # never sent again: do not hold it
+        await self._write(msgspec.structs.replace(msg, id=uid))
         return uid
 
     async def _write(self, msg: Any) -> None:
@@ -380,7 +331,7 @@ class GuestChannel:
         own), :class:`RequestFailed` (``timeout``, ``unavailable``) when the
         relay gives up on it.
         """
-        sink = _CallSink()
+        sink = CallSink()
         route = _Route(sink=sink, client_id=0, request=msg)
         upstream: int | None = None
         try:
@@ -410,18 +361,45 @@ class GuestChannel:
         self,
         receive: Callable[[], Awaitable[bytes]],
         send: Callable[[bytes], Awaitable[None]],
-    ) -> None:
-        """Relay one client until it disconnects (or overflows its queue).
+        *,
+        uid: int = 0,
+        budget: BufferBudget | None = None,
+        limits: RelayLimits = RelayLimits(),
+    ) -> str | None:
+        """Relay one client until it disconnects or is dropped.
 
         ``receive`` returns raw bytes (b"" at end of stream).  The client is
         greeted like the agent greets a host: a sync marker and a Hello; when
         it sends a host sync marker with a nonce, its session restarts (its
         requests in flight are cancelled) and the Hello echoes the nonce.
+
+        What is queued toward the client is bounded by ``limits`` and by
+        ``budget`` (its share for ``uid``), and so are its requests in flight
+        and the input held for its partial frames.  A client
+        that fills its queue is dropped: it gets :data:`DROP_FLUSH_S` to
+        read the queue and the last error saying why, then the relay ends.
+        Returns why the client was dropped, or None if it left by itself.
         """
         if self._closed:
             raise RequestFailed(ErrorCode.UNAVAILABLE, f"VM {self.name!r} is not running")
         hello = await self.wait_ready(HELLO_TIMEOUT_S)
-        sink = ClientSink()
+        sink = ClientSink(limits.queue_bytes, budget, uid)
+        try:
+            await self._relay_client(receive, send, sink, hello, limits)
+        finally:
+            sink.release()
+        if sink.drop_reason is not None:
+            log.warning("relay_client_dropped", vm=self.name, uid=uid, reason=sink.drop_reason)
+        return sink.drop_reason
+
+    async def _relay_client(
+        self,
+        receive: Callable[[], Awaitable[bytes]],
+        send: Callable[[bytes], Awaitable[None]],
+        sink: ClientSink,
+        hello: gp.Hello,
+        limits: RelayLimits,
+    ) -> None:
         sessions = itertools.count(1)
         sink.deliver_raw(greeting(hello, nonce=b"", session=next(sessions)))
         decoder = HostStreamDecoder(GUEST_MAX_FRAME)
@@ -433,17 +411,34 @@ class GuestChannel:
                 with peer_gone_is_eof():  # client gone
                     while (frame := await sink.next_frame()) is not None:
                         await send(frame)
-                tg.cancel_scope.cancel()  # queue closed (overflow) or client gone
+                tg.cancel_scope.cancel()  # queue closed (drop, end) or client gone
+
+            async def end_when_dropped() -> None:
+                await sink.dropped.wait()
+                # A client that is not reading gets a moment to catch up
+                # (and read why), then it is cut off whatever it does.
+                await anyio.sleep(DROP_FLUSH_S)
+                tg.cancel_scope.cancel()
 
             tg.start_soon(pump)
+            tg.start_soon(end_when_dropped)
             try:
-                while data := await receive():
+                while not sink.dropped.is_set() and (data := await receive()):
+                    # Input held in the decoder (a partial frame) is budgeted too.
+                    if not sink.hold_input(len(data)):
+                        break
                     try:
                         items = decoder.feed(data)
                     except RemoteProtocolError as exc:
                         sink.deliver(gp.Error(id=0, code=ErrorCode.PROTOCOL, message=str(exc)))
                         break
+                    sink.release_input(sum(
+                        HOST_MARKER_LEN if isinstance(i, HostMarker) else HEADER_SIZE + len(i)
+                        for i in items
+                    ))
                     for item in items:
+                        if sink.dropped.is_set():
+                            break
                         if isinstance(item, HostMarker):
                             if not client_sync.on_marker(item.nonce):
                                 continue  # resent before our answer arrived: no new session
@@ -453,13 +448,11 @@ class GuestChannel:
                                 greeting(current, nonce=item.nonce, session=next(sessions))
                             )
                         else:
-                            await self._from_client(item, sink)
+                            await self._from_client(item, sink, limits)
             finally:
                 with anyio.CancelScope(shield=True):
                     await self._cancel_client_requests(sink)
                 sink.close()
-                if sink.overflowed:
-                    log.warning("relay_client_overflow", vm=self.name)
 
     async def _cancel_client_requests(self, sink: ClientSink) -> None:
         """Forget a client's requests in flight and cancel them in the guest."""
@@ -471,7 +464,20 @@ class GuestChannel:
                 with anyio.move_on_after(2), contextlib.suppress(HelperError):
                     await self._write(gp.Cancel(id=next(self._ids), target=upstream))
 
-    async def _from_client(self, body: bytes, sink: ClientSink) -> None:
+    def _inflight_refusal(self, sink: ClientSink, limits: RelayLimits) -> str | None:
+        """Why a client's new request may not go upstream now, or None."""
+        mine = len(sink.upstream) + sum(1 for r in self._retry if r.sink is sink)
+        if mine >= limits.max_inflight:
+            return (f"{mine} requests of this connection are in flight, the limit is "
+                    f"{limits.max_inflight}: wait for answers or cancel some")
+        clients = sum(1 for r in self._routes.values() if isinstance(r.sink, ClientSink))
+        clients += sum(1 for r in self._retry if isinstance(r.sink, ClientSink))
+        if clients >= limits.max_inflight_per_vm:
+            return (f"{clients} requests are in flight to VM {self.name!r}, the limit is "
+                    f"{limits.max_inflight_per_vm}: wait for answers or cancel some")
+        return None
+
+    async def _from_client(self, body: bytes, sink: ClientSink, limits: RelayLimits) -> None:
         self.last_activity = time.monotonic()
         try:
             msg = gp.request_codec.decode(body)
@@ -497,6 +503,10 @@ class GuestChannel:
         if msg.id in sink.upstream:
             sink.deliver(gp.Error(id=msg.id, code=ErrorCode.INVALID,
                                   message=f"request id {msg.id} is already in flight"))
+            return
+        refusal = self._inflight_refusal(sink, limits)
+        if refusal is not None:
+            sink.deliver(gp.Error(id=msg.id, code=ErrorCode.LIMIT_EXCEEDED, message=refusal))
             return
         route = _Route(sink=sink, client_id=msg.id, request=msg)
         if self._stream is None:

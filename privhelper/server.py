@@ -9,6 +9,12 @@ One connection = one authenticated peer.  The server:
 3. serves every further request in its own task (bounded per connection, so a
    flood waits instead of growing memory), answering each with its id.
 
+What one uid can cost is bounded (docs/helper.md, "Connections and
+buffers"): connections per uid and in all (root is never counted, so it
+always gets in), a deadline for the hello and for an idle connection, and
+every byte buffered for a client (a partial frame here, a relayed client's
+queue) taken from one :class:`~.limits.BufferBudget`.
+
 A peer that sends garbage gets a typed error; a peer that breaks framing
 (oversize length, truncated frame) is disconnected.  Neither affects other
 connections.
@@ -16,6 +22,7 @@ connections.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import stat
@@ -36,11 +43,14 @@ from agentiso.protocol.framing import encode_frame
 from agentiso.protocol.stream import FrameReader
 
 from . import __version__
+from .accept import accept_forever, raise_nofile_limit
 from .actions import ACTION_FOR_REQUEST, ADMIN_ONLY
 from .config import HelperConfig, resolve_gid
 from .errors import HelperError, RequestFailed
+from .limits import BufferBudget, connection_refusal
 from .peercred import PeerCredentials, get_peer_credentials
 from .polkit import ConnectionAuthorizer
+from .relay import RelayLimits
 from .transport import peer_gone_is_eof, receive_some
 
 if TYPE_CHECKING:
@@ -48,8 +58,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("agentiso.helper.server")
 
-HELLO_TIMEOUT_S = 10.0
 LINGER_S = 1.0
+#: A connection refused for a cap lingers less: a flood must not hold descriptors.
+CAP_LINGER_S = 0.25
+MiB = 1024 * 1024
 INTERNAL_MESSAGE = "internal error in the helper (details are in its log)"
 LINGER_MAX_BYTES = 1 << 20
 
@@ -81,12 +93,17 @@ class HelperServer:
     handlers: dict[type[Any], Handler] = field(default_factory=dict)
     started_monotonic: float = field(default_factory=time.monotonic)
     allowed_gid: int | None = None
+    #: Connections open now: all, and per non-root uid.
     connections: int = 0
+    by_uid: dict[int, int] = field(default_factory=dict)
     open_guest: GuestOpener | None = None
+    budget: BufferBudget = field(init=False)
 
     def __post_init__(self) -> None:
         if self.allowed_gid is None:
             self.allowed_gid = resolve_gid(self.config.server.group)
+        cfg = self.config.server
+        self.budget = BufferBudget(cfg.buffer_budget_mib * MiB, cfg.per_uid_buffer_mib * MiB)
         self.handlers.setdefault(hp.Ping, _ping)
         self.handlers.setdefault(hp.WhoAmI, _whoami)
 
@@ -94,10 +111,22 @@ class HelperServer:
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_monotonic
 
+    @property
+    def user_connections(self) -> int:
+        """Connections of non-root uids open now."""
+        return sum(self.by_uid.values())
+
     async def serve(self, listener: SocketListener) -> None:
-        """Serve until cancelled."""
+        """Serve until cancelled (or the listener is closed).  Out of file
+        descriptors, connections are refused and the server goes on."""
+        soft, hard = raise_nofile_limit()
+        log.info("serving", nofile_soft=soft, nofile_hard=hard)
+        refusal = encode_frame(hp.response_codec.encode(_error(
+            0, ErrorCode.UNAVAILABLE,
+            "the helper is out of file descriptors: try again in a moment",
+        )))
         async with listener:
-            await listener.serve(self._guarded_connection)
+            await accept_forever(listener, self._guarded_connection, refusal)
 
     async def _guarded_connection(self, stream: SocketStream) -> None:
         # A failure in one connection must never take the server down.
@@ -110,12 +139,47 @@ class HelperServer:
         finally:
             self.connections -= 1
 
+    def _admit(self, peer: PeerCredentials) -> str | None:
+        """Count the connection of ``peer`` in (None), or say why it is refused."""
+        cfg = self.config.server
+        why = connection_refusal(
+            peer.uid, self.by_uid.get(peer.uid, 0), self.user_connections,
+            cfg.max_connections, cfg.max_connections_per_uid,
+        )
+        if why is None and not peer.is_root:
+            self.by_uid[peer.uid] = self.by_uid.get(peer.uid, 0) + 1
+        return why
+
+    def _leave(self, peer: PeerCredentials) -> None:
+        if peer.is_root:
+            return
+        left = self.by_uid[peer.uid] - 1
+        if left:
+            self.by_uid[peer.uid] = left
+        else:
+            del self.by_uid[peer.uid]
+
     async def handle_connection(self, stream: SocketStream) -> None:
         sock = stream.extra(SocketAttribute.raw_socket)
         peer = get_peer_credentials(sock)
         conn = _Connection(stream)
         logc = log.bind(peer_uid=peer.uid, peer_pid=peer.pid)
 
+        # Caps first: they cost no I/O, so a flood is refused cheaply.
+        cap = self._admit(peer)
+        if cap is not None:
+            logc.warning("peer_over_connection_cap", reason=cap)
+            await conn.send_error(0, ErrorCode.LIMIT_EXCEEDED, cap)
+            await _linger(stream, CAP_LINGER_S)
+            return
+        try:
+            await self._admitted_connection(stream, peer, conn, logc)
+        finally:
+            self._leave(peer)
+
+    async def _admitted_connection(
+        self, stream: SocketStream, peer: PeerCredentials, conn: _Connection, logc: Any
+    ) -> None:
         # Group membership, or polkit (asked per action class, cached per connection).
         authz = ConnectionAuthorizer(peer, self.config.server.authorization, self.allowed_gid)
         try:
@@ -125,23 +189,29 @@ class HelperServer:
             await conn.send_error(0, exc.code, exc.message)
             await _linger(stream)
             return
-        if self.connections > self.config.server.max_connections:
-            await conn.send_error(0, ErrorCode.LIMIT_EXCEEDED, "too many connections")
-            await _linger(stream)
-            return
+        held = _HeldInput(self.budget, peer.uid)
 
         async def receive() -> bytes:
-            return await receive_some(stream)
+            data = await receive_some(stream)
+            # What the reader will hold once it has this (a partial frame) is budgeted.
+            held.hold(reader.buffered + len(data))
+            return data
 
         async def read_frame() -> bytes | None:
-            """Next frame, or None when the connection must end (EOF or broken framing)."""
+            """Next frame, or None when the connection must end (EOF, broken
+            framing, or its partial frame over the uid's buffer budget)."""
             try:
-                return await reader.read()
+                body = await reader.read()
+                held.hold(reader.buffered)
+                return body
             except TruncatedFrame:
                 logc.info("peer_truncated_frame")
             except FramingError as exc:
                 logc.warning("peer_framing_error", error=str(exc))
                 await conn.send_error(0, ErrorCode.PROTOCOL, str(exc))
+            except _OverBudget as exc:
+                logc.warning("peer_over_buffer_budget", reason=str(exc))
+                await conn.send_error(0, ErrorCode.LIMIT_EXCEEDED, str(exc))
             return None
 
         def unframed() -> Callable[[], Awaitable[bytes]]:
@@ -160,11 +230,14 @@ class HelperServer:
 
         reader = FrameReader(receive, hp.HELPER_MAX_FRAME)
         ctx = RequestContext(peer=peer, server=self)
-        if await self._handshake(conn, read_frame):
-            await self._request_loop(conn, read_frame, unframed, ctx, authz)
+        try:
+            if await self._handshake(conn, read_frame):
+                await self._request_loop(conn, read_frame, unframed, ctx, authz)
+        finally:
+            held.hold(0)
 
     async def _handshake(self, conn: _Connection, read_frame: FrameSource) -> bool:
-        with anyio.move_on_after(HELLO_TIMEOUT_S):
+        with anyio.move_on_after(self.config.server.hello_timeout_s):
             body = await read_frame()
             if body is None:
                 return False
@@ -193,7 +266,10 @@ class HelperServer:
                 )
             )
             return True
-        await conn.send_error(0, ErrorCode.TIMEOUT, "no hello received")
+        await conn.send_error(
+            0, ErrorCode.TIMEOUT,
+            f"no hello within {self.config.server.hello_timeout_s:g} s: connection closed",
+        )
         return False
 
     async def _request_loop(
@@ -204,11 +280,26 @@ class HelperServer:
         ctx: RequestContext,
         authz: ConnectionAuthorizer,
     ) -> None:
-        slots = anyio.Semaphore(self.config.server.max_inflight_per_connection)
+        cap = self.config.server.max_inflight_per_connection
+        idle_s = self.config.server.idle_timeout_s
+        slots = anyio.Semaphore(cap)
         # At end of stream, requests already in flight still complete (a client
         # may half-close after sending); each handler bounds its own duration.
         async with anyio.create_task_group() as tg:
-            while (body := await read_frame()) is not None:
+            while True:
+                # Idle = nothing in flight and nothing sent for idle_s: the
+                # connection is closed (a client reconnects when it needs to).
+                deadline = idle_s if slots.value == cap else math.inf
+                with anyio.move_on_after(deadline) as idle:
+                    body = await read_frame()
+                if idle.cancelled_caught:
+                    await conn.send_error(
+                        0, ErrorCode.TIMEOUT,
+                        f"no request for {idle_s:g} s: connection closed (reconnect when needed)",
+                    )
+                    break
+                if body is None:
+                    break
                 try:
                     req = hp.request_codec.decode(body)
                 except DecodeError as exc:
@@ -245,8 +336,16 @@ class HelperServer:
             await conn.send(_typed_error(req, exc))
             return
         await conn.send(hp.GuestOpened(id=req.id, vm=req.vm))
+        cfg = self.config.server
+        limits = RelayLimits(
+            queue_bytes=cfg.relay_queue_mib * MiB,
+            max_inflight=cfg.max_inflight_per_connection,
+            max_inflight_per_vm=cfg.relay_max_inflight_per_vm,
+        )
         try:
-            await channel.serve_client(unframed(), conn.send_raw)
+            await channel.serve_client(
+                unframed(), conn.send_raw, uid=ctx.peer.uid, budget=self.budget, limits=limits
+            )
         except HelperError as exc:
             log.info("relay_ended", vm=req.vm, reason=exc.message)
 
@@ -311,13 +410,36 @@ class _Connection:
         await self.send(_error(rid, code, message))
 
 
-async def _linger(stream: SocketStream) -> None:
+class _OverBudget(Exception):
+    """A client's partial frame would pass its uid's share of the buffer budget."""
+
+
+class _HeldInput:
+    """The bytes one connection's frame reader holds, kept taken from the budget."""
+
+    def __init__(self, budget: BufferBudget, uid: int) -> None:
+        self._budget = budget
+        self._uid = uid
+        self._held = 0
+
+    def hold(self, n: int) -> None:
+        """Now ``n`` bytes are held (raises :class:`_OverBudget` if they do not fit)."""
+        if n > self._held:
+            why = self._budget.take(self._uid, n - self._held)
+            if why is not None:
+                raise _OverBudget(f"{why}: connection closed")
+        else:
+            self._budget.give_back(self._uid, self._held - n)
+        self._held = n
+
+
+async def _linger(stream: SocketStream, seconds: float = LINGER_S) -> None:
     """Close our side after a final error, but swallow what the peer already
     sent (bounded, briefly) so its pending writes do not fail with EPIPE before
     it has read our error."""
     with peer_gone_is_eof():
         await stream.send_eof()
-        with anyio.move_on_after(LINGER_S):
+        with anyio.move_on_after(seconds):
             drained = 0
             while drained < LINGER_MAX_BYTES:
                 drained += len(await stream.receive(65536))

@@ -24,6 +24,11 @@ class FrameReader:
         self._ready: deque[bytes] = deque()
         self._eof = False
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held now: a partial frame, and whole frames not yet read."""
+        return self._decoder.buffered + sum(len(f) for f in self._ready)
+
     async def read(self) -> bytes | None:
         """Next frame body, or None at a clean end of stream.
 

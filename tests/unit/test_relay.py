@@ -7,15 +7,18 @@ relayed helper connection carries.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,8 @@ import pytest
 from anyio.abc import ByteStream, UNIXSocketStream
 
 from agentiso.privhelper.errors import GuestStepFailed, HelperError
-from agentiso.privhelper.relay import GuestChannel
+from agentiso.privhelper.limits import BufferBudget
+from agentiso.privhelper.relay import GuestChannel, RelayLimits
 from agentiso.privhelper.transport import receive_some
 from agentiso.protocol import guest as gp
 from agentiso.protocol.errors import ErrorCode
@@ -111,7 +115,9 @@ class Client:
 
 
 @asynccontextmanager
-async def relayed_client(channel: GuestChannel) -> AsyncIterator[Client]:
+async def relayed_client(
+    channel: GuestChannel, limits: RelayLimits | None = None
+) -> AsyncIterator[Client]:
     a, b = socket.socketpair()
     server_side = await UNIXSocketStream.from_socket(a)
     client_side = await UNIXSocketStream.from_socket(b)
@@ -120,7 +126,10 @@ async def relayed_client(channel: GuestChannel) -> AsyncIterator[Client]:
         return await receive_some(server_side)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(channel.serve_client, receive, server_side.send)
+        tg.start_soon(
+            partial(channel.serve_client, limits=limits or RelayLimits()), receive,
+            server_side.send,
+        )
         client = Client(client_side)
         await client.sync()
         try:
@@ -353,3 +362,104 @@ async def test_vsock_style_secret_is_sent_first_and_checked(secret_agent: Path) 
         await anyio.sleep(2)
         assert not bad.ready
         tg.cancel_scope.cancel()
+
+
+# --- bounded memory: caps on queues, in-flight requests and input ----------------------
+
+
+def _markers(n: int) -> bytes:
+    """``n`` host sync markers, each with its own nonce (each starts a session)."""
+    return b"".join(gp.HOST_SYNC_MAGIC + os.urandom(gp.SYNC_NONCE_LEN) for _ in range(n))
+
+
+async def _serve_unread(
+    ch: GuestChannel, payload: bytes, budget: BufferBudget, limits: RelayLimits, uid: int = 1000
+) -> tuple[str | None, float]:
+    """Relay a client that sends ``payload`` and never reads; returns why it
+    was dropped and how long the relay took to end."""
+    a, b = socket.socketpair()
+    server_side = await UNIXSocketStream.from_socket(a)
+    client_side = await UNIXSocketStream.from_socket(b)
+
+    async def receive() -> bytes:
+        return await receive_some(server_side)
+
+    async def flood() -> None:
+        with contextlib.suppress(Exception):  # the relay stops reading once it drops us
+            await client_side.send(payload)
+
+    reason: str | None = None
+    start = anyio.current_time()
+    async with client_side, server_side, anyio.create_task_group() as tg:
+        tg.start_soon(flood)
+        with anyio.fail_after(30):
+            reason = await ch.serve_client(
+                receive, server_side.send, uid=uid, budget=budget, limits=limits
+            )
+        tg.cancel_scope.cancel()
+    return reason, anyio.current_time() - start
+
+
+async def test_a_never_reading_client_flooding_sync_markers_is_dropped(agent: Agent) -> None:
+    """Every marker is answered by a greeting; greetings go through the same
+    capped queue as frames, so a client that never reads is dropped once its
+    queue is full, and everything it held is given back."""
+    budget = BufferBudget(total=64 << 20, per_uid=64 << 20)
+    limits = RelayLimits(queue_bytes=256 << 10)
+    async with running_channel(agent.path) as ch:
+        reason, took = await _serve_unread(ch, _markers(50_000), budget, limits)
+        assert reason is not None and "not reading" in reason and str(256 << 10) in reason
+        assert took < 20
+        assert budget.used == 0
+        # The channel and other clients are untouched.
+        async with relayed_client(ch) as c:
+            await c.send(gp.Ping(id=1))
+            assert isinstance(await c.recv(), gp.Pong)
+
+
+async def test_a_client_over_its_uids_buffer_share_is_dropped(agent: Agent) -> None:
+    budget = BufferBudget(total=64 << 20, per_uid=100 << 10)
+    limits = RelayLimits(queue_bytes=32 << 20)
+    async with running_channel(agent.path) as ch:
+        reason, _ = await _serve_unread(ch, _markers(50_000), budget, limits, uid=4242)
+        assert reason is not None and "uid 4242" in reason and "share" in reason
+        assert budget.used == 0
+
+
+async def test_a_partial_frame_is_held_against_the_budget(agent: Agent) -> None:
+    """A client announcing a 4 MiB frame and sending 1 MiB of it holds that
+    input in the relay: over its share, it is dropped."""
+    budget = BufferBudget(total=64 << 20, per_uid=512 << 10)
+    head = struct.pack(">I", gp.GUEST_MAX_FRAME - 16)
+    async with running_channel(agent.path) as ch:
+        reason, _ = await _serve_unread(ch, head + b"\0" * (1 << 20), budget, RelayLimits())
+        assert reason is not None and "share is 524288" in reason
+        assert budget.used == 0
+
+
+async def test_requests_in_flight_are_capped_per_client_and_per_vm(agent: Agent) -> None:
+    limits = RelayLimits(max_inflight=2, max_inflight_per_vm=3)
+    async with running_channel(agent.path) as ch:
+
+        async def open_client(stack: contextlib.AsyncExitStack) -> Client:
+            return await stack.enter_async_context(relayed_client(ch, limits=limits))
+
+        async with contextlib.AsyncExitStack() as stack:
+            c1, c2 = await open_client(stack), await open_client(stack)
+            for rid in (1, 2, 3):
+                await c1.send(_exec(rid, "sleep 600"))
+            refused = await c1.recv()
+            assert isinstance(refused, gp.Error) and refused.id == 3
+            assert refused.code == ErrorCode.LIMIT_EXCEEDED and "this connection" in refused.message
+            await c2.send(_exec(1, "sleep 600"))
+            await c2.send(_exec(2, "sleep 600"))
+            refused = await c2.recv()
+            assert isinstance(refused, gp.Error) and refused.id == 2
+            assert "in flight to VM" in refused.message and "limit is 3" in refused.message
+            # The helper's own calls are never refused for the clients' load.
+            assert isinstance(await ch.call(gp.Ping(id=0), 10), gp.Pong)
+            # A cancelled request frees its slot.
+            await c1.send(gp.Cancel(id=9, target=1))
+            await c1.until_final(1)
+            await c1.send(_exec(4, "echo again"))
+            assert (await c1.until_final(4)).stdout == b"again\n"
