@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="only report")
 
     lg = sub.add_parser("logs", help="a VM's serial console and QEMU stderr (root)")
-    lg.add_argument("vm", help="the VM's key (see 'list')")
+    lg.add_argument("vm", help="the VM's key, or its name with --owner (see 'list')")
+    lg.add_argument("--owner", type=int, help="the uid owning the VM named (with a name)")
     lg.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     lg.add_argument("--state-dir", type=Path)
     lg.add_argument("--bytes", type=int, default=16384)
@@ -345,12 +346,33 @@ def render_totals(v: AdminView) -> str:
     return "\n".join(out)
 
 
+def resolve_vm_key(vms: list[tuple[str, int, str]], ref: str, owner: int | None) -> str | None:
+    """The key of the VM ``ref`` names: a key, or a name of ``owner``'s (or of
+    the one owner holding that name when ``owner`` is None).  Pure."""
+    if any(key == ref for key, _, _ in vms):
+        return ref
+    hits = [key for key, uid, name in vms if name == ref and owner in (None, uid)]
+    return hits[0] if len(hits) == 1 else None
+
+
 def _logs(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     state = args.state_dir or Path(cfg.paths.state_dir)
-    d = state / "vm" / "logs" / args.vm
+    key = args.vm
+    reg_path = state / "registry.json"
+    if reg_path.exists():
+        try:
+            reg = Registry.load(reg_path)
+            found = resolve_vm_key([(m.key, m.owner, m.name) for m in reg.vms()], args.vm,
+                                   args.owner)
+        except HelperError:
+            found = None  # an unreadable registry: try the argument as a key
+        key = found or args.vm
+    d = state / "vm" / "logs" / key
     if not d.is_dir():
-        print(f"agentiso-helper logs: no logs for VM {args.vm!r} in {d.parent}", file=sys.stderr)
+        print(f"agentiso-helper logs: no logs for VM {args.vm!r} in {d.parent}\n"
+              "give its key or its name (with --owner UID if two owners use it), "
+              "as 'agentiso-helper list' shows them", file=sys.stderr)
         return 1
     for name in ("console.log", "stderr.log"):
         f = d / name

@@ -239,3 +239,14 @@ async def test_status_and_list_show_my_workspaces(env: McpEnv, workspace: Tools)
     vm = cols[1]
     assert any(ln.split()[:2] == [str(USER), vm] and "running" in ln
                for ln in admin_out.splitlines()), admin_out
+    # Root's status adds the totals per owner: 1 VM, running, its vCPU and memory.
+    root_status = (await anyio.run_process(
+        [sys.executable, "-m", "agentiso.privhelper.cli", "status", "--socket",
+         str(env.helper.socket)], cwd=REPO)).stdout.decode()
+    totals = next(ln.split() for ln in root_status.splitlines() if ln.startswith(f"{USER} "))
+    assert totals[1:5] == ["1", "1", "1", "256M"], root_status
+    # Logs by the VM's name and owner, as list shows them.
+    logs = (await anyio.run_process(
+        [sys.executable, "-m", "agentiso.privhelper.cli", "logs", vm, "--owner", str(USER),
+         "--state-dir", str(env.helper.state_dir)], cwd=REPO)).stdout.decode()
+    assert "console.log" in logs and "agent" in logs, logs

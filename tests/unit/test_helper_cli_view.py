@@ -51,3 +51,15 @@ def test_totals_count_only_live_vms_for_cpu_and_memory() -> None:
     assert other == ["1001", "1", "0", "0", "0M", "0M", "1", "100M"]
     empty = AdminView(hp.AdminListing(id=0, vms=[], volumes=[]))
     assert render_totals(empty).splitlines()[-1] == "(nothing held)"
+
+
+def test_logs_take_a_key_or_an_owners_vm_name() -> None:
+    from agentiso.privhelper.cli import resolve_vm_key
+
+    vms = [("m1", 1000, "ws-a"), ("m2", 1001, "ws-a"), ("m3", 1001, "ws-b")]
+    assert resolve_vm_key(vms, "m2", None) == "m2"
+    assert resolve_vm_key(vms, "ws-b", None) == "m3"
+    assert resolve_vm_key(vms, "ws-a", None) is None  # two owners: ambiguous
+    assert resolve_vm_key(vms, "ws-a", 1001) == "m2"
+    assert resolve_vm_key(vms, "ws-b", 1000) is None
+    assert resolve_vm_key(vms, "nope", None) is None
