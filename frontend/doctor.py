@@ -26,7 +26,7 @@ from typing import Literal, TypeVar
 
 import msgspec
 
-from agentiso.protocol.errors import RemoteError, WireError
+from agentiso.protocol.errors import PermissionDenied, RemoteError, WireError
 
 from .config import (
     DEFAULT_HELPER_SOCKET,
@@ -74,6 +74,8 @@ class UserFacts:
     listed_in_group: bool = False
     #: None: connected and greeted.  Else the error.
     connect_error: str | None = None
+    #: The helper itself refused me (permission_denied): not its group, or polkit said no.
+    connect_denied: bool = False
     #: Who the helper says I am: (uid, gid, admin).
     identity: tuple[int, int, bool] | None = None
     helper_server: str = ""
@@ -162,6 +164,11 @@ def _permission(f: UserFacts, socket: Check) -> Check:
 def _helper(f: UserFacts, permission: Check) -> Check:
     if permission.status not in ("pass",):
         return Check("helper", "skip", "cannot connect (see above)")
+    if f.connect_error is not None and f.connect_denied:
+        return Check("helper", "fail", f"the helper refused you: {f.connect_error}",
+                     f"ask your administrator to add you to the helper's group "
+                     f"(usermod -aG {f.socket_group or 'agentiso'} {f.user}) or, with polkit, "
+                     "to grant you the agentiso actions; then log in again")
     if f.connect_error is not None:
         return Check("helper", "fail", f.connect_error,
                      "ask your administrator to run agentiso-helper check and read "
@@ -307,6 +314,8 @@ async def gather(config_path: Path | None, helper_socket: str | None,
                 img_err = ""
             except (RemoteError, FrontendError) as exc:
                 imgs, img_err = None, str(exc)
+    except PermissionDenied as exc:
+        return _replace(facts, connect_error=str(exc), connect_denied=True)
     except (FrontendError, WireError) as exc:
         return _replace(facts, connect_error=str(exc))
     return _replace(facts, identity=(who.uid, who.gid, who.admin), helper_server=server,

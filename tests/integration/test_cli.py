@@ -168,6 +168,16 @@ def test_doctor_without_permission_on_the_socket(env: McpEnv) -> None:
     # status says the helper is not reachable and points to doctor.
     s = user_cli(OUTSIDER, [], cfg, "status")
     assert s.returncode == 1 and "NOT reachable" in s.stdout and "agentiso doctor" in s.stdout
+    # With a socket anyone may open, the helper itself refuses the outsider.
+    os.chmod(env.helper.socket, 0o666)
+    try:
+        r = user_cli(OUTSIDER, [], cfg, "doctor")
+    finally:
+        os.chmod(env.helper.socket, 0o660)
+    got = lines_of(r.stdout)
+    assert got["permission"] == "PASS" and got["helper"] == "FAIL", r.stdout + r.stderr
+    assert "the helper refused you" in r.stdout and "permission_denied" in r.stdout
+    assert r.returncode == 1
 
 
 def test_doctor_when_the_helper_is_unreachable(env: McpEnv) -> None:

@@ -53,6 +53,8 @@ def test_a_user_who_can_use_it_passes() -> None:
     ("permission", {"groups": (1000,)}, ["helper", "images"]),
     ("permission", {"socket_stat": (0o600, 0, 4242, True)}, ["helper", "images"]),
     ("helper", {"connect_error": "connection refused", "identity": None}, ["images"]),
+    ("helper", {"connect_error": "[permission_denied] not in group", "connect_denied": True,
+                "identity": None}, ["images"]),
     ("images", {"images": ()}, []),
     ("images", {"images": None, "images_error": "timeout"}, []),
     ("images", {"default_image": "gpu"}, []),
@@ -81,6 +83,14 @@ def test_permission_fixes_name_the_group_and_the_right_step() -> None:
                     )["permission"].status == "pass"
     assert verdicts(dataclasses.replace(GOOD, socket_stat=(0o640, 0, 4242, True))
                     )["permission"].status == "fail"
+
+
+def test_a_refusal_by_the_helper_names_the_group() -> None:
+    f = dataclasses.replace(GOOD, connect_error="[permission_denied] x", connect_denied=True,
+                            identity=None, socket_stat=(0o666, 0, 4242, True), groups=(1000,))
+    v = verdicts(f)
+    assert v["permission"].status == "pass" and v["helper"].status == "fail"
+    assert "refused you" in v["helper"].detail and "usermod -aG agentiso alice" in v["helper"].fix
 
 
 def test_state_problem(tmp_path: Path) -> None:
