@@ -125,6 +125,9 @@ class HostFacts:
     authorization: str = "group"
     pkcheck_path: str | None = None
     polkit_policy: bool = False
+    #: polkit's answer to "may this (root) process use the admin class", asked
+    #: only with authorization = "polkit": "allowed", "denied" or "unreachable".
+    polkit_answer: str | None = None
 
 
 # --- judging (pure) -------------------------------------------------------------------
@@ -339,7 +342,18 @@ def _polkit(f: HostFacts) -> Line:
     if not f.polkit_policy:
         return Line("polkit", "fail", f"{POLKIT_POLICY} is missing: polkit knows no agentiso "
                     "actions and refuses them", "make install (installs the policy and rules)")
-    return Line("polkit", "pass", f"polkit decides ({f.pkcheck_path}, {POLKIT_POLICY.name})")
+    if f.polkit_answer == "unreachable":
+        return Line("polkit", "fail", "polkit cannot be asked (no D-Bus system bus or no "
+                    "polkitd): every request is refused",
+                    "start dbus and polkitd (systemctl start polkit), or set "
+                    '[server] authorization = "group"')
+    if f.polkit_answer == "denied":
+        return Line("polkit", "warn", "polkit refuses root the admin class: the agentiso "
+                    "rules file is not installed (the helper still lets root in)",
+                    "make install (puts down the rules file), or add rules granting the "
+                    "agentiso group the user classes")
+    return Line("polkit", "pass", f"polkit decides and answers ({f.pkcheck_path}, "
+                f"{POLKIT_POLICY.name})")
 
 
 def render(lines: list[Line]) -> str:
@@ -503,6 +517,8 @@ def _local_facts(cfg: HelperConfig, config_source: str, settings: EngineSettings
     run_check = hostcheck.private_dir_check("run-dir", run_dir) if run_dir.exists() else None
     sock_stat, sock_dir = socket_facts(cfg.server.socket)
     answer, helper_error = _ask_helper(cfg.server.socket, timeout)
+    authorization = str(getattr(cfg.server, "authorization", "group"))
+    pkcheck = which("pkcheck")
     return HostFacts(
         config_source=config_source, is_root=os.geteuid() == 0,
         qemu_binary=settings.qemu_binary, qemu_path=qemu, qemu_machines=machines,
@@ -526,8 +542,9 @@ def _local_facts(cfg: HelperConfig, config_source: str, settings: EngineSettings
         socket_gid=resolve_gid(cfg.server.group), socket_mode=cfg.server.socket_mode,
         socket_stat=sock_stat, socket_dir_problem=sock_dir,
         helper_answer=answer, helper_error=helper_error,
-        authorization=str(getattr(cfg.server, "authorization", "group")),
-        pkcheck_path=which("pkcheck"), polkit_policy=POLKIT_POLICY.exists(),
+        authorization=authorization, pkcheck_path=pkcheck, polkit_policy=POLKIT_POLICY.exists(),
+        polkit_answer=_ask_polkit(pkcheck, timeout)
+        if authorization == "polkit" and pkcheck is not None else None,
     )
 
 
@@ -568,6 +585,17 @@ def _bridge_facts(bridge: str) -> tuple[str, str]:
         return f"error: {exc}", br_nf
     finally:
         links.close()
+
+
+def _ask_polkit(pkcheck: str, timeout: float) -> str:
+    """Ask polkit about this process and the admin class, as the helper asks."""
+    from .actions import Action
+    from .polkit import Subject, decision_from_exit, parse_start_time, pkcheck_argv
+
+    subject = Subject(os.getpid(), parse_start_time(Path("/proc/self/stat").read_text()),
+                      os.getuid())
+    rc, _ = run_quiet(pkcheck_argv(Action.ADMIN, subject, pkcheck), timeout)
+    return "unreachable" if rc < 0 else decision_from_exit(rc).value
 
 
 def _ask_helper(path: str, timeout: float) -> tuple[str | None, str]:

@@ -92,6 +92,10 @@ def test_a_healthy_host_passes_everything() -> None:
     ("helper", {"helper_answer": None, "helper_error": "connection refused"}, "warn"),
     ("polkit", {"authorization": "polkit", "pkcheck_path": None}, "fail"),
     ("polkit", {"authorization": "polkit", "pkcheck_path": "/usr/bin/pkcheck"}, "fail"),
+    ("polkit", {"authorization": "polkit", "pkcheck_path": "/usr/bin/pkcheck",
+                "polkit_policy": True, "polkit_answer": "unreachable"}, "fail"),
+    ("polkit", {"authorization": "polkit", "pkcheck_path": "/usr/bin/pkcheck",
+                "polkit_policy": True, "polkit_answer": "denied"}, "warn"),
 ])
 def test_each_broken_prerequisite_is_reported_with_its_fix(
         name: str, changes: dict[str, object], status: str) -> None:
@@ -107,7 +111,8 @@ def test_each_broken_prerequisite_is_reported_with_its_fix(
 
 
 def test_polkit_configured_and_installed_passes() -> None:
-    f = broken(authorization="polkit", pkcheck_path="/usr/bin/pkcheck", polkit_policy=True)
+    f = broken(authorization="polkit", pkcheck_path="/usr/bin/pkcheck", polkit_policy=True,
+               polkit_answer="allowed")
     assert line(f, "polkit").status == "pass"
 
 
