@@ -35,6 +35,9 @@ log = structlog.get_logger("agentiso.helper.vms")
 #: Longest a guest stays frozen for a snapshot if the helper died meanwhile.
 FREEZE_AUTO_THAW_S = 60.0
 MEMORY_FILE_SUFFIX = ".mem"
+#: The thaw sent after a freeze that failed or timed out (the guest may have
+#: frozen late) waits this long at most: that guest already cost a timeout.
+LATE_THAW_TIMEOUT_S = 5.0
 #: How often a memory save's file size is checked against its bound.
 MEMORY_WATCH_S = 0.2
 
@@ -167,9 +170,16 @@ class LiveSnapshots:
             finally:
                 os.close(fd)
         else:
-            await channel.call(
-                gp.Freeze(id=0, auto_thaw_s=FREEZE_AUTO_THAW_S), GUEST_CALL_TIMEOUT_S
-            )
+            try:
+                await channel.call(
+                    gp.Freeze(id=0, auto_thaw_s=FREEZE_AUTO_THAW_S), GUEST_CALL_TIMEOUT_S
+                )
+            except BaseException:
+                # A guest that answers late may freeze after we gave up: thaw
+                # (bounded), so it is not left frozen until its auto-thaw.
+                with anyio.CancelScope(shield=True):
+                    await self._thaw_quietly(channel, LATE_THAW_TIMEOUT_S)
+                raise
         try:
             plan = await storage.prepare_snapshot(vol.key, snap)
             switched = False
@@ -237,9 +247,11 @@ class LiveSnapshots:
         except HelperError as exc:
             log.error("vm_resume_failed", vm=key, error=exc.message)
 
-    async def _thaw_quietly(self, channel: GuestChannel) -> None:
+    async def _thaw_quietly(
+        self, channel: GuestChannel, timeout_s: float = GUEST_CALL_TIMEOUT_S
+    ) -> None:
         # GuestChannel.call bounds itself and raises only HelperErrors.
         try:
-            await channel.call(gp.Thaw(id=0), GUEST_CALL_TIMEOUT_S)
+            await channel.call(gp.Thaw(id=0), timeout_s)
         except HelperError as exc:
             log.error("guest_thaw_failed", vm=channel.name, error=exc.message)
