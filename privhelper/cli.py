@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--timeout", type=float, default=60.0)
         return c
 
-    client_cmd("status", "connect to the helper and show who it sees")
-    client_cmd("list", "every user's volumes and VMs (root)")
+    client_cmd("status", "is the helper up, who it sees you as (root: use per owner)")
+    client_cmd("list", "every owner's VMs and volumes: names, states, resource use (root)")
     g = client_cmd("gc", "find and remove resources no user owns (root)")
     g.add_argument("--dry-run", action="store_true", help="only report")
 
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("--state-dir", type=Path)
     lg.add_argument("--bytes", type=int, default=16384)
 
-    ck = sub.add_parser("check", help="can this host run workspaces, and how")
+    ck = sub.add_parser("check", help="every prerequisite: pass, warn or fail, with the fix")
     ck.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     ck.add_argument("--state-dir", type=Path)
     ck.add_argument("--images-dir", type=Path)
