@@ -387,9 +387,10 @@ def _logs(args: argparse.Namespace) -> int:
 
 async def _check(cfg: HelperConfig, source: str) -> int:
     from . import check
+    from .checks.host import gather
 
     settings = engine_settings(cfg, Path(cfg.paths.state_dir))
-    facts = await check.gather(cfg, source, settings, Path(cfg.paths.images_dir))
+    facts = await gather(cfg, source, settings, Path(cfg.paths.images_dir))
     lines = check.judge(facts)
     print(check.render(lines))
     return check.exit_code(lines)

@@ -1,0 +1,1 @@
+"""Host facts for ``agentiso-helper check`` (see :mod:`.host`)."""
