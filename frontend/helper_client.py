@@ -289,11 +289,11 @@ class HelperClient:
 
     async def forward_add(
         self, *, vm: str, host_port: int, guest_port: int,
-        protocol: Literal["tcp", "udp"] = "tcp", owner: int | None = None,
-        timeout: float | None = None,
+        protocol: Literal["tcp", "udp"] = "tcp", external: bool = False,
+        owner: int | None = None, timeout: float | None = None,
     ) -> hp.VmInfo:
         msg = hp.ForwardAdd(id=0, vm=vm, host_port=host_port, guest_port=guest_port,
-                            protocol=protocol, owner=owner)
+                            protocol=protocol, external=external, owner=owner)
         return await self.call(msg, hp.VmInfo, timeout=timeout)
 
     async def forward_remove(
