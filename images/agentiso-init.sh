@@ -68,7 +68,10 @@ if [ -z "${PYTHONHASHSEED:-}" ] && read -r boot_id < /proc/sys/kernel/random/boo
     export PYTHONHASHSEED
 fi
 
+# -S: no site module (its .pth scan, sitecustomize and apport hook); the one
+# directory the agent needs is added by hand.  -c rather than -m: no runpy.
+# What ``python3 -m agentiso.guest`` would do, a few hundred ms sooner under TCG.
 read -r now _ < /proc/uptime
-echo "agentiso-init: exec python3 -m agentiso.guest at ${now}s"
+echo "agentiso-init: exec python3 -m agentiso.guest (as python3 -S -c) at ${now}s"
 cd /
-exec python3 -m agentiso.guest
+exec python3 -S -c 'import sys; sys.path.append("/usr/lib/python3/dist-packages"); import agentiso.guest.__main__'
