@@ -204,9 +204,18 @@ class HelperClient:
         return await self.call(msg, hp.VolumeInfo, timeout=timeout)
 
     async def volume_list(
-        self, *, owner: int | None = None, timeout: float | None = None
+        self, *, cursor: int = 0, owner: int | None = None, timeout: float | None = None
     ) -> hp.Volumes:
-        return await self.call(hp.VolumeList(id=0, owner=owner), hp.Volumes, timeout=timeout)
+        """Every volume from ``cursor`` on: the helper's pages, joined (``timeout`` per page)."""
+        volumes: list[hp.VolumeInfo] = []
+        while True:
+            got = await self.call(
+                hp.VolumeList(id=0, cursor=cursor, owner=owner), hp.Volumes, timeout=timeout
+            )
+            volumes += got.volumes
+            if got.next_cursor is None:
+                return hp.Volumes(id=got.id, volumes=volumes)
+            cursor = _advance(cursor, got.next_cursor)
 
     async def volume_grow(
         self, *, name: str, size_bytes: int, owner: int | None = None,
@@ -270,8 +279,18 @@ class HelperClient:
     ) -> hp.VmInfo:
         return await self.call(hp.VmGet(id=0, name=name, owner=owner), hp.VmInfo, timeout=timeout)
 
-    async def vm_list(self, *, owner: int | None = None, timeout: float | None = None) -> hp.Vms:
-        return await self.call(hp.VmList(id=0, owner=owner), hp.Vms, timeout=timeout)
+    async def vm_list(
+        self, *, cursor: int = 0, owner: int | None = None, timeout: float | None = None
+    ) -> hp.Vms:
+        """Every VM from ``cursor`` on: the helper's pages, joined (``timeout`` per page)."""
+        vms: list[hp.VmInfo] = []
+        while True:
+            got = await self.call(hp.VmList(id=0, cursor=cursor, owner=owner), hp.Vms,
+                                  timeout=timeout)
+            vms += got.vms
+            if got.next_cursor is None:
+                return hp.Vms(id=got.id, vms=vms)
+            cursor = _advance(cursor, got.next_cursor)
 
     async def vm_console(
         self, *, name: str, max_bytes: int = 64 * 1024, owner: int | None = None,
@@ -306,9 +325,19 @@ class HelperClient:
     # administration (root only)
 
     async def admin_list(
-        self, *, owner: int | None = None, timeout: float | None = None
+        self, *, cursor: int = 0, owner: int | None = None, timeout: float | None = None
     ) -> hp.AdminListing:
-        return await self.call(hp.AdminList(id=0, owner=owner), hp.AdminListing, timeout=timeout)
+        """Everything from ``cursor`` on: the helper's pages, joined (``timeout`` per page)."""
+        volumes: list[hp.AdminVolume] = []
+        vms: list[hp.AdminVm] = []
+        while True:
+            got = await self.call(hp.AdminList(id=0, cursor=cursor, owner=owner),
+                                  hp.AdminListing, timeout=timeout)
+            volumes += got.volumes
+            vms += got.vms
+            if got.next_cursor is None:
+                return hp.AdminListing(id=got.id, volumes=volumes, vms=vms)
+            cursor = _advance(cursor, got.next_cursor)
 
     async def gc(
         self, *, dry_run: bool = True, owner: int | None = None, timeout: float | None = None
@@ -495,3 +524,12 @@ __all__ = [
     "RequestTimeout",
     "connect_helper",
 ]
+
+
+def _advance(cursor: int, next_cursor: int) -> int:
+    """The next page's cursor; one that does not move on would loop forever."""
+    if next_cursor <= cursor:
+        raise RemoteProtocolError(
+            f"the helper's listing did not move on (cursor {cursor}, next {next_cursor})"
+        )
+    return next_cursor

@@ -26,6 +26,7 @@ from agentiso.protocol.errors import ErrorCode
 from . import images, limits
 from .config import HelperConfig
 from .errors import RequestFailed
+from .paging import page
 from .registry import Registry, SnapshotRecord, VolumeRecord
 from .server import RequestContext
 from .storage import FromBase, FromSnapshot, VolumeBackend
@@ -158,7 +159,8 @@ class WorkspaceService:
         out = []
         for rec in self.registry.volumes(ctx.owner):
             out.append(self.volume_info(0, rec, await self.storage.volume_info(rec.key)))
-        return hp.Volumes(id=req.id, volumes=out)
+        volumes, next_cursor = page(out, req.cursor)
+        return hp.Volumes(id=req.id, volumes=volumes, next_cursor=next_cursor)
 
     async def volume_grow(self, req: hp.VolumeGrow, ctx: RequestContext) -> hp.VolumeInfo:
         async with self.lock:

@@ -70,6 +70,14 @@ ConsoleBytes = Annotated[int, Meta(ge=0, le=1024 * 1024)]
 Count = Annotated[int, Meta(ge=0, le=2**62)]
 ByteCount = Annotated[int, Meta(ge=0, le=2**62)]
 Timestamp = Annotated[float, Meta(ge=0, le=2**40)]
+#: Listings are paged so that no answer outgrows a frame: a listing request
+#: starts at ``cursor`` (0 first), and an answer with ``next_cursor`` set is
+#: one page of more.  A cursor is a position in the helper's current list,
+#: so a listing that changes between pages may show an entry twice or miss
+#: one made meanwhile (names are unique: keep the first of each).
+Cursor = Annotated[int, Meta(ge=0, le=2**31)]
+#: What one page of a listing may take, encoded: well under a frame.
+LISTING_PAGE_BYTES = HELPER_MAX_FRAME // 4
 
 
 class FromImage(msgspec.Struct, tag="image", forbid_unknown_fields=True):
@@ -104,7 +112,8 @@ class VolumeGet(_Request, tag="volume_get"):
 
 
 class VolumeList(_Request, tag="volume_list"):
-    pass
+    #: Where this page starts: 0, then the previous answer's ``next_cursor``.
+    cursor: Cursor = 0
 
 
 class VolumeGrow(_Request, tag="volume_grow"):
@@ -288,7 +297,8 @@ class VmGet(_Request, tag="vm_get"):
 
 
 class VmList(_Request, tag="vm_list"):
-    pass
+    #: Where this page starts: 0, then the previous answer's ``next_cursor``.
+    cursor: Cursor = 0
 
 
 class VmConsole(_Request, tag="vm_console"):
@@ -308,7 +318,9 @@ class GuestOpen(_Request, tag="guest_open"):
 
 
 class AdminList(_Request, tag="admin_list"):
-    """Admin only: every volume and VM of every user."""
+    """Admin only: every volume and VM of every user (paged: see ``Cursor``)."""
+
+    cursor: Cursor = 0
 
 
 class Gc(_Request, tag="gc"):
@@ -404,6 +416,8 @@ class VolumeInfo(_Msg, tag="volume"):
 
 class Volumes(_Msg, tag="volumes"):
     volumes: Annotated[list[VolumeInfo], Meta(max_length=65536)]
+    #: Set when the listing goes on: ask again with ``cursor=next_cursor``.
+    next_cursor: Cursor | None = None
 
 
 VmState = Literal["starting", "running", "stopping", "stopped", "crashed"]
@@ -460,6 +474,7 @@ class VmInfo(_Msg, tag="vm"):
 
 class Vms(_Msg, tag="vms"):
     vms: Annotated[list[VmInfo], Meta(max_length=65536)]
+    next_cursor: Cursor | None = None
 
 
 class ConsoleText(_Msg, tag="console"):
@@ -500,6 +515,7 @@ class AdminVm(msgspec.Struct, forbid_unknown_fields=True):
 class AdminListing(_Msg, tag="admin_listing"):
     volumes: Annotated[list[AdminVolume], Meta(max_length=1 << 20)]
     vms: Annotated[list[AdminVm], Meta(max_length=1 << 20)]
+    next_cursor: Cursor | None = None
 
 
 class Done(_Msg, tag="done"):

@@ -12,6 +12,7 @@ import structlog
 from agentiso.protocol import helper as hp
 
 from ..net.manager import NetworkManager
+from ..paging import page
 from ..server import RequestContext
 from ..service import WorkspaceService
 from ..vm.engine import VmEngine, VmState
@@ -58,7 +59,15 @@ class Admin:
                 owner=m.owner, name=m.name, key=m.key, volume=info.volume, state=info.state,
                 vcpus=m.vcpus, memory_mib=m.memory_mib, pid=pid, qemu_uid=qemu_uid,
             ))
-        return hp.AdminListing(id=req.id, volumes=vols, vms=vms)
+        # One sequence, volumes first, paged as a whole.
+        entries: list[hp.AdminVolume | hp.AdminVm] = [*vols, *vms]
+        part, next_cursor = page(entries, req.cursor)
+        return hp.AdminListing(
+            id=req.id,
+            volumes=[e for e in part if isinstance(e, hp.AdminVolume)],
+            vms=[e for e in part if isinstance(e, hp.AdminVm)],
+            next_cursor=next_cursor,
+        )
 
     async def gc(self, req: hp.Gc, ctx: RequestContext) -> hp.GcReport:
         """Find what no registry entry owns: QEMU processes, engine records,

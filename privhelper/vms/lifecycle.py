@@ -29,6 +29,7 @@ from agentiso.protocol.errors import ErrorCode
 from .. import images, limits, vsock
 from ..errors import RequestFailed
 from ..net.manager import Attachment as NetAttachmentInfo
+from ..paging import page
 from ..registry import VmRecord
 from ..relay import GuestChannel
 from ..server import RequestContext
@@ -326,9 +327,9 @@ class VmLifecycle:
         return self.views.info(req.id, self.ws.registry.vm(ctx.owner, req.name))
 
     async def vm_list(self, req: hp.VmList, ctx: RequestContext) -> hp.Vms:
-        return hp.Vms(
-            id=req.id, vms=[self.views.info(0, m) for m in self.ws.registry.vms(ctx.owner)]
-        )
+        infos = [self.views.info(0, m) for m in self.ws.registry.vms(ctx.owner)]
+        vms, next_cursor = page(infos, req.cursor)
+        return hp.Vms(id=req.id, vms=vms, next_cursor=next_cursor)
 
     async def vm_console(self, req: hp.VmConsole, ctx: RequestContext) -> hp.ConsoleText:
         rec = self.ws.registry.vm(ctx.owner, req.name)
