@@ -287,6 +287,11 @@ class Session:
                 await self.channel.send(gp.GUEST_SYNC_MAGIC + frame)
             return False
         self._authenticated = True
+        # A listener's channel counts its unauthenticated connections (see
+        # transport.AuthGate); other channels have no such hook.
+        notify = getattr(self.channel, "authenticated", None)
+        if callable(notify):
+            notify()
         self._decoder.max_frame = gp.GUEST_MAX_FRAME
         await self.hello()
         return True

@@ -126,12 +126,70 @@ def read_secret(path: str = SECRET_PATH) -> bytes | None:
     return data if gc.SECRET_MIN_BYTES <= len(data) <= gc.SECRET_MAX_BYTES else None
 
 
+#: Connections that have not yet presented the secret, at most.  On vsock any
+#: local process of the host may connect; each such connection costs a task
+#: and a buffer until AUTH_TIMEOUT_S.  Past the cap the OLDEST pending one is
+#: dropped, not the new one: a flood then cannot lock the helper out (its
+#: connection authenticates within milliseconds of connecting).
+MAX_UNAUTHENTICATED = 8
+#: Authenticated sessions at once (the helper holds one per VM, plus a few
+#: during a reconnect); past it new connections are closed at once.
+MAX_SESSIONS = 16
+
+
+class GatedChannel(FdChannel):
+    """A listener's connection: tells its :class:`AuthGate` when its session
+    authenticated (:meth:`~.connection.Session._authenticate` calls
+    :meth:`authenticated`)."""
+
+    def __init__(self, fd: int, name: str, gate: AuthGate, key: object) -> None:
+        super().__init__(fd, name)
+        self._gate, self._key = gate, key
+
+    def authenticated(self) -> None:
+        self._gate.authenticated(self._key)
+
+
+class AuthGate:
+    """Which connections of a listener are still unauthenticated (pure
+    bookkeeping: the listener acts on what :meth:`admit` says)."""
+
+    def __init__(self, max_pending: int = MAX_UNAUTHENTICATED,
+                 max_sessions: int = MAX_SESSIONS) -> None:
+        self.max_pending, self.max_sessions = max_pending, max_sessions
+        #: Pending connections, oldest first, with what evicts each.
+        self.pending: dict[object, Callable[[], None]] = {}
+        self.sessions: set[object] = set()
+
+    def admit(self, key: object, evict: Callable[[], None]) -> bool:
+        """Take a new connection; False: refuse it (too many sessions).  When
+        ``max_pending`` connections already wait, the oldest is evicted."""
+        if len(self.sessions) >= self.max_sessions:
+            return False
+        while len(self.pending) >= self.max_pending:
+            oldest = next(iter(self.pending))
+            self.pending.pop(oldest)()
+        self.pending[key] = evict
+        return True
+
+    def authenticated(self, key: object) -> None:
+        if self.pending.pop(key, None) is not None:
+            self.sessions.add(key)
+
+    def gone(self, key: object) -> None:
+        self.pending.pop(key, None)
+        self.sessions.discard(key)
+
+
 async def serve_listener(sock: socket.socket, name: str, serve: ServeChannel,
-                         secret: bytes | None) -> None:
-    """Accept connections on ``sock`` forever; one session per connection."""
+                         secret: bytes | None, gate: AuthGate | None = None) -> None:
+    """Accept connections on ``sock`` forever; one session per connection,
+    within the bounds of ``gate`` (see :data:`MAX_UNAUTHENTICATED`)."""
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
+    gate = gate or AuthGate()
     tasks: set[asyncio.Task[None]] = set()
+    evictions = 0
     while True:
         try:
             conn, _ = await loop.sock_accept(sock)
@@ -140,16 +198,39 @@ async def serve_listener(sock: socket.socket, name: str, serve: ServeChannel,
             await asyncio.sleep(0.5)
             continue
         fd = conn.detach()
+        key = object()
+        holder: list[asyncio.Task[None]] = []
 
-        async def one(fd: int = fd) -> None:
-            try:
-                await serve(FdChannel(fd, name), secret)
-            finally:
-                close_quietly(fd)
+        def evict(holder: list[asyncio.Task[None]] = holder) -> None:
+            nonlocal evictions
+            if evictions % 100 == 0:  # a flood must not flood the console too
+                log.warning("%s: too many unauthenticated connections; dropping the "
+                            "oldest (%d dropped so far)", name, evictions + 1)
+            evictions += 1
+            for task in holder:
+                task.cancel()
 
-        task = loop.create_task(one())
+        if not gate.admit(key, evict):
+            log.warning("%s: %d sessions already; connection refused", name, gate.max_sessions)
+            close_quietly(fd)
+            continue
+        if secret is None:  # nothing to present: a session at once
+            gate.authenticated(key)
+
+        def ended(task: asyncio.Task[None], fd: int = fd, key: object = key) -> None:
+            # A done callback, not a finally: a task evicted before it first
+            # ran never executes its body, and its fd must still be closed.
+            tasks.discard(task)
+            gate.gone(key)
+            close_quietly(fd)
+
+        async def one(channel: GatedChannel) -> None:
+            await serve(channel, secret)
+
+        task = loop.create_task(one(GatedChannel(fd, name, gate, key)))
+        holder.append(task)
         tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        task.add_done_callback(ended)
 
 
 def vsock_device_present(sysfs: str = "/sys/bus/virtio/drivers/vmw_vsock_virtio_transport"
