@@ -1,6 +1,7 @@
 # agentiso — build, test and demo entry points.  Run as root on Debian 12.
 #   make demo    install what is missing, build the guest image, run a real session
 #   make test    install what is missing, lint, run the whole test suite
+#   make install / make uninstall   agentiso system-wide (root), and back out
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 .ONESHELL:
@@ -20,7 +21,8 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make git \
 
 PKG_DIRS := protocol frontend privhelper guest
 
-.PHONY: help setup apt venv lint test unit integration image bench demo clean typecheck-tree docs
+.PHONY: help setup apt venv lint test unit integration image bench demo clean typecheck-tree docs \
+	install uninstall lock image-minimal
 
 help:
 	@echo "make demo   - install what is missing, build the guest image, run a real workspace session"
@@ -28,6 +30,8 @@ help:
 	@echo "make image [IMAGE=minimal|dev] - build a guest image under build/images/"
 	@echo "make bench  - run the benchmarks"
 	@echo "make lint   - ruff + mypy"
+	@echo "make install / make uninstall [DESTDIR=... PREFIX=...] - system-wide (root)"
+	@echo "make lock   - refresh requirements*.lock (hashed pins) within pyproject's ranges"
 
 setup: apt venv
 
@@ -47,11 +51,24 @@ apt:
 
 venv: $(VENV)/.stamp
 
-$(VENV)/.stamp: pyproject.toml
+# Exactly the hashed versions of the lock, then this checkout (editable, no deps).
+$(VENV)/.stamp: pyproject.toml requirements-dev.lock
 	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check -U pip </dev/null
-	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]' </dev/null
+	$(VPY) -m pip install -q --disable-pip-version-check --require-hashes -r requirements-dev.lock </dev/null
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps -e . </dev/null
 	touch $@
+
+# The lock files: every dependency pinned with its hashes (pip-tools, in a
+# throwaway venv).  --upgrade takes the newest versions pyproject.toml allows.
+LOCKENV := build/lockenv
+PIP_COMPILE := $(LOCKENV)/bin/pip-compile -q --generate-hashes --strip-extras --upgrade \
+	--no-emit-index-url --no-emit-find-links --no-emit-trusted-host
+lock:
+	[ -x $(LOCKENV)/bin/pip-compile ] || { $(PYTHON) -m venv $(LOCKENV) && \
+	  $(LOCKENV)/bin/pip install -q --disable-pip-version-check pip-tools </dev/null; }
+	$(PIP_COMPILE) -o requirements.lock pyproject.toml </dev/null
+	$(PIP_COMPILE) --extra dev -o requirements-dev.lock pyproject.toml </dev/null
 
 # mypy maps files to modules by directory; the packages live in top-level
 # folders, so it checks them through a tree of symlinks named like the imports.
@@ -88,9 +105,28 @@ bench: setup image
 
 # A real session (create, exec, files, snapshot, fork, restore, destroy) through
 # a private helper in its own network namespace; leaves nothing behind.
-demo: setup
-	$(MAKE) image IMAGE=minimal
+demo: setup image-minimal
 	$(VPY) scripts/demo.py
+
+image-minimal:
+	$(MAKE) image IMAGE=minimal
+
+# System-wide: a venv under $(PREFIX) from requirements.lock, commands in
+# /usr/local/bin, systemd units, sysusers group, polkit policy and rules,
+# /etc/agentiso/helper.toml, the built images; a manifest for uninstall.
+PREFIX ?= /opt/agentiso
+DESTDIR ?=
+# (The image is a prerequisite, not a $(MAKE) line of this recipe: with
+# .ONESHELL, make -n would run a whole recipe that contains $(MAKE).)
+install: setup image-minimal
+	images=""
+	for i in minimal dev; do
+	  if [ -f build/images/$$i/rootfs.img ]; then images="$$images --image build/images/$$i"; fi
+	done
+	$(VPY) scripts/install.py install --prefix '$(PREFIX)' --destdir '$(DESTDIR)' $$images
+
+uninstall:
+	$(PYTHON) scripts/install.py uninstall --prefix '$(PREFIX)' --destdir '$(DESTDIR)'
 
 clean:
 	rm -rf build
