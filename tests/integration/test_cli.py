@@ -216,6 +216,20 @@ def test_doctor_reports_a_bad_config(env: McpEnv) -> None:
     assert got["helper"] == "PASS" and r.returncode == 1
 
 
+def test_doctor_reports_a_state_dir_i_cannot_write(env: McpEnv) -> None:
+    cfg = user_config(env, "rostate", USER, env.helper.socket)
+    root_only = public_tmpdir("agentiso-rostate-")  # 0755 root: others cannot create in it
+    try:
+        cfg.write_text(f'helper_socket = "{env.helper.socket}"\n'
+                       f'state_dir = "{root_only / "state"}"\n')
+        r = user_cli(USER, [GROUP], cfg, "doctor")
+    finally:
+        root_only.rmdir()
+    got = lines_of(r.stdout)
+    assert got["state-dir"] == "FAIL" and "not writable by you" in r.stdout, r.stdout
+    assert [n for n, s in got.items() if s == "FAIL"] == ["state-dir"] and r.returncode == 1
+
+
 @pytest.fixture(scope="module")
 async def workspace(env: McpEnv) -> AsyncIterator[Tools]:
     async with mcp_tools(env.params()) as t:
