@@ -145,7 +145,9 @@ class TimeLimitedRequests:
 
     async def vm_list(self, req: hp.VmList, ctx: RequestContext) -> hp.Vms:
         resp = await self.timer.lifecycle.vm_list(req, ctx)
-        live = {vm.name for vm in resp.vms}
+        if resp.next_cursor is not None:
+            return resp  # the ended ones follow on the last page only
+        live = {vm.name for vm in self.timer.ws.registry.vms(ctx.owner)}
         resp.vms.extend(
             self.timer.lifecycle.views.ended_info(0, e)
             for e in self.timer.ws.registry.ended_vms(ctx.owner)
