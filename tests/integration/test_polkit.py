@@ -275,3 +275,27 @@ def test_polkit_down_is_refused_and_decisions_are_cached_per_connection(
         c.close()
         polkit_bus.start_polkitd()
     assert "polkit" in helper.log()
+
+
+def test_the_policy_alone_grants_nothing(polkit_bus: PolkitBus) -> None:
+    """Without the rules file (removed, or never installed) a member is refused
+    every class: the policy's defaults are all "no", never "active session"."""
+    rules = polkit_bus.workdir / "rules" / "org.agentiso.helper.rules"
+    aside = polkit_bus.workdir / "rules.aside"
+    polkit_bus.stop_polkitd()
+    rules.rename(aside)
+    try:
+        polkit_bus.start_polkitd()
+        with subprocess.Popen(["setpriv", f"--reuid={MEMBER}", f"--regid={MEMBER}",
+                               "--clear-groups", "sleep", "30"]) as member:
+            try:
+                time.sleep(0.1)
+                subject = Subject(member.pid, _start_time(member.pid), MEMBER)
+                for action in Action:
+                    assert anyio.run(polkit_bus.ask, action, subject) is Decision.DENIED, action
+            finally:
+                member.kill()
+    finally:
+        polkit_bus.stop_polkitd()
+        aside.rename(rules)
+        polkit_bus.start_polkitd()
