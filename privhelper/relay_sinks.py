@@ -24,6 +24,10 @@ INTERMEDIATE: tuple[type[Any], ...] = (gp.ExecOutput, gp.DownloadChunk, gp.Uploa
 #: Most bytes queued for one client before it is judged stuck and disconnected:
 #: two full credit windows (a reading client never comes near it).
 CLIENT_QUEUE_BYTES = 2 * gp.MAX_WINDOW_BYTES
+#: What one queued item costs beyond its bytes (the bytes object, the tuple,
+#: the stream's deque slot), counted so that a flood of tiny frames (a
+#: greeting per sync marker) cannot hold much more than the cap says.
+ITEM_OVERHEAD = 128
 
 
 class Sink:
@@ -83,7 +87,7 @@ class ClientSink(Sink):
             self._queue(data)
 
     def _queue(self, data: bytes) -> None:
-        n = len(data)
+        n = len(data) + ITEM_OVERHEAD
         if self._queued + n > self._limit:
             self.drop(
                 f"the client is not reading: {self._queued + n} bytes would be queued "
@@ -140,7 +144,7 @@ class ClientSink(Sink):
         except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
             return None
         if counted:
-            self._unqueue(len(data))
+            self._unqueue(len(data) + ITEM_OVERHEAD)
         return data
 
     def _unqueue(self, n: int) -> None:
@@ -160,7 +164,7 @@ class ClientSink(Sink):
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                 break
             if counted:
-                self._unqueue(len(data))
+                self._unqueue(len(data) + ITEM_OVERHEAD)
         self._recv.close()
         self.release_input(self._input)
 
