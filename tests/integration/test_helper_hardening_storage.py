@@ -441,6 +441,7 @@ def test_full_state_filesystem_gives_typed_errors_and_the_helper_serves(
         # typed error, and no QEMU of it is left behind.
         with pytest.raises(RemoteError) as e2:
             c.request(hp.VmStart(id=0, owner=DAVE, name="nospace", volume="full"))
+        print(f"VmStart on the full filesystem: {e2.value}")
         assert e2.value.code in ("unavailable", "limit_exceeded"), e2.value
         assert "no space left" in e2.value.message or "reserve" in e2.value.message
         assert qemu_children(helper) == qemus
