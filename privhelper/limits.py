@@ -155,3 +155,38 @@ def connection_refusal(
         return (f"the helper has {others_open} user connections open, the limit is "
                 f"{max_total}: try again later (or raise server.max_connections)")
     return None
+
+
+# --- the helper's unit: MemoryMax and TasksMax (systemd/agentiso-helper.service) -----------
+
+#: The helper's own memory beyond its client buffers: the interpreter and its
+#: modules, one task and socket per connection (at ``max_connections``), the
+#: VMs' supervisors and channels.  Measured: 42-53 MiB idle with a VM, 51 MiB
+#: holding 2,000 connections; this leaves room for the rest.
+HELPER_BASE_MIB = 256
+#: One QEMU beyond its guest's RAM (it runs in the helper's cgroup): the TCG
+#: translation cache (tb_size_mib, 64 by default) and QEMU's own ~85 MiB RSS.
+QEMU_OVERHEAD_MIB = 192
+#: The helper's threads (anyio's worker threads, 40) and short-lived children
+#: (qemu-img, nft, zfs).
+HELPER_TASKS = 128
+#: Threads of one QEMU: main loop, RCU and I/O helpers, up to 64 block-I/O
+#: workers, and one per vCPU (up to 64).
+QEMU_TASKS = 4 + 64 + 64
+
+
+def helper_memory_budget_mib(buffer_budget_mib: int) -> int:
+    """What the helper process itself may use: its base plus its client buffers."""
+    return HELPER_BASE_MIB + buffer_budget_mib
+
+
+def unit_memory_max_mib(limits: LimitsConfig, buffer_budget_mib: int) -> int:
+    """The ``MemoryMax`` the unit needs: the helper's budget, and its VMs
+    (which live in its cgroup) at the host limits, RAM and QEMU overhead."""
+    vms = limits.host_memory_mib + limits.host_vms * QEMU_OVERHEAD_MIB
+    return helper_memory_budget_mib(buffer_budget_mib) + vms
+
+
+def unit_tasks_max(limits: LimitsConfig) -> int:
+    """The ``TasksMax`` the unit needs for the helper and ``host_vms`` QEMUs."""
+    return HELPER_TASKS + limits.host_vms * QEMU_TASKS

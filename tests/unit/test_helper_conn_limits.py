@@ -23,7 +23,13 @@ import pytest
 
 from agentiso.privhelper.accept import raise_nofile_limit
 from agentiso.privhelper.config import parse_config
-from agentiso.privhelper.limits import BufferBudget, connection_refusal
+from agentiso.privhelper.limits import (
+    BufferBudget,
+    connection_refusal,
+    helper_memory_budget_mib,
+    unit_memory_max_mib,
+    unit_tasks_max,
+)
 from agentiso.protocol import helper as hp
 from agentiso.protocol.codec import PEEK_MAX_ENTRIES, peek_request_id
 
@@ -217,3 +223,32 @@ def test_out_of_descriptors_connections_are_refused_and_the_server_goes_on(
         proc.kill()
         out, err = proc.communicate(timeout=30)
     assert "accept_failed" in out + err and "Too many open files" in out + err
+
+
+# --- the unit's budget ---------------------------------------------------------------------
+
+
+def _unit_values(name: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    repo = Path(__file__).resolve().parents[2]
+    for line in (repo / "systemd" / name).read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def test_the_units_memory_and_task_limits_match_the_default_budget() -> None:
+    """MemoryMax and TasksMax cover the helper's budget and its VMs at the
+    default host limits, without being far above it (then they cap nothing)."""
+    cfg = parse_config("")
+    svc = _unit_values("agentiso-helper.service")
+    memory_max = svc["MemoryMax"]
+    assert memory_max.endswith("M")
+    need = unit_memory_max_mib(cfg.limits, cfg.server.buffer_budget_mib)
+    assert need <= int(memory_max[:-1]) <= need * 1.1
+    tasks = unit_tasks_max(cfg.limits)
+    assert tasks <= int(svc["TasksMax"]) <= tasks * 1.1
+    assert int(svc["LimitNOFILE"]) >= cfg.server.max_connections * 2
+    # The helper's own share is its base plus the buffers it may hold.
+    assert helper_memory_budget_mib(cfg.server.buffer_budget_mib) == 256 + 512
