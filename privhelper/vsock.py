@@ -9,15 +9,20 @@ anything (see :class:`~.relay.GuestChannel` ``secret``).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import socket
-from collections.abc import Iterable
+import struct
+from collections.abc import Callable, Iterable
 
 import anyio
 from anyio.abc import SocketStream
 
+from agentiso.protocol.errors import ErrorCode
 from agentiso.protocol.guest_constants import AGENT_VSOCK_PORT
+
+from .errors import HelperError
 
 VHOST_VSOCK = "/dev/vhost-vsock"
 #: CIDs 0-2 are reserved (hypervisor, loopback, host).
@@ -40,15 +45,75 @@ def secret_for(saved_hex: str | None) -> bytes:
     return secrets.token_bytes(SECRET_BYTES)
 
 
-def pick_cid(taken: Iterable[int]) -> int:
-    """The lowest guest CID no VM of this helper uses."""
+#: How many CIDs :func:`pick_cid` tries that the kernel says are in use
+#: (another hypervisor, another helper) before it gives up.
+MAX_CID_TRIES = 64
+#: ``_IOW(VHOST_VIRTIO, 0x60, __u64)`` from <linux/vhost.h>.
+VHOST_VSOCK_SET_GUEST_CID = 0x4008AF60
+
+
+class CidUnavailable(HelperError):
+    """No guest CID could be had: other hypervisors on the host hold them."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+def set_guest_cid(fd: int, cid: int) -> bool:
+    """Give the vhost-vsock device ``fd`` the guest CID ``cid``; False if the
+    kernel says another VM on the host (of any hypervisor) has it.  Setting
+    the same CID again on the same fd, as QEMU then does, succeeds."""
+    try:
+        fcntl.ioctl(fd, VHOST_VSOCK_SET_GUEST_CID, struct.pack("=Q", cid))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return False
+        raise
+    return True
+
+
+def cid_free_in_kernel(cid: int, device: str = VHOST_VSOCK) -> bool:
+    """Whether the kernel would give ``cid`` to a new VM now: claimed on a
+    scratch fd of the device, released when it closes.  Without the device no
+    VM can hold a CID."""
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        return set_guest_cid(fd, cid)
+    finally:
+        os.close(fd)
+
+
+def pick_cid(
+    taken: Iterable[int],
+    *,
+    first: int = FIRST_CID,
+    last: int = LAST_CID,
+    free_in_kernel: Callable[[int], bool] = cid_free_in_kernel,
+) -> int:
+    """The lowest CID in ``first..last`` that no VM of this helper uses
+    (``taken``) and the kernel does not report in use (EADDRINUSE: another
+    hypervisor has it); up to :data:`MAX_CID_TRIES` such refusals.
+
+    Between this probe and QEMU's start another process could take the CID:
+    the engine claims it on the VM's own device fd before QEMU runs, and a
+    lost race is a typed error of that start."""
     used = set(taken)
-    cid = FIRST_CID
-    while cid in used:
+    refused = 0
+    cid = max(first, FIRST_CID)
+    while cid <= min(last, LAST_CID):
+        if cid not in used:
+            if free_in_kernel(cid):
+                return cid
+            refused += 1
+            if refused >= MAX_CID_TRIES:
+                break
         cid += 1
-    if cid > LAST_CID:
-        raise OverflowError("no guest CID left")
-    return cid
+    raise CidUnavailable(
+        f"no free vsock guest CID in {first}-{last} ({refused} held by other VMs on the host); "
+        "stop some VMs, then start this one again"
+    )
 
 
 async def connect(cid: int, port: int = AGENT_VSOCK_PORT) -> SocketStream:

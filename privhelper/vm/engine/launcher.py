@@ -14,9 +14,10 @@ import msgspec
 
 from agentiso.protocol.guest_constants import SECRET_MAX_BYTES, SECRET_MIN_BYTES
 
+from ...vsock import set_guest_cid
 from ..accel import AccelDecision
 from ..cmdline import build_argv
-from ..errors import InvalidVmSpec
+from ..errors import InvalidVmSpec, VmUnavailable
 from ..launch import LaunchResources, prepare_private_dir, spawn_qemu
 from ..procfs import read_stat
 from ..record import VmRecord
@@ -120,6 +121,14 @@ def spawn(
                 if vfd is None:
                     # QEMU (unprivileged) cannot open the device: the helper does.
                     vfd = res.vhost_vsock()
+                # Claimed on the VM's own device fd before QEMU runs (which then
+                # sets the same CID again, harmlessly): a CID another hypervisor
+                # took since it was picked is a clear error, not a QEMU crash.
+                if not set_guest_cid(vfd, channel.guest_cid):
+                    raise VmUnavailable(
+                        f"vsock guest CID {channel.guest_cid} was taken by another VM on "
+                        "the host meanwhile; start this VM again (it gets another CID)"
+                    )
                 launch_channel: VirtioSerialChannel | VsockChannel = msgspec.structs.replace(
                     channel, vhost_fd=vfd
                 )
