@@ -19,16 +19,20 @@ the server whatever polkit answers.
 from __future__ import annotations
 
 import enum
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import structlog
 
 from agentiso.protocol.errors import ErrorCode
 
 from .actions import Action
 from .errors import RequestFailed
 from .peercred import PeerCredentials, is_authorized
+
+log = structlog.get_logger("agentiso.helper.polkit")
 
 PKCHECK = "pkcheck"
 #: How long one pkcheck may take.  On a host where polkitd is down, D-Bus
@@ -107,7 +111,7 @@ async def ask_polkit(
     try:
         with anyio.fail_after(timeout):
             result = await anyio.run_process(
-                pkcheck_argv(action, subject, pkcheck), check=False, stdin=None
+                pkcheck_argv(action, subject, pkcheck), check=False, stdin=subprocess.DEVNULL
             )
     except (OSError, TimeoutError):
         return Decision.UNREACHABLE
@@ -178,6 +182,14 @@ class ConnectionAuthorizer:
             if decision is None:
                 self.asked += 1
                 decision = await ask_polkit(action, self._subject, pkcheck=self.pkcheck)
+                # An audit trail of what polkit decided, once per connection and class.
+                log.info(
+                    "polkit_decision",
+                    action=action.value,
+                    decision=decision.value,
+                    peer_uid=self.peer.uid,
+                    peer_pid=self.peer.pid,
+                )
                 if decision is not Decision.UNREACHABLE:
                     self._cache[action] = decision
         if decision is not Decision.ALLOWED:
