@@ -12,9 +12,11 @@ from pathlib import Path
 
 import anyio
 import msgspec
+import structlog
 
 from ..atomicfile import atomic_write, fsync_dir
 from . import commands as cmd
+from . import sandbox
 from .errors import (
     AlreadyExists,
     BackendUnavailable,
@@ -63,6 +65,8 @@ from .qemu_img import is_lock_error, parse_info
 from .quotas import check_reserve, free_bytes
 from .runner import Runner
 
+log = structlog.get_logger("agentiso.helper.storage")
+
 #: Frozen layers and bases are never written again; the top is QEMU's.
 _FROZEN_MODE = 0o400
 _TOP_MODE = 0o600
@@ -105,6 +109,7 @@ class Qcow2Backend:
         self._lock = anyio.Lock()
         # Layers made by prepare_snapshot and not yet committed or aborted: not garbage.
         self._pending: set[str] = set()
+        self._warned_unconfined = False
 
     # --- helpers ------------------------------------------------------------------
 
@@ -148,6 +153,18 @@ class Qcow2Backend:
             if is_lock_error(exc.stderr):
                 raise VolumeBusy(volume, operation) from None
             raise
+
+    async def _run_confined(
+        self, argv: list[str], *, ro: list[Path], rw: list[Path], volume: str, operation: str
+    ) -> None:
+        """:meth:`_run` a qemu-img on guest-written layers, allowed to open only
+        ``ro`` and ``rw`` (Landlock, see :mod:`.sandbox`) where the kernel can."""
+        if sandbox.available():
+            argv = sandbox.wrap(argv, ro=ro, rw=rw)
+        elif not self._warned_unconfined:
+            self._warned_unconfined = True
+            log.warning("qemu_img_unconfined", reason="Landlock is not available on this kernel")
+        await self._run(argv, volume, operation)
 
     def _ensure_idle(self, meta: VolumeMeta, operation: str) -> None:
         """Refuse if a QEMU has the volume's top open (it holds QEMU's image locks)."""
@@ -351,7 +368,10 @@ class Qcow2Backend:
                 self._ensure_idle(meta, "grow")
                 self._verify_chain(meta)
                 chain = self._chain_paths(meta, len(meta.chain) - 1)
-                await self._run(cmd.qemu_img_resize_pinned(chain, size), name, "grow")
+                await self._run_confined(
+                    cmd.qemu_img_resize_pinned(chain, size), ro=chain[1:], rw=chain[:1],
+                    volume=name, operation="grow",
+                )
                 meta = msgspec.structs.replace(meta, virtual_size=size)
                 self._store(meta)
             return self._info(meta, self._load_all())
@@ -522,8 +542,14 @@ class Qcow2Backend:
         os.chmod(child, 0o600)
         what = "deleting this snapshot"
         try:
-            await self._run(cmd.qemu_img_rebase_pinned(chain, new_chain), volume, what)
-            await self._run(cmd.qemu_img_set_backing(child, new_chain[0]), volume, what)
+            await self._run_confined(
+                cmd.qemu_img_rebase_pinned(chain, new_chain), ro=chain[1:], rw=[child],
+                volume=volume, operation=what,
+            )
+            await self._run_confined(
+                cmd.qemu_img_set_backing(child, new_chain[0]), ro=[], rw=[child],
+                volume=volume, operation=what,
+            )
         finally:
             os.chmod(child, mode)
 
