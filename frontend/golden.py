@@ -107,8 +107,10 @@ async def prepare(
             return Prepared(name=rec.name, id=rec.id, ok=True, reused=True, snapshot=SNAPSHOT,
                             path=repo, commit=golden["commit_id"],
                             prepared_at=utc(golden["updated_at"]), steps=[], failed_step=None)
+        if golden["state"] == "preparing" and existing.session != ws.session.id:
+            await ws.adopt(existing.id)  # a dead session's leftover: ours to clear
         await progress(f"destroying the previous {name!r}")
-        await ws.destroy(name)
+        await ws.destroy(existing.id)
 
     await progress(f"creating workspace {name!r} from image {image}")
     d = rt.config.defaults

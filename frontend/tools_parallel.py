@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 #: How long past its timeout a command's answer is waited for (the agent
 #: kills it at the timeout and answers at once; past this the agent is gone).
-GRACE_S = 5.0
+GRACE_S = 2.0
 
 
 def plan_commands(workspaces: list[str], command: str | list[str], most: int) -> list[str]:

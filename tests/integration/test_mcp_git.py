@@ -13,7 +13,9 @@ One module-scoped session holds the workspaces: ``dev1`` (the git tools),
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from agentiso.frontend.tools_parallel import GRACE_S
+from agentiso.protocol import helper as hp
+from agentiso.protocol.blocking import BlockingHelperClient
 from tests.harness.images import pin_image, skip_unless_image
 from tests.harness.netns import NetNs, netns, uplink
 from tests.support.helper_process import IMAGES, public_tmpdir
@@ -229,9 +234,13 @@ async def test_the_fork_loop(lab: Lab, t: Tools) -> None:
     err = await t.fails("workspace_prepare", **{**args, "setup_commands": ["true"]})
     assert "setup_commands" in err and "rebuild" in err
 
+    print(f"workspace_prepare: {first:.2f} s, again {time.monotonic() - started:.2f} s")
+    started = time.monotonic()
     forks = await t.call("workspace_fork", workspace="golden", snapshot="golden", count=3,
                          name_prefix="try")
     assert forks["created"] == 3, forks
+    print(f"fork x3: {time.monotonic() - started:.2f} s")
+    started = time.monotonic()
     names = ["try-1", "try-2", "try-3"]
     edits = [
         "echo one > one.txt && git add one.txt && git commit -qm 'one'",
@@ -246,6 +255,8 @@ async def test_the_fork_loop(lab: Lab, t: Tools) -> None:
     # branch-per-source: a branch each, the current branch untouched.
     m = await t.call("workspace_merge", sources=names, target="golden", path=REPO,
                      strategy="branch-per-source")
+    print(f"exec_parallel commits + merge x3 (branch-per-source): "
+          f"{time.monotonic() - started:.2f} s")
     assert [(s["source"], s["status"], len(s["commits"]), s["branch"]) for s in m["sources"]] \
         == [("try-1", "branch", 1, "merge/try-1"), ("try-2", "branch", 2, "merge/try-2"),
             ("try-3", "branch", 1, "merge/try-3")]
@@ -295,7 +306,8 @@ async def test_exec_parallel_is_parallel_and_a_stopped_workspace_does_not_hold_i
     assert r["summary"]["succeeded"] == 5, r
     assert len({i["stdout"] for i in r["results"]}) == 5
     print(f"one exec {single:.2f} s, exec_parallel x5 {wall:.2f} s")
-    assert wall < 2.5 * single, (wall, single)
+    # Well under 5 x one exec (the five share two loaded cores with other tests).
+    assert wall < 3 * single, (wall, single)
 
     await t.call("workspace_stop", workspace="try-3")
     started = time.monotonic()
@@ -311,6 +323,46 @@ async def test_exec_parallel_is_parallel_and_a_stopped_workspace_does_not_hold_i
                             "failed": 0}
     err = await t.fails("exec_parallel", workspaces=five, command=["true", "true"])
     assert "2 commands for 5 workspaces" in err
+
+
+def _qemu_pid(env: McpEnv, vm: str) -> int:
+    """The pid of the QEMU the test's helper runs for the user's ``vm`` (asked
+    as root, through the helper's admin listing)."""
+    with BlockingHelperClient(str(env.helper.socket), timeout=60) as c:
+        listing = c.request(hp.AdminList(id=0))
+    assert isinstance(listing, hp.AdminListing)
+    pids = [v.pid for v in listing.vms if v.owner == env.user and v.name == vm and v.pid]
+    assert len(pids) == 1, listing.vms
+    return pids[0]
+
+
+@pytest.mark.anyio
+async def test_exec_parallel_gives_up_on_a_dead_workspace_at_its_timeout(
+    lab: Lab, t: Tools,
+) -> None:
+    """A workspace whose VM is frozen (its QEMU stopped) answers nothing: its
+    result is an error at the timeout (plus a short grace), the others' come
+    back with theirs; a command that outlasts the timeout is killed."""
+    vm = (await t.call("workspace_info", workspace="try-2"))["id"]
+    pid = _qemu_pid(lab.env, vm)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        r = await t.call("exec_parallel", workspaces=["dev1", "try-2", "golden"],
+                         command=["echo ok", "echo ok", "sleep 30"], timeout_secs=4)
+        wall = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    print(f"exec_parallel with a frozen workspace, timeout 4 s: {wall:.2f} s")
+    assert wall < 4 + GRACE_S + 3, wall
+    ok, dead, slow = r["results"]
+    assert ok["ok"] and ok["stdout"] == "ok\n"
+    assert not dead["ok"] and "gave no answer" in dead["error"], dead
+    assert slow["timed_out"] and not slow["ok"] and slow["error"] is None, slow
+    assert (r["summary"]["succeeded"], r["summary"]["failed"], r["summary"]["errors"]) == (
+        1, 1, 1)
+    # Thawed, it answers again.
+    assert (await t.call("exec", workspace="try-2", command="echo back"))["stdout"] == "back\n"
 
 
 @pytest.mark.anyio
