@@ -22,7 +22,6 @@ connections.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import stat
@@ -283,21 +282,36 @@ class HelperServer:
         cap = self.config.server.max_inflight_per_connection
         idle_s = self.config.server.idle_timeout_s
         slots = anyio.Semaphore(cap)
+        #: When the connection last received a frame or finished a request.
+        last_active = [time.monotonic()]
+
+        async def serve(req: Any) -> None:
+            try:
+                await self._serve_one(conn, req, ctx, authz, slots)
+            finally:
+                last_active[0] = time.monotonic()
+
         # At end of stream, requests already in flight still complete (a client
         # may half-close after sending); each handler bounds its own duration.
         async with anyio.create_task_group() as tg:
             while True:
-                # Idle = nothing in flight and nothing sent for idle_s: the
-                # connection is closed (a client reconnects when it needs to).
-                deadline = idle_s if slots.value == cap else math.inf
-                with anyio.move_on_after(deadline) as idle:
+                # Idle = nothing in flight, and no frame received and no
+                # answer sent for idle_s: the connection is closed (a client
+                # reconnects when it needs to).  A frame still arriving after
+                # that long is no excuse (a client dribbling bytes holds a slot).
+                busy = slots.value < cap
+                wait = idle_s if busy else max(0.0, last_active[0] + idle_s - time.monotonic())
+                with anyio.move_on_after(wait) as idle:
                     body = await read_frame()
                 if idle.cancelled_caught:
+                    if slots.value < cap or time.monotonic() - last_active[0] < idle_s:
+                        continue  # busy, or an answer went out meanwhile
                     await conn.send_error(
                         0, ErrorCode.TIMEOUT,
                         f"no request for {idle_s:g} s: connection closed (reconnect when needed)",
                     )
                     break
+                last_active[0] = time.monotonic()
                 if body is None:
                     break
                 try:
@@ -311,7 +325,7 @@ class HelperServer:
                     await self._relay(conn, unframed, req, ctx, authz)
                     return
                 await slots.acquire()  # a flood waits here instead of growing memory
-                tg.start_soon(self._serve_one, conn, req, ctx, authz, slots)
+                tg.start_soon(serve, req)
 
     async def _relay(
         self,

@@ -14,6 +14,7 @@ run with ``-s`` to see them.
 from __future__ import annotations
 
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import pytest
 
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
+from agentiso.protocol.framing import FrameDecoder, encode_frame
 from tests.harness.images import require_image
 from tests.support.helper_process import (
     IMAGES,
@@ -40,7 +42,7 @@ GROUP = 64331  # gids/uids that exist only for this test: setpriv takes numbers
 USER = 64332
 OTHER = 64333
 HELLO_TIMEOUT_S = 3
-IDLE_TIMEOUT_S = 5
+IDLE_TIMEOUT_S = 10
 CONFIG = f"[server]\nhello_timeout_s = {HELLO_TIMEOUT_S}\nidle_timeout_s = {IDLE_TIMEOUT_S}\n"
 MiB = 1 << 20
 
@@ -186,11 +188,13 @@ def _garbage_attack(helper: HelperProcess, rounds: int) -> tuple[list[float], li
             until = time.monotonic() + 3
             while time.monotonic() < until:
                 quiet.append(_ping_rtt(c))
+            before = _rss(_helper_pid(helper))
             attacker.stdin.write("go\n")
             attacker.stdin.flush()
             loud: list[float] = []
-            while attacker.poll() is None:
-                loud.append(_ping_rtt(c))
+            with RssSampler(_helper_pid(helper)) as rss:
+                while attacker.poll() is None:
+                    loud.append(_ping_rtt(c))
         out, err = attacker.communicate(timeout=60)
     finally:
         attacker.kill()
@@ -206,9 +210,12 @@ def _garbage_attack(helper: HelperProcess, rounds: int) -> tuple[list[float], li
         f"{statistics.median(loud) * 1000:.2f} ms, p99 {_p99(loud) * 1000:.1f} ms, "
         f"max {max(loud) * 1000:.1f} ms; without the attack: n={len(quiet)} median "
         f"{statistics.median(quiet) * 1000:.2f} ms, p99 {_p99(quiet) * 1000:.1f} ms, "
-        f"max {max(quiet) * 1000:.1f} ms"
+        f"max {max(quiet) * 1000:.1f} ms; helper RSS {before / MiB:.0f} MiB before, "
+        f"peak {rss.peak / MiB:.0f} MiB"
     )
     assert len(loud) >= 10
+    # One frame at a time: the 4 MiB being read, its body, the error.
+    assert rss.peak - before < 32 * MiB, (before, rss.peak)
     return quiet, loud
 
 
@@ -234,7 +241,7 @@ def test_4_mib_garbage_frames_do_not_delay_other_clients_pings(helper: HelperPro
 
 FLOOD_CONNECTIONS = textwrap.dedent(
     """
-    import resource, socket, sys, time
+    import resource, select, socket, sys, time
     from agentiso.protocol import helper as hp
     from agentiso.protocol.framing import FrameDecoder, encode_frame
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -274,6 +281,12 @@ FLOOD_CONNECTIONS = textwrap.dedent(
         else:
             other.append(repr(msg))
     print("READY", len(served), refused, len(other), other[:3], flush=True)
+    # Keep the served connections in use (a ping each a second) until told to stop.
+    ping = encode_frame(hp.request_codec.encode(hp.Ping(id=3)))
+    while not select.select([sys.stdin], [], [], 1.0)[0]:
+        for s in served:
+            s.sendall(ping)
+            assert isinstance(first_frame(s), hp.Pong)
     sys.stdin.readline()
     # Now idle: each served connection must be closed by the helper, with a reason.
     t = time.monotonic()
@@ -339,23 +352,33 @@ def test_2000_connections_of_one_uid_leave_others_and_root_served(
     assert "peer_over_connection_cap" in helper.log()
 
 
-def test_a_silent_connection_is_closed_after_the_hello_timeout(helper: HelperProcess) -> None:
-    import socket
+def _closed_with(s: socket.socket) -> tuple[hp.HelperResponse, float]:
+    """The last frame before the helper closes ``s``, and when it closed."""
+    dec, frames = FrameDecoder(), []
+    while data := s.recv(4096):
+        frames += dec.feed(data)
+    return hp.response_codec.decode(frames[-1]), time.monotonic()
 
-    from agentiso.protocol.framing import FrameDecoder
 
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(30)
-        s.connect(str(helper.socket))
+def test_silent_and_idle_connections_are_closed_with_the_reason(helper: HelperProcess) -> None:
+    """No hello within the hello timeout; or, after a request was answered,
+    nothing more within the idle timeout: a ``timeout`` error saying which,
+    then the connection is closed."""
+    with socket.socket(socket.AF_UNIX) as silent, socket.socket(socket.AF_UNIX) as idle:
+        for s in (silent, idle):
+            s.settimeout(30)
+            s.connect(str(helper.socket))
         t = time.monotonic()
-        dec, frames = FrameDecoder(), []
-        while data := s.recv(4096):
-            frames += dec.feed(data)
-        took = time.monotonic() - t
-    msg = hp.response_codec.decode(frames[0])
-    assert isinstance(msg, hp.Error) and msg.code == "timeout"
-    assert f"no hello within {HELLO_TIMEOUT_S} s" in msg.message
-    assert HELLO_TIMEOUT_S - 0.5 < took < HELLO_TIMEOUT_S + 10
+        idle.sendall(encode_frame(hp.request_codec.encode(hp.Hello(id=1, version=1))))
+        idle.sendall(encode_frame(hp.request_codec.encode(hp.Ping(id=2))))
+        first, silent_at = _closed_with(silent)
+        last, idle_at = _closed_with(idle)
+    assert isinstance(first, hp.Error) and first.code == "timeout"
+    assert f"no hello within {HELLO_TIMEOUT_S} s" in first.message
+    assert HELLO_TIMEOUT_S - 0.5 < silent_at - t < HELLO_TIMEOUT_S + 10
+    assert isinstance(last, hp.Error) and last.code == "timeout"
+    assert f"no request for {IDLE_TIMEOUT_S} s" in last.message
+    assert IDLE_TIMEOUT_S - 0.5 < idle_at - t < IDLE_TIMEOUT_S + 10
 
 
 # --- the relay: a never-reading client flooding sync markers ------------------------------
