@@ -95,6 +95,15 @@ def test_install_verify_uninstall(tmp_path: Path) -> None:
     assert v.returncode == 0, v.stderr
     assert "not executable" not in v.stderr and "Unknown" not in v.stderr, v.stderr
     shutil.rmtree(root / "usr/lib")
+    # The sysusers file makes the group (in the root's own /etc/group; scaffolding too).
+    made = [p for p in ("etc/passwd", "etc/group", "etc/shadow", "etc/gshadow", "etc/.pwd.lock")
+            if not (root / p).exists()]
+    subprocess.run(["systemd-sysusers", f"--root={root}"], check=True, timeout=60,
+                   capture_output=True)
+    assert re.search(r"^agentiso:x:\d+:$", (root / "etc/group").read_text(), re.M)
+    for p in made:
+        (root / p).unlink(missing_ok=True)
+        (root / (p + "-")).unlink(missing_ok=True)
 
     # A second install is refused; it does not write over the first.
     again = subprocess.run([*INSTALL, "install", "--destdir", str(root)],
