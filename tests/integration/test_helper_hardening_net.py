@@ -22,6 +22,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -79,9 +80,26 @@ def curl(helper: HelperProcess, uid: int, host: str, port: int = FORWARD) -> sub
     return in_ns(helper, "curl", "-s", "-m", "5", f"http://{host}:{port}/index.txt", uid=uid)
 
 
+def mount_cgroups(helper: HelperProcess) -> None:
+    """Give the helper the host's cgroup v1 hierarchies, as a helper started
+    by systemd sees them: ``ip netns exec`` mounted a fresh /sys in the
+    helper's own mount namespace, which hid them.  Gone with that namespace."""
+    assert helper.proc is not None
+    here = cgroup_dirs(os.getpid())
+    if set(here) != {"cpu", "memory", "pids"}:
+        return  # no v1 hierarchies on this host: the limits test skips
+    script = "mount -t tmpfs cgroups /sys/fs/cgroup && " + " && ".join(
+        f"mkdir /sys/fs/cgroup/{c} && mount -t cgroup -o {c} cgroup /sys/fs/cgroup/{c}"
+        for c in ("cpu", "memory", "pids")
+    )
+    subprocess.run(["nsenter", "-t", str(helper.proc.pid), "-m", "sh", "-c", script],
+                   check=True, timeout=30)
+
+
 @pytest.fixture(scope="module")
 def helper() -> Iterator[HelperProcess]:
     with running_helper(group=GROUP, extra_args=("--images-dir", str(IMAGES))) as h:
+        mount_cgroups(h)
         res = as_alice(h, f"""
             c.request(hp.VolumeCreate(id=0, name="ws", source=hp.FromImage(image="minimal")))
             out(c.request(hp.VmStart(id=0, name="web", volume="ws", memory_mib=192)).state)
@@ -194,11 +212,71 @@ def test_forward_is_local_to_its_owner(helper: HelperProcess) -> None:
         squat.wait()
 
 
+def cgroup_dirs(pid: int) -> dict[str, Path]:
+    """QEMU's v1 cgroup directories (controller -> path)."""
+    mounts = {}
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        f = line.split()
+        if f[2] == "cgroup":
+            for opt in f[3].split(","):
+                if opt in ("cpu", "memory", "pids"):
+                    mounts[opt] = Path(f[1])
+    out = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        for c in ctrls.split(","):
+            if c in mounts:
+                out[c] = mounts[c] / path.lstrip("/")
+    return out
+
+
+def test_qemu_runs_under_cpu_memory_and_task_limits(helper: HelperProcess) -> None:
+    [pid] = helper.qemu_pids()
+    dirs = cgroup_dirs(pid)
+    if set(dirs) != {"cpu", "memory", "pids"} or not str(dirs["memory"]).count("agentiso-"):
+        pytest.skip(f"no cgroup v1 cpu/memory/pids hierarchies here: {dirs}")
+    # 192 MiB of guest RAM + 64 MiB of TCG translation cache + 256 MiB for QEMU.
+    limit = int((dirs["memory"] / "memory.limit_in_bytes").read_text())
+    assert limit == (192 + 64 + 256) * 2**20
+    assert (dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "100000"  # 1 vCPU
+    assert (dirs["cpu"] / "cpu.cfs_period_us").read_text().strip() == "100000"
+    assert (dirs["pids"] / "pids.max").read_text().strip() == "512"
+    # Every thread of QEMU is inside.
+    tasks = {int(t) for t in (dirs["memory"] / "tasks").read_text().split()}
+    assert {int(t) for t in os.listdir(f"/proc/{pid}/task")} <= tasks
+    # The guest spins its vCPU for 3 s: QEMU stays within its one CPU.
+    before = int((dirs["cpu"] / "cpu.stat").read_text().split()[1])  # nr_periods
+    t0 = time.monotonic()
+    cpu0 = _cpu_seconds(pid)
+    as_alice(helper, """
+        async def spin():
+            async with open_guest(SOCK, "web") as g:
+                await g.exec(shell="timeout 3 sh -c 'while :; do :; done'; true")
+        anyio.run(spin)
+    """)
+    used = (_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+    usage = int((dirs["memory"] / "memory.usage_in_bytes").read_text())
+    peak = int((dirs["memory"] / "memory.max_usage_in_bytes").read_text())
+    stat = dict(line.split() for line in (dirs["cpu"] / "cpu.stat").read_text().splitlines())
+    print(f"cgroup figures: memory {usage / 2**20:.0f} MiB (peak {peak / 2**20:.0f} MiB, "
+          f"limit {limit / 2**20:.0f} MiB), CPU {used:.2f} cores while spinning, "
+          f"periods {int(stat['nr_periods']) - before}, throttled {stat['nr_throttled']}, "
+          f"tasks {(dirs['pids'] / 'pids.current').read_text().strip()}")
+    assert peak < limit
+    assert used <= 1.2  # one vCPU's quota (plus the sampling's slack)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_qemu_killed_by_a_real_time_signal_does_not_take_the_watcher_down(
     helper: HelperProcess,
 ) -> None:
     pids = helper.qemu_pids()
     assert len(pids) == 1
+    cgroups = cgroup_dirs(pids[0])
     rt = signal.SIGRTMIN + 3
     os.kill(pids[0], rt)
     deadline = time.monotonic() + 60
@@ -219,3 +297,7 @@ def test_qemu_killed_by_a_real_time_signal_does_not_take_the_watcher_down(
     assert "Traceback" not in helper.log()
     # The dead VM's forward goes with it; the name can be stopped (forgotten).
     assert as_alice(helper, 'out(call(hp.VmStop(id=0, name="web")))') == [["Done", ""]]
+    # Its cgroups went with it, and so did the engine's (it had no other VM).
+    for d in cgroups.values():
+        if "agentiso-" in str(d):
+            assert not d.exists() and not d.parent.exists(), d

@@ -49,6 +49,7 @@ from ..record import RecordStore, VmRecord
 from ..spec import check_name
 from ..uids import UidRange, allocate_uid, uid_unassigned
 from . import adoption, hostcheck, launcher, snapshots
+from .cgroups import VmCgroups, limits_for
 from .supervisor import VmSupervisor
 from .types import (
     FINISHED,
@@ -80,6 +81,8 @@ class VmEngine:
         self._run = Path(settings.run_dir)
         #: Marks the QEMUs this engine (this run dir) starts; see find_orphans.
         self._tag = hashlib.sha256(str(self._run.resolve()).encode()).hexdigest()[:16]
+        self._cgroups_found = VmCgroups({})
+        self._cgroups_warned = False
         self._accel: accel_mod.AccelDecision | None = None
         #: Protects ``_accel``: the accelerator is decided (a probe boot) once.
         self._accel_lock = anyio.Lock()
@@ -200,6 +203,15 @@ class VmEngine:
         self._records.save(record)
         log.info("vm_spawned", vm=cfg.name, pid=popen.pid, uid=uid, accel=decision.kind)
         try:
+            cgroups = self._cgroups()
+            if cgroups.available:
+                limits = limits_for(
+                    cfg.vcpus, cfg.memory_mib,
+                    tb_size_mib=self.settings.tb_size_mib if decision.kind == "tcg" else 0,
+                    overhead_mib=self.settings.cgroup_overhead_mib,
+                    pids_max=self.settings.cgroup_pids_max,
+                )
+                cgroups.place(cfg.name, popen.pid, limits)
             await vm.attach(self._tg, self.settings.start_timeout_s)
             if cfg.incoming_fd is not None:
                 await snapshots.restore_memory(
@@ -363,6 +375,7 @@ class VmEngine:
         if not vm.exited.is_set():
             raise VmStateConflict(f"VM {name} is still {vm.state}")
         self._records.delete(name)
+        self._cgroups().remove(name)
         shutil.rmtree(vm.record.run_dir, ignore_errors=True)
         shutil.rmtree(Path(vm.record.console_log).parent, ignore_errors=True)
         del self._vms[name]
@@ -427,7 +440,28 @@ class VmEngine:
                 vm.follow_console()
                 adopted.append(rec.name)
                 log.warning("vm_adopted_without_qmp", vm=rec.name, error=e.message)
+        # Cgroups of VMs that ended while no helper ran (kept for the live ones).
+        self._cgroups().gc(set(self._vms))
         return AdoptReport(adopted=adopted, dead=dead, unreadable=bad)
+
+    def cgroup_usage(self, name: str) -> dict[str, int] | None:
+        """VM ``name``'s cgroup figures (memory, CPU throttling, tasks); None
+        where VMs run without cgroups."""
+        self._get(name)
+        cgroups = self._cgroups()
+        return cgroups.usage(name) if cgroups.available else None
+
+    def _cgroups(self) -> VmCgroups:
+        """The host's cgroups for VMs, looked for again until found (cheap:
+        two small /proc reads) -- cgroupfs may be mounted after we start."""
+        if self.settings.cgroup_limits and not self._cgroups_found.available:
+            self._cgroups_found = VmCgroups.detect(self._tag)
+            if not self._cgroups_found.available and not self._cgroups_warned:
+                self._cgroups_warned = True
+                log.warning("vm_cgroups_unavailable",
+                            reason="no writable cgroup v1 cpu, memory and pids hierarchies: "
+                                   "VMs run without CPU and memory limits")
+        return self._cgroups_found
 
     def _watched_pids(self) -> set[int]:
         return {v.record.pid for v in self._vms.values() if not v.exited.is_set()}

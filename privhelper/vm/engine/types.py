@@ -37,6 +37,12 @@ class EngineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     start_timeout_s: float = 30.0
     incoming_timeout_s: float = 300.0
     probe_timeout_s: float = 5.0
+    #: Put each QEMU in cgroups limiting its CPU (its vCPUs' worth), memory
+    #: (guest RAM + translation cache + ``cgroup_overhead_mib``) and tasks,
+    #: where the host has cgroup v1 controllers (see cgroups.py).
+    cgroup_limits: bool = True
+    cgroup_overhead_mib: int = 256
+    cgroup_pids_max: int = 512
 
 
 class VmConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
