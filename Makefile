@@ -80,9 +80,11 @@ lint: venv typecheck-tree
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy $(addprefix -p agentiso.,$(PKG_DIRS)) -p images
 
-# The tool reference, from the live tool schemas (a unit test checks it is current).
+# The tool and configuration references, from the live tool schemas and the config
+# structs (unit tests check both are current).
 docs: venv
 	$(VPY) -m agentiso.frontend.tooldoc > docs/tools.md
+	$(VPY) scripts/configdoc.py > docs/configuration.md
 
 image: apt venv
 	$(MAKE) -C images IMAGE=$(IMAGE) PYTHON=$(abspath $(VPY))
