@@ -87,6 +87,8 @@ MAX_INFLIGHT_PER_CLIENT = 64
 #: Requests of all relayed clients of one VM in flight at once (the helper's
 #: own calls are not counted: a client flood must not block a freeze).
 MAX_INFLIGHT_PER_CHANNEL = 256
+#: How long the guest may leave one frame unread before its channel is re-established.
+GUEST_WRITE_TIMEOUT_S = 60.0
 #: How long a dropped client gets to read what was queued (and the reason).
 DROP_FLUSH_S = 2.0
 #: How much unframed noise may precede the agent's sync marker.
@@ -159,6 +161,9 @@ class GuestChannel:
     _retry_deadline: float = 0.0
     connects: int = 0
     garbage_frames: int = 0
+    #: A write the guest does not take within this long breaks the channel
+    #: (a guest that stops reading must not hold every writer forever).
+    write_timeout_s: float = GUEST_WRITE_TIMEOUT_S
     #: Monotonic time of the last client activity (a request from a relayed
     #: client, an answer to one, or :meth:`touch`): the VM's idle time limit
     #: counts from it.  A plain store on each request, no lock.
@@ -321,7 +326,23 @@ class GuestChannel:
         frame = encode_frame(gp.request_codec.encode(msg), GUEST_MAX_FRAME)
         with peer_gone(f"VM {self.name!r}: guest channel"):
             async with self._send_lock:
-                await stream.send(frame)
+                sent = False
+                try:
+                    with anyio.fail_after(self.write_timeout_s):
+                        await stream.send(frame)
+                    sent = True
+                except TimeoutError:
+                    raise GuestChannelBroken(
+                        f"VM {self.name!r}: the guest read nothing of its channel for "
+                        f"{self.write_timeout_s:g} s; the channel is re-established"
+                    ) from None
+                finally:
+                    if not sent:
+                        # Part of a frame may be out (a timeout, a caller's
+                        # cancel): nothing can be framed on this stream any
+                        # more.  Closing it ends the session, which reconnects.
+                        with anyio.CancelScope(shield=True):
+                            await stream.aclose()
 
     async def call(self, msg: Any, timeout: float) -> Any:
         """A helper-internal request with a single response.
@@ -516,9 +537,12 @@ class GuestChannel:
                 return
             self._fail(route, ErrorCode.UNAVAILABLE, "the guest channel is down")
             return
-        with contextlib.suppress(HelperError):
-            # The read loop notices the drop and fails or retries the route.
+        try:
             await self._send_upstream(route, sink.upstream)
+        except GuestChannelBroken as exc:  # our doing (a write timed out): say why
+            log.warning("guest_channel_broken", vm=self.name, error=exc.message)
+        except HelperError:
+            pass  # the read loop notices the drop and fails or retries the route
 
 
 async def _guest_items(stream: ByteStream) -> AsyncIterator[bytes | None]:

@@ -463,3 +463,56 @@ async def test_requests_in_flight_are_capped_per_client_and_per_vm(agent: Agent)
             await c1.until_final(1)
             await c1.send(_exec(4, "echo again"))
             assert (await c1.until_final(4)).stdout == b"again\n"
+
+
+async def test_a_guest_that_stops_reading_loses_its_channel_not_the_helper(
+    tmp_path: Path,
+) -> None:
+    """A guest that greets, then never reads: a write that cannot finish in
+    ``write_timeout_s`` breaks the channel (its stream may hold part of a
+    frame), requests in flight fail ``unavailable``, and the channel is
+    re-established."""
+    path = Path(tempfile.mkdtemp(prefix="agentiso-deaf-")) / "g.sock"
+    hello = gp.Hello(
+        id=0, version=gp.GUEST_PROTOCOL_VERSION, agent="deaf", transport="unix",
+        boot=gp.BootTimings(init_t0=None, agent_start=0, listen=0, hello=0),
+        max_frame=gp.GUEST_MAX_FRAME, max_chunk=gp.MAX_CHUNK, max_inflight=64, session=1,
+        pid1=False,
+    )
+    connections = 0
+
+    async def deaf(stream: ByteStream) -> None:
+        nonlocal connections
+        connections += 1
+        async with stream:
+            buf = b""
+            while len(buf) < len(gp.HOST_SYNC_MAGIC) + gp.SYNC_NONCE_LEN:
+                buf += await stream.receive()
+            nonce = buf[len(gp.HOST_SYNC_MAGIC):][: gp.SYNC_NONCE_LEN]
+            greeting = msgspec.structs.replace(hello, sync_nonce=nonce)
+            await stream.send(gp.GUEST_SYNC_MAGIC)
+            await stream.send(encode_frame(gp.response_codec.encode(greeting)))
+            await anyio.sleep(3600)  # never reads again
+
+    listener = await anyio.create_unix_listener(path)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, deaf)
+            ch = GuestChannel(name="deaf", connect=connector(path), write_timeout_s=1.0)
+            tg.start_soon(ch.run)
+            await ch.wait_ready(20)
+            async with relayed_client(ch) as c:
+                chunk = b"x" * gp.MAX_CHUNK
+                for rid in range(1, 17):  # 16 MiB: far more than the socket buffers
+                    await c.send(gp.FileWrite(id=rid, path="/tmp/f", data=chunk))
+                with anyio.fail_after(20):
+                    failed = await c.recv()
+                assert isinstance(failed, gp.Error) and failed.code == ErrorCode.UNAVAILABLE
+            with anyio.fail_after(20):
+                while connections < 2:
+                    await anyio.sleep(0.05)
+            await ch.wait_ready(20)  # re-established
+            tg.cancel_scope.cancel()
+    finally:
+        path.unlink(missing_ok=True)
+        path.parent.rmdir()
