@@ -228,14 +228,33 @@ class AdminView:
     users: dict[int, str] = field(default_factory=dict)
 
 
+def _pages(c: BlockingHelperClient, req: hp.HelperRequest, kind: type[_T]) -> list[_T]:
+    """Every page of a listing (``req`` has a ``cursor``; see ``hp.Cursor``)."""
+    pages: list[_T] = []
+    cursor = 0
+    while True:
+        got = _expect(c.request(msgspec.structs.replace(req, cursor=cursor)), kind)
+        pages.append(got)
+        nxt = getattr(got, "next_cursor", None)
+        if nxt is None:
+            return pages
+        if nxt <= cursor:
+            raise HelperError("the helper's listing did not move on")
+        cursor = nxt
+
+
 def _gather_view(c: BlockingHelperClient) -> AdminView:
-    listing = _expect(c.request(hp.AdminList(id=0)), hp.AdminListing)
+    parts = _pages(c, hp.AdminList(id=0), hp.AdminListing)
+    listing = hp.AdminListing(
+        id=0, volumes=[v for p in parts for v in p.volumes], vms=[m for p in parts for m in p.vms]
+    )
     owners = sorted({v.owner for v in listing.vms} | {v.owner for v in listing.volumes})
     view = AdminView(listing)
     for uid in owners:
-        view.vms[uid] = list(_expect(c.request(hp.VmList(id=0, owner=uid)), hp.Vms).vms)
-        view.volumes[uid] = list(
-            _expect(c.request(hp.VolumeList(id=0, owner=uid)), hp.Volumes).volumes)
+        view.vms[uid] = [m for p in _pages(c, hp.VmList(id=0, owner=uid), hp.Vms) for m in p.vms]
+        view.volumes[uid] = [
+            v for p in _pages(c, hp.VolumeList(id=0, owner=uid), hp.Volumes) for v in p.volumes
+        ]
         view.users[uid] = _user_name(uid)
         view.names.update({(uid, k): n for k, n in _catalog_names(uid).items()})
     for m in listing.vms:
