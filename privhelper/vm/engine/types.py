@@ -41,7 +41,10 @@ class EngineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: (guest RAM + translation cache + ``cgroup_overhead_mib``) and tasks,
     #: where the host has cgroup v1 controllers (see cgroups.py).
     cgroup_limits: bool = True
+    #: Memory a VM's QEMU may use beyond guest RAM and translation cache
+    #: (device state, I/O buffers, the QEMU binary itself), in MiB.
     cgroup_overhead_mib: int = 256
+    #: Most tasks (threads and processes) one VM's QEMU may have.
     cgroup_pids_max: int = 512
 
 
