@@ -516,3 +516,43 @@ async def test_a_guest_that_stops_reading_loses_its_channel_not_the_helper(
     finally:
         path.unlink(missing_ok=True)
         path.parent.rmdir()
+
+
+async def test_a_dropped_client_that_reads_late_gets_the_reason(agent: Agent) -> None:
+    """The client stops reading until the relay stops reading it (dropped);
+    read then, everything queued arrives, ending with a ``limit_exceeded``
+    error that says why, and the end of the stream."""
+    limits = RelayLimits(queue_bytes=128 << 10)
+    async with running_channel(agent.path) as ch:
+        a, b = socket.socketpair()
+        server_side = await UNIXSocketStream.from_socket(a)
+        client_side = await UNIXSocketStream.from_socket(b)
+
+        async def receive() -> bytes:
+            return await receive_some(server_side)
+
+        reason: str | None = None
+
+        async def relay() -> None:
+            nonlocal reason
+            reason = await ch.serve_client(receive, server_side.send, limits=limits)
+            await server_side.aclose()
+
+        async with client_side, anyio.create_task_group() as tg:
+            tg.start_soon(relay)
+            with anyio.fail_after(30):
+                while True:  # until a send blocks: the relay no longer reads us
+                    with anyio.move_on_after(0.5) as blocked:
+                        await client_side.send(_markers(1000))
+                    if blocked.cancelled_caught:
+                        break
+            client = Client(client_side)
+            last: Any = None
+            # The end: EOF, or a reset (the relay closed with our markers unread).
+            ended = (anyio.EndOfStream, anyio.BrokenResourceError)
+            with anyio.fail_after(30), contextlib.suppress(*ended):
+                while True:
+                    last = await client.recv()
+    assert reason is not None and "not reading" in reason
+    assert isinstance(last, gp.Error) and last.id == 0
+    assert last.code == ErrorCode.LIMIT_EXCEEDED and reason in last.message
