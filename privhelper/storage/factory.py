@@ -18,7 +18,10 @@ def make_backend(config: StorageConfig, state_dir: Path) -> VolumeBackend:
     runner = Runner(config.command_timeout_s)
     lo, hi = config.min_volume_bytes, config.max_volume_bytes
     if config.backend == "zfs":
-        return ZfsBackend(config.zfs, runner=runner, min_size=lo, max_size=hi)
+        return ZfsBackend(
+            config.zfs, runner=runner, min_size=lo, max_size=hi,
+            reserve_free_bytes=config.reserve_free_bytes,
+        )
     root = Path(state_dir) / STORAGE_SUBDIR / "qcow2"
     return Qcow2Backend(
         root, runner=runner, min_size=lo, max_size=hi,

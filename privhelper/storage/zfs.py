@@ -13,6 +13,7 @@ import secrets
 from pathlib import Path
 
 import anyio
+import structlog
 
 from . import commands as cmd
 from .config import ZfsConfig
@@ -43,6 +44,7 @@ from .model import (
 )
 from .names import check_name, check_size
 from .qemu_img import parse_info
+from .quotas import check_reserve
 from .runner import Runner
 from .zfs_state import (
     BASE_SNAPSHOT,
@@ -60,6 +62,8 @@ from .zfs_state import (
     plan_promotion,
     snapshots_of,
 )
+
+log = structlog.get_logger("agentiso.helper.storage")
 
 #: Every zvol (base, clone, probe): the host exposes it as one device only
 #: and never scans the partition table its guest wrote (no kpartx/udev
@@ -88,8 +92,11 @@ class ZfsBackend:
         min_size: int = 1024 * 1024,
         max_size: int = 2 * 1024**4,
         zvol_dir: Path = Path("/dev/zvol"),
+        reserve_free_bytes: int = 0,
     ) -> None:
         self.config = config
+        #: Creates and snapshots are refused when the pool has less available.
+        self.reserve_free_bytes = reserve_free_bytes
         self.ds = Datasets(config.dataset)
         self.runner = runner or Runner()
         self.min_size = min_size
@@ -147,6 +154,18 @@ class ZfsBackend:
         if await self._exists(self.ds.probe):
             await self.runner.run(cmd.zfs_destroy(self.ds.probe), check=False)
         return res.returncode == 0
+
+    async def _check_reserve(self) -> None:
+        """Refuse (``limit_exceeded``) below the reserve of the root's ``available``."""
+        if self.reserve_free_bytes <= 0:
+            return
+        res = await self.runner.run(cmd.zfs_get([self.ds.root], ["available"]))
+        value = parse_get(res.stdout).get(self.ds.root, {}).get("available", "")
+        if not value.isdigit():
+            # Not a byte count (an old zfs without -p?): never refuse on a guess.
+            log.warning("zfs_available_unreadable", dataset=self.ds.root, value=value[:40])
+            return
+        check_reserve(int(value), self.reserve_free_bytes)
 
     async def _exists(self, dataset: str) -> bool:
         res = await self.runner.run(cmd.zfs_get([dataset], ["type"]), check=False)
@@ -360,6 +379,7 @@ class ZfsBackend:
             ds = self.ds.volume(name)
             if ds in props:
                 raise AlreadyExists("volume", name)
+            await self._check_reserve()
             if isinstance(source, FromBase):
                 check_name("base", source.base)
                 origin = self.ds.base_origin(source.base)
@@ -464,6 +484,7 @@ class ZfsBackend:
         ds = self._require_volume(props, volume)
         if self.ds.snapshot(volume, snapshot) in props:
             raise AlreadyExists("snapshot", f"{volume}@{snapshot}")
+        await self._check_reserve()
         # ZFS snapshots atomically under a running VM: nothing for QEMU to switch.
         return SnapshotPlan(volume, snapshot, None, self._node(props, ds))
 
