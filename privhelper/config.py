@@ -61,12 +61,25 @@ class PathsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     images_dir: str = "/var/lib/agentiso/images"
 
 
+class TemplatesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[templates]``: boot templates (privhelper/vms/templates.py)."""
+
+    #: Resume a ready template instead of booting when one fits the start.
+    use: bool = True
+    #: ``on-miss``: a start that found no template builds one in the
+    #: background (one build per image and shape at a time); ``off``: only
+    #: an explicit build makes them.
+    build: Literal["off", "on-miss"] = "off"
+
+
 class HelperConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     net: NetConfig = msgspec.field(default_factory=NetConfig)
+    #: Boot templates (privhelper/vms/templates.py; docs/templates.md).
+    templates: TemplatesConfig = msgspec.field(default_factory=TemplatesConfig)
     #: The VM engine's settings (privhelper.vm.engine.EngineSettings, without
     #: state_dir, which comes from [paths]); validated at start-up.
     vm: dict[str, object] = msgspec.field(default_factory=dict)

@@ -3,6 +3,7 @@
 * :mod:`.lifecycle`  VmStart, VmStop, VmGet, VmList, VmConsole, GuestOpen, adoption;
 * :mod:`.network`    VmNetworkSet, ForwardAdd, ForwardRemove (and attaching a VM);
 * :mod:`.snapshots`  SnapshotCreate (live when a VM runs on the volume);
+* :mod:`.templates`  boot templates that a fresh volume's VmStart resumes;
 * :mod:`.admin`      AdminList, Gc;
 * :mod:`.channels`   the guest channel of each running VM;
 * :mod:`.views`      VmInfo as a client sees it; :mod:`.policy` its policy names;
@@ -31,6 +32,7 @@ from .channels import GuestChannels
 from .lifecycle import VmLifecycle
 from .network import VmNetwork
 from .snapshots import LiveSnapshots
+from .templates import Templates
 from .timelimited import TimeLimitedRequests
 from .timer import TimeLimitTimer
 from .views import VmViews
@@ -79,6 +81,8 @@ class VmServices:
     #: Run :meth:`TimeLimitTimer.run` in a task once the VMs are adopted.
     timer: TimeLimitTimer
     time_limits: TimeLimitedRequests
+    #: Boot templates; VmStart of a fresh volume resumes one when it fits.
+    templates: Templates
 
     @classmethod
     def build(
@@ -91,13 +95,17 @@ class VmServices:
         lifecycle = VmLifecycle(ws, engine, channels, network, views)
         timer = TimeLimitTimer(ws, lifecycle, channels)
         views.expires_at = timer.expires_at
+        snapshots = LiveSnapshots(ws, engine, channels, network)
+        templates = Templates(ws, ws.config.templates, tg, lifecycle, snapshots)
+        lifecycle.templates = templates
         return cls(
             lifecycle=lifecycle,
             network=network,
-            snapshots=LiveSnapshots(ws, engine, channels, network),
+            snapshots=snapshots,
             admin=Admin(ws, engine, views, net),
             timer=timer,
             time_limits=TimeLimitedRequests(timer),
+            templates=templates,
         )
 
     def handlers(self, ws: WorkspaceService) -> dict[type[Any], Handler]:

@@ -17,7 +17,7 @@ import os
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import structlog
@@ -42,6 +42,9 @@ from .channels import GuestChannels, engine_state
 from .forks import MACHINE_ID_PATH, ForkSource, fork_source, new_machine_id, reidentify_request
 from .network import VmNetwork
 from .views import VmViews
+
+if TYPE_CHECKING:
+    from .templates import Templates
 
 log = structlog.get_logger("agentiso.helper.vms")
 
@@ -89,6 +92,8 @@ class VmLifecycle:
     views: VmViews
     #: Guest channel over vsock (where /dev/vhost-vsock exists), else virtio-serial.
     use_vsock: bool = field(default_factory=vsock.available)
+    #: Boot templates (:mod:`.templates`): a fresh volume's start may resume one.
+    templates: Templates | None = None
 
     async def open_guest(self, req: hp.GuestOpen, ctx: RequestContext) -> GuestChannel:
         return self.channels.of_running(self.ws.registry.vm(ctx.owner, req.vm))
@@ -135,6 +140,11 @@ class VmLifecycle:
                     saved_secret: str | None = None
                     if req.resume_from is not None:  # a new address comes from the pool
                         fork = fork_source(ws.registry, owner, vol, req)
+                        memory_fd = _open_fd(fds, ws.memory_dir / fork.memory_file, os.O_RDONLY)
+                        saved_secret = fork.secret
+                    elif self.templates is not None and (
+                        fork := await self.templates.claim(vol, req)
+                    ) is not None:  # a template's memory, with a new identity as a fork
                         memory_fd = _open_fd(fds, ws.memory_dir / fork.memory_file, os.O_RDONLY)
                         saved_secret = fork.secret
                     elif req.resume_snapshot is not None:

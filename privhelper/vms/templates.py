@@ -1,0 +1,282 @@
+"""Boot templates: a booted VM of one image and shape, saved at one paused
+instant (memory and disk), that new VMs resume instead of booting.
+
+A template is an ordinary volume of the helper's own (owner 0, named
+``tpl-<key>``) with one snapshot, :data:`SNAPSHOT`, taken with memory right
+after its VM booted and was configured; its VM is then killed.  The key is a
+hash of the image's exact build (the sha256 of its kernel, initrd and root
+filesystem, and its kernel command line) and the shape (vCPUs, MiB): a
+rebuilt image has another key, so a stale template is never used, and the
+next build for the same image and shape removes the stale one.
+
+Claim (:meth:`Templates.claim`, from ``VmStart``): a volume that is fresh from
+an image (never booted, default size, no snapshots) started with a network and
+no resume of its own gets, when a ready template of its image and shape
+exists, the template's disk instead (a copy-on-write clone of the template's
+snapshot, swapped in under a new storage key) and the template's memory; the
+VM then resumes with a new identity exactly as a fork does (:mod:`.forks`:
+link down, new address and MAC, hostname, machine-id, entropy, clock; link
+up).  No template: the VM boots cold, and with ``[templates] build = "on-miss"``
+the helper builds one in the background for the next start.
+
+Isolation: a template is made by the helper from the image alone and is never
+written after its snapshot (its VM is killed; nothing runs on the volume
+again); each clone writes to its own overlay.  Clones do not share RAM pages:
+each QEMU reads the saved state into its own memory.
+
+Pure parts: :func:`template_key`, :func:`template_name`,
+:func:`claimable`.  I/O: :class:`Templates`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from agentiso.protocol import helper as hp
+from agentiso.protocol.errors import ErrorCode
+
+from .. import images
+from ..config import TemplatesConfig
+from ..errors import HelperError, RequestFailed
+from ..net.naming import mac_for
+from ..peercred import PeerCredentials
+from ..registry import Registry, SnapshotRecord, VolumeRecord
+from ..server import RequestContext
+from ..service import WorkspaceService
+from ..storage import FromSnapshot
+from .forks import ForkSource
+
+if TYPE_CHECKING:
+    from .lifecycle import VmLifecycle
+    from .snapshots import LiveSnapshots
+
+log = structlog.get_logger("agentiso.helper.templates")
+
+#: The owner of every template (the helper itself).
+TEMPLATE_OWNER = 0
+NAME_PREFIX = "tpl-"
+#: The one snapshot of a template volume: its booted instant.
+SNAPSHOT = "booted"
+#: Bumped when what a template holds changes meaning (its key changes with it).
+FORMAT = 1
+#: Where a ``pristine_clone_of`` mark names a template instead of a snapshot.
+MARK_PREFIX = "template:"
+
+
+def template_key(image: images.Image, vcpus: int, memory_mib: int) -> str:
+    """16 hex digits naming the template of this image build and shape."""
+    files = image.manifest.files
+    parts = [f"agentiso-template-{FORMAT}", image.name, image.manifest.cmdline,
+             *(files[f].sha256 for f in ("vmlinuz", "initrd.img", "rootfs.img")),
+             str(vcpus), str(memory_mib)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def template_name(key: str) -> str:
+    return NAME_PREFIX + key
+
+
+def is_template(vol: VolumeRecord) -> bool:
+    return vol.owner == TEMPLATE_OWNER and vol.name.startswith(NAME_PREFIX)
+
+
+def clone_mark(key: str) -> str:
+    return MARK_PREFIX + key
+
+
+def claimable(vol: VolumeRecord, req: hp.VmStart) -> bool:
+    """Whether ``VmStart`` ``req`` on ``vol`` may resume a template instead of
+    booting: a network (the new identity needs one), no resume of its own,
+    and a volume fresh from its image (never booted: no machine-id given, no
+    snapshots) or an unused clone of a template (a retried start)."""
+    if req.network is None or req.resume_from is not None or req.resume_snapshot is not None:
+        return False
+    if vol.snapshots or vol.machine_id is not None:
+        return False
+    fresh = vol.origin == f"image:{vol.image}" and vol.pristine_clone_of is None
+    return fresh or (vol.pristine_clone_of or "").startswith(MARK_PREFIX)
+
+
+def source_of(snap: SnapshotRecord) -> ForkSource:
+    """What resuming the template's snapshot needs (as :func:`.forks.fork_source`)."""
+    old_mac = None
+    if snap.address is not None:
+        addr = ipaddress.ip_address(snap.address)
+        if isinstance(addr, ipaddress.IPv4Address):
+            old_mac = mac_for(addr)
+    assert snap.memory_file is not None
+    return ForkSource(memory_file=snap.memory_file, old_mac=old_mac, secret=snap.secret)
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A ready template: its volume and what resuming its memory needs."""
+
+    volume: VolumeRecord
+    source: ForkSource
+
+
+def ready_template(registry: Registry, key: str, vcpus: int, memory_mib: int) -> Ready | None:
+    """The template ``key`` if it is complete (its snapshot has memory of this shape)."""
+    try:
+        vol = registry.volume(TEMPLATE_OWNER, template_name(key))
+        snap = vol.snapshot(SNAPSHOT)
+    except HelperError:
+        return None
+    if snap.memory_file is None or (snap.vcpus, snap.memory_mib) != (vcpus, memory_mib):
+        return None
+    return Ready(vol, source_of(snap))
+
+
+def helper_context(server: Any = None) -> RequestContext:
+    """A request context for the helper's own requests (owner 0)."""
+    peer = PeerCredentials(pid=os.getpid(), uid=0, gid=0, groups=frozenset())
+    return RequestContext(peer=peer, server=cast(Any, server), owner=TEMPLATE_OWNER)
+
+
+@dataclass
+class Templates:
+    """Builds templates and hands them to ``VmStart`` (see the module doc)."""
+
+    ws: WorkspaceService
+    config: TemplatesConfig
+    tg: TaskGroup | None = None
+    lifecycle: VmLifecycle | None = None
+    snapshots: LiveSnapshots | None = None
+    #: Keys being built now (one build per key at a time).
+    building: set[str] = field(default_factory=set)
+
+    async def claim(self, vol: VolumeRecord, req: hp.VmStart) -> ForkSource | None:
+        """Give ``vol`` a ready template's disk and say which memory to resume,
+        or None (boot cold; a build may start).  The caller holds ``ws.lock``
+        and has checked that no VM uses ``vol``."""
+        if not self.config.use or is_template(vol) or not claimable(vol, req):
+            return None
+        image = images.load_image(self.ws.images_dir, vol.image)
+        key = template_key(image, req.vcpus, req.memory_mib)
+        ready = ready_template(self.ws.registry, key, req.vcpus, req.memory_mib)
+        if ready is None or ready.volume.size_bytes != vol.size_bytes:
+            if ready is None:
+                self.build_soon(vol.image, req.vcpus, req.memory_mib)
+            return None
+        if vol.pristine_clone_of != clone_mark(key):
+            await self._swap_in_clone(vol, ready.volume, key)
+        log.info("template_claimed", volume=vol.key, template=key)
+        return ready.source
+
+    async def _swap_in_clone(self, vol: VolumeRecord, tpl: VolumeRecord, key: str) -> None:
+        """Replace ``vol``'s (never booted) disk by a clone of the template's
+        snapshot, under a new storage key; the old disk goes last, so a crash
+        leaves at worst an orphan for ``gc``, never a volume without a disk."""
+        storage = self.ws.storage
+        new_key = Registry._new_key("v", {v.key for v in self.ws.registry.volumes()})
+        await storage.create_volume(new_key, FromSnapshot(tpl.key, SNAPSHOT), None)
+        old_key = vol.key
+        vol.key = new_key
+        vol.pristine_clone_of = clone_mark(key)
+        try:
+            self.ws.registry.save()
+        except BaseException:
+            vol.key, vol.pristine_clone_of = old_key, None
+            with anyio.CancelScope(shield=True):
+                await storage.destroy_volume(new_key)
+            raise
+        try:
+            await storage.destroy_volume(old_key)
+        except HelperError as exc:
+            log.warning("template_swap_left_disk", key=old_key, error=exc.message,
+                        hint="agentiso-helper gc")
+
+    def build_soon(self, image: str, vcpus: int, memory_mib: int) -> None:
+        """With ``build = "on-miss"``: build this template in the background."""
+        if self.config.build != "on-miss" or self.tg is None:
+            return
+        self.tg.start_soon(self._build_logged, image, vcpus, memory_mib)
+
+    async def _build_logged(self, image: str, vcpus: int, memory_mib: int) -> None:
+        try:
+            await self.build(image, vcpus, memory_mib)
+        except HelperError as exc:
+            log.warning("template_build_failed", image=image, vcpus=vcpus,
+                        memory_mib=memory_mib, error=exc.message)
+
+    async def build(self, image_name: str, vcpus: int, memory_mib: int) -> str | None:
+        """Build the template of ``image_name`` at this shape unless it is
+        ready or being built; return its key (None: another build runs).
+
+        Boots a VM of the helper's own on a fresh volume of the image, takes
+        the memory snapshot, kills the VM; then removes stale templates of the
+        same image and shape.  A failure removes what it made."""
+        assert self.lifecycle is not None and self.snapshots is not None
+        image = images.load_image(self.ws.images_dir, image_name)
+        key = template_key(image, vcpus, memory_mib)
+        if key in self.building:
+            return None
+        if ready_template(self.ws.registry, key, vcpus, memory_mib) is not None:
+            return key
+        self.building.add(key)
+        name = template_name(key)
+        ctx = helper_context()
+        try:
+            await self._remove(name)  # a half-made one (a crash mid-build)
+            log.info("template_build", image=image_name, key=key, vcpus=vcpus,
+                     memory_mib=memory_mib)
+            await self.ws.volume_create(
+                hp.VolumeCreate(id=0, name=name, source=hp.FromImage(image=image_name)), ctx)
+            try:
+                await self.lifecycle.vm_start(
+                    hp.VmStart(id=0, name=name, volume=name, vcpus=vcpus,
+                               memory_mib=memory_mib), ctx)
+                await self.snapshots.snapshot_create(
+                    hp.SnapshotCreate(id=0, volume=name, snapshot=SNAPSHOT, memory=True), ctx)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._stop_vm(name)
+            if ready_template(self.ws.registry, key, vcpus, memory_mib) is None:
+                raise RequestFailed(ErrorCode.INTERNAL, f"template {key} has no memory snapshot")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._remove(name)
+            raise
+        finally:
+            self.building.discard(key)
+        await self._remove_stale(image_name, vcpus, memory_mib, keep=name)
+        log.info("template_ready", image=image_name, key=key)
+        return key
+
+    async def _stop_vm(self, name: str) -> None:
+        assert self.lifecycle is not None
+        for m in self.ws.registry.vms(TEMPLATE_OWNER):
+            if m.name == name:
+                await self.lifecycle.stop_vm(m, 5.0, force=True)
+
+    async def _remove(self, name: str) -> None:
+        """Remove template volume ``name`` (and its VM) if it exists and no clone
+        still depends on it (then it stays: logged)."""
+        await self._stop_vm(name)
+        async with self.ws.lock:
+            try:
+                vol = self.ws.registry.volume(TEMPLATE_OWNER, name)
+            except HelperError:
+                return
+            try:
+                await self.ws.destroy_volume(vol)
+            except HelperError as exc:
+                log.warning("template_not_removed", template=name, error=exc.message)
+
+    async def _remove_stale(self, image: str, vcpus: int, memory_mib: int, keep: str) -> None:
+        for vol in list(self.ws.registry.volumes(TEMPLATE_OWNER)):
+            if not vol.name.startswith(NAME_PREFIX) or vol.name == keep or vol.image != image:
+                continue
+            snap = next((s for s in vol.snapshots if s.name == SNAPSHOT), None)
+            if snap is None or (snap.vcpus, snap.memory_mib) == (vcpus, memory_mib):
+                log.info("template_stale", template=vol.name)
+                await self._remove(vol.name)

@@ -1,0 +1,256 @@
+"""Boot templates through the real helper (privhelper/vms/templates.py).
+
+A helper with ``[templates] build = "on-miss"``: the first start of the image
+boots cold and builds the template in the background; later starts of fresh
+volumes of the same image and shape resume it with a new identity, for two
+users.  Checked: each differs in address, MAC, hostname, machine-id and
+/dev/urandom; a write in one shows in no other (nor in a later one); they
+cannot reach each other; a QEMU killed mid-claim leaves nothing and the retry
+succeeds; a changed image is never served by the stale template (the next
+start boots cold and a new template replaces the old one).
+
+Real QEMU (TCG), the real image and agent, in the namespace the helper
+harness made; one helper and one template for the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from agentiso.frontend.guest_channel import open_guest
+from agentiso.privhelper.vms.templates import NAME_PREFIX, SNAPSHOT
+from agentiso.protocol import helper as hp
+from agentiso.protocol.blocking import BlockingHelperClient
+from agentiso.protocol.errors import RemoteError
+from tests.harness import netns as netns_mod
+from tests.harness.images import pin_image, skip_unless_image
+from tests.harness.netns import NetNs
+from tests.support.helper_process import IMAGES, HelperProcess, public_tmpdir, running_helper
+
+pytestmark = skip_unless_image("minimal")
+
+USER_A, USER_B = 61001, 61002
+PORT = 80
+PROBE = "/root/probe.py"
+POLICY = hp.NetworkPolicy(inbound_ports=[PORT])
+CONFIG = ("[limits]\nper_uid_memory_mib = 4096\nper_uid_vms = 8\n"
+          "[templates]\nbuild = \"on-miss\"\n")
+TEMPLATE_WAIT_S = 300.0
+
+
+@dataclass
+class Lab:
+    helper: HelperProcess
+    images: Path
+    host: NetNs
+    info: dict[str, hp.VmInfo] = field(default_factory=dict)
+    owner: dict[str, int] = field(default_factory=dict)
+    #: Seconds from VolumeCreate to the first exec's answer.
+    create_s: dict[str, float] = field(default_factory=dict)
+
+    def client(self) -> BlockingHelperClient:
+        return BlockingHelperClient(str(self.helper.socket), timeout=300)
+
+    def claims(self) -> int:
+        return self.helper.log().count('"template_claimed"')
+
+    def sh(self, vm: str, cmd: str, check: bool = True) -> str:
+        async def run() -> str:
+            async with open_guest(str(self.helper.socket), vm, owner=self.owner[vm]) as g:
+                r = await g.exec(shell=cmd, timeout_s=60)
+                assert not check or r.exit_code == 0, (vm, cmd, r)
+                return r.stdout.decode().strip()
+
+        return anyio.run(run)
+
+    def create(self, vm: str, owner: int) -> hp.VmInfo:
+        """Volume from the image and a VM on it, timed to the first exec."""
+        t0 = time.monotonic()
+        with self.client() as c:
+            c.request(hp.VolumeCreate(id=0, name=f"{vm}-vol", owner=owner,
+                                      source=hp.FromImage(image="minimal")))
+            info = c.request(hp.VmStart(id=0, name=vm, volume=f"{vm}-vol", network=POLICY,
+                                        owner=owner))
+        assert isinstance(info, hp.VmInfo) and info.state == "running", info
+        self.info[vm], self.owner[vm] = info, owner
+        self.sh(vm, "true")
+        self.create_s[vm] = time.monotonic() - t0
+        return info
+
+    def address(self, vm: str) -> str:
+        net = self.info[vm].network
+        assert net is not None
+        return net.address
+
+    def templates(self) -> dict[str, hp.VolumeInfo]:
+        """The helper's ready templates (volume name -> info)."""
+        with self.client() as c:
+            vols = c.request(hp.VolumeList(id=0, owner=0))
+        assert isinstance(vols, hp.Volumes)
+        return {v.name: v for v in vols.volumes if v.name.startswith(NAME_PREFIX)
+                and any(s.name == SNAPSHOT and s.memory for s in v.snapshots)}
+
+    def wait_template(self, not_in: Collection[str] = ()) -> str:
+        deadline = time.monotonic() + TEMPLATE_WAIT_S
+        while time.monotonic() < deadline:
+            new = set(self.templates()) - set(not_in)
+            if new:
+                return new.pop()
+            time.sleep(0.5)
+        raise AssertionError(f"no template within {TEMPLATE_WAIT_S} s:\n"
+                             f"{self.helper.log()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    images = public_tmpdir("agentiso-tpl-img-")  # a rebuild cannot change it under us
+    try:
+        pin_image(IMAGES / "minimal", images / "minimal")
+        with running_helper(group=0, extra_args=("--images-dir", str(images)),
+                            config=CONFIG) as helper:
+            lab = Lab(helper=helper, images=images, host=NetNs(helper.netns))
+            lab.create("cold", USER_A)  # no template yet: boots, and one is built
+            assert lab.claims() == 0
+            lab.wait_template()
+            with lab.client() as c:
+                c.request(hp.VmStop(id=0, name="cold", owner=USER_A, force=True))
+            lab.create("a1", USER_A)
+            lab.create("b1", USER_B)
+            print("create -> first exec (s):", {k: round(v, 2) for k, v in lab.create_s.items()})
+            yield lab
+    finally:
+        shutil.rmtree(images, ignore_errors=True)
+
+
+def test_starts_of_fresh_volumes_resume_the_template(lab: Lab) -> None:
+    assert lab.claims() == 2  # a1 and b1
+    for vm in ("a1", "b1"):  # the template's processes: the agent is not new
+        uptime = float(lab.sh(vm, "cut -d' ' -f1 /proc/uptime"))
+        assert uptime > lab.create_s[vm], (vm, uptime)
+
+
+def test_two_from_one_template_differ_in_identity(lab: Lab) -> None:
+    seen: dict[str, set[str]] = {"addr": set(), "mac": set(), "host": set(), "mid": set(),
+                                 "rand": set()}
+    for vm in ("a1", "b1"):
+        net = lab.info[vm].network
+        assert net is not None
+        out = lab.sh(vm, "hostname; cat /etc/machine-id; head -c 32 /dev/urandom | od -An -tx1"
+                         " | tr -d ' \\n'; echo; ip -o link show eth0; ip -o -4 addr show eth0"
+                     ).splitlines()
+        hostname, machine_id, rand, link, addr = out
+        assert hostname == vm
+        assert net.mac in link.lower() and f"inet {net.address}/" in addr, (vm, link, addr)
+        assert len(machine_id) == 32 and len(rand) == 64
+        for k, v in (("addr", net.address), ("mac", net.mac), ("host", hostname),
+                     ("mid", machine_id), ("rand", rand)):
+            seen[k].add(v)
+    assert all(len(s) == 2 for s in seen.values()), seen
+
+
+def test_a_write_in_one_never_shows_in_another(lab: Lab) -> None:
+    lab.sh("a1", "echo secret-of-a > /root/mine; echo x >> /etc/motd; sync")
+    assert lab.sh("b1", "test -e /root/mine && echo yes || echo no") == "no"
+    lab.create("b2", USER_B)  # made after the write, from the same template
+    assert lab.claims() == 3
+    for vm in ("b1", "b2"):
+        assert lab.sh(vm, "test -e /root/mine && echo yes || echo no") == "no", vm
+        assert "x" not in lab.sh(vm, "cat /etc/motd").splitlines(), vm
+    with lab.client() as c:
+        c.request(hp.VmStop(id=0, name="b2", owner=USER_B, force=True))
+
+
+def test_they_cannot_reach_each_other(lab: Lab) -> None:
+    probe = Path(netns_mod.__file__).read_bytes()
+
+    async def setup() -> None:
+        for vm in ("a1", "b1"):
+            async with open_guest(str(lab.helper.socket), vm, owner=lab.owner[vm]) as g:
+                await g.upload_bytes(probe, PROBE)
+                if vm == "b1":
+                    await g.job_start(shell=f"python3 {PROBE} serve banner {PORT}")
+
+    anyio.run(setup)
+    b1 = lab.address("b1")
+    for _ in range(60):  # the host reaches it: the server runs, the port is open
+        if lab.host.probe("tcp", b1, str(PORT), "3").returncode == 0:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the server in b1 is not reachable from the host")
+    reach = f"python3 {PROBE} tcp {b1} {PORT} 3 && echo reached || echo blocked"
+    assert lab.sh("a1", reach, check=False).splitlines()[-1] == "blocked"
+
+
+def test_a_qemu_killed_mid_claim_leaves_nothing_and_the_retry_succeeds(lab: Lab) -> None:
+    with lab.client() as c:
+        c.request(hp.VolumeCreate(id=0, name="k1-vol", owner=USER_A,
+                                  source=hp.FromImage(image="minimal")))
+    before_pids = set(lab.helper.qemu_pids())
+    outcome: dict[str, Any] = {}
+
+    def start() -> None:
+        try:
+            with lab.client() as c:
+                outcome["info"] = c.request(hp.VmStart(id=0, name="k1", volume="k1-vol",
+                                                       network=POLICY, owner=USER_A))
+        except RemoteError as exc:
+            outcome["error"] = exc
+
+    t = threading.Thread(target=start)
+    t.start()
+    killed = None
+    deadline = time.monotonic() + 60
+    while killed is None and time.monotonic() < deadline and t.is_alive():
+        for pid in set(lab.helper.qemu_pids()) - before_pids:
+            os.kill(pid, signal.SIGKILL)
+            killed = pid
+        time.sleep(0.005)
+    t.join(120)
+    assert killed is not None, outcome
+    assert "error" in outcome, outcome  # its QEMU died under it: the start failed
+    with lab.client() as c:
+        vms = c.request(hp.VmList(id=0, owner=USER_A))
+        assert isinstance(vms, hp.Vms) and "k1" not in {v.name for v in vms.vms}
+    assert set(lab.helper.qemu_pids()) == before_pids  # nothing left running
+    claims = lab.claims()
+    with lab.client() as c:  # the same volume, again: it resumes the template
+        info = c.request(hp.VmStart(id=0, name="k1", volume="k1-vol", network=POLICY,
+                                    owner=USER_A))
+    assert isinstance(info, hp.VmInfo) and info.state == "running"
+    lab.info["k1"], lab.owner["k1"] = info, USER_A
+    assert lab.sh("k1", "hostname") == "k1"
+    assert lab.claims() == claims + 1
+    with lab.client() as c:
+        c.request(hp.VmStop(id=0, name="k1", owner=USER_A, force=True))
+
+
+def test_a_changed_image_is_not_served_by_the_stale_template(lab: Lab) -> None:
+    old = set(lab.templates())
+    # A rebuilt image: another rootfs hash in its manifest (same bytes: the
+    # helper keys templates by the manifest's hashes).
+    manifest = lab.images / "minimal" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["files"]["rootfs.img"]["sha256"] = "0" * 64
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(manifest)
+    claims = lab.claims()
+    lab.create("c1", USER_A)
+    assert lab.claims() == claims  # booted cold
+    new = lab.wait_template(not_in=old)
+    lab.create("c2", USER_A)
+    assert lab.claims() == claims + 1  # from the new template
+    assert new not in old

@@ -1,0 +1,98 @@
+"""Boot templates, the pure parts (privhelper/vms/templates.py): the key of an
+image build and shape, and which VmStart may resume a template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from agentiso.privhelper import images
+from agentiso.privhelper.config import parse_config
+from agentiso.privhelper.errors import ConfigError
+from agentiso.privhelper.registry import SnapshotRecord, VolumeRecord
+from agentiso.privhelper.vms.templates import (
+    TEMPLATE_OWNER,
+    claimable,
+    clone_mark,
+    is_template,
+    source_of,
+    template_key,
+    template_name,
+)
+from agentiso.protocol import helper as hp
+
+
+def image(rootfs: str = "a" * 64, cmdline: str = "console=ttyS0", name: str = "minimal"
+          ) -> images.Image:
+    files = {f: {"sha256": h, "size": 1} for f, h in
+             (("vmlinuz", "b" * 64), ("initrd.img", "c" * 64), ("rootfs.img", rootfs))}
+    manifest = msgspec.convert({"name": name, "cmdline": cmdline, "files": files},
+                               images.Manifest)
+    return images.Image(name=name, directory=Path("/nonexistent"), manifest=manifest)
+
+
+def test_the_key_changes_with_the_image_build_and_the_shape() -> None:
+    base = template_key(image(), 1, 256)
+    assert base == template_key(image(), 1, 256)  # stable
+    assert len(base) == 16 and template_name(base) == "tpl-" + base
+    others = {
+        template_key(image(rootfs="d" * 64), 1, 256),  # a rebuilt root filesystem
+        template_key(image(cmdline="console=ttyS0 quiet"), 1, 256),
+        template_key(image(name="dev"), 1, 256),
+        template_key(image(), 2, 256),
+        template_key(image(), 1, 512),
+    }
+    assert base not in others and len(others) == 5
+
+
+def volume(**kw: object) -> VolumeRecord:
+    fields: dict[str, object] = dict(key="v1", owner=1000, name="ws", created=0.0,
+                                     origin="image:minimal", size_bytes=1, image="minimal")
+    fields.update(kw)
+    return VolumeRecord(**fields)  # type: ignore[arg-type]
+
+
+START = hp.VmStart(id=0, name="ws", volume="ws")
+
+
+def test_only_a_fresh_volume_started_plainly_with_a_network_is_claimable() -> None:
+    assert claimable(volume(), START)
+    assert claimable(volume(pristine_clone_of=clone_mark("k")), START)  # a retried start
+    refused = [
+        (volume(), msgspec.structs.replace(START, network=None)),  # no NIC for the identity
+        (volume(), msgspec.structs.replace(START, resume_snapshot="s")),
+        (volume(), msgspec.structs.replace(
+            START, resume_from=hp.FromSnapshot(volume="o", snapshot="s"))),
+        (volume(machine_id="0" * 32), START),  # it booted before: not a new machine
+        (volume(snapshots=[SnapshotRecord(name="s", created=0.0)]), START),
+        (volume(origin="snapshot:o@s"), START),  # a clone of the user's own snapshot
+        (volume(pristine_clone_of="vabc@s"), START),
+    ]
+    for vol, req in refused:
+        assert not claimable(vol, req), (vol, req)
+
+
+def test_templates_are_the_helpers_own_volumes_by_name() -> None:
+    assert is_template(volume(owner=TEMPLATE_OWNER, name="tpl-0123456789abcdef"))
+    assert not is_template(volume(owner=TEMPLATE_OWNER, name="ws"))  # root's workspace
+    assert not is_template(volume(owner=1000, name="tpl-0123456789abcdef"))
+
+
+def test_the_source_carries_the_saved_mac_and_secret() -> None:
+    snap = SnapshotRecord(name="booted", created=0.0, memory_file="v-booted.mem",
+                          address="10.42.0.7", vcpus=1, memory_mib=256, secret="ab")
+    src = source_of(snap)
+    assert src.memory_file == "v-booted.mem" and src.secret == "ab"
+    assert src.old_mac is not None and src.old_mac.endswith(":07")
+
+
+def test_config_defaults_and_refusals() -> None:
+    cfg = parse_config("")
+    assert cfg.templates.use and cfg.templates.build == "off"
+    assert parse_config('[templates]\nbuild = "on-miss"\n').templates.build == "on-miss"
+    for bad in ('[templates]\nbuild = "always"\n', "[templates]\nsize = 3\n",
+                '[templates]\nuse = "yes"\n'):
+        with pytest.raises(ConfigError):
+            parse_config(bad)
