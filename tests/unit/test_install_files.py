@@ -202,3 +202,25 @@ def test_dependencies_whose_api_moves_have_upper_bounds() -> None:
     for pkg in ("mcp", "msgspec", "anyio", "qemu.qmp", "pyroute2"):
         assert "<" in bounded[pkg], bounded[pkg]
     assert "<3" in bounded["mcp"]
+
+
+def test_install_plan_puts_images_under_the_helpers_images_dir(tmp_path: Path) -> None:
+    image = tmp_path / "minimal"
+    items = install.plan("/opt/agentiso", b"", [image])
+    trees = [i for i in items if i.kind == "tree" and i.source == image]
+    assert [t.path for t in trees] == ["/var/lib/agentiso/images/minimal"]
+    paths = [i.path for i in items]
+    assert paths.index("/var/lib/agentiso/images") < paths.index(trees[0].path)
+    state = next(i for i in items if i.path == "/var/lib/agentiso")
+    assert state.mode == 0o700  # the helper's state directory, as its unit makes it
+
+
+def test_install_refuses_a_directory_that_is_no_built_image(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "install.py"), "install",
+         "--destdir", str(tmp_path / "root"), "--image", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 1 and "not a built guest image" in r.stderr, r.stderr
+    assert "run make image first" in r.stderr
+    assert not (tmp_path / "root").exists()
