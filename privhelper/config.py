@@ -44,6 +44,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: Seconds a connection may stay open with no request in flight and none
     #: sent (relayed guest channels excepted: their traffic is the guest's).
     idle_timeout_s: Annotated[float, Meta(gt=0, le=86400)] = 900.0
+    #: Seconds a client may leave an answer (or relayed output) untaken
+    #: before its connection is closed as not reading.
+    send_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
     #: Bytes (MiB) the helper may hold buffered for all non-root clients
     #: together (relay output queues, partial frames); see docs/helper.md.
     buffer_budget_mib: Annotated[int, Meta(ge=1, le=1 << 20)] = 512

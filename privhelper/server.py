@@ -22,6 +22,7 @@ connections.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import stat
@@ -161,7 +162,7 @@ class HelperServer:
     async def handle_connection(self, stream: SocketStream) -> None:
         sock = stream.extra(SocketAttribute.raw_socket)
         peer = get_peer_credentials(sock)
-        conn = _Connection(stream)
+        conn = _Connection(stream, self.config.server.send_timeout_s)
         logc = log.bind(peer_uid=peer.uid, peer_pid=peer.pid)
 
         # Caps first: they cost no I/O, so a flood is refused cheaply.
@@ -401,10 +402,18 @@ class HelperServer:
 
 
 class _Connection:
-    """Serialises frames written by concurrent handlers onto one stream."""
+    """Serialises frames written by concurrent handlers onto one stream.
 
-    def __init__(self, stream: SocketStream) -> None:
+    A frame the peer does not take within ``send_timeout_s`` (it stopped
+    reading) ends the connection: the stream is closed (part of a frame may
+    be out, so nothing more can be framed on it), which the read side sees
+    as the end; handlers waiting to answer fail fast instead of holding
+    their slots forever.
+    """
+
+    def __init__(self, stream: SocketStream, send_timeout_s: float = math.inf) -> None:
         self._stream = stream
+        self._send_timeout_s = send_timeout_s
         #: Protects the stream's write side: one whole frame at a time.
         self._lock = anyio.Lock()
 
@@ -412,13 +421,25 @@ class _Connection:
         frame = encode_frame(hp.response_codec.encode(msg), hp.HELPER_MAX_FRAME)
         # A peer that went away is noticed by the read side, which ends the connection.
         with peer_gone_is_eof():
-            async with self._lock:
-                await self._stream.send(frame)
+            await self.send_raw(frame)
 
     async def send_raw(self, data: bytes) -> None:
-        """Send bytes already framed (relayed guest frames).  Raises if the peer is gone."""
+        """Send bytes already framed (relayed guest frames).  Raises if the
+        peer is gone, or did not take them in time (the stream is then closed)."""
         async with self._lock:
-            await self._stream.send(data)
+            sent = False
+            try:
+                with anyio.move_on_after(self._send_timeout_s):
+                    await self._stream.send(data)
+                    sent = True
+            finally:
+                if not sent:
+                    with anyio.CancelScope(shield=True):
+                        await self._stream.aclose()
+            if not sent:
+                log.warning("peer_not_reading", send_timeout_s=self._send_timeout_s,
+                            effect="connection closed")
+                raise anyio.BrokenResourceError("the peer did not read its answers in time")
 
     async def send_error(self, rid: int, code: ErrorCode, message: str) -> None:
         await self.send(_error(rid, code, message))

@@ -43,7 +43,9 @@ USER = 64332
 OTHER = 64333
 HELLO_TIMEOUT_S = 3
 IDLE_TIMEOUT_S = 10
-CONFIG = f"[server]\nhello_timeout_s = {HELLO_TIMEOUT_S}\nidle_timeout_s = {IDLE_TIMEOUT_S}\n"
+SEND_TIMEOUT_S = 3
+CONFIG = (f"[server]\nhello_timeout_s = {HELLO_TIMEOUT_S}\nidle_timeout_s = {IDLE_TIMEOUT_S}\n"
+          f"send_timeout_s = {SEND_TIMEOUT_S}\n")
 MiB = 1 << 20
 
 
@@ -379,6 +381,32 @@ def test_silent_and_idle_connections_are_closed_with_the_reason(helper: HelperPr
     assert isinstance(last, hp.Error) and last.code == "timeout"
     assert f"no request for {IDLE_TIMEOUT_S} s" in last.message
     assert IDLE_TIMEOUT_S - 0.5 < idle_at - t < IDLE_TIMEOUT_S + 10
+
+
+def test_a_client_that_sends_requests_but_never_reads_answers_is_closed(
+    helper: HelperProcess,
+) -> None:
+    """Pings without reading a single pong: once the socket buffers are full
+    the helper's answers wait, its slots for the connection fill, and after
+    ``send_timeout_s`` the connection is closed; the helper serves on."""
+    ping = encode_frame(hp.request_codec.encode(hp.Ping(id=7)))
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(60)
+        s.connect(str(helper.socket))
+        s.sendall(encode_frame(hp.request_codec.encode(hp.Hello(id=1, version=1))))
+        t = time.monotonic()
+        ended = "all sent"
+        try:
+            s.sendall(ping * 100_000)  # 1.8 MB of pings, about as much in pongs
+        except OSError as exc:
+            ended = type(exc).__name__
+        took = time.monotonic() - t
+        root_s = _still_serving_root(helper)
+    print(f"\nnever-reading helper client: cut off after {took:.1f} s ({ended}); "
+          f"root served after it in {root_s * 1000:.0f} ms")
+    assert ended in ("BrokenPipeError", "ConnectionResetError"), ended
+    assert SEND_TIMEOUT_S - 0.5 < took < SEND_TIMEOUT_S + 20
+    assert "peer_not_reading" in helper.log()
 
 
 # --- the relay: a never-reading client flooding sync markers ------------------------------
