@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import posixpath
 import re
+import time
+
+import structlog
 
 from agentiso.protocol import errors as pe
 
 from .errors import FrontendError
 from .gitcmd import GIT_ENV, redact
 from .guest_client import ExecOutcome, GuestClient
+
+log = structlog.get_logger("agentiso.frontend.git")
 
 #: How long a local git step (status, diff, commit, bundle, merge) may take.
 LOCAL_TIMEOUT_S = 120.0
@@ -86,9 +91,12 @@ async def run_git(g: GuestClient, argv: list[str], *, workspace: str, repo: str 
     env = dict(GIT_ENV)
     if repo is not None:
         env["GIT_CEILING_DIRECTORIES"] = posixpath.dirname(repo) or "/"
+    started = time.monotonic()
     try:
         out = await g.exec(argv, cwd="/", env=env, stdin=stdin, timeout_s=timeout_s,
                            stdout_cap=stdout_cap, stderr_cap=SMALL_CAP)
+        log.debug("git_ran", workspace=workspace, command=_git_words(argv),
+                 exit_code=out.exit_code, secs=round(time.monotonic() - started, 3))
     except pe.NotFound:
         raise GitFailed(f"git is not installed in workspace {workspace!r}",
                         "Use a workspace made from the dev image (workspace_create "

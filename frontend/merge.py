@@ -3,9 +3,9 @@ workspace's repository, with no network path between workspaces.
 
 Per source, in the order given:
 
-1. in the source, ``git bundle create`` of its HEAD, less the target's HEAD
-   at the start of the merge (the fork point, when the source has it; else
-   the whole history);
+1. in the source, ``git bundle create`` of its HEAD, less the newest commit
+   of the target's (first-parent) history that the source has (the fork
+   point, usually; without one, the whole history);
 2. the bundle moves through the frontend (download from the source's agent,
    streamed into an upload to the target's, bounded memory);
 3. in the target, ``git fetch`` from the bundle into ``refs/agentiso/merge/<source>``;
@@ -46,6 +46,8 @@ Strategy = Literal["sequential", "branch-per-source", "cherry-pick"]
 BUNDLE_DIR = "/var/tmp"
 REF_PREFIX = "refs/agentiso/merge/"
 BRANCH_PREFIX = "merge/"
+#: How far back the target's history is searched for a commit a source shares.
+ANCESTRY = 200
 
 
 class MergeRefused(FrontendError):
@@ -62,6 +64,13 @@ def check_sources(sources: list[str], target: str) -> None:
     if target in sources:
         raise MergeRefused(f"the target {target!r} is also a source",
                            "Name the target once, as target.")
+
+
+def shared_commit(candidates: list[str], batch_check: str) -> str | None:
+    """The first of ``candidates`` (the target's first-parent history, newest
+    first) that ``git cat-file --batch-check`` found in the source (pure)."""
+    found = {line.strip() for line in batch_check.splitlines() if not line.endswith(" missing")}
+    return next((c for c in candidates if c in found), None)
 
 
 async def move_file(src: GuestClient, src_path: str, dst: GuestClient, dst_path: str) -> int:
@@ -89,6 +98,7 @@ class _Merge:
                  tg: GuestClient) -> None:
         self.rt, self.target, self.repo, self.strategy, self.tg = rt, target, repo, strategy, tg
         self.base = ""
+        self.ancestry: list[str] = []
 
     def argv(self, *args: str) -> list[str]:
         return [*gitcmd.base_argv(self.repo), *args]
@@ -109,6 +119,10 @@ class _Merge:
                 f"{', '.join((st.staged + st.modified + st.conflicted)[:10])}",
                 "Commit them (git_commit) or discard them first.")
         self.base = await self.head()
+        # Candidates for the newest commit a source shares with the target
+        # (its bundle then carries only what the target lacks).
+        self.ancestry = (await self.t("rev-list", f"--max-count={ANCESTRY}", "--first-parent",
+                                      "HEAD")).split()
 
     async def one(self, src: WorkspaceRecord) -> MergeItem:
         token = secrets.token_hex(6)
@@ -139,9 +153,11 @@ class _Merge:
     async def _export(self, sg: GuestClient, src: WorkspaceRecord, base: list[str],
                       bundle: str) -> int:
         """Bundle the source's new commits; how many there are (0: no bundle)."""
-        has_base = await run_git(sg, [*base, "cat-file", "-e", f"{self.base}^{{commit}}"],
-                                 workspace=src.name, repo=self.repo, check=False)
-        revs = ["HEAD", f"^{self.base}"] if has_base.exit_code == 0 else ["HEAD"]
+        known = await run_git(sg, [*base, "cat-file", "--batch-check=%(objectname)"],
+                              workspace=src.name, repo=self.repo,
+                              stdin="".join(c + "\n" for c in self.ancestry).encode())
+        shared = shared_commit(self.ancestry, known.stdout.decode("utf-8", "replace"))
+        revs = ["HEAD", f"^{shared}"] if shared else ["HEAD"]
         count = await git_text(sg, [*base, "rev-list", "--count", *revs], workspace=src.name,
                                repo=self.repo)
         if int(count or 0) == 0:

@@ -366,17 +366,27 @@ async def test_exec_parallel_gives_up_on_a_dead_workspace_at_its_timeout(
 
 
 @pytest.mark.anyio
-async def test_a_failing_setup_leaves_nothing(lab: Lab, t: Tools) -> None:
+async def test_rebuild_and_a_failing_setup_leave_nothing_half_prepared(
+    lab: Lab, t: Tools,
+) -> None:
     before = lab.env.helper_names()
-    p = await t.call("workspace_prepare", name="broken", git_url=URL, path=REPO,
-                     allow_internet=True, allow=ALLOW,
-                     setup_commands=["echo fine", "echo failing-output; echo to-stderr >&2; "
-                                     "exit 3", "echo never"])
-    assert not p["ok"] and p["id"] is None
+    p = await t.call("workspace_prepare", name="small", path="/root/work",
+                     setup_commands=["echo v1 > marker"])
+    assert p["ok"] and p["commit"] is None and [s["step"] for s in p["steps"]] == [
+        "echo v1 > marker"]
+    assert await sh(t, "small", "cat /root/work/marker") == "v1\n"
+    failing = ["echo fine", "echo failing-output; echo to-stderr >&2; exit 3", "echo never"]
+    err = await t.fails("workspace_prepare", name="small", path="/root/work",
+                        setup_commands=failing)
+    assert "setup_commands" in err and "rebuild=true" in err
+    # rebuild: the old one is destroyed, the new one fails at its second command.
+    p = await t.call("workspace_prepare", name="small", path="/root/work",
+                     setup_commands=failing, rebuild=True)
+    assert not p["ok"] and p["id"] is None and p["snapshot"] is None
     f = p["failed_step"]
-    assert f["exit_code"] == 3 and f["stdout"] == "failing-output\n"
-    assert f["stderr"] == "to-stderr\n"
-    assert [s["step"] for s in p["steps"]] == ["clone", "echo fine"]
+    assert (f["step"], f["exit_code"], f["stdout"], f["stderr"]) == (
+        failing[1], 3, "failing-output\n", "to-stderr\n")
+    assert [s["step"] for s in p["steps"]] == ["echo fine"]
     names = {w["name"] for w in (await t.call("workspace_list"))["workspaces"]}
-    assert "broken" not in names
+    assert "small" not in names
     assert lab.env.helper_names() == before

@@ -16,7 +16,7 @@ from agentiso.frontend import gitcmd
 from agentiso.frontend.config import parse_config
 from agentiso.frontend.gitcmd import GitArgError
 from agentiso.frontend.golden import changed_keys, prepare_args
-from agentiso.frontend.merge import MergeRefused, check_sources
+from agentiso.frontend.merge import MergeRefused, check_sources, shared_commit
 from agentiso.frontend.results_git import ParallelItem
 from agentiso.frontend.toolerrors import BadArgument
 from agentiso.frontend.tools_parallel import plan_commands, summarize
@@ -304,3 +304,11 @@ def test_merge_sources_are_checked() -> None:
         check_sources(["a", "a"], "t")
     with pytest.raises(MergeRefused, match="also a source"):
         check_sources(["a", "t"], "t")
+
+
+def test_shared_commit_is_the_newest_the_source_has() -> None:
+    a, b, c = "a" * 40, "b" * 40, "c" * 40
+    out = f"{a} missing\n{b}\n{c}\n"
+    assert shared_commit([a, b, c], out) == b
+    assert shared_commit([a], f"{a} missing\n") is None
+    assert shared_commit([], "") is None
