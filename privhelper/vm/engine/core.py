@@ -43,6 +43,7 @@ from ..errors import (
     VmNotFound,
     VmStateConflict,
     VmTimeout,
+    VmUnavailable,
 )
 from ..procfs import read_host_tsc_khz, uids_in_use
 from ..record import RecordStore, VmRecord
@@ -50,6 +51,7 @@ from ..spec import check_name
 from ..uids import UidRange, allocate_uid, uid_unassigned
 from . import adoption, hostcheck, launcher, snapshots
 from .cgroups import VmCgroups, limits_for
+from .kvmacl import KvmAcl
 from .supervisor import VmSupervisor
 from .types import (
     FINISHED,
@@ -82,6 +84,10 @@ class VmEngine:
         #: Marks the QEMUs this engine (this run dir) starts; see find_orphans.
         self._tag = hashlib.sha256(str(self._run.resolve()).encode()).hexdigest()[:16]
         self._cgroups_found = VmCgroups({})
+        #: /dev/kvm's ACL: per-uid entries when the decision says so.
+        self._kvm_acl = KvmAcl()
+        #: uids holding an entry now (their QEMU is starting).
+        self._kvm_granted: set[int] = set()
         self._cgroups_warned = False
         self._accel: accel_mod.AccelDecision | None = None
         #: Protects ``_accel``: the accelerator is decided (a probe boot) once.
@@ -148,7 +154,9 @@ class VmEngine:
         """KVM or TCG, decided once per engine (see :mod:`..accel`)."""
         async with self._accel_lock:
             if self._accel is None:
-                self._accel = await hostcheck.decide_accelerator(self.settings, self._uids, kernel)
+                self._accel = await hostcheck.decide_accelerator(
+                    self.settings, self._uids, kernel, self._kvm_acl
+                )
                 log.info("accelerator", kind=self._accel.kind, reason=self._accel.reason)
             return self._accel
 
@@ -197,7 +205,24 @@ class VmEngine:
             run=self._run / cfg.name, logs=self._logs / cfg.name, uid=uid, gid=gid,
             accel=decision, tsc_khz=self._tsc_khz, engine_tag=self._tag,
         )
-        popen, record = launcher.spawn(cfg, self.settings, where)
+        per_uid_kvm = decision.kind == "kvm" and self._kvm_acl.per_uid and os.geteuid() == 0
+        if per_uid_kvm:
+            # QEMU opens /dev/kvm during its start-up, before it serves QMP:
+            # the entry goes once attach() has connected (or the start failed).
+            try:
+                self._kvm_acl.grant(uid)
+            except OSError as exc:
+                raise VmUnavailable(
+                    f"cannot give VM uid {uid} access to /dev/kvm ({exc}); "
+                    "check the device's ACL support, or set [vm] accel = \"tcg\""
+                ) from None
+            self._kvm_granted.add(uid)
+        try:
+            popen, record = launcher.spawn(cfg, self.settings, where)
+        except BaseException:
+            if per_uid_kvm:
+                self._revoke_kvm(uid)
+            raise
         vm = self._supervisor(record, adopted=False, popen=popen, pidfd=os.pidfd_open(popen.pid))
         self._vms[cfg.name] = vm
         self._records.save(record)
@@ -212,7 +237,11 @@ class VmEngine:
                     pids_max=self.settings.cgroup_pids_max,
                 )
                 cgroups.place(cfg.name, popen.pid, limits)
-            await vm.attach(self._tg, self.settings.start_timeout_s)
+            try:
+                await vm.attach(self._tg, self.settings.start_timeout_s)
+            finally:
+                if per_uid_kvm:
+                    self._revoke_kvm(uid)
             if cfg.incoming_fd is not None:
                 await snapshots.restore_memory(
                     vm, cfg.incoming_fd, self.settings.incoming_timeout_s
@@ -442,6 +471,7 @@ class VmEngine:
                 log.warning("vm_adopted_without_qmp", vm=rec.name, error=e.message)
         # Cgroups of VMs that ended while no helper ran (kept for the live ones).
         self._cgroups().gc(set(self._vms))
+        self._revoke_stale_kvm_entries()
         return AdoptReport(adopted=adopted, dead=dead, unreadable=bad)
 
     def cgroup_usage(self, name: str) -> dict[str, int] | None:
@@ -450,6 +480,27 @@ class VmEngine:
         self._get(name)
         cgroups = self._cgroups()
         return cgroups.usage(name) if cgroups.available else None
+
+    def _revoke_kvm(self, uid: int) -> None:
+        self._kvm_granted.discard(uid)
+        try:
+            self._kvm_acl.revoke(uid)
+        except OSError as exc:  # the next start's gc retries
+            log.warning("kvm_acl_revoke_failed", uid=uid, error=str(exc))
+
+    def _revoke_stale_kvm_entries(self) -> None:
+        """/dev/kvm ACL entries of range uids a helper that died mid-start
+        left behind (none are needed once QEMUs have opened the device)."""
+        if os.geteuid() != 0 or not self._kvm_acl.supported():
+            return
+        rng = range(self._uids.base, self._uids.base + self._uids.count)
+        try:
+            stale = self._kvm_acl.revoke_stale(rng, keep=set(self._kvm_granted))
+        except OSError as exc:
+            log.warning("kvm_acl_gc_failed", error=str(exc))
+            return
+        if stale:
+            log.info("kvm_acl_stale_entries_removed", uids=stale)
 
     def _cgroups(self) -> VmCgroups:
         """The host's cgroups for VMs, looked for again until found (cheap:

@@ -15,36 +15,64 @@ from .. import accel as accel_mod
 from ..errors import VmError, VmUnavailable
 from ..launch import QEMU_ENV
 from ..uids import UidRange
+from .kvmacl import KvmAcl
 from .types import CheckResult, EngineSettings
 
 
+def kvm_plan(
+    st_mode: int, st_gid: int, *, acl_supported: bool, root: bool
+) -> tuple[bool, int | None, bool, str]:
+    """How an unprivileged QEMU gets at a /dev/kvm with this mode and group:
+    (usable, gid to run QEMU with or None, per-uid ACL entry?, why).  A
+    device open to a group is granted per VM uid instead, where the node
+    keeps ACLs and we are root: no group shared by every VM (kvmacl.py)."""
+    usable, gid, why = accel_mod.kvm_access(st_mode, st_gid)
+    if usable and gid is not None and acl_supported and root:
+        return True, None, True, f"{why.split(';')[0]}; each VM uid gets its own ACL entry instead"
+    return usable, gid, False, why
+
+
 async def decide_accelerator(
-    settings: EngineSettings, uids: UidRange, kernel: str
+    settings: EngineSettings, uids: UidRange, kernel: str, acl: KvmAcl | None = None
 ) -> accel_mod.AccelDecision:
     """KVM only if a test boot of ``kernel`` under KVM, as an unprivileged uid,
-    gets through kernel start-up; else TCG (or VmUnavailable if KVM is required)."""
+    gets through kernel start-up; else TCG (or VmUnavailable if KVM is required).
+
+    ``acl`` (default: /dev/kvm's) learns in ``per_uid`` whether VMs get a
+    per-uid ACL entry rather than the device's group (see :func:`kvm_plan`)."""
     mode = settings.accel
     if mode == "tcg":
         return accel_mod.AccelDecision("tcg", "configured")
+    acl = acl if acl is not None else KvmAcl()
     try:
-        st = os.stat("/dev/kvm")
+        st = os.stat(acl.path)
     except OSError:
         return _kvm_unusable(mode, "no /dev/kvm")
-    usable, gid, why = accel_mod.kvm_access(st.st_mode, st.st_gid)
+    root = os.geteuid() == 0
+    usable, gid, per_uid, why = kvm_plan(
+        st.st_mode, st.st_gid, acl_supported=acl.supported(), root=root
+    )
     if not usable:
         return _kvm_unusable(mode, why)
     uid = uids.base + uids.count - 1  # the probe's uid: the range's last
-    if os.geteuid() != 0:
+    if not root:
         uid = os.geteuid()
-    ok, detail = await accel_mod.kvm_boot_test(
-        settings.qemu_binary,
-        kernel,
-        uid,
-        gid if gid is not None else (uid if os.geteuid() == 0 else os.getegid()),
-        settings.probe_timeout_s,
-    )
+    if per_uid:
+        acl.grant(uid)
+    try:
+        ok, detail = await accel_mod.kvm_boot_test(
+            settings.qemu_binary,
+            kernel,
+            uid,
+            gid if gid is not None else (uid if root else os.getegid()),
+            settings.probe_timeout_s,
+        )
+    finally:
+        if per_uid:
+            acl.revoke(uid)
     if ok:
-        return accel_mod.AccelDecision("kvm", detail, gid)
+        acl.per_uid = per_uid
+        return accel_mod.AccelDecision("kvm", f"{detail} ({why})" if per_uid else detail, gid)
     return _kvm_unusable(mode, detail)
 
 
