@@ -215,31 +215,35 @@ class LiveSnapshots:
         cut off, and a save that failed for want of space says so."""
         bound = quotas.memory_state_bound(vm.memory_mib)
         too_big = False
-        with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as tg:
+        failed: HelperError | None = None
 
-                async def watch() -> None:
-                    nonlocal too_big
-                    while True:
-                        if os.fstat(fd).st_size > bound:
-                            too_big = True
-                            scope.cancel()
-                            return
-                        await anyio.sleep(MEMORY_WATCH_S)
+        async def watch(scope: anyio.CancelScope) -> None:
+            nonlocal too_big
+            while True:
+                if os.fstat(fd).st_size > bound:
+                    too_big = True
+                    scope.cancel()
+                    return
+                await anyio.sleep(MEMORY_WATCH_S)
 
-                tg.start_soon(watch)
-                try:
-                    await self.engine.save_memory(vm.key, fd)
-                except HelperError:
-                    if quotas.free_bytes(self.ws.memory_dir) < quotas.MIB:
-                        raise quotas.StateFilesystemFull("saving the VM's memory") from None
-                    raise
-                tg.cancel_scope.cancel()
+        # Errors leave the task group as values: raised inside it they would
+        # come out wrapped in an ExceptionGroup, not as the typed error.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch, tg.cancel_scope)
+            try:
+                await self.engine.save_memory(vm.key, fd)
+            except HelperError as exc:
+                failed = exc
+            tg.cancel_scope.cancel()
         if too_big:
             raise quotas.QuotaExceeded(
                 f"the saved memory of VM {vm.name!r} grew past {bound} bytes, more than its "
                 f"{vm.memory_mib} MiB of RAM can explain; the save was stopped"
             )
+        if failed is not None:
+            if quotas.free_bytes(self.ws.memory_dir) < quotas.MIB:
+                raise quotas.StateFilesystemFull("saving the VM's memory") from None
+            raise failed
 
     async def _resume_quietly(self, key: str) -> None:
         try:

@@ -463,3 +463,38 @@ def test_full_state_filesystem_gives_typed_errors_and_the_helper_serves(
     c.request(hp.SnapshotCreate(id=0, owner=DAVE, volume="full", snapshot="x"))
     c.request(hp.VolumeCreate(id=0, owner=DAVE, name="more", source=hp.FromImage(image="minimal")))
     assert helper.proc is not None and helper.proc.poll() is None
+
+
+# --- 6: console and stderr logs on a full filesystem ---------------------------------
+
+
+def test_logs_on_a_full_filesystem_never_raise(tmp_path: Path) -> None:
+    from agentiso.privhelper.vm.boundedlog import BoundedLog, cap_appended_file
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        # The console log: its cap is larger than the filesystem.
+        log = BoundedLog(mnt / "console.log", 1024 * 1024)
+        try:
+            for _ in range(200):
+                log.write(b"x" * 1000)
+            assert log.dropped > 0
+            assert (mnt / "console.log").stat().st_size <= 64 * 1024
+        finally:
+            log.close()
+        (mnt / "console.log").unlink()
+        # QEMU's stderr file over its cap, no room left for the tail.
+        stderr = mnt / "stderr.log"
+        with suppress(OSError), stderr.open("wb") as f:
+            for _ in range(64):
+                f.write(b"e" * 1024)
+                f.flush()
+        assert stderr.stat().st_size > 8 * 1024
+        assert cap_appended_file(stderr, 16 * 1024) is True
+        assert stderr.stat().st_size == 0
+        # The tail could not be kept (no room): no rotated file, no temporary.
+        assert sorted(p.name for p in mnt.iterdir()) == ["stderr.log"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
