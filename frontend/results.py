@@ -36,6 +36,8 @@ class Forward(_Model):
     host_port: int = Field(description="Port on the host (reach it at 127.0.0.1:host_port)")
     guest_port: int = Field(description="Port inside the workspace")
     protocol: Literal["tcp", "udp"]
+    external: bool = Field(default=False,
+                           description="Reachable from other hosts too, not only this one")
 
 
 class WorkspaceSummary(_Model):
@@ -233,6 +235,7 @@ class ForwardResult(_Model):
     host_port: int = Field(description="Reach the guest port at 127.0.0.1:host_port")
     guest_port: int
     protocol: Literal["tcp", "udp"]
+    external: bool = Field(description="Reachable from other hosts too, not only this one")
 
 
 class SnapshotNode(_Model):

@@ -71,18 +71,24 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
     @app.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
                                           idempotent_hint=False), description=(
         "Forward a host port to a port in the workspace, so the host reaches a server in it "
-        "at 127.0.0.1:host_port. Omit host_port to get a free one. Kept across restarts."))
+        "at 127.0.0.1:host_port. Omit host_port to get a free one. Only your own user (and "
+        "root) reach it from this host; set external to let other hosts reach it at the "
+        "host's addresses too. Kept across restarts."))
     @tool_errors
     async def port_forward(
         workspace: WorkspaceRef,
         guest_port: Annotated[Port, Field(description="Port the server listens on in the guest")],
         host_port: HostPort | None = None,
         protocol: Proto = "tcp",
+        external: Annotated[bool, Field(description=(
+            "Also reachable from other hosts at this host's addresses (default: only from "
+            "this host, by your own user)"))] = False,
     ) -> ForwardResult:
         rec, port = await rt.ws.forward_add(workspace, guest_port=guest_port,
-                                            host_port=host_port, protocol=protocol)
+                                            host_port=host_port, protocol=protocol,
+                                            external=external)
         return ForwardResult(workspace=rec.name, host_port=port, guest_port=guest_port,
-                             protocol=protocol)
+                             protocol=protocol, external=external)
 
     @app.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True,
                                           idempotent_hint=False), description=(

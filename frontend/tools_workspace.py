@@ -64,6 +64,12 @@ def summary(d: Detail, own_session: str) -> dict[str, Any]:
     )
 
 
+def _external(d: Detail) -> set[tuple[int, str]]:
+    """The forwards opened to other hosts (the catalog keeps the opt-in)."""
+    return {(f["host_port"], f["protocol"]) for f in d.record.network.get("forwards", [])
+            if f.get("external")}
+
+
 def info(d: Detail, own_session: str) -> WorkspaceInfo:
     running = str(d.record.state) == "running" and d.vm is not None
     net = d.vm.network if d.vm is not None else None
@@ -75,7 +81,8 @@ def info(d: Detail, own_session: str) -> WorkspaceInfo:
         disk_used_bytes=d.volume.used_bytes if d.volume else None,
         uptime_secs=round(max(time.time() - d.vm.created, 0.0), 3)
         if running and d.vm is not None else None,
-        forwards=[Forward(host_port=f.host_port, guest_port=f.guest_port, protocol=f.protocol)
+        forwards=[Forward(host_port=f.host_port, guest_port=f.guest_port, protocol=f.protocol,
+                          external=(f.host_port, f.protocol) in _external(d))
                   for f in (net.forwards if net else [])],
         snapshot_count=len(d.volume.snapshots) if d.volume else 0,
         accel=d.vm.accel or None if d.vm is not None else None,

@@ -112,8 +112,11 @@ class NetworkOps:
                     log.warning("peer_refresh_failed", workspace=other.name, error=str(exc))
 
     async def forward_add(self, ref: str, *, guest_port: int, host_port: int | None,
-                          protocol: Protocol) -> tuple[WorkspaceRecord, int]:
-        """Forward a host port (chosen if None) to ``guest_port``; kept across restarts."""
+                          protocol: Protocol, external: bool = False,
+                          ) -> tuple[WorkspaceRecord, int]:
+        """Forward a host port (chosen if None) to ``guest_port``; kept across
+        restarts.  Only the user (and root) reach it from the host itself;
+        ``external`` opens it to other hosts too."""
         rec = self.owned(ref)
         lifecycle.require(rec.name, rec.state, Operation.EXEC)  # a forward needs the VM
         tries = [host_port] if host_port else [
@@ -124,13 +127,14 @@ class NetworkOps:
             try:
                 async with self.helper_call() as h:
                     await h.forward_add(vm=rec.vm, host_port=port, guest_port=guest_port,
-                                        protocol=protocol)
+                                        protocol=protocol, external=external)
             except Conflict as exc:
                 last = exc
                 if host_port:
                     raise
                 continue
-            fwd = {"host_port": port, "guest_port": guest_port, "protocol": protocol}
+            fwd = {"host_port": port, "guest_port": guest_port, "protocol": protocol,
+                   "external": external}
             net = dict(rec.network)
             net["forwards"] = [*net.get("forwards", []), fwd]
             return self.catalog.update_workspace(rec.id, network=net), port
@@ -163,7 +167,8 @@ class NetworkOps:
         for f in rec.network.get("forwards", []):
             try:
                 vm = await h.forward_add(vm=rec.vm, host_port=f["host_port"],
-                                         guest_port=f["guest_port"], protocol=f["protocol"])
+                                         guest_port=f["guest_port"], protocol=f["protocol"],
+                                         external=f.get("external", False))
             except (Conflict, InvalidRequest) as exc:
                 lost.append(f)
                 log.warning("forward_lost", workspace=rec.name, port=f["host_port"],

@@ -129,8 +129,14 @@ async def test_port_forward_and_peering(env: Env, a: Tools) -> None:
             break
         await anyio.sleep(0.2)
     assert got.stdout == "hello web\n"
+    assert fwd["external"] is False  # by default only this host (and this user) reach it
+    opened = await a.call("port_forward", workspace="web", guest_port=8000, external=True)
+    assert opened["external"] is True
     info = await a.call("workspace_info", workspace="web")
-    assert {"host_port": port, "guest_port": 8000, "protocol": "tcp"} in info["forwards"]
+    assert {"host_port": port, "guest_port": 8000, "protocol": "tcp",
+            "external": False} in info["forwards"]
+    assert {"host_port": opened["host_port"], "guest_port": 8000, "protocol": "tcp",
+            "external": True} in info["forwards"]
 
     # Isolated by default; peered, "owned" reaches "web".
     web_ip = (await a.call("workspace_ip", workspace="web"))["address"]
@@ -163,6 +169,11 @@ async def test_port_forward_and_peering(env: Env, a: Tools) -> None:
     r = await a.call("exec", workspace="owned", command=probe)
     assert r["stdout"] == "connected\n", r
 
+    info = await a.call("workspace_info", workspace="web")  # the opt-in came back too
+    assert {"host_port": opened["host_port"], "guest_port": 8000, "protocol": "tcp",
+            "external": True} in info["forwards"]
+
+    await a.call("port_forward_remove", workspace="web", host_port=opened["host_port"])
     rm = await a.call("port_forward_remove", workspace="web", host_port=port)
     assert rm["forwards"] == []
     assert env.host_curl(port).returncode != 0
