@@ -316,6 +316,22 @@ def test_memory_state_quota_is_refused_before_the_vm_pauses(
     c.request(hp.SnapshotCreate(id=0, owner=ALICE, volume="ws", snapshot="d1"))
     assert alice_sh(helper, "echo alive") == "alive\n"
     assert not list((helper.state_dir / "memory").glob("*m2*"))
+    # Live snapshots leave headers the helper's own check accepts (QEMU
+    # switched to the new tops through fd sets: no fd-set name was written).
+    assert_headers_as_recorded(helper, ALICE, "ws")
+
+
+def assert_headers_as_recorded(h: LoopHelper, owner: int, volume: str) -> None:
+    from agentiso.privhelper.storage import qcow2_header as qh
+
+    key = registry_key(h, "volumes", owner, volume)
+    root = h.state_dir / "storage/qcow2"
+    meta = json.loads((root / f"volumes/{key}.json").read_bytes())
+    below = root / f"images/{meta['base']}.qcow2"
+    for lay in meta["chain"]:
+        path = root / f"layers/{lay}.qcow2"
+        qh.check_layer(qh.read_header(path), below, f"layer {lay}")
+        below = path
 
 
 BOB_START_STOP = textwrap.dedent("""
