@@ -200,8 +200,8 @@ class Qcow2Backend:
         for layer in unreferenced(layers, self._load_all()):
             self.layout.layer(layer).unlink(missing_ok=True)
 
-    def _check_reserve(self) -> None:
-        check_reserve(free_bytes(self.layout.root), self.reserve_free_bytes)
+    def _check_reserve(self, need: int = 0) -> None:
+        check_reserve(free_bytes(self.layout.root), self.reserve_free_bytes, need)
 
     def _check_size(self, size: int) -> int:
         return check_size(size, minimum=self.min_size, maximum=self.max_size)
@@ -244,6 +244,8 @@ class Qcow2Backend:
                 raise CorruptState(f"base source for {name!r} is {src.format}, not raw or qcow2")
             if src.backing_filename:
                 raise CorruptState(f"base source for {name!r} has a backing file")
+            # The copy takes about what the source occupies.
+            self._check_reserve(need=_allocated(Path(source)))
             tmp = self.layout.tmp / f"base-{name}-{secrets.token_hex(4)}.qcow2"
             try:
                 await self.runner.run(cmd.qemu_img_convert(Path(source), src.format, tmp, "qcow2"))

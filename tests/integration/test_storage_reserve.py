@@ -50,6 +50,11 @@ async def test_qcow2_reserve(tmp_path: Path) -> None:
     await b.setup()
     assert free_bytes(tmp_path) < HUGE
     await exercise(b, base_image(tmp_path))
+    # Importing a base (a user's first volume of an image does) too.
+    b.reserve_free_bytes = HUGE
+    with pytest.raises(QuotaExceeded, match="reserve"):
+        await b.import_base("c", base_image(tmp_path))
+    assert [x.name for x in await b.list_bases()] == ["b"]
 
 
 async def test_zfs_reserve(zfs_pool: ZfsPool, tmp_path: Path) -> None:
