@@ -27,7 +27,7 @@ from agentiso.protocol.errors import ErrorCode
 from . import netconfig
 from .connection import RequestContext
 from .errors import Failed, from_oserror
-from .system import atomic_write, require_vm, run_command, write_hostname_files
+from .system import atomic_write, require_vm, run_ip, write_hostname_files
 
 # <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07)
 RNDADDENTROPY = 0x40085203
@@ -138,8 +138,7 @@ async def handle_reidentify(req: gp.Reidentify, ctx: RequestContext) -> gp.Ok:
                 ErrorCode.NOT_FOUND,
                 f"no interface with MAC {req.old_mac or req.mac} among {sorted(nics)}",
             )
-        for argv in network_commands(req, ifname):
-            await run_command(argv, ctx)
+        await run_ip(network_commands(req, ifname), ctx)
         if req.dns:
             await asyncio.to_thread(
                 atomic_write, "/etc/resolv.conf", netconfig.resolv_conf(req.dns, [])

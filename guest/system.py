@@ -72,10 +72,10 @@ async def handle_hostname(req: gp.SetHostname, ctx: RequestContext) -> gp.Ok:
     return gp.Ok(id=req.id)
 
 
-async def run_command(argv: list[str], ctx: RequestContext) -> None:
+async def run_command(argv: list[str], ctx: RequestContext, stdin: bytes = b"") -> None:
     from .process import spawn
 
-    child = spawn(argv, None, ctx.state.env_defaults, b"", ctx.state.reaper)
+    child = spawn(argv, None, ctx.state.env_defaults, stdin, ctx.state.reaper)
     try:
         async with asyncio.timeout(30):
             status = await asyncio.shield(child.exited)
@@ -92,6 +92,15 @@ async def run_command(argv: list[str], ctx: RequestContext) -> None:
                      f"{' '.join(argv)} failed: {err.decode(errors='replace').strip()}")
 
 
+async def run_ip(cmds: list[list[str]], ctx: RequestContext) -> None:
+    """Run ``ip`` commands in one ``ip -batch -`` (see :func:`netconfig.ip_batch`)."""
+    try:
+        script = netconfig.ip_batch(cmds)
+    except ValueError as exc:
+        raise Failed(ErrorCode.INVALID, str(exc)) from None
+    await run_command(["ip", "-batch", "-"], ctx, script)
+
+
 async def handle_network(req: gp.ConfigureNetwork, ctx: RequestContext) -> gp.Ok:
     require_vm(ctx, "network configuration")
     ifname = req.interface
@@ -103,8 +112,7 @@ async def handle_network(req: gp.ConfigureNetwork, ctx: RequestContext) -> gp.Ok
             raise Failed(ErrorCode.NOT_FOUND, f"no interface with MAC {req.mac}")
     elif not await asyncio.to_thread(os.path.exists, f"/sys/class/net/{ifname}"):
         raise Failed(ErrorCode.NOT_FOUND, f"no interface {ifname}")
-    for argv in netconfig.ip_commands(req, ifname):
-        await run_command(argv, ctx)
+    await run_ip(netconfig.ip_commands(req, ifname), ctx)
     if req.dns or req.search:
         try:
             atomic_write("/etc/resolv.conf", netconfig.resolv_conf(req.dns, req.search))
