@@ -23,7 +23,7 @@ import ipaddress
 import posixpath
 import re
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .errors import FrontendError
 
@@ -77,11 +77,15 @@ _KEY_VALUE = re.compile(
 REDACTED = "***"
 
 
-def redact(text: str) -> str:
-    """``text`` with credentials replaced by ``***``: the user-info of URLs
-    (``https://user:tok@host`` → ``https://***@host``), well-known token
-    formats (GitHub, GitLab, Slack, AWS keys, bearer/basic auth) and
-    ``token=...``/``password: ...`` pairs."""
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """``text`` with credentials replaced by ``***``: the ``secrets`` known to
+    be in play (a URL's user-info, wherever git echoes it, e.g. "unable to
+    look up user:tok@host"), the user-info of URLs (``https://user:tok@host``
+    → ``https://***@host``), well-known token formats (GitHub, GitLab, Slack,
+    AWS keys, bearer/basic auth) and ``token=...``/``password: ...`` pairs."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 3:
+            text = text.replace(secret, REDACTED)
     text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
     for pat in _TOKEN_PATTERNS:
         text = pat.sub(lambda m: (m.group(0).split()[0] + " " + REDACTED
@@ -104,7 +108,33 @@ class GitUrl:
     @property
     def shown(self) -> str:
         """The URL as it may be shown or logged (credentials redacted)."""
-        return redact(self.url)
+        return redact(self.url, self.secrets)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The URL's user-info and its parts, raw and %-decoded: never shown."""
+        return url_secrets(self.url)
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """What of ``url`` must never be shown: its user-info (``user:password``)
+    and the password, as written and %-decoded; a bare user name only for
+    https (a token given as the user), not for ssh (``git@``: no secret, and
+    redacting "git" would garble every message)."""
+    if "://" not in url:
+        return ()
+    netloc = url.split("://", 1)[1].split("/", 1)[0]
+    userinfo = netloc.rpartition("@")[0]
+    if not userinfo:
+        return ()
+    user, _, password = userinfo.partition(":")
+    if password:
+        found = {userinfo, unquote(userinfo), password, unquote(password)}
+    elif url.lower().startswith("https://"):
+        found = {user, unquote(user)}  # a token given as the user name
+    else:
+        return ()  # ssh://git@host: a user name, no secret
+    return tuple(sorted(found))
 
 
 def check_url(url: str, *, allow_file: bool = False) -> GitUrl:
@@ -112,7 +142,7 @@ def check_url(url: str, *, allow_file: bool = False) -> GitUrl:
     ``https://``, ``ssh://`` (or scp-like ``user@host:path``), ``git://`` and,
     with ``allow_file``, ``file://``; no shell metacharacters, no leading
     ``-``, no ``ext::``/``fd::`` transports, a host for network schemes."""
-    shown = redact(url)
+    shown = redact(url, url_secrets(url))
     hint = "Give an https://, ssh:// or git:// URL of the repository."
     if not url or len(url) > 2048:
         raise GitArgError("the git URL is empty or longer than 2048 characters", hint)
@@ -140,6 +170,10 @@ def check_url(url: str, *, allow_file: bool = False) -> GitUrl:
                           f"Use one of: {', '.join(s + '://' for s in allowed)}.")
     if scheme == "file":
         return GitUrl(url, scheme, "", None)
+    if scheme == "git" and "@" in parts.netloc:
+        raise GitArgError(f"the git:// URL {shown!r} carries credentials, which that "
+                          "protocol has no use for (git would try them as a host name)",
+                          "Drop the user-info from the URL, or use https:// with a token.")
     host = parts.hostname or ""
     if not host or host.startswith("-"):
         raise GitArgError(f"the git URL {shown!r} has no usable host", hint)

@@ -27,14 +27,15 @@ SMALL_CAP = 64 * 1024
 _HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"not a git repository|No such file or directory|cannot change to"),
      "Check path: it must be the repository's top directory (git_clone makes one)."),
-    (re.compile(r"(?i)could not resolve host|connection refused|timed out|unable to connect|"
-                r"unable to look up|network is unreachable|no route to host"),
-     "Check the URL, and that the workspace's network_policy (allow_internet and its "
-     "allow-list) lets it reach that host and port."),
     (re.compile(r"(?i)authentication failed|could not read username|permission denied "
                 r"\(publickey|access denied|403"),
      "The server wants credentials: put a token in the URL or configure a credential "
      "helper in the workspace."),
+    (re.compile(r"(?i)could not resolve host|connection refused|timed out|unable to connect|"
+                r"unable to look up|network is unreachable|no route to host|connection reset|"
+                r"recv failure|unable to access|could not read from remote"),
+     "Check the URL (scheme and port), and that the workspace's network_policy "
+     "(allow_internet and its allow-list) lets it reach that host and port."),
     (re.compile(r"nothing to commit|no changes added to commit"),
      "Change files first (add_all=true also stages new and deleted files)."),
     (re.compile(r"already exists and is not an empty directory"),
@@ -76,18 +77,21 @@ def _git_words(argv: list[str]) -> str:
     return "git " + (argv[i] if i < len(argv) else "")
 
 
-def last_lines(data: bytes, n: int = 6, width: int = 600) -> str:
-    lines = [ln for ln in redact(data.decode("utf-8", "replace")).splitlines() if ln.strip()]
+def last_lines(data: bytes, n: int = 6, width: int = 600, secrets: tuple[str, ...] = ()) -> str:
+    text = redact(data.decode("utf-8", "replace"), secrets)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     return " | ".join(lines[-n:])[-width:]
 
 
 async def run_git(g: GuestClient, argv: list[str], *, workspace: str, repo: str | None,
                   stdin: bytes = b"", timeout_s: float = LOCAL_TIMEOUT_S,
-                  stdout_cap: int = SMALL_CAP, check: bool = True) -> ExecOutcome:
+                  stdout_cap: int = SMALL_CAP, check: bool = True,
+                  secrets: tuple[str, ...] = ()) -> ExecOutcome:
     """Run ``argv`` in the guest (no shell).  With ``repo``, git looks for the
     repository only in that directory (``GIT_CEILING_DIRECTORIES`` is its
     parent), so a path inside another repository is not one.  ``check``: a
-    non-zero exit raises :class:`GitFailed`."""
+    non-zero exit raises :class:`GitFailed`.  ``secrets`` (a URL's
+    credentials) are redacted from what the error carries, with the rest."""
     env = dict(GIT_ENV)
     if repo is not None:
         env["GIT_CEILING_DIRECTORIES"] = posixpath.dirname(repo) or "/"
@@ -103,16 +107,18 @@ async def run_git(g: GuestClient, argv: list[str], *, workspace: str, repo: str 
                         "image='dev').") from None
     if out.timed_out:
         raise GitFailed(f"{_git_words(argv)} in {workspace!r} did not finish within "
-                        f"{timeout_s:g} s (it was killed): {last_lines(out.stderr)}",
+                        f"{timeout_s:g} s (it was killed): "
+                        f"{last_lines(out.stderr, secrets=secrets)}",
                         hint_for(out.stderr.decode("utf-8", "replace") + " timed out"),
-                        stderr=redact(out.stderr.decode("utf-8", "replace")))
+                        stderr=redact(out.stderr.decode("utf-8", "replace"), secrets))
     if check and out.exit_code != 0:
-        said = last_lines(out.stderr) or last_lines(out.stdout)
+        said = (last_lines(out.stderr, secrets=secrets)
+                or last_lines(out.stdout, secrets=secrets))
         raise GitFailed(
             f"{_git_words(argv)} failed in {workspace!r} (exit {out.exit_code}): {said}",
             hint_for(said), exit_code=out.exit_code,
-            stdout=redact(out.stdout.decode("utf-8", "replace")),
-            stderr=redact(out.stderr.decode("utf-8", "replace")))
+            stdout=redact(out.stdout.decode("utf-8", "replace"), secrets),
+            stderr=redact(out.stderr.decode("utf-8", "replace"), secrets))
     return out
 
 

@@ -72,7 +72,8 @@ async def clone(g: GuestClient, rt: Runtime, rec: WorkspaceRecord, url: str, pat
     check_egress(rec, checked)
     argv = gitcmd.clone_argv(checked, repo, branch=branch, depth=depth, allow_file=allow_file)
     started = time.monotonic()
-    await run_git(g, argv, workspace=rec.name, repo=None, timeout_s=timeout_s)
+    await run_git(g, argv, workspace=rec.name, repo=None, timeout_s=timeout_s,
+                  secrets=checked.secrets)
     commit, head = await head_of(g, rec.name, repo)
     return GitCloned(workspace=rec.name, path=repo, url=checked.shown, branch=head,
                      commit=commit, duration_secs=round(time.monotonic() - started, 3))
@@ -221,8 +222,8 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
             checked = gitcmd.check_url(url, allow_file=allow_file)
             check_egress(rec, checked)
             out = await run_git(g, argv, workspace=rec.name, repo=repo,
-                                timeout_s=net_timeout(timeout_secs))
+                                timeout_s=net_timeout(timeout_secs), secrets=checked.secrets)
             _, head = await head_of(g, rec.name, repo)
         text = (out.stdout + out.stderr).decode("utf-8", "replace")
         return GitPushed(workspace=rec.name, path=repo, remote=remote, branch=branch or head,
-                         output=gitcmd.redact(text).strip())
+                         output=gitcmd.redact(text, checked.secrets).strip())

@@ -210,9 +210,10 @@ async def test_hostile_input_is_refused_or_redacted(t: Tools) -> None:
     await sh(t, "dev1", f"git -C {REPO} remote add tok https://bob:{TOKEN}@{SERVER}:9/r.git")
     err = await t.fails("git_push", workspace="dev1", path=REPO, remote="tok")
     assert TOKEN not in err and "***" in err, err
-    err = await t.fails("git_clone", workspace="dev1", url=f"https://bob:{TOKEN}@{SERVER}/r",
-                        path="/root/y")
-    assert TOKEN not in err, err
+    for url in (f"https://bob:{TOKEN}@{SERVER}/r", f"git://bob:{TOKEN}@{SERVER}/repo.git",
+                f"https://{TOKEN}@{SERVER}:9418/r.git"):
+        err = await t.fails("git_clone", workspace="dev1", url=url, path="/root/y")
+        assert TOKEN not in err and len(err.splitlines()) == 2, err
     r = await t.call("exec", workspace="dev1", command="ls /tmp/pwned")
     assert r["exit_code"] != 0
 

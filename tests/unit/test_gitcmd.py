@@ -15,6 +15,7 @@ import pytest
 from agentiso.frontend import gitcmd
 from agentiso.frontend.config import parse_config
 from agentiso.frontend.gitcmd import GitArgError
+from agentiso.frontend.gitops import hint_for
 from agentiso.frontend.golden import changed_keys, prepare_args
 from agentiso.frontend.merge import MergeRefused, check_sources, shared_commit
 from agentiso.frontend.results_git import ParallelItem
@@ -99,6 +100,28 @@ def test_credentials_are_never_shown_in_a_refusal() -> None:
 def test_redact_removes_credentials(text: str, secret: str) -> None:
     out = gitcmd.redact(text)
     assert secret not in out and gitcmd.REDACTED in out
+
+
+def test_redact_removes_a_urls_credentials_wherever_git_echoes_them() -> None:
+    url = "https://bob:ghp%5FSECRET123@198.51.100.2/repo.git"
+    secrets = gitcmd.url_secrets(url)
+    assert set(secrets) >= {"ghp%5FSECRET123", "ghp_SECRET123", "bob:ghp%5FSECRET123"}
+    said = "fatal: unable to look up bob:ghp_SECRET123@198.51.100.2 (port 9418)"
+    out = gitcmd.redact(said, secrets)
+    assert "SECRET" not in out and "bob" not in out and "198.51.100.2" in out
+    assert "SECRET" not in gitcmd.check_url(url).shown
+    # A token given as the https user name is a secret; ssh's "git@" is not.
+    assert gitcmd.url_secrets("https://ghp_tokenonly123@h/r.git") == ("ghp_tokenonly123",)
+    assert gitcmd.url_secrets("ssh://git@h/r.git") == ()
+    assert gitcmd.url_secrets("git@h:r.git") == ()
+    assert gitcmd.redact("git clone failed", gitcmd.url_secrets("ssh://git@h/r")) == (
+        "git clone failed")
+
+
+def test_git_urls_with_credentials_are_refused_without_echoing_them() -> None:
+    with pytest.raises(GitArgError) as err:
+        gitcmd.check_url("git://bob:hunter2secret@198.51.100.2/repo.git")
+    assert "hunter2secret" not in str(err.value) and "carries credentials" in str(err.value)
 
 
 def test_redact_keeps_ordinary_output() -> None:
@@ -312,3 +335,18 @@ def test_shared_commit_is_the_newest_the_source_has() -> None:
     assert shared_commit([a, b, c], out) == b
     assert shared_commit([a], f"{a} missing\n") is None
     assert shared_commit([], "") is None
+
+
+@pytest.mark.parametrize("said,words", [
+    ("fatal: not a git repository (or any of the parent directories): .git", "top directory"),
+    ("fatal: unable to access 'https://h/r/': Recv failure: Connection reset by peer",
+     "network_policy"),
+    ("fatal: unable to access 'https://h/r/': The requested URL returned error: 403",
+     "credentials"),
+    ("fatal: Authentication failed for 'https://h/r/'", "credentials"),
+    ("nothing to commit, working tree clean", "add_all"),
+    ("! [rejected] main -> main (fetch first)", "pull or merge"),
+    ("something else entirely", "Fix what git reports"),
+])
+def test_git_failures_get_a_hint_an_agent_can_act_on(said: str, words: str) -> None:
+    assert words in hint_for(said)
