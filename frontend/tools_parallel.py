@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
@@ -80,9 +80,11 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         "with truncation flags, duration, or why it could not run) and a summary. A "
         "stopped or unresponsive workspace gets an error and never delays the others "
         "past timeout_secs. At most [limits] max_parallel_workspaces (20) workspaces; "
-        "[limits] exec_parallelism (8) run at a time."))
+        "[limits] exec_parallelism (8) run at a time. Each workspace's end is reported as "
+        "a progress notification."))
     @tool_errors
     async def exec_parallel(
+        ctx: Context,
         workspaces: Annotated[list[WorkspaceRef], Field(min_length=1, max_length=1000,
                                                         description="Names or ids")],
         command: Command | Annotated[list[Command], Field(min_length=1, max_length=1000)],
@@ -97,10 +99,19 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         results: list[ParallelItem | None] = [None] * len(workspaces)
         limiter = anyio.CapacityLimiter(limits.exec_parallelism)
         started = time.monotonic()
+        done = 0
 
         async def one(i: int) -> None:
+            nonlocal done
             ws, cmd = workspaces[i], commands[i]
-            t0 = time.monotonic()
+            await run_one(i, ws, cmd, time.monotonic())  # records every failure itself
+            done += 1
+            item = results[i]
+            how = ("not run" if item is None or item.error is not None
+                   else "timed out" if item.timed_out else f"exit {item.exit_code}")
+            await ctx.report_progress(done, len(workspaces), f"{ws}: {how}")
+
+        async def run_one(i: int, ws: str, cmd: str, t0: float) -> None:
             try:
                 async with limiter:
                     with anyio.fail_after(timeout_secs + GRACE_S):

@@ -312,8 +312,15 @@ async def test_exec_parallel_is_parallel_and_a_stopped_workspace_does_not_hold_i
 
     await t.call("workspace_stop", workspace="try-3")
     started = time.monotonic()
-    r = await t.call("exec_parallel", workspaces=five, command="echo ok", timeout_secs=20)
+    seen: list[str] = []
+
+    async def progress(done: float, total: float | None, message: str | None) -> None:
+        seen.append(f"{done:g}/{total:g} {message}")
+
+    r = await t.call_with("exec_parallel", {"workspaces": five, "command": "echo ok",
+                                            "timeout_secs": 20}, progress=progress)
     assert time.monotonic() - started < 20
+    assert len(seen) == 5 and "try-3: not run" in " ".join(seen) and seen[-1].startswith("5/5")
     by = {i["workspace"]: i for i in r["results"]}
     assert [i["workspace"] for i in r["results"]] == five
     assert all(by[w]["ok"] and by[w]["stdout"] == "ok\n" for w in five[:4])
