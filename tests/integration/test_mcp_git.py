@@ -54,9 +54,10 @@ class Lab:
         return subprocess.run(["git", "--git-dir", str(self.bare), "rev-parse", ref],
                               capture_output=True, text=True, check=True).stdout.strip()
 
-    def server_log(self, fmt: str) -> str:
-        return subprocess.run(["git", "--git-dir", str(self.bare), "log", "-1", f"--format={fmt}"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+    def server_log(self, fmt: str, ref: str = "HEAD") -> str:
+        return subprocess.run(
+            ["git", "--git-dir", str(self.bare), "log", "-1", f"--format={fmt}", ref],
+            capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _server_repo(root: Path) -> Path:
@@ -170,6 +171,29 @@ async def test_clone_change_status_diff_commit_push(lab: Lab, t: Tools) -> None:
     assert lab.server_log("%an") == "Agent Smith"
     st = await t.call("git_status", workspace="dev1", path=REPO)
     assert st["ahead"] == 0
+
+    # A new branch pushed with set_upstream; a rewritten one needs force.
+    await sh(t, "dev1", f"git -C {REPO} checkout -q -b feature")
+    await t.call("file_write", workspace="dev1", path=f"{REPO}/f.txt", content="f\n")
+    feat = await t.call("git_commit", workspace="dev1", path=REPO, add_all=True,
+                        message="feature")
+    pushed = await t.call("git_push", workspace="dev1", path=REPO, branch="feature",
+                          set_upstream=True)
+    assert lab.server_rev("feature") == feat["commit"] and pushed["branch"] == "feature"
+    st = await t.call("git_status", workspace="dev1", path=REPO)
+    assert (st["branch"], st["upstream"], st["ahead"]) == ("feature", "origin/feature", 0)
+    await sh(t, "dev1", f"git -C {REPO} -c user.name=a -c user.email=a@b commit -q --amend "
+             "-m 'feature, amended'")
+    err = await t.fails("git_push", workspace="dev1", path=REPO)
+    assert "rejected" in err and "force" in err.splitlines()[1], err
+    await t.call("git_push", workspace="dev1", path=REPO, force=True)
+    assert lab.server_log("%s", "feature") == "feature, amended"
+
+    # branch and depth: a shallow clone of one branch.
+    shallow = await t.call("git_clone", workspace="dev1", url=URL, path="/root/shallow",
+                           branch="feature", depth=1)
+    assert shallow["branch"] == "feature"
+    assert await sh(t, "dev1", "git -C /root/shallow rev-list --count HEAD") == "1\n"
 
 
 @pytest.mark.anyio
