@@ -119,21 +119,23 @@ class VmLifecycle:
     async def vm_start(self, req: hp.VmStart, ctx: RequestContext) -> hp.VmInfo:
         owner = ctx.owner
         ws = self.ws
+        # QEMU holds its own copies of the fds once it runs (``fds``).
         async with AsyncExitStack() as undo:
-            async with ws.lock:
-                vol = ws.registry.volume(owner, req.volume)
-                other = ws.registry.vm_on_volume(vol.key)
-                if other is not None:
-                    raise RequestFailed(
-                        ErrorCode.CONFLICT, f"volume {vol.name!r} is in use by VM {other.name!r}"
-                    )
-                if any(m.name == req.name for m in ws.registry.vms(owner)):
-                    raise RequestFailed(
-                        ErrorCode.ALREADY_EXISTS, f"VM {req.name!r} already exists"
-                    )
-                ws.check_limits(owner, limits.Usage(vms=1, memory_mib=req.memory_mib))
-                image = images.load_image(ws.images_dir, vol.image)
-                with ExitStack() as fds:  # QEMU holds its own copies once it runs
+            with ExitStack() as fds:
+                async with ws.lock:  # checks and registrations; QEMU starts after it
+                    vol = ws.registry.volume(owner, req.volume)
+                    other = ws.registry.vm_on_volume(vol.key)
+                    if other is not None:
+                        raise RequestFailed(
+                            ErrorCode.CONFLICT,
+                            f"volume {vol.name!r} is in use by VM {other.name!r}",
+                        )
+                    if any(m.name == req.name for m in ws.registry.vms(owner)):
+                        raise RequestFailed(
+                            ErrorCode.ALREADY_EXISTS, f"VM {req.name!r} already exists"
+                        )
+                    ws.check_limits(owner, limits.Usage(vms=1, memory_mib=req.memory_mib))
+                    image = images.load_image(ws.images_dir, vol.image)
                     memory_fd: int | None = None
                     address: str | None = None
                     fork: ForkSource | None = None
@@ -162,6 +164,8 @@ class VmLifecycle:
                         saved_secret = snap.secret
                     attachment = await ws.storage.attachment(vol.key)
 
+                    # From here the name and the volume are taken for everyone
+                    # else, even while QEMU starts with the lock released.
                     rec = ws.registry.add_vm(owner, req.name, vol.key, req.vcpus, req.memory_mib)
                     # Saved with the record, so a helper restart keeps them; the
                     # timer leaves a VM alone until its VmStart is over.
@@ -179,34 +183,37 @@ class VmLifecycle:
                         net = await self.network.attach(owner, rec.key, req.network, address)
                         fds.callback(os.close, net.tap_fd)
                         push_shielded(undo, self.network.detach, rec.key)
-                    tap = None if net is None else NetAttachment(tap_fd=net.tap_fd, mac=net.mac)
-                    # Pushed before the start: a start that fails after QEMU
-                    # was spawned (its record unsaved on a full disk, say)
-                    # leaves a QEMU the engine knows; it must not outlive us.
-                    push_shielded(undo, self._discard_qemu, rec.key)
-                    await self.engine.start(
-                        VmConfig(
-                            name=rec.key,
-                            kernel=str(image.kernel),
-                            initrd=str(image.initrd),
-                            cmdline=image.manifest.cmdline,
-                            disks=_disk_layers(attachment),
-                            vcpus=req.vcpus,
-                            memory_mib=req.memory_mib,
-                            incoming_fd=memory_fd,
-                            net=tap,
-                            channel="vsock" if rec.cid is not None else "virtio-serial",
-                            guest_cid=rec.cid,
-                            vhost_vsock_fd=vhost_fd,
-                            secret=secret,
-                            net_link_down=fork is not None,
-                        )
+                tap = None if net is None else NetAttachment(tap_fd=net.tap_fd, mac=net.mac)
+                # Pushed before the start: a start that fails after QEMU was
+                # spawned (its record unsaved on a full disk, say) leaves a
+                # QEMU the engine knows; it must not outlive us.
+                push_shielded(undo, self._discard_qemu, rec.key)
+                # QEMU's start (a memory restore included) waits on QEMU: no
+                # lock is held, so other users' requests go on meanwhile.
+                await self.engine.start(
+                    VmConfig(
+                        name=rec.key,
+                        kernel=str(image.kernel),
+                        initrd=str(image.initrd),
+                        cmdline=image.manifest.cmdline,
+                        disks=_disk_layers(attachment),
+                        vcpus=req.vcpus,
+                        memory_mib=req.memory_mib,
+                        incoming_fd=memory_fd,
+                        net=tap,
+                        channel="vsock" if rec.cid is not None else "virtio-serial",
+                        guest_cid=rec.cid,
+                        vhost_vsock_fd=vhost_fd,
+                        secret=secret,
+                        net_link_down=fork is not None,
                     )
+                )
+            async with ws.lock:
                 # A guest ran on it: its disk is no longer the snapshot's.
                 vol.pristine_clone_of = None
                 ws.registry.save()
-                channel = self.channels.start(rec.key)
-                undo.callback(self.channels.stop, rec.key)
+            channel = self.channels.start(rec.key)
+            undo.callback(self.channels.stop, rec.key)
             machine_id: str | None
             if fork is not None and net is not None:
                 machine_id = await self._reidentify(req, rec.key, channel, net, fork)
