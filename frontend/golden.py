@@ -73,7 +73,26 @@ def _step(name: str, exit_code: int | None, stdout: str, stderr: str, dur: float
                       stderr=stderr[-STEP_OUTPUT_CAP:], duration_secs=round(dur, 3))
 
 
-async def prepare(
+#: Golden workspaces this process is preparing now, by (orchestrator, name):
+#: a second call meanwhile must not take the first one's work for a leftover.
+_BUSY: set[tuple[int, str]] = set()
+
+
+async def prepare(rt: Runtime, *, name: str, **kw: Any) -> Prepared:
+    """Prepare golden workspace ``name`` (or return the one prepared with the
+    same arguments); see the module's docstring."""
+    key = (id(rt.ws), name)
+    if key in _BUSY:
+        raise PrepareError(f"golden workspace {name!r} is being prepared by an earlier call",
+                           "Wait for that call to finish, then call again.")
+    _BUSY.add(key)
+    try:
+        return await _prepare(rt, name=name, **kw)
+    finally:
+        _BUSY.discard(key)
+
+
+async def _prepare(
     rt: Runtime, *, name: str, image: str, git_url: str | None, path: str,
     branch: str | None, setup_commands: list[str], timeout_secs: int, allow_internet: bool,
     allow: list[dict[str, Any]] | None, rebuild: bool, progress: Progress,
@@ -96,7 +115,9 @@ async def prepare(
             raise PrepareError(f"golden workspace {name!r} is being prepared by another "
                                "session", "Wait for it to finish, then call again.")
         same = golden["args"] == args
-        if golden["state"] == "ready" and not rebuild:
+        has_snapshot = any(n.name == SNAPSHOT for n in ws.catalog.list_snapshots(existing.id))
+        # A ready one whose snapshot was deleted since is prepared again.
+        if golden["state"] == "ready" and not rebuild and (has_snapshot or not same):
             if not same:
                 keys = ", ".join(changed_keys(golden["args"], args))
                 raise PrepareError(

@@ -21,7 +21,9 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 from agentiso.frontend.tools_parallel import GRACE_S
@@ -248,7 +250,18 @@ async def test_the_fork_loop(lab: Lab, t: Tools) -> None:
                 setup_commands=["git config user.name Golden && git config user.email g@x",
                                 "echo ready > /root/setup-done"])
     started = time.monotonic()
-    p = await t.call("workspace_prepare", **args)
+    got: dict[str, Any] = {}
+
+    async def prepare() -> None:
+        got["p"] = await t.call("workspace_prepare", **args)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(prepare)
+        await anyio.sleep(1)
+        # A second call while the first runs is refused, and does not disturb it.
+        err = await t.fails("workspace_prepare", **args)
+        assert "being prepared" in err, err
+    p = got["p"]
     first = time.monotonic() - started
     assert p["ok"] and not p["reused"] and p["snapshot"] == "golden"
     assert p["commit"] == lab.server_rev("main") and len(p["steps"]) == 3
