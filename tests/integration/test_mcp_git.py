@@ -271,6 +271,8 @@ async def test_the_fork_loop(lab: Lab, t: Tools) -> None:
     assert time.monotonic() - started < first / 2
     err = await t.fails("workspace_prepare", **{**args, "setup_commands": ["true"]})
     assert "setup_commands" in err and "rebuild" in err
+    err = await t.fails("workspace_prepare", **{**args, "name": "dev1"})
+    assert "not a golden workspace" in err
 
     print(f"workspace_prepare: {first:.2f} s, again {time.monotonic() - started:.2f} s")
     started = time.monotonic()
@@ -305,6 +307,11 @@ async def test_the_fork_loop(lab: Lab, t: Tools) -> None:
 
     # A change in the golden workspace that try-3's commit conflicts with.
     await sh(t, "golden", f"sed -i 's/line one/LINE ONE from golden/' {REPO}/README")
+    err = await t.fails("workspace_merge", sources=["try-1"], target="golden", path=REPO)
+    assert "uncommitted changes" in err and "README" in err, err
+    err = await t.fails("workspace_merge", sources=["try-1", "golden"], target="golden",
+                        path=REPO)
+    assert "also a source" in err
     await t.call("git_commit", workspace="golden", path=REPO, message="golden", add_all=True)
 
     m = await t.call("workspace_merge", sources=["try-1", "try-3"], target="golden",
