@@ -350,3 +350,26 @@ def test_shared_commit_is_the_newest_the_source_has() -> None:
 ])
 def test_git_failures_get_a_hint_an_agent_can_act_on(said: str, words: str) -> None:
     assert words in hint_for(said)
+
+
+def test_golden_records_in_the_catalog_go_with_their_workspace(tmp_path: Path) -> None:
+    from agentiso.frontend.catalog import Catalog
+    from tests.unit.test_catalog import make
+
+    with Catalog.open(tmp_path / "catalog.db") as cat:
+        rec = make(cat, "golden")
+        cat.add_workspace(rec)
+        assert cat.get_golden(rec.id) is None
+        args = {"image": "dev", "setup_commands": ["make"], "allow": None}
+        cat.set_golden(rec.id, args, "preparing")
+        got = cat.get_golden(rec.id)
+        assert got is not None and got["args"] == args and got["state"] == "preparing"
+        cat.set_golden(rec.id, args, "ready", "c" * 40)
+        got = cat.get_golden(rec.id)
+        assert got is not None and (got["state"], got["commit_id"]) == ("ready", "c" * 40)
+        with pytest.raises(Exception, match="CHECK"):
+            cat.set_golden(rec.id, args, "half-done")
+        with pytest.raises(Exception, match="FOREIGN KEY"):
+            cat.set_golden("ws-0000000000", args, "ready")
+        cat.delete_workspace(rec.id)
+        assert cat.get_golden(rec.id) is None
