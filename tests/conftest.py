@@ -193,17 +193,62 @@ def _host_footprint() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     return mine, theirs
 
 
+# Every process this run starts inherits this variable (unless something on the
+# way clears the environment, as systemd-socket-activate does for the helper,
+# whose QEMUs the checks above find): any still alive at the end is a leak,
+# however it was detached (daemons, double forks, servers started by a test).
+_RUN_MARKER = "AGENTISO_TEST_RUN"
+
+
+def _marked_processes(marker: bytes) -> set[str]:
+    """``pid (command)`` of each live process, other than this one, whose
+    environment carries ``marker``."""
+    from agentiso.privhelper.vm.procfs import read_stat
+
+    found: set[str] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker not in Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0"):
+                continue
+            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        st = read_stat(int(entry.name))
+        if st is not None and st.state not in ("Z", "X"):
+            found.add(f"{entry.name} ({b' '.join(argv).decode(errors='replace')[:120]})")
+    return found
+
+
+def _leftover_processes(marker: bytes, grace: float = 10.0) -> set[str]:
+    """Marked processes still alive after ``grace`` seconds (one just told to
+    stop may take a moment to go)."""
+    import time
+
+    deadline = time.monotonic() + grace
+    while (left := _marked_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
 @pytest.fixture(scope="session", autouse=True)
 def host_left_clean() -> object:
-    """Fail the run if it left anything of ours on the host (see above)."""
+    """Fail the run if it left anything of ours on the host (see above), or
+    any process it started still running."""
     if os.geteuid() != 0:
         yield None
         return
+    marker_value = str(os.getpid())
+    os.environ[_RUN_MARKER] = marker_value
+    marker = f"{_RUN_MARKER}={marker_value}".encode()
     before, before_theirs = _host_footprint()
     yield None
     after, _ = _host_footprint()
-    leaked = {
+    leaked: dict[str, object] = {
         k: sorted(after[k] - before[k] - before_theirs[k]) for k in after
         if after[k] - before[k] - before_theirs[k]
     }
+    if processes := _leftover_processes(marker):
+        leaked["processes"] = sorted(processes)
     assert not leaked, f"the test run left these behind on the host: {leaked}"
