@@ -159,6 +159,11 @@ def bench_throughput() -> None:
                     str(THROUGHPUT_S),
                     timeout=60,
                 )
+                if r.returncode != 0 or not r.stdout.strip():
+                    # One path that does not work here must not hide the others.
+                    why = (r.stderr.strip().splitlines() or ["no output"])[-1]
+                    print(f"TCP throughput {label}: not measured (exit {r.returncode}: {why})")
+                    continue
                 print(
                     f"TCP throughput {label}: {float(r.stdout):.0f} MiB/s "
                     f"(one stream, {THROUGHPUT_S:.0f} s, Python sender)"
