@@ -216,10 +216,16 @@ class WorkspaceService:
         async with self.lock:
             rec = self.registry.volume(ctx.owner, req.volume)
             rec.snapshot(req.snapshot)
-            await self.storage.delete_snapshot(rec.key, req.snapshot)
-            self.drop_memory(rec.snapshot(req.snapshot))
-            rec.snapshots = [s for s in rec.snapshots if s.name != req.snapshot]
-            self.registry.save()
+        # Merging a snapshot's data can take seconds per GiB: not under the
+        # registry lock (every user's requests take it).  The backend refuses
+        # any other operation on this volume until the merge is over.
+        await self.storage.delete_snapshot(rec.key, req.snapshot)
+        async with self.lock:
+            snap = next((s for s in rec.snapshots if s.name == req.snapshot), None)
+            if snap is not None:
+                self.drop_memory(snap)
+                rec.snapshots = [s for s in rec.snapshots if s.name != req.snapshot]
+                self.registry.save()
         return hp.Done(id=req.id)
 
     # --- helpers -----------------------------------------------------------------------

@@ -89,6 +89,20 @@ class VolumeBusy(StorageError):
         super().__init__(f"volume {name!r} is in use; {operation} needs it stopped")
 
 
+class VolumeMerging(StorageError):
+    """A snapshot of the volume is being merged (its deletion): every other
+    operation on that volume is refused until the merge ends."""
+
+    code = ErrorCode.CONFLICT
+
+    def __init__(self, name: str, operation: str) -> None:
+        self.name = name
+        super().__init__(
+            f"cannot {operation} this volume now: a snapshot of it is being deleted "
+            "(its data merged); retry when that ends"
+        )
+
+
 class BackendUnavailable(StorageError):
     """The backend's tools or pool are missing or not answering (the host's fault)."""
 

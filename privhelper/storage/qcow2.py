@@ -26,6 +26,7 @@ from .errors import (
     InvalidSize,
     NotFound,
     VolumeBusy,
+    VolumeMerging,
 )
 from .locks import image_in_use
 from .model import (
@@ -109,6 +110,9 @@ class Qcow2Backend:
         self._lock = anyio.Lock()
         # Layers made by prepare_snapshot and not yet committed or aborted: not garbage.
         self._pending: set[str] = set()
+        # Volumes whose snapshot merge runs without the lock (see
+        # commit_delete_snapshot): every other operation on them is refused.
+        self._merging: set[str] = set()
         self._warned_unconfined = False
 
     # --- helpers ------------------------------------------------------------------
@@ -165,6 +169,10 @@ class Qcow2Backend:
             self._warned_unconfined = True
             log.warning("qemu_img_unconfined", reason="Landlock is not available on this kernel")
         await self._run(argv, volume, operation)
+
+    def _refuse_merging(self, volume: str, operation: str) -> None:
+        if volume in self._merging:
+            raise VolumeMerging(volume, operation)
 
     def _ensure_idle(self, meta: VolumeMeta, operation: str) -> None:
         """Refuse if a QEMU has the volume's top open (it holds QEMU's image locks)."""
@@ -308,6 +316,7 @@ class Qcow2Backend:
             elif isinstance(source, FromSnapshot):
                 check_name("volume", source.volume)
                 check_name("snapshot", source.snapshot)
+                self._refuse_merging(source.volume, "clone")
                 parent = self._load(source.volume)
                 snap = parent.snapshot(source.snapshot)
                 idx = parent.chain.index(snap.layer)
@@ -343,6 +352,7 @@ class Qcow2Backend:
     async def destroy_volume(self, name: str) -> None:
         check_name("volume", name)
         async with self._lock:
+            self._refuse_merging(name, "destroy")
             meta = self._load(name)
             self._ensure_idle(meta, "destroy")
             self.layout.meta(name).unlink()
@@ -363,6 +373,7 @@ class Qcow2Backend:
         check_name("volume", name)
         self._check_size(size)
         async with self._lock:
+            self._refuse_merging(name, "grow")
             meta = self._load(name)
             if size < meta.virtual_size:
                 raise InvalidSize(size, f"volumes only grow (now {meta.virtual_size} bytes)")
@@ -380,6 +391,7 @@ class Qcow2Backend:
 
     async def attachment(self, name: str) -> Attachment:
         check_name("volume", name)
+        self._refuse_merging(name, "attach")
         meta = self._load(name)
         nodes = [
             BlockNode(self.layout.layer(lay), ImageFormat.QCOW2, Protocol.FILE, read_only=i > 0)
@@ -396,6 +408,7 @@ class Qcow2Backend:
         check_name("volume", volume)
         check_name("snapshot", snapshot)
         async with self._lock:
+            self._refuse_merging(volume, "snapshot")
             meta = self._load(volume)
             if any(s.name == snapshot for s in meta.snapshots):
                 raise AlreadyExists("snapshot", f"{volume}@{snapshot}")
@@ -461,6 +474,7 @@ class Qcow2Backend:
         check_name("volume", volume)
         check_name("snapshot", snapshot)
         async with self._lock:
+            self._refuse_merging(volume, "roll back")
             meta = self._load(volume)
             metas = self._load_all()
             snap = meta.snapshot(snapshot)
@@ -480,6 +494,7 @@ class Qcow2Backend:
         check_name("volume", volume)
         check_name("snapshot", snapshot)
         async with self._lock:
+            self._refuse_merging(volume, "delete a snapshot")
             meta = self._load(volume)
             plan = plan_delete_snapshot(meta, snapshot, self._load_all())
             new_backing = self.layout.backing_of(plan.meta, plan.child_index)
@@ -505,6 +520,7 @@ class Qcow2Backend:
         check_name("volume", plan.volume)
         check_name("snapshot", plan.snapshot)
         async with self._lock:
+            self._refuse_merging(plan.volume, "delete a snapshot")
             meta = self._load(plan.volume)
             dplan = plan_delete_snapshot(meta, plan.snapshot, self._load_all())
             if plan.token != f"{dplan.layer}:{dplan.child}":
@@ -523,16 +539,28 @@ class Qcow2Backend:
                         "after the stream, not by the snapshot's parent; snapshot kept"
                     )
                 check_layer(header, new_backing, "the volume's top")
-            else:
-                self._verify_chain(meta)
-                old_index = meta.chain.index(dplan.child)
-                await self._rebase(
-                    self._chain_paths(meta, old_index),
-                    self._chain_paths(dplan.meta, dplan.child_index - 1),
-                    plan.volume,
+                self._store(dplan.meta)
+                self._delete_layers([dplan.layer])
+                return
+            self._verify_chain(meta)
+            chain = self._chain_paths(meta, meta.chain.index(dplan.child))
+            new_chain = self._chain_paths(dplan.meta, dplan.child_index - 1)
+            self._merging.add(plan.volume)
+        try:
+            # The merge copies the snapshot's data (seconds per GiB): it runs
+            # without the lock, so other volumes' requests go on; this volume
+            # is marked and every other operation on it refused meanwhile.
+            await self._rebase(chain, new_chain, plan.volume)
+            async with self._lock:
+                after = plan_delete_snapshot(
+                    self._load(plan.volume), plan.snapshot, self._load_all()
                 )
-            self._store(dplan.meta)
-            self._delete_layers([dplan.layer])
+                if after.meta != dplan.meta or after.layer != dplan.layer:
+                    raise CorruptState(f"volume {plan.volume!r} changed during the merge")
+                self._store(dplan.meta)
+                self._delete_layers([dplan.layer])
+        finally:
+            self._merging.discard(plan.volume)
 
     async def _rebase(self, chain: list[Path], new_chain: list[Path], volume: str) -> None:
         """Copy into ``chain[0]`` what its backing held beyond ``new_chain[0]``
@@ -548,10 +576,13 @@ class Qcow2Backend:
                 cmd.qemu_img_rebase_pinned(chain, new_chain), ro=chain[1:], rw=[child],
                 volume=volume, operation=what,
             )
-            await self._run_confined(
-                cmd.qemu_img_set_backing(child, new_chain[0]), ro=[], rw=[child],
-                volume=volume, operation=what,
-            )
+            # Once the data is merged the header must name the new backing
+            # (a plain path): a cancelled request must not stop in between.
+            with anyio.CancelScope(shield=True):
+                await self._run_confined(
+                    cmd.qemu_img_set_backing(child, new_chain[0]), ro=[], rw=[child],
+                    volume=volume, operation=what,
+                )
         finally:
             os.chmod(child, mode)
 
