@@ -406,11 +406,9 @@ class GuestChannel:
         hello = await self.wait_ready(HELLO_TIMEOUT_S)
         sink = ClientSink(limits.queue_bytes, budget, uid)
         try:
-            await self._relay_client(receive, send, sink, hello, limits)
+            await self._relay_client(receive, send, sink, hello, limits, uid)
         finally:
             sink.release()
-        if sink.drop_reason is not None:
-            log.warning("relay_client_dropped", vm=self.name, uid=uid, reason=sink.drop_reason)
         return sink.drop_reason
 
     async def _relay_client(
@@ -420,6 +418,7 @@ class GuestChannel:
         sink: ClientSink,
         hello: gp.Hello,
         limits: RelayLimits,
+        uid: int,
     ) -> None:
         sessions = itertools.count(1)
         sink.deliver_raw(greeting(hello, nonce=b"", session=next(sessions)))
@@ -436,6 +435,7 @@ class GuestChannel:
 
             async def end_when_dropped() -> None:
                 await sink.dropped.wait()
+                log.warning("relay_client_dropped", vm=self.name, uid=uid, reason=sink.drop_reason)
                 # A client that is not reading gets a moment to catch up
                 # (and read why), then it is cut off whatever it does.
                 await anyio.sleep(DROP_FLUSH_S)

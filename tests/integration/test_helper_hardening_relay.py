@@ -43,7 +43,7 @@ USER = 64332
 OTHER = 64333
 HELLO_TIMEOUT_S = 3
 IDLE_TIMEOUT_S = 10
-SEND_TIMEOUT_S = 3
+SEND_TIMEOUT_S = 10  # longer than the sync flood needs to fill its queue
 CONFIG = (f"[server]\nhello_timeout_s = {HELLO_TIMEOUT_S}\nidle_timeout_s = {IDLE_TIMEOUT_S}\n"
           f"send_timeout_s = {SEND_TIMEOUT_S}\n")
 MiB = 1 << 20
@@ -409,6 +409,81 @@ def test_a_client_that_sends_requests_but_never_reads_answers_is_closed(
     assert "peer_not_reading" in helper.log()
 
 
+PARTIAL_FRAMES = textwrap.dedent(
+    """
+    import socket, struct, sys, time
+    from agentiso.protocol import helper as hp
+    from agentiso.protocol.framing import FrameDecoder, encode_frame
+    path, n = sys.argv[1], int(sys.argv[2])
+    M = hp.HELPER_MAX_FRAME
+
+    def answer(s):
+        dec = FrameDecoder()
+        try:
+            while data := s.recv(65536):
+                frames = dec.feed(data)
+                if frames:
+                    return hp.response_codec.decode(frames[0])
+        except OSError:
+            pass
+        return None
+
+    socks, refused = [], []
+    t = time.monotonic()
+    for i in range(n):
+        s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(path)
+        s.sendall(encode_frame(hp.request_codec.encode(hp.Hello(id=1, version=1))))
+        msg = answer(s)
+        if not isinstance(msg, hp.HelloOk):  # the uid's share is full: not even a hello
+            refused.append((i, "hello", msg))
+            continue
+        try:
+            # A 4 MiB frame announced, all of it but its last byte sent.
+            s.sendall(struct.pack(">I", M) + b"\\0" * (M - 1))
+            socks.append(s)
+        except OSError:
+            refused.append((i, "frame", answer(s)))
+    took = time.monotonic() - t
+    print("HELD", len(socks), "REFUSED", len(refused), round(took, 1), flush=True)
+    i, when, msg = refused[0] if refused else (-1, "", None)
+    print(i, when, getattr(msg, "code", None), getattr(msg, "message", msg), flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_partial_frames_of_one_uid_are_held_against_its_buffer_share(
+    helper: HelperProcess,
+) -> None:
+    """One uid holds 4 MiB partial frames open on 40 connections: its share
+    of the buffer budget (128 MiB by default) admits 32 of them; whatever
+    would pass it (the next hello here) is refused ``limit_exceeded`` naming
+    the share, until the uid lets go; the helper's RSS grows by about the
+    share, no more, and another uid is served meanwhile."""
+    pid = _helper_pid(helper)
+    before = _rss(pid)
+    attacker = _attacker(PARTIAL_FRAMES, str(helper.socket), "40")
+    assert attacker.stdin is not None and attacker.stdout is not None
+    try:
+        with RssSampler(pid) as rss:
+            held = attacker.stdout.readline().split()
+            first = attacker.stdout.readline()
+        r = run_as(OTHER, OTHER, [GROUP], WHOAMI.format(sock=str(helper.socket)))
+        attacker.stdin.write("done\n")
+        attacker.stdin.flush()
+        attacker.communicate(timeout=60)
+    finally:
+        attacker.kill()
+        attacker.wait()
+    print(f"\npartial 4 MiB frames of one uid: {held}; helper RSS {before / MiB:.0f} MiB "
+          f"before, peak {rss.peak / MiB:.0f} MiB (+{(rss.peak - before) / MiB:.0f} MiB)")
+    assert held[0] == "HELD" and held[2] == "REFUSED", held
+    assert 28 <= int(held[1]) <= 32 and int(held[3]) == 40 - int(held[1]), (held, first)
+    assert " limit_exceeded " in first and f"share is {128 * MiB}" in first, first
+    assert r.stdout.startswith("SERVED"), (r.stdout, r.stderr)
+    assert rss.peak - before < 128 * MiB + 48 * MiB, (before, rss.peak)
+
+
 # --- the relay: a never-reading client flooding sync markers ------------------------------
 
 SYNC_FLOOD = textwrap.dedent(
@@ -505,7 +580,7 @@ def test_a_never_reading_client_flooding_sync_markers_is_dropped(
     # Dropped: the helper stopped reading and closed the connection.
     assert closed in ("EOF", "reset") and ended != "all sent", flood
     log = helper.log()
-    assert "relay_client_dropped" in log and "the client is not reading" in log
+    assert "relay_client_dropped" in log and "the client is not reading" in log, log[-3000:]
     # The queue cap (32 MiB, overheads counted) plus the socket buffers and
     # the allocator's slack; without the cap this flood queues ~180 MiB.
     assert rss.peak - before < 64 * MiB, (before, rss.peak)
