@@ -74,6 +74,12 @@ def check(limits: LimitsConfig, uid_usage: Usage, host_usage: Usage, delta: Usag
             )
 
 
+#: What one connection may hold without the helper-wide total being checked
+#: (its uid's share still is): the total can then be passed by at most this
+#: much per connection (64 MiB at the default 1024 connections).
+CONNECTION_FLOOR = 64 * 1024
+
+
 class BufferBudget:
     """Bytes the helper holds for its clients (relay output queues, partial
     request frames), capped per uid and in total.
@@ -98,22 +104,25 @@ class BufferBudget:
     def used_by(self, uid: int) -> int:
         return self._by_uid.get(uid, 0)
 
-    def refusal(self, uid: int, n: int) -> str | None:
-        """Why ``uid`` may not hold ``n`` more bytes, or None if it may."""
+    def refusal(self, uid: int, n: int, check_total: bool = True) -> str | None:
+        """Why ``uid`` may not hold ``n`` more bytes, or None if it may.
+        ``check_total=False``: only the uid's share is checked (a
+        connection's first :data:`CONNECTION_FLOOR` bytes, so that other
+        users filling the total cannot keep anyone from saying hello)."""
         if uid == 0 or n <= 0:
             return None
         mine = self.used_by(uid) + n
         if mine > self.per_uid:
             return (f"uid {uid} would hold {mine} bytes of buffers, "
                     f"its share is {self.per_uid}")
-        if self.used + n > self.total:
+        if check_total and self.used + n > self.total:
             return (f"the helper would hold {self.used + n} bytes of client "
                     f"buffers, its budget is {self.total}")
         return None
 
-    def take(self, uid: int, n: int) -> str | None:
+    def take(self, uid: int, n: int, check_total: bool = True) -> str | None:
         """Take ``n`` bytes for ``uid``; None on success, else why not (nothing taken)."""
-        why = self.refusal(uid, n)
+        why = self.refusal(uid, n, check_total)
         if why is None and uid != 0 and n > 0:
             self.used += n
             self._by_uid[uid] = self.used_by(uid) + n

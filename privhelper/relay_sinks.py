@@ -17,7 +17,7 @@ from agentiso.protocol.framing import encode_frame
 from agentiso.protocol.guest_constants import GUEST_MAX_FRAME
 
 from .errors import HelperError, RequestFailed
-from .limits import BufferBudget, unlimited_budget
+from .limits import CONNECTION_FLOOR, BufferBudget, unlimited_budget
 
 #: Responses after which more frames of the same request follow.
 INTERMEDIATE: tuple[type[Any], ...] = (gp.ExecOutput, gp.DownloadChunk, gp.UploadAck)
@@ -94,7 +94,7 @@ class ClientSink(Sink):
                 f"for it, the limit is {self._limit}"
             )
             return
-        why = self._budget.take(self._uid, n)
+        why = self._budget.take(self._uid, n, self._queued + n > CONNECTION_FLOOR)
         if why is not None:
             self.drop(why)
             return
@@ -121,7 +121,7 @@ class ClientSink(Sink):
     def hold_input(self, n: int) -> bool:
         """Take ``n`` bytes of the client's input (held until decoded) from
         the budget; False (and the client dropped) if they do not fit."""
-        why = self._budget.take(self._uid, n)
+        why = self._budget.take(self._uid, n, self._input + n > CONNECTION_FLOOR)
         if why is not None:
             self.drop(why)
             return False

@@ -47,7 +47,7 @@ from .accept import accept_forever, raise_nofile_limit
 from .actions import ACTION_FOR_REQUEST, ADMIN_ONLY
 from .config import HelperConfig, resolve_gid
 from .errors import HelperError, RequestFailed
-from .limits import BufferBudget, connection_refusal
+from .limits import CONNECTION_FLOOR, BufferBudget, connection_refusal
 from .peercred import PeerCredentials, get_peer_credentials
 from .polkit import ConnectionAuthorizer
 from .relay import RelayLimits
@@ -460,7 +460,7 @@ class _HeldInput:
     def hold(self, n: int) -> None:
         """Now ``n`` bytes are held (raises :class:`_OverBudget` if they do not fit)."""
         if n > self._held:
-            why = self._budget.take(self._uid, n - self._held)
+            why = self._budget.take(self._uid, n - self._held, n > CONNECTION_FLOOR)
             if why is not None:
                 raise _OverBudget(f"{why}: connection closed")
         else:

@@ -53,6 +53,17 @@ def test_budget_caps_each_uid_and_the_total_and_takes_nothing_on_refusal() -> No
     assert b.take(1002, 1) is None and b.used == 41
 
 
+def test_a_full_total_still_admits_small_holdings_within_the_uids_share() -> None:
+    """Other users filling the total must not keep a uid from saying hello:
+    below the per-connection floor only the uid's own share is checked."""
+    b = BufferBudget(total=100, per_uid=60)
+    assert b.take(1, 60) is None and b.take(2, 40) is None  # the total is full
+    assert b.take(3, 10) is not None
+    assert b.take(3, 10, check_total=False) is None and b.used == 110
+    why = b.take(1, 1, check_total=False)
+    assert why is not None and "share is 60" in why  # its own share still holds
+
+
 def test_budget_exempts_root_and_rejects_giving_back_what_was_not_taken() -> None:
     b = BufferBudget(total=10, per_uid=5)
     assert b.take(0, 10**9) is None and b.used == 0
