@@ -98,12 +98,14 @@ class HelperServer:
     by_uid: dict[int, int] = field(default_factory=dict)
     open_guest: GuestOpener | None = None
     budget: BufferBudget = field(init=False)
+    _cap_log: _EverySecond = field(init=False)
 
     def __post_init__(self) -> None:
         if self.allowed_gid is None:
             self.allowed_gid = resolve_gid(self.config.server.group)
         cfg = self.config.server
         self.budget = BufferBudget(cfg.buffer_budget_mib * MiB, cfg.per_uid_buffer_mib * MiB)
+        self._cap_log = _EverySecond()
         self.handlers.setdefault(hp.Ping, _ping)
         self.handlers.setdefault(hp.WhoAmI, _whoami)
 
@@ -168,7 +170,10 @@ class HelperServer:
         # Caps first: they cost no I/O, so a flood is refused cheaply.
         cap = self._admit(peer)
         if cap is not None:
-            logc.warning("peer_over_connection_cap", reason=cap)
+            # A flood must not become a flood of log lines: one a second per uid.
+            suppressed = self._cap_log.allow(peer.uid)
+            if suppressed is not None:
+                logc.warning("peer_over_connection_cap", reason=cap, suppressed=suppressed)
             await conn.send_error(0, ErrorCode.LIMIT_EXCEEDED, cap)
             await _linger(stream, CAP_LINGER_S)
             return
@@ -443,6 +448,26 @@ class _Connection:
 
     async def send_error(self, rid: int, code: ErrorCode, message: str) -> None:
         await self.send(_error(rid, code, message))
+
+
+class _EverySecond:
+    """Whether to log an event for a key now: at most once a second, saying
+    how many were left unlogged since."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[float, int]] = {}
+
+    def allow(self, key: int) -> int | None:
+        """None to stay silent, else the count of events suppressed before this one."""
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (-math.inf, 0))
+        if now - last < 1.0:
+            self._last[key] = (last, suppressed + 1)
+            return None
+        if len(self._last) > 4096:  # forget old keys rather than grow
+            self._last.clear()
+        self._last[key] = (now, 0)
+        return suppressed
 
 
 class _OverBudget(Exception):
