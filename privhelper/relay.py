@@ -87,6 +87,8 @@ MAX_INFLIGHT_PER_CLIENT = 64
 #: Requests of all relayed clients of one VM in flight at once (the helper's
 #: own calls are not counted: a client flood must not block a freeze).
 MAX_INFLIGHT_PER_CHANNEL = 256
+#: The agent's request slots kept from relayed clients for the helper's own calls.
+HELPER_RESERVED_SLOTS = 8
 #: How long the guest may leave one frame unread before its channel is re-established.
 GUEST_WRITE_TIMEOUT_S = 60.0
 #: How long a dropped client gets to read what was queued (and the reason).
@@ -493,9 +495,15 @@ class GuestChannel:
                     f"{limits.max_inflight}: wait for answers or cancel some")
         clients = sum(1 for r in self._routes.values() if isinstance(r.sink, ClientSink))
         clients += sum(1 for r in self._retry if isinstance(r.sink, ClientSink))
-        if clients >= limits.max_inflight_per_vm:
+        vm_cap = limits.max_inflight_per_vm
+        if self.hello is not None:
+            # The agent runs hello.max_inflight requests at once; past that it
+            # stops reading.  Clients get all but a reserve, so the helper's
+            # own calls (a freeze, a shutdown) always find a slot in the agent.
+            vm_cap = min(vm_cap, max(1, self.hello.max_inflight - HELPER_RESERVED_SLOTS))
+        if clients >= vm_cap:
             return (f"{clients} requests are in flight to VM {self.name!r}, the limit is "
-                    f"{limits.max_inflight_per_vm}: wait for answers or cancel some")
+                    f"{vm_cap}: wait for answers or cancel some")
         return None
 
     async def _from_client(self, body: bytes, sink: ClientSink, limits: RelayLimits) -> None:

@@ -13,6 +13,7 @@ run with ``-s`` to see them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import statistics
@@ -28,6 +29,7 @@ import pytest
 
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
+from agentiso.protocol.errors import NotFound
 from agentiso.protocol.framing import FrameDecoder, encode_frame
 from tests.harness.images import require_image
 from tests.support.helper_process import (
@@ -549,6 +551,8 @@ def users_vm(helper: HelperProcess) -> Iterator[str]:
     finally:
         with BlockingHelperClient(str(helper.socket), timeout=120) as c:
             c.request(hp.VmStop(id=0, name="flood", owner=USER))
+            with contextlib.suppress(NotFound):  # a test's snapshot, if it made one
+                c.request(hp.SnapshotDelete(id=0, volume="flood-vol", snapshot="busy", owner=USER))
             c.request(hp.VolumeDestroy(id=0, name="flood-vol", owner=USER))
 
 
@@ -609,3 +613,73 @@ def test_a_never_reading_client_flooding_sync_markers_is_dropped(
     )
     r = run_as(USER, USER, [GROUP], code)
     assert r.stdout.split() == ["PONG", "5"], (r.stdout, r.stderr)
+
+
+INFLIGHT_FLOOD = textwrap.dedent(
+    """
+    import socket, sys, time
+    from agentiso.protocol import guest as gp
+    from agentiso.protocol import helper as hp
+    from agentiso.protocol.framing import HEADER, encode_frame
+    s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(sys.argv[1])
+
+    def one_frame():
+        head = s.recv(4, socket.MSG_WAITALL)
+        (n,) = HEADER.unpack(head)
+        return hp.response_codec.decode(s.recv(n, socket.MSG_WAITALL))
+
+    s.sendall(encode_frame(hp.request_codec.encode(hp.Hello(id=1, version=1))))
+    assert isinstance(one_frame(), hp.HelloOk)
+    s.sendall(encode_frame(hp.request_codec.encode(hp.GuestOpen(id=2, vm=sys.argv[2]))))
+    assert isinstance(one_frame(), hp.GuestOpened)
+    n = int(sys.argv[3])
+    s.sendall(b"".join(encode_frame(gp.request_codec.encode(gp.Exec(id=i, argv=["sleep", "600"])))
+                       for i in range(1, n + 1)))
+    # The refusals come at once; the execs accepted answer nothing (they sleep).
+    dec = gp.GuestStreamDecoder(gp.GUEST_MAX_FRAME)
+    refused, message = [], ""
+    s.settimeout(3)
+    try:
+        while True:
+            for item in dec.feed(s.recv(65536)):
+                if item is None:
+                    continue
+                msg = gp.response_codec.decode(item)
+                if isinstance(msg, gp.Error):
+                    refused.append(msg.id)
+                    message = f"{msg.code}: {msg.message}"
+    except TimeoutError:
+        pass
+    print("INFLIGHT", n - len(refused), len(refused), min(refused, default=0), flush=True)
+    print(message, flush=True)
+    sys.stdin.readline()  # held until the test is done
+    """
+)
+
+
+def test_a_client_flooding_requests_is_capped_and_the_helpers_own_calls_go_on(
+    helper: HelperProcess, users_vm: str
+) -> None:
+    """A relayed client sends 100 long execs: the VM takes 56 of them (the
+    agent's 64 slots less 8 kept for the helper), the rest are refused
+    ``limit_exceeded`` at once; while they hold the VM, the helper's own
+    calls to its guest (a live snapshot's sync and freeze) still go through."""
+    attacker = _attacker(INFLIGHT_FLOOD, str(helper.socket), users_vm, "100")
+    assert attacker.stdin is not None and attacker.stdout is not None
+    try:
+        counts = attacker.stdout.readline().split()
+        message = attacker.stdout.readline().strip()
+        assert counts[:4] == ["INFLIGHT", "56", "44", "57"], (counts, message, attacker.stderr)
+        assert message.startswith("limit_exceeded: 56 requests are in flight to VM")
+        t = time.monotonic()
+        with BlockingHelperClient(str(helper.socket), timeout=120) as c:
+            c.request(hp.SnapshotCreate(id=0, volume="flood-vol", snapshot="busy", owner=USER))
+            took = time.monotonic() - t
+        print(f"\n100 execs from one client: 56 in flight, 44 refused; a live snapshot "
+              f"meanwhile took {took:.1f} s")
+        attacker.stdin.write("done\n")
+        attacker.stdin.flush()
+        attacker.communicate(timeout=60)
+    finally:
+        attacker.kill()
+        attacker.wait()
