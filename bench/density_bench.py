@@ -6,7 +6,9 @@ and has the helper build a boot template; the rest resume it), stopping early wh
 host's available memory would fall under a reserve (so "fewer where memory runs
 out"); runs ``true`` in each; lets them settle; then holds them
 ``AGENTISO_BENCH_DENSITY_HOLD`` seconds (default 300), printing progress each
-minute.  Measures each QEMU's PSS (shared pages counted once across the VMs)
+minute.  ``AGENTISO_BENCH_TB_SIZE_MIB`` sets the helper's TCG translation cache
+per VM (``[vm] tb_size_mib``; unset: the engine's default).  Measures each QEMU's PSS
+(shared pages counted once across the VMs)
 and RSS at the start and the end of the hold, and the CPU the idle VMs used
 during it.  At the end every workspace must still answer an exec; then all are
 destroyed.  Records part "density" (:mod:`bench.report`).
@@ -81,7 +83,8 @@ async def wait_template(helper: HelperProcess, timeout: float = 300.0) -> None:
 
 
 async def run(tools: Tools, helper: HelperProcess, count: int, hold: float) -> dict[str, Any]:
-    out: dict[str, Any] = {"requested": count, "hold_s": hold, "memory_mib": MEMORY_MIB}
+    out: dict[str, Any] = {"requested": count, "hold_s": hold, "memory_mib": MEMORY_MIB,
+                           "tb_size_mib": env_int("AGENTISO_BENCH_TB_SIZE_MIB", 0) or None}
     names: list[str] = []
     creates: list[float] = []
     try:
@@ -156,6 +159,9 @@ def main() -> int:
     # Room for the template's own VM while it is built (uid 0, like the server).
     limits = (f"[limits]\nper_uid_memory_mib = {(count + 3) * MEMORY_MIB}\n"
               f"per_uid_vms = {count + 3}\n[templates]\nbuild = \"on-miss\"\n")
+    tb = env_int("AGENTISO_BENCH_TB_SIZE_MIB", 0)
+    if tb:  # TCG's translation cache per VM; first: running_helper's config opens [vm]
+        limits = f"tb_size_mib = {tb}\n" + limits
     with running_helper(group=0, extra_args=("--images-dir", str(IMAGES)), config=limits
                         ) as helper:
         work = public_tmpdir("agentiso-density-bench-")
