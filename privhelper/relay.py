@@ -423,7 +423,8 @@ class GuestChannel:
         uid: int,
     ) -> None:
         sessions = itertools.count(1)
-        sink.deliver_raw(greeting(hello, nonce=b"", session=next(sessions)))
+        sink.deliver_raw(greeting(self._client_hello(hello, limits), nonce=b"",
+                                  session=next(sessions)))
         decoder = HostStreamDecoder(GUEST_MAX_FRAME)
         # Towards its client the relay plays the agent.
         client_sync = AgentSync()
@@ -468,7 +469,8 @@ class GuestChannel:
                             await self._cancel_client_requests(sink)
                             current = self.hello or hello
                             sink.deliver_raw(
-                                greeting(current, nonce=item.nonce, session=next(sessions))
+                                greeting(self._client_hello(current, limits),
+                                         nonce=item.nonce, session=next(sessions))
                             )
                         else:
                             await self._from_client(item, sink, limits)
@@ -487,6 +489,23 @@ class GuestChannel:
                 with anyio.move_on_after(2), contextlib.suppress(HelperError):
                     await self._write(gp.Cancel(id=next(self._ids), target=upstream))
 
+    def _vm_cap(self, limits: RelayLimits) -> int:
+        """Relayed clients' requests the VM takes at once.  The agent runs
+        ``hello.max_inflight`` at once and past that stops reading: clients
+        get all but a reserve, so the helper's own calls (a freeze, a
+        shutdown) always find a slot in the agent."""
+        cap = limits.max_inflight_per_vm
+        if self.hello is not None:
+            cap = min(cap, max(1, self.hello.max_inflight - HELPER_RESERVED_SLOTS))
+        return cap
+
+    def _client_hello(self, hello: gp.Hello, limits: RelayLimits) -> gp.Hello:
+        """The agent's Hello as a relayed client sees it: ``max_inflight`` is
+        what this client may have in flight, so a client that keeps to it
+        (as the frontend does) is never refused for its own load."""
+        mine = min(hello.max_inflight, limits.max_inflight, self._vm_cap(limits))
+        return msgspec.structs.replace(hello, max_inflight=mine)
+
     def _inflight_refusal(self, sink: ClientSink, limits: RelayLimits) -> str | None:
         """Why a client's new request may not go upstream now, or None."""
         mine = len(sink.upstream) + sum(1 for r in self._retry if r.sink is sink)
@@ -495,12 +514,7 @@ class GuestChannel:
                     f"{limits.max_inflight}: wait for answers or cancel some")
         clients = sum(1 for r in self._routes.values() if isinstance(r.sink, ClientSink))
         clients += sum(1 for r in self._retry if isinstance(r.sink, ClientSink))
-        vm_cap = limits.max_inflight_per_vm
-        if self.hello is not None:
-            # The agent runs hello.max_inflight requests at once; past that it
-            # stops reading.  Clients get all but a reserve, so the helper's
-            # own calls (a freeze, a shutdown) always find a slot in the agent.
-            vm_cap = min(vm_cap, max(1, self.hello.max_inflight - HELPER_RESERVED_SLOTS))
+        vm_cap = self._vm_cap(limits)
         if clients >= vm_cap:
             return (f"{clients} requests are in flight to VM {self.name!r}, the limit is "
                     f"{vm_cap}: wait for answers or cancel some")

@@ -446,6 +446,8 @@ async def test_requests_in_flight_are_capped_per_client_and_per_vm(agent: Agent)
 
         async with contextlib.AsyncExitStack() as stack:
             c1, c2 = await open_client(stack), await open_client(stack)
+            # Each client's Hello says what it may have in flight.
+            assert (await c1.sync()).max_inflight == 2
             for rid in (1, 2, 3):
                 await c1.send(_exec(rid, "sleep 600"))
             refused = await c1.recv()
@@ -463,6 +465,9 @@ async def test_requests_in_flight_are_capped_per_client_and_per_vm(agent: Agent)
             await c1.until_final(1)
             await c1.send(_exec(4, "echo again"))
             assert (await c1.until_final(4)).stdout == b"again\n"
+        # By default: the agent's 64 slots less the helper's reserve of 8.
+        async with relayed_client(ch) as c3:
+            assert (await c3.sync()).max_inflight == 56
 
 
 async def test_a_guest_that_stops_reading_loses_its_channel_not_the_helper(
