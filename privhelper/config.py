@@ -55,7 +55,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: Output queued for one relayed client before it is judged not reading
     #: and dropped (at least two credit windows of a transfer).
     relay_queue_mib: Annotated[int, Meta(ge=1, le=4096)] = 32
-    #: Requests of all relayed clients of one VM in flight at once.
+    #: Requests of all relayed clients of one VM in flight at once (never more
+    #: than the agent's own max_inflight less 8 kept for the helper's calls).
     relay_max_inflight_per_vm: Annotated[int, Meta(ge=1, le=65536)] = 256
 
 
