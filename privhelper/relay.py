@@ -67,7 +67,7 @@ from agentiso.protocol.guest_stream import (
 
 from .errors import GuestStepFailed, HelperError, RequestFailed
 from .limits import BufferBudget
-from .relay_sinks import CLIENT_QUEUE_BYTES, INTERMEDIATE, CallSink, ClientSink, Sink
+from .relay_sinks import INTERMEDIATE, CallSink, ClientSink, RelayLimits, Sink
 from .transport import STREAM_GONE, PeerGone, peer_gone, peer_gone_is_eof, receive_some
 
 log = structlog.get_logger("agentiso.helper.relay")
@@ -82,11 +82,6 @@ IDEMPOTENT: tuple[type[Any], ...] = (
     gp.JobList,
     gp.Sync,
 )
-#: Requests of one relayed client in flight at once; more are refused.
-MAX_INFLIGHT_PER_CLIENT = 64
-#: Requests of all relayed clients of one VM in flight at once (the helper's
-#: own calls are not counted: a client flood must not block a freeze).
-MAX_INFLIGHT_PER_CHANNEL = 256
 #: The agent's request slots kept from relayed clients for the helper's own calls.
 HELPER_RESERVED_SLOTS = 8
 #: How long the guest may leave one frame unread before its channel is re-established.
@@ -99,18 +94,7 @@ HELLO_TIMEOUT_S = 30.0
 RECONNECT_RETRY_WINDOW_S = 15.0
 
 Connector = Callable[[], Awaitable[ByteStream]]
-
-
-@dataclass(frozen=True)
-class RelayLimits:
-    """What one relayed client may cost (the server fills it from its config)."""
-
-    #: Bytes queued toward the client before it is dropped as not reading.
-    queue_bytes: int = CLIENT_QUEUE_BYTES
-    #: Its requests in flight at once.
-    max_inflight: int = MAX_INFLIGHT_PER_CLIENT
-    #: Requests of all relayed clients of the VM in flight at once.
-    max_inflight_per_vm: int = MAX_INFLIGHT_PER_CHANNEL
+DEFAULT_LIMITS = RelayLimits()
 
 
 class GuestChannelBroken(HelperError):
@@ -387,7 +371,7 @@ class GuestChannel:
         *,
         uid: int = 0,
         budget: BufferBudget | None = None,
-        limits: RelayLimits = RelayLimits(),
+        limits: RelayLimits = DEFAULT_LIMITS,
     ) -> str | None:
         """Relay one client until it disconnects or is dropped.
 

@@ -1,12 +1,14 @@
 """Where relayed answers go: the bounded queue toward one relayed client
 (:class:`ClientSink`), and the one-answer slot of a helper-internal call
-(:class:`CallSink`).  Used by :mod:`.relay`; no I/O beyond an in-memory stream.
+(:class:`CallSink`), and what one relayed client may cost (:class:`RelayLimits`).
+Used by :mod:`.relay`; no I/O beyond an in-memory stream.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -28,6 +30,23 @@ CLIENT_QUEUE_BYTES = 2 * gp.MAX_WINDOW_BYTES
 #: the stream's deque slot), counted so that a flood of tiny frames (a
 #: greeting per sync marker) cannot hold much more than the cap says.
 ITEM_OVERHEAD = 128
+#: Requests of one relayed client in flight at once; more are refused.
+MAX_INFLIGHT_PER_CLIENT = 64
+#: Requests of all relayed clients of one VM in flight at once (the helper's
+#: own calls are not counted: a client flood must not block a freeze).
+MAX_INFLIGHT_PER_CHANNEL = 256
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """What one relayed client may cost (the server fills it from its config)."""
+
+    #: Bytes queued toward the client before it is dropped as not reading.
+    queue_bytes: int = CLIENT_QUEUE_BYTES
+    #: Its requests in flight at once.
+    max_inflight: int = MAX_INFLIGHT_PER_CLIENT
+    #: Requests of all relayed clients of the VM in flight at once.
+    max_inflight_per_vm: int = MAX_INFLIGHT_PER_CHANNEL
 
 
 class Sink:

@@ -50,7 +50,7 @@ from .errors import HelperError, RequestFailed
 from .limits import CONNECTION_FLOOR, BufferBudget, connection_refusal
 from .peercred import PeerCredentials, get_peer_credentials
 from .polkit import ConnectionAuthorizer
-from .relay import RelayLimits
+from .relay_sinks import RelayLimits
 from .transport import peer_gone_is_eof, receive_some
 
 if TYPE_CHECKING:

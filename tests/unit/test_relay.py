@@ -29,7 +29,8 @@ from anyio.abc import ByteStream, UNIXSocketStream
 
 from agentiso.privhelper.errors import GuestStepFailed, HelperError
 from agentiso.privhelper.limits import BufferBudget
-from agentiso.privhelper.relay import GuestChannel, RelayLimits
+from agentiso.privhelper.relay import GuestChannel
+from agentiso.privhelper.relay_sinks import RelayLimits
 from agentiso.privhelper.transport import receive_some
 from agentiso.protocol import guest as gp
 from agentiso.protocol.errors import ErrorCode
