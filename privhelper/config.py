@@ -71,9 +71,10 @@ class TemplatesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: Resume a ready template instead of booting when one fits the start.
     use: bool = True
     #: ``on-miss``: a start that found no template builds one in the
-    #: background (one build per image and shape at a time); ``off``: only
-    #: an explicit build makes them.
-    build: Literal["off", "on-miss"] = "off"
+    #: background (one build per image and shape at a time), so the next
+    #: create of that image and shape resumes instead of booting; ``off``:
+    #: only an explicit build makes them.
+    build: Literal["off", "on-miss"] = "on-miss"
 
 
 class HelperConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -113,7 +113,10 @@ def demo_env(images: Path = IMAGES) -> Iterator[DemoEnv]:
         subprocess.run(["ip", "netns", "add", netns], check=True)
         subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
         # Short socket paths for the VMs (<= 107 bytes): under the work dir.
-        (work / "helper.toml").write_text(f'[vm]\nrun_dir = "{work}/run"\n')
+        # No background template build: the demo's one create would pay for
+        # a second boot it never uses.
+        (work / "helper.toml").write_text(f'[vm]\nrun_dir = "{work}/run"\n\n'
+                                          '[templates]\nbuild = "off"\n')
         with open(work / "helper.log", "wb") as log:
             helper = subprocess.Popen(
                 ["ip", "netns", "exec", netns, sys.executable, "-m", "agentiso.privhelper.cli",

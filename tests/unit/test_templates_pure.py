@@ -90,7 +90,7 @@ def test_the_source_carries_the_saved_mac_and_secret() -> None:
 
 def test_config_defaults_and_refusals() -> None:
     cfg = parse_config("")
-    assert cfg.templates.use and cfg.templates.build == "off"
+    assert cfg.templates.use and cfg.templates.build == "on-miss"
     assert parse_config('[templates]\nbuild = "on-miss"\n').templates.build == "on-miss"
     for bad in ('[templates]\nbuild = "always"\n', "[templates]\nsize = 3\n",
                 '[templates]\nuse = "yes"\n'):
