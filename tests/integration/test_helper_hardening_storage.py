@@ -63,6 +63,9 @@ CONFIG = f"""
 per_uid_snapshots = 3
 per_uid_memory_state_bytes = {320 * MIB}
 reserve_free_bytes = {RESERVE}
+
+[templates]
+build = "off"  # no root-owned template filling the small state filesystem
 """
 
 pytestmark = [
