@@ -111,13 +111,36 @@ def _socket_chardev(chardev_id: str, path: str, listen_fd: int | None) -> str:
     return f"socket,id={chardev_id},{where},server=on,wait=off"
 
 
+#: The id of the guest RAM's memory backend object (with a ``memory_file``).
+RAM_BACKEND = "ram"
+
+
 def _machine(spec: VmSpec) -> str:
     # dump-guest-core=off: a QEMU core dump must not carry the guest's memory;
     # mem-merge=off: no KSM page sharing between workspaces (dedup side channels).
     opts = ["microvm", "acpi=on", "isa-serial=on", "rtc=on", "dump-guest-core=off", "mem-merge=off"]
+    if spec.memory_file is not None:
+        opts.append(f"memory-backend={RAM_BACKEND}")
     if spec.accel.kind == "kvm":
         opts += ["pit=off", "pic=off"]
     return ",".join(opts)
+
+
+def memory_backend(spec: VmSpec) -> str:
+    """The ``-object`` value of the guest RAM in ``spec.memory_file``.
+
+    QEMU 7.2 opens ``mem-path`` itself (read-write; its ``readonly=on`` maps
+    the RAM without write access, which a guest cannot run on), so the fd is
+    named through ``/proc/self/fd``.  A clone's file is a sealed memfd: the
+    open succeeds, but no write, resize or shared writable mapping can change
+    it, and ``share=off`` keeps the guest's writes private to this QEMU.
+    """
+    mf = spec.memory_file
+    assert mf is not None
+    share = "on" if mf.share else "off"
+    # dump=off and merge=off as for anonymous RAM (see _machine).
+    return (f"memory-backend-file,id={RAM_BACKEND},size={spec.memory_mib}M,"
+            f"mem-path=/proc/self/fd/{mf.fd},share={share},dump=off,merge=off")
 
 
 def kernel_cmdline(spec: VmSpec) -> str:
@@ -154,6 +177,8 @@ def build_argv(spec: VmSpec, qemu_binary: str = "qemu-system-x86_64") -> list[st
     else:
         argv += ["-accel", f"tcg,tb-size={spec.accel.tb_size_mib}", "-cpu", "max"]
     argv += ["-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M"]
+    if spec.memory_file is not None:
+        argv += ["-object", memory_backend(spec)]
     argv += ["-kernel", spec.kernel, "-append", kernel_cmdline(spec)]
     if spec.initrd is not None:
         argv += ["-initrd", spec.initrd]

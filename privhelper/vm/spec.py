@@ -105,6 +105,16 @@ class Accel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tb_size_mib: int = 64
 
 
+class MemoryFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Guest RAM in a file the helper opened (``fd``, e.g. a memfd), which QEMU
+    maps through ``/proc/self/fd``: ``share=True`` writes the guest's RAM into
+    the file (a template VM); ``share=False`` maps it private copy-on-write (a
+    clone: unchanged pages stay shared through the page cache, writes are its own)."""
+
+    fd: int
+    share: bool = False
+
+
 class Incoming(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Start from a saved memory image: read from ``fd``, or ``None`` for ``defer``."""
 
@@ -134,6 +144,8 @@ class VmSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: for anyone to find.  Exclusive with ``fw_cfg_secret_file``.
     fw_cfg_secret_fd: int | None = None
     incoming: Incoming | None = None
+    #: Guest RAM in a file instead of anonymous memory (boot templates).
+    memory_file: MemoryFile | None = None
     #: Under TCG the guest's TSC runs at the host's TSC rate; telling the kernel
     #: (``tsc_early_khz``) spares it a PIT calibration that fails when the host
     #: is loaded, after which a stock kernel hangs with no clocksource.
@@ -273,5 +285,8 @@ def validate_spec(spec: VmSpec) -> None:
     if spec.incoming is not None and spec.incoming.fd is not None:
         check_fd("incoming migration", spec.incoming.fd)
         fds.append(spec.incoming.fd)
+    if spec.memory_file is not None:
+        check_fd("memory file", spec.memory_file.fd)
+        fds.append(spec.memory_file.fd)
     if len(set(fds)) != len(fds):
         raise _fail("the same fd number is used twice")

@@ -162,6 +162,10 @@ class VmLifecycle:
                         memory_fd = _open_fd(fds, ws.memory_dir / snap.memory_file, os.O_RDONLY)
                         address = snap.address
                         saved_secret = snap.secret
+                    # A template's VM being built, or a clone of a template whose
+                    # RAM is shared: the guest RAM is a file (templates.py).
+                    ram = None if self.templates is None else self.templates.ram_for(
+                        vol, claimed=fork is not None and req.resume_from is None)
                     attachment = await ws.storage.attachment(vol.key)
 
                     # From here the name and the volume are taken for everyone
@@ -206,6 +210,8 @@ class VmLifecycle:
                         vhost_vsock_fd=vhost_fd,
                         secret=secret,
                         net_link_down=fork is not None,
+                        memory_fd=None if ram is None else ram[0],
+                        memory_shared=ram is not None and ram[1],
                     )
                 )
             async with ws.lock:

@@ -21,8 +21,15 @@ the helper builds one in the background for the next start.
 
 Isolation: a template is made by the helper from the image alone and is never
 written after its snapshot (its VM is killed; nothing runs on the volume
-again); each clone writes to its own overlay.  Clones do not share RAM pages:
-each QEMU reads the saved state into its own memory.
+again); each clone writes to its own overlay.  Without ``share_memory``
+clones share no RAM pages: each QEMU reads the saved state into its own
+memory.  With ``[templates] share_memory`` the template VM runs with its RAM
+in a memfd (``share=on``), its saved state carries that RAM after the device
+state (:func:`..vm.engine.snapshots.append_ram`), and each clone maps one
+sealed memfd of that RAM private copy-on-write (``share=off``,
+``x-ignore-shared``): the seals forbid every write, resize and shared
+writable mapping, so no clone's QEMU can change what the others read, and
+its guest's writes land in its own private pages.
 
 Pure parts: :func:`template_key`, :func:`template_name`,
 :func:`claimable`.  I/O: :class:`Templates`.
@@ -30,6 +37,7 @@ Pure parts: :func:`template_key`, :func:`template_name`,
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import ipaddress
 import os
@@ -52,6 +60,8 @@ from ..registry import Registry, SnapshotRecord, VolumeRecord
 from ..server import RequestContext
 from ..service import WorkspaceService
 from ..storage import FromSnapshot
+from ..vm.engine.snapshots import copy_extents, ram_offset
+from ..vm.engine.types import MIB
 from .forks import ForkSource
 
 if TYPE_CHECKING:
@@ -71,12 +81,20 @@ FORMAT = 1
 MARK_PREFIX = "template:"
 
 
-def template_key(image: images.Image, vcpus: int, memory_mib: int) -> str:
-    """16 hex digits naming the template of this image build and shape."""
+#: Every seal: no write, resize or shared writable mapping, and no unsealing.
+RAM_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def template_key(image: images.Image, vcpus: int, memory_mib: int,
+                 share_memory: bool = False) -> str:
+    """16 hex digits naming the template of this image build and shape (and
+    whether its saved state carries its RAM for sharing: another layout)."""
     files = image.manifest.files
     parts = [f"agentiso-template-{FORMAT}", image.name, image.manifest.cmdline,
              *(files[f].sha256 for f in ("vmlinuz", "initrd.img", "rootfs.img")),
              str(vcpus), str(memory_mib)]
+    if share_memory:
+        parts.append("share-memory")
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -153,6 +171,63 @@ class Templates:
     snapshots: LiveSnapshots | None = None
     #: Keys being built now (one build per key at a time).
     building: set[str] = field(default_factory=set)
+    #: ``share_memory``: the sealed RAM memfd of each ready template (loaded
+    #: from its state file on first use), and the writable one of each
+    #: template VM being built (by volume name).
+    rams: dict[str, int] = field(default_factory=dict)
+    build_rams: dict[str, int] = field(default_factory=dict)
+
+    def _key(self, image: images.Image, vcpus: int, memory_mib: int) -> str:
+        return template_key(image, vcpus, memory_mib, self.config.share_memory)
+
+    def ram_for(self, vol: VolumeRecord, claimed: bool) -> tuple[int, bool] | None:
+        """The memory file ``VmStart`` gives the VM on ``vol``: ``(fd,
+        shared)``, or None (anonymous RAM).  A template VM being built writes
+        its RAM into its memfd; a start that :meth:`claim` gave a
+        share-memory template (``claimed``) maps its sealed memfd privately."""
+        if is_template(vol):
+            fd = self.build_rams.get(vol.name)
+            return None if fd is None else (fd, True)
+        mark = vol.pristine_clone_of or ""
+        if claimed and mark.startswith(MARK_PREFIX):
+            ram = self.rams.get(mark[len(MARK_PREFIX):])
+            return None if ram is None else (ram, False)
+        return None
+
+    def _load_ram(self, key: str, ready: Ready, memory_mib: int) -> bool:
+        """Make ``self.rams[key]``: a sealed memfd of the RAM in the template's
+        state file.  False: the file holds none (then the template is not used)."""
+        if key in self.rams:
+            return True
+        size = memory_mib * MIB
+        path = self.ws.memory_dir / ready.source.memory_file
+        try:
+            src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("template_ram_unreadable", template=key, error=str(exc))
+            return False
+        try:
+            off = ram_offset(os.fstat(src).st_size, size)
+            ram = os.memfd_create(f"agentiso-tpl-{key}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                os.ftruncate(ram, size)
+                copy_extents(src, off, ram, 0, size)
+                fcntl.fcntl(ram, fcntl.F_ADD_SEALS, RAM_SEALS)
+            except BaseException:
+                os.close(ram)
+                raise
+        except (OSError, HelperError) as exc:
+            log.warning("template_ram_unreadable", template=key, error=str(exc))
+            return False
+        finally:
+            os.close(src)
+        self.rams[key] = ram
+        return True
+
+    def _drop_ram(self, key: str) -> None:
+        fd = self.rams.pop(key, None)
+        if fd is not None:
+            os.close(fd)
 
     async def claim(self, vol: VolumeRecord, req: hp.VmStart) -> ForkSource | None:
         """Give ``vol`` a ready template's disk and say which memory to resume,
@@ -161,11 +236,14 @@ class Templates:
         if not self.config.use or is_template(vol) or not claimable(vol, req):
             return None
         image = images.load_image(self.ws.images_dir, vol.image)
-        key = template_key(image, req.vcpus, req.memory_mib)
+        key = self._key(image, req.vcpus, req.memory_mib)
         ready = ready_template(self.ws.registry, key, req.vcpus, req.memory_mib)
         if ready is None or ready.volume.size_bytes != vol.size_bytes:
             if ready is None:
                 self.build_soon(vol.image, req.vcpus, req.memory_mib)
+            return None
+        if self.config.share_memory and not await anyio.to_thread.run_sync(
+                self._load_ram, key, ready, req.memory_mib):
             return None
         if vol.pristine_clone_of != clone_mark(key):
             await self._swap_in_clone(vol, ready.volume, key)
@@ -217,7 +295,7 @@ class Templates:
         same image and shape.  A failure removes what it made."""
         assert self.lifecycle is not None and self.snapshots is not None
         image = images.load_image(self.ws.images_dir, image_name)
-        key = template_key(image, vcpus, memory_mib)
+        key = self._key(image, vcpus, memory_mib)
         if key in self.building:
             return None
         if ready_template(self.ws.registry, key, vcpus, memory_mib) is not None:
@@ -225,6 +303,10 @@ class Templates:
         self.building.add(key)
         name = template_name(key)
         ctx = helper_context()
+        if self.config.share_memory:
+            ram = os.memfd_create(f"agentiso-build-{key}", os.MFD_CLOEXEC)
+            self.build_rams[name] = ram
+            os.ftruncate(ram, memory_mib * MIB)
         try:
             await self._remove(name)  # a half-made one (a crash mid-build)
             log.info("template_build", image=image_name, key=key, vcpus=vcpus,
@@ -240,14 +322,21 @@ class Templates:
             finally:
                 with anyio.CancelScope(shield=True):
                     await self._stop_vm(name)
-            if ready_template(self.ws.registry, key, vcpus, memory_mib) is None:
+            ready = ready_template(self.ws.registry, key, vcpus, memory_mib)
+            if ready is None:
                 raise RequestFailed(ErrorCode.INTERNAL, f"template {key} has no memory snapshot")
+            if self.config.share_memory and not await anyio.to_thread.run_sync(
+                    self._load_ram, key, ready, memory_mib):
+                raise RequestFailed(ErrorCode.INTERNAL, f"template {key} saved no RAM")
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._remove(name)
             raise
         finally:
             self.building.discard(key)
+            build_ram = self.build_rams.pop(name, None)
+            if build_ram is not None:
+                os.close(build_ram)
         await self._remove_stale(image_name, vcpus, memory_mib, keep=name)
         log.info("template_ready", image=image_name, key=key)
         return key
@@ -262,6 +351,8 @@ class Templates:
         """Remove template volume ``name`` (and its VM) if it exists and no clone
         still depends on it (then it stays: logged)."""
         await self._stop_vm(name)
+        # Clones running on it keep their own mapping; new ones load it again.
+        self._drop_ram(name[len(NAME_PREFIX):])
         async with self.ws.lock:
             try:
                 vol = self.ws.registry.volume(TEMPLATE_OWNER, name)

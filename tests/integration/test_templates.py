@@ -7,7 +7,11 @@ users.  Checked: each differs in address, MAC, hostname, machine-id and
 /dev/urandom; a write in one shows in no other (nor in a later one); they
 cannot reach each other; a QEMU killed mid-claim leaves nothing and the retry
 succeeds; a changed image is never served by the stale template (the next
-start boots cold and a new template replaces the old one).
+start boots cold and a new template replaces the old one).  With
+``share_memory`` (on here): clones map the template's RAM, a sealed memfd,
+private copy-on-write: their PSS is below their RSS, nothing (not even root)
+can write that memfd, and its bytes are the same after the clones wrote to
+their memory (a tmpfs file, a sysctl) that no other clone sees.
 
 Real QEMU (TCG), the real image and agent, in the namespace the helper
 harness made; one helper and one template for the module.
@@ -15,6 +19,8 @@ harness made; one helper and one template for the module.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -46,7 +52,7 @@ PORT = 80
 PROBE = "/root/probe.py"
 POLICY = hp.NetworkPolicy(inbound_ports=[PORT])
 CONFIG = ("[limits]\nper_uid_memory_mib = 4096\nper_uid_vms = 8\n"
-          "[templates]\nbuild = \"on-miss\"\n")
+          "[templates]\nbuild = \"on-miss\"\nshare_memory = true\n")
 TEMPLATE_WAIT_S = 300.0
 
 
@@ -113,6 +119,28 @@ class Lab:
                              f"{self.helper.log()[-3000:]}")
 
 
+def template_rams(pid: int) -> dict[str, str]:
+    """The template RAM memfds the helper ``pid`` holds: /proc path -> sha256."""
+    out = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("/memfd:agentiso-tpl-"):
+            h = hashlib.sha256()
+            with open(fd, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            out[str(fd)] = h.hexdigest()
+    return out
+
+
+def smaps_kib(pid: int) -> dict[str, int]:
+    rows = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    return {k: int(v.split()[0]) for k, v in (r.split(":", 1) for r in rows)}
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     images = public_tmpdir("agentiso-tpl-img-")  # a rebuild cannot change it under us
@@ -161,13 +189,52 @@ def test_two_from_one_template_differ_in_identity(lab: Lab) -> None:
 
 
 def test_a_write_in_one_never_shows_in_another(lab: Lab) -> None:
-    lab.sh("a1", "echo secret-of-a > /root/mine; echo x >> /etc/motd; sync")
+    assert lab.helper.proc is not None
+    rams = template_rams(lab.helper.proc.pid)
+    assert len(rams) == 1, rams  # share_memory: the template's RAM, held by the helper
+    # Disk, RAM (a tmpfs file of a few MiB) and kernel state (a sysctl).
+    lab.sh("a1", "echo secret-of-a > /root/mine; echo x >> /etc/motd; sync;"
+                 " head -c 8M /dev/urandom > /dev/shm/big;"
+                 " echo a1dom > /proc/sys/kernel/domainname")
     assert lab.sh("b1", "test -e /root/mine && echo yes || echo no") == "no"
     lab.create("b2", USER_B)  # made after the write, from the same template
     assert lab.claims() == 3
     for vm in ("b1", "b2"):
         assert lab.sh(vm, "test -e /root/mine && echo yes || echo no") == "no", vm
         assert "x" not in lab.sh(vm, "cat /etc/motd").splitlines(), vm
+        assert lab.sh(vm, "ls /dev/shm; cat /proc/sys/kernel/domainname") == "(none)", vm
+    assert template_rams(lab.helper.proc.pid) == rams  # the template's RAM is unchanged
+
+
+def test_the_template_ram_cannot_be_written_and_clones_share_it(lab: Lab) -> None:
+    assert lab.helper.proc is not None
+    (path,) = template_rams(lab.helper.proc.pid)
+    fd = os.open(path, os.O_RDWR)  # as a clone's QEMU opens it (mem-path=/proc/self/fd/N)
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        for seal in (fcntl.F_SEAL_WRITE, fcntl.F_SEAL_GROW, fcntl.F_SEAL_SHRINK,
+                     fcntl.F_SEAL_SEAL):
+            assert seals & seal, (seals, seal)
+        size = os.fstat(fd).st_size
+        with pytest.raises(PermissionError):
+            os.pwrite(fd, b"x", 0)
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, size // 2)
+        with pytest.raises(PermissionError):
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, 0)  # F_SEAL_SEAL: no unsealing
+    finally:
+        os.close(fd)
+    clones = []
+    for pid in lab.helper.qemu_pids():
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if any(b"memory-backend-file" in a and b"share=off" in a for a in argv):
+            clones.append(pid)
+    assert len(clones) >= 2, clones  # a1 and b1 at least
+    for pid in clones:
+        kib = smaps_kib(pid)
+        print(f"clone QEMU {pid}: PSS {kib['Pss'] // 1024} MiB, RSS {kib['Rss'] // 1024} MiB,"
+              f" shmem PSS {kib.get('Pss_Shmem', 0) // 1024} MiB")
+        assert kib["Pss"] < kib["Rss"] - 8 * 1024, kib  # pages shared with the other clones
     with lab.client() as c:
         c.request(hp.VmStop(id=0, name="b2", owner=USER_B, force=True))
 

@@ -3,6 +3,7 @@ image build and shape, and which VmStart may resume a template."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import msgspec
@@ -45,6 +46,8 @@ def test_the_key_changes_with_the_image_build_and_the_shape() -> None:
         template_key(image(), 1, 512),
     }
     assert base not in others and len(others) == 5
+    # Shared memory changes what the saved state holds: another template.
+    assert template_key(image(), 1, 256, share_memory=True) not in {base, *others}
 
 
 def volume(**kw: object) -> VolumeRecord:
@@ -91,8 +94,60 @@ def test_the_source_carries_the_saved_mac_and_secret() -> None:
 def test_config_defaults_and_refusals() -> None:
     cfg = parse_config("")
     assert cfg.templates.use and cfg.templates.build == "on-miss"
+    assert parse_config("[templates]\nshare_memory = true\n").templates.share_memory
     assert parse_config('[templates]\nbuild = "on-miss"\n').templates.build == "on-miss"
     for bad in ('[templates]\nbuild = "always"\n', "[templates]\nsize = 3\n",
-                '[templates]\nuse = "yes"\n'):
+                '[templates]\nuse = "yes"\n', '[templates]\nshare_memory = "on"\n'):
         with pytest.raises(ConfigError):
             parse_config(bad)
+
+
+def test_the_ram_after_a_state_is_copied_with_its_holes_and_found_again(
+    tmp_path: Path,
+) -> None:
+    from agentiso.privhelper.vm.engine.snapshots import (
+        RAM_ALIGN,
+        append_ram,
+        copy_extents,
+        data_extents,
+        ram_offset,
+    )
+    from agentiso.privhelper.vm.errors import LaunchError
+
+    mib = 1 << 20
+    ram = os.memfd_create("t-ram")
+    state = os.open(tmp_path / "state", os.O_RDWR | os.O_CREAT, 0o600)
+    back = os.memfd_create("t-back")
+    try:
+        os.ftruncate(ram, 4 * mib)
+        os.pwrite(ram, b"a" * 5000, mib)  # data in the second MiB only
+        os.pwrite(ram, b"z", 4 * mib - 1)
+        os.write(state, b"s" * 70_001)  # a device state of any length
+        append_ram(ram, state, 4 * mib)
+        size = os.fstat(state).st_size
+        off = ram_offset(size, 4 * mib)
+        assert off % RAM_ALIGN == 0 and off >= 70_001 and size == off + 4 * mib
+        assert os.pread(state, 5000, off + mib) == b"a" * 5000
+        assert os.pread(state, 1, off + 4 * mib - 1) == b"z"
+        assert os.pread(state, 10, off) == bytes(10)  # a hole reads as zeros
+        os.ftruncate(back, 4 * mib)
+        copy_extents(state, off, back, 0, 4 * mib)
+        assert os.pread(back, 4 * mib, 0) == os.pread(ram, 4 * mib, 0)
+        # Holes stay holes: far less than the 4 MiB is data.
+        assert sum(n for _, n in data_extents(back, 0, 4 * mib)) < 2 * mib
+        for bad_size in (4 * mib, 4 * mib + 1, 100):  # no RAM, or not page aligned
+            with pytest.raises(LaunchError):
+                ram_offset(bad_size, 4 * mib)
+    finally:
+        for fd in (ram, state, back):
+            os.close(fd)
+
+
+def test_migrate_capabilities_add_ignore_shared_only_when_asked() -> None:
+    from agentiso.privhelper.vm.engine.snapshots import migrate_capabilities
+
+    off = migrate_capabilities(False)["capabilities"]
+    on = migrate_capabilities(True)["capabilities"]
+    assert isinstance(off, list) and isinstance(on, list)
+    assert off == [{"capability": "events", "state": True}]
+    assert on == [*off, {"capability": "x-ignore-shared", "state": True}]

@@ -11,6 +11,7 @@ from agentiso.privhelper.vm.spec import (
     Accel,
     DiskLayer,
     Incoming,
+    MemoryFile,
     NetAttachment,
     VirtioSerialChannel,
     VmSpec,
@@ -239,3 +240,31 @@ def test_sockets_as_listening_fds() -> None:
 def test_fw_cfg_secret_fd() -> None:
     argv = build_argv(make_spec(fw_cfg_secret_fd=33))
     assert opt_values(argv, "-fw_cfg") == ["name=opt/org.agentiso/secret,file=/proc/self/fd/33"]
+
+
+def test_no_memory_file_means_anonymous_ram() -> None:
+    argv = build_argv(make_spec())
+    assert not opt_values(argv, "-object")
+    assert "memory-backend" not in opt_values(argv, "-M")[0]
+
+
+def test_memory_file_is_named_through_proc_self_fd() -> None:
+    for share, word in ((True, "share=on"), (False, "share=off")):
+        argv = build_argv(make_spec(memory_file=MemoryFile(fd=12, share=share)))
+        (obj,) = opt_values(argv, "-object")
+        assert obj == (f"memory-backend-file,id=ram,size=256M,mem-path=/proc/self/fd/12,"
+                       f"{word},dump=off,merge=off")
+        assert opt_values(argv, "-M")[0].endswith(",memory-backend=ram")
+        assert opt_values(argv, "-m") == ["256M"]
+
+
+def test_memory_file_fd_is_checked_like_every_fd() -> None:
+    import pytest
+
+    from agentiso.privhelper.vm.errors import InvalidVmSpec
+
+    for bad in (-1, 1, True):
+        with pytest.raises(InvalidVmSpec):
+            build_argv(make_spec(memory_file=MemoryFile(fd=bad)))  # type: ignore[arg-type]
+    with pytest.raises(InvalidVmSpec, match="twice"):  # the disk's fd
+        build_argv(make_spec(memory_file=MemoryFile(fd=10)))

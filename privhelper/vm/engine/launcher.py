@@ -21,7 +21,7 @@ from ..errors import InvalidVmSpec, VmUnavailable
 from ..launch import LaunchResources, prepare_private_dir, spawn_qemu
 from ..procfs import read_stat
 from ..record import VmRecord
-from ..spec import Accel, Incoming, VirtioSerialChannel, VmSpec, VsockChannel
+from ..spec import Accel, Incoming, MemoryFile, VirtioSerialChannel, VmSpec, VsockChannel
 from .types import EngineSettings, VmConfig
 
 
@@ -79,6 +79,8 @@ def resolve_spec(cfg: VmConfig, settings: EngineSettings, where: Placement) -> V
         # The saved state comes later, over QMP (migrate-incoming), once the
         # engine listens for QEMU's migration events.
         incoming=None if cfg.incoming_fd is None else Incoming(),
+        memory_file=(None if cfg.memory_fd is None
+                     else MemoryFile(fd=cfg.memory_fd, share=cfg.memory_shared)),
         tsc_khz=where.tsc_khz if kind == "tcg" else None,
         start_paused=True,
     )
@@ -142,6 +144,7 @@ def spawn(
             for fd in (
                 cfg.net.tap_fd if cfg.net else None,
                 cfg.vhost_vsock_fd if cfg.channel == "vsock" else None,
+                cfg.memory_fd,
             ):
                 if fd is not None:
                     pass_fds.append(fd)

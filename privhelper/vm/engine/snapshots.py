@@ -30,20 +30,42 @@ INCOMING_FDNAME = "agentiso-incoming"
 #: Migration to a local file is bounded by the disk, not a network: no throttle
 #: (QEMU's default is 32 MiB/s).
 MIGRATE_MAX_BANDWIDTH = 64 * 1024 * MIB
-_EVENTS_ON = {"capabilities": [{"capability": "events", "state": True}]}
+
+
+def migrate_capabilities(ignore_shared: bool) -> dict[str, object]:
+    """``migrate-set-capabilities`` arguments.  ``x-ignore-shared`` leaves
+    RAM in a shared memory file out of the stream (a template VM's save:
+    the file holds it) and, on loading, keeps what the VM's memory file
+    already has; both ends must agree, since it changes the stream's format."""
+    caps = [{"capability": "events", "state": True}]
+    if ignore_shared:
+        caps.append({"capability": "x-ignore-shared", "state": True})
+    return {"capabilities": caps}
 
 
 async def save_memory(vm: VmSupervisor, fd: int, timeout: float) -> MemorySaveResult:
     """Pause the VM and write its whole state to ``fd`` (QMP ``migrate`` to an fd).
 
-    The VM stays paused afterwards (see ``VmEngine.save_memory``).
+    The VM stays paused afterwards (see ``VmEngine.save_memory``).  A VM whose
+    RAM is a shared memory file (a template VM) saves its devices without the
+    RAM (``x-ignore-shared``), then the helper appends the RAM as it is at
+    this paused instant (:func:`append_ram`): the file may change once the
+    VM runs on, the saved copy does not.
     """
     vm.require(VmState.RUNNING, VmState.PAUSED, to="save its memory")
+    mf = vm.record.spec.memory_file
+    if mf is not None and mf.share and vm.adopted:
+        # The fd number in the record was the previous helper's.
+        raise VmUnavailable(
+            f"{vm.name} runs on a shared memory file this helper did not open; "
+            "stop it and start it again to save its memory")
     t0 = time.monotonic()
     start_size = os.fstat(fd).st_size
     await vm.execute("stop")
     vm.transition(VmState.PAUSED, only_from=(VmState.RUNNING, VmState.PAUSED))
-    await vm.execute("migrate-set-capabilities", _EVENTS_ON)
+    mf = vm.record.spec.memory_file
+    await vm.execute("migrate-set-capabilities",
+                     migrate_capabilities(mf is not None and mf.share))
     await vm.execute("migrate-set-parameters", {"max-bandwidth": MIGRATE_MAX_BANDWIDTH})
     await vm.pass_fd(fd, MEMORY_FDNAME)
     vm.expect_migration()
@@ -57,12 +79,72 @@ async def save_memory(vm: VmSupervisor, fd: int, timeout: float) -> MemorySaveRe
     if status != "completed":
         raise VmUnavailable(f"saving the memory of {vm.name} ended {status}")
     await _runstate_settled(vm, timeout)
+    if mf is not None and mf.share:
+        await anyio.to_thread.run_sync(append_ram, mf.fd, fd, vm.record.spec.memory_mib * MIB)
     return MemorySaveResult(os.fstat(fd).st_size - start_size, time.monotonic() - t0)
 
 
+#: The RAM appended to a saved state starts on a page boundary.
+RAM_ALIGN = 4096
+
+
+def ram_offset(file_size: int, ram_bytes: int) -> int:
+    """Where the RAM appended by :func:`append_ram` starts in a state file of
+    ``file_size`` bytes (it is the file's last ``ram_bytes``)."""
+    off = file_size - ram_bytes
+    if off <= 0 or off % RAM_ALIGN:
+        raise LaunchError(f"a saved state of {file_size} bytes holds no RAM of {ram_bytes} bytes")
+    return off
+
+
+def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The ``(offset, length)`` runs of ``fd`` in ``[start, end)`` that hold
+    data (holes, never written, read as zeros and are skipped)."""
+    runs: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            break
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        runs.append((data, hole - data))
+        pos = hole
+    return runs
+
+
+def copy_extents(src: int, src_off: int, dst: int, dst_off: int, size: int) -> None:
+    """Copy the data of ``src[src_off:src_off+size]`` to ``dst`` at
+    ``dst_off``, leaving holes as holes, and make ``dst`` end there."""
+    chunk = 4 * MIB
+    for off, length in data_extents(src, src_off, src_off + size):
+        done = 0
+        while done < length:
+            buf = os.pread(src, min(chunk, length - done), off + done)
+            if not buf:
+                raise LaunchError("the memory file ended early while copying it")
+            os.pwrite(dst, buf, dst_off + (off - src_off) + done)
+            done += len(buf)
+    if os.fstat(dst).st_size < dst_off + size:
+        os.ftruncate(dst, dst_off + size)
+
+
+def append_ram(ram_fd: int, state_fd: int, ram_bytes: int) -> None:
+    """Append the RAM file ``ram_fd`` to the saved state in ``state_fd``, page
+    aligned, holes kept (see :func:`ram_offset`)."""
+    end = os.fstat(state_fd).st_size
+    off = -(-end // RAM_ALIGN) * RAM_ALIGN
+    copy_extents(ram_fd, 0, state_fd, off, ram_bytes)
+
+
 async def restore_memory(vm: VmSupervisor, fd: int, timeout: float) -> None:
-    """Load a saved state into a QEMU started with ``-incoming defer`` (still paused)."""
-    await vm.execute("migrate-set-capabilities", _EVENTS_ON)
+    """Load a saved state into a QEMU started with ``-incoming defer`` (still
+    paused).  A VM with a memory file loads a state saved with
+    ``x-ignore-shared`` (its RAM comes from the file)."""
+    await vm.execute("migrate-set-capabilities",
+                     migrate_capabilities(vm.record.spec.memory_file is not None))
     await vm.pass_fd(fd, INCOMING_FDNAME)
     vm.expect_migration()
     await vm.execute("migrate-incoming", {"uri": f"fd:{INCOMING_FDNAME}"})

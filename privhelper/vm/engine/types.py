@@ -75,6 +75,14 @@ class VmConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: ``VmEngine.set_link(name, True)``: a guest resumed from another VM's
     #: memory must not reach the network under that VM's identity.
     net_link_down: bool = False
+    #: Guest RAM in this file (an fd opened by the caller; stays the
+    #: caller's) instead of anonymous memory: see ``spec.MemoryFile``.
+    memory_fd: int | None = None
+    #: With ``memory_fd``: the guest writes its RAM into the file (a template
+    #: VM) rather than into private copy-on-write pages (a clone).  A saved
+    #: state of a shared-RAM VM leaves the RAM out (``x-ignore-shared``), and a
+    #: VM resuming with a ``memory_fd`` expects such a state.
+    memory_shared: bool = False
 
 
 class VmState(enum.StrEnum):
