@@ -26,10 +26,11 @@ clones share no RAM pages: each QEMU reads the saved state into its own
 memory.  With ``[templates] share_memory`` the template VM runs with its RAM
 in a memfd (``share=on``), its saved state carries that RAM after the device
 state (:func:`..vm.engine.snapshots.append_ram`), and each clone maps one
-sealed memfd of that RAM private copy-on-write (``share=off``,
-``x-ignore-shared``): the seals forbid every write, resize and shared
-writable mapping, so no clone's QEMU can change what the others read, and
-its guest's writes land in its own private pages.
+sealed memfd of that RAM (one per template and user: never shared across
+users) private copy-on-write (``share=off``, ``x-ignore-shared``): the seals
+forbid every write, resize and shared writable mapping, so no clone's QEMU
+can change what the others read, and its guest's writes land in its own
+private pages.
 
 Pure parts: :func:`template_key`, :func:`template_name`,
 :func:`claimable`.  I/O: :class:`Templates`.
@@ -171,10 +172,12 @@ class Templates:
     snapshots: LiveSnapshots | None = None
     #: Keys being built now (one build per key at a time).
     building: set[str] = field(default_factory=set)
-    #: ``share_memory``: the sealed RAM memfd of each ready template (loaded
-    #: from its state file on first use), and the writable one of each
-    #: template VM being built (by volume name).
-    rams: dict[str, int] = field(default_factory=dict)
+    #: ``share_memory``: the sealed RAM memfd of each ready template for
+    #: each owner, by (key, owner uid), loaded from its state file on that
+    #: owner's first claim: pages are shared among one user's workspaces,
+    #: never across users (shared pages are a cache side channel; DESIGN.md
+    #: §9); and the writable memfd of each template VM being built (by name).
+    rams: dict[tuple[str, int], int] = field(default_factory=dict)
     build_rams: dict[str, int] = field(default_factory=dict)
 
     def _key(self, image: images.Image, vcpus: int, memory_mib: int) -> str:
@@ -190,14 +193,15 @@ class Templates:
             return None if fd is None else (fd, True)
         mark = vol.pristine_clone_of or ""
         if claimed and mark.startswith(MARK_PREFIX):
-            ram = self.rams.get(mark[len(MARK_PREFIX):])
+            ram = self.rams.get((mark[len(MARK_PREFIX):], vol.owner))
             return None if ram is None else (ram, False)
         return None
 
-    def _load_ram(self, key: str, ready: Ready, memory_mib: int) -> bool:
-        """Make ``self.rams[key]``: a sealed memfd of the RAM in the template's
-        state file.  False: the file holds none (then the template is not used)."""
-        if key in self.rams:
+    def _load_ram(self, key: str, owner: int, ready: Ready, memory_mib: int) -> bool:
+        """Make ``self.rams[key, owner]``: a sealed memfd of the RAM in the
+        template's state file.  False: the file holds none (then the template
+        is not used)."""
+        if (key, owner) in self.rams:
             return True
         size = memory_mib * MIB
         path = self.ws.memory_dir / ready.source.memory_file
@@ -208,7 +212,8 @@ class Templates:
             return False
         try:
             off = ram_offset(os.fstat(src).st_size, size)
-            ram = os.memfd_create(f"agentiso-tpl-{key}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            ram = os.memfd_create(f"agentiso-tpl-{key}-{owner}",
+                                  os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
                 os.ftruncate(ram, size)
                 copy_extents(src, off, ram, 0, size)
@@ -221,13 +226,12 @@ class Templates:
             return False
         finally:
             os.close(src)
-        self.rams[key] = ram
+        self.rams[key, owner] = ram
         return True
 
     def _drop_ram(self, key: str) -> None:
-        fd = self.rams.pop(key, None)
-        if fd is not None:
-            os.close(fd)
+        for k in [k for k in self.rams if k[0] == key]:
+            os.close(self.rams.pop(k))
 
     async def claim(self, vol: VolumeRecord, req: hp.VmStart) -> ForkSource | None:
         """Give ``vol`` a ready template's disk and say which memory to resume,
@@ -243,7 +247,7 @@ class Templates:
                 self.build_soon(vol.image, req.vcpus, req.memory_mib)
             return None
         if self.config.share_memory and not await anyio.to_thread.run_sync(
-                self._load_ram, key, ready, req.memory_mib):
+                self._load_ram, key, vol.owner, ready, req.memory_mib):
             return None
         if vol.pristine_clone_of != clone_mark(key):
             await self._swap_in_clone(vol, ready.volume, key)
@@ -325,9 +329,13 @@ class Templates:
             ready = ready_template(self.ws.registry, key, vcpus, memory_mib)
             if ready is None:
                 raise RequestFailed(ErrorCode.INTERNAL, f"template {key} has no memory snapshot")
-            if self.config.share_memory and not await anyio.to_thread.run_sync(
-                    self._load_ram, key, ready, memory_mib):
-                raise RequestFailed(ErrorCode.INTERNAL, f"template {key} saved no RAM")
+            if self.config.share_memory:
+                try:
+                    size = (self.ws.memory_dir / ready.source.memory_file).stat().st_size
+                except OSError as exc:
+                    raise RequestFailed(ErrorCode.INTERNAL,
+                                        f"template {key}: state unreadable: {exc}") from None
+                ram_offset(size, memory_mib * MIB)  # LaunchError: it saved no RAM
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._remove(name)

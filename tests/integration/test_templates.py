@@ -136,9 +136,31 @@ def template_rams(pid: int) -> dict[str, str]:
     return out
 
 
+def ram_inodes(pid: int) -> set[int]:
+    """The inodes of the template RAM memfds QEMU ``pid`` maps."""
+    out = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/memfd:agentiso-tpl-"):
+            out.add(int(parts[4]))
+    return out
+
+
 def smaps_kib(pid: int) -> dict[str, int]:
-    rows = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
-    return {k: int(v.split()[0]) for k, v in (r.split(":", 1) for r in rows)}
+    """QEMU ``pid``'s Rss and Pss in all (KiB), and ``Rss_ram``/``Pss_ram``:
+    those of its mapping of the template's RAM alone."""
+    out = {"Rss": 0, "Pss": 0, "Rss_ram": 0, "Pss_ram": 0}
+    ram = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and not head[0].endswith(":"):  # a mapping's header line
+            ram = len(head) >= 6 and head[5].startswith("/memfd:agentiso-tpl-")
+        elif head and head[0] in ("Rss:", "Pss:"):
+            k = head[0][:-1]
+            out[k] += int(head[1])
+            if ram:
+                out[k + "_ram"] += int(head[1])
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +213,8 @@ def test_two_from_one_template_differ_in_identity(lab: Lab) -> None:
 def test_a_write_in_one_never_shows_in_another(lab: Lab) -> None:
     assert lab.helper.proc is not None
     rams = template_rams(lab.helper.proc.pid)
-    assert len(rams) == 1, rams  # share_memory: the template's RAM, held by the helper
+    # share_memory: the template's RAM, held by the helper, one copy per user
+    assert len(rams) == 2, rams
     # Disk, RAM (a tmpfs file of a few MiB) and kernel state (a sysctl).
     lab.sh("a1", "echo secret-of-a > /root/mine; echo x >> /etc/motd; sync;"
                  " head -c 8M /dev/urandom > /dev/shm/big;"
@@ -208,7 +231,9 @@ def test_a_write_in_one_never_shows_in_another(lab: Lab) -> None:
 
 def test_the_template_ram_cannot_be_written_and_clones_share_it(lab: Lab) -> None:
     assert lab.helper.proc is not None
-    (path,) = template_rams(lab.helper.proc.pid)
+    rams = template_rams(lab.helper.proc.pid)
+    assert len(rams) == 2, rams  # one per user: pages are never shared across users
+    path = next(iter(rams))
     fd = os.open(path, os.O_RDWR)  # as a clone's QEMU opens it (mem-path=/proc/self/fd/N)
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -224,17 +249,28 @@ def test_the_template_ram_cannot_be_written_and_clones_share_it(lab: Lab) -> Non
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, 0)  # F_SEAL_SEAL: no unsealing
     finally:
         os.close(fd)
+    lab.create("a2", USER_A)  # a1's sibling: they share the user's copy of the RAM
     clones = []
     for pid in lab.helper.qemu_pids():
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         if any(b"memory-backend-file" in a and b"share=off" in a for a in argv):
             clones.append(pid)
-    assert len(clones) >= 2, clones  # a1 and b1 at least
+    assert len(clones) >= 3, clones  # a1, a2 and b1 at least
+    maps = {pid: ram_inodes(pid) for pid in clones}
+    assert all(len(m) == 1 for m in maps.values()), maps
+    assert len(set().union(*maps.values())) == 2, maps  # A's copy and B's copy
+    shared = 0
     for pid in clones:
         kib = smaps_kib(pid)
-        print(f"clone QEMU {pid}: PSS {kib['Pss'] // 1024} MiB, RSS {kib['Rss'] // 1024} MiB,"
-              f" shmem PSS {kib.get('Pss_Shmem', 0) // 1024} MiB")
-        assert kib["Pss"] < kib["Rss"] - 8 * 1024, kib  # pages shared with the other clones
+        print(f"clone QEMU {pid}: PSS {kib['Pss'] // 1024} MiB, RSS {kib['Rss'] // 1024} MiB;"
+              f" its template RAM mapping: PSS {kib['Pss_ram'] // 1024} MiB,"
+              f" RSS {kib['Rss_ram'] // 1024} MiB")
+        shared += kib["Pss_ram"] < kib["Rss_ram"] - 8 * 1024  # RAM pages shared with a sibling
+    assert shared >= 2, "a1 and a2 share their RAM's unchanged pages"
+    for path in rams:  # the RAM each user's clones map, in the helper's memory once
+        print(f"{path}: {os.stat(path).st_blocks // 2048} MiB of RAM held")
+    with lab.client() as c:
+        c.request(hp.VmStop(id=0, name="a2", owner=USER_A, force=True))
     with lab.client() as c:
         c.request(hp.VmStop(id=0, name="b2", owner=USER_B, force=True))
 
