@@ -229,6 +229,15 @@ class Templates:
         self.rams[key, owner] = ram
         return True
 
+    def _prune_rams(self) -> None:
+        """Close the RAM copies of users who run no VM now: a copy costs the
+        template's RAM once, worth it only while siblings can share it (a
+        running clone keeps its own mapping; the user's next claim loads a
+        new copy)."""
+        running = {m.owner for m in self.ws.registry.vms()}
+        for k in [k for k in self.rams if k[1] not in running]:
+            os.close(self.rams.pop(k))
+
     def _drop_ram(self, key: str) -> None:
         for k in [k for k in self.rams if k[0] == key]:
             os.close(self.rams.pop(k))
@@ -246,9 +255,11 @@ class Templates:
             if ready is None:
                 self.build_soon(vol.image, req.vcpus, req.memory_mib)
             return None
-        if self.config.share_memory and not await anyio.to_thread.run_sync(
-                self._load_ram, key, vol.owner, ready, req.memory_mib):
-            return None
+        if self.config.share_memory:
+            self._prune_rams()
+            if not await anyio.to_thread.run_sync(
+                    self._load_ram, key, vol.owner, ready, req.memory_mib):
+                return None
         if vol.pristine_clone_of != clone_mark(key):
             await self._swap_in_clone(vol, ready.volume, key)
         log.info("template_claimed", volume=vol.key, template=key)
