@@ -75,12 +75,13 @@ class TemplatesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: create of that image and shape resumes instead of booting; ``off``:
     #: only an explicit build makes them.
     build: Literal["off", "on-miss"] = "on-miss"
-    #: Clones map the template's RAM (a sealed memfd the helper holds, kept
-    #: in the memory directory across restarts) private copy-on-write
-    #: instead of each reading it into its own memory: unchanged pages are
-    #: shared between all clones of a template (docs/templates.md, "Memory
-    #: sharing").  Changing it makes new templates (another key).
-    share_memory: bool = False
+    #: Clones map the template's RAM private copy-on-write (a sealed memfd
+    #: the helper loads from the template's saved state, one per template
+    #: and user) instead of each reading it into its own memory: unchanged
+    #: pages are shared among one user's clones, never across users
+    #: (docs/templates.md, "Memory sharing").  Changing it makes new
+    #: templates (another key).
+    share_memory: bool = True
 
 
 class HelperConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
