@@ -357,3 +357,18 @@ def test_a_changed_image_is_not_served_by_the_stale_template(lab: Lab) -> None:
     lab.create("c2", USER_A)
     assert lab.claims() == claims + 1  # from the new template
     assert new not in old
+
+
+def test_after_a_helper_restart_the_ram_comes_from_the_state_file(lab: Lab) -> None:
+    """The RAM memfds die with the helper; the next claim loads the copy from
+    the template's state file, and the clone resumes on it."""
+    lab.helper.stop()
+    lab.helper.start()
+    claims = lab.claims()
+    lab.create("r1", USER_A)
+    assert lab.claims() == claims + 1
+    assert lab.sh("r1", "hostname") == "r1"
+    assert lab.helper.proc is not None
+    assert len(template_rams(lab.helper.proc.pid)) == 1  # USER_A's, loaded again
+    with lab.client() as c:
+        c.request(hp.VmStop(id=0, name="r1", owner=USER_A, force=True))
