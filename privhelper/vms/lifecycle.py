@@ -166,6 +166,8 @@ class VmLifecycle:
                     # RAM is shared: the guest RAM is a file (templates.py).
                     ram = None if self.templates is None else self.templates.ram_for(
                         vol, claimed=fork is not None and req.resume_from is None)
+                    if ram is not None and not ram[1]:  # a clone's: our duplicate
+                        fds.callback(os.close, ram[0])
                     attachment = await ws.storage.attachment(vol.key)
 
                     # From here the name and the volume are taken for everyone

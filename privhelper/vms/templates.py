@@ -187,14 +187,18 @@ class Templates:
         """The memory file ``VmStart`` gives the VM on ``vol``: ``(fd,
         shared)``, or None (anonymous RAM).  A template VM being built writes
         its RAM into its memfd; a start that :meth:`claim` gave a
-        share-memory template (``claimed``) maps its sealed memfd privately."""
+        share-memory template (``claimed``) maps its sealed memfd privately.
+        A clone's fd is a duplicate the caller closes once QEMU runs (QEMU
+        starts after the caller let go of ``ws.lock``, when the template may
+        be gone); a template VM's is the build's own, open while that VM
+        runs: its save reads the RAM from it."""
         if is_template(vol):
             fd = self.build_rams.get(vol.name)
             return None if fd is None else (fd, True)
         mark = vol.pristine_clone_of or ""
         if claimed and mark.startswith(MARK_PREFIX):
             ram = self.rams.get((mark[len(MARK_PREFIX):], vol.owner))
-            return None if ram is None else (ram, False)
+            return None if ram is None else (os.dup(ram), False)
         return None
 
     def _load_ram(self, key: str, owner: int, ready: Ready, memory_mib: int) -> bool:

@@ -112,7 +112,7 @@ def test_the_ram_after_a_state_is_copied_with_its_holes_and_found_again(
         data_extents,
         ram_offset,
     )
-    from agentiso.privhelper.vm.errors import LaunchError
+    from agentiso.privhelper.vm.errors import LaunchError, VmUnavailable
 
     mib = 1 << 20
     ram = os.memfd_create("t-ram")
@@ -138,6 +138,8 @@ def test_the_ram_after_a_state_is_copied_with_its_holes_and_found_again(
         for bad_size in (4 * mib, 4 * mib + 1, 100):  # no RAM, or not page aligned
             with pytest.raises(LaunchError):
                 ram_offset(bad_size, 4 * mib)
+        with pytest.raises(VmUnavailable):  # an fd that is not the VM's RAM (any more)
+            append_ram(state, back, 4 * mib)
     finally:
         for fd in (ram, state, back):
             os.close(fd)

@@ -134,9 +134,16 @@ def copy_extents(src: int, src_off: int, dst: int, dst_off: int, size: int) -> N
 def append_ram(ram_fd: int, state_fd: int, ram_bytes: int) -> None:
     """Append the RAM file ``ram_fd`` to the saved state in ``state_fd``, page
     aligned, holes kept (see :func:`ram_offset`)."""
-    end = os.fstat(state_fd).st_size
-    off = -(-end // RAM_ALIGN) * RAM_ALIGN
-    copy_extents(ram_fd, 0, state_fd, off, ram_bytes)
+    try:
+        if os.fstat(ram_fd).st_size != ram_bytes:  # not the VM's RAM file any more
+            raise VmUnavailable("the VM's memory file is not its RAM: it was closed early; "
+                                "keep it open while the VM runs")
+        end = os.fstat(state_fd).st_size
+        off = -(-end // RAM_ALIGN) * RAM_ALIGN
+        copy_extents(ram_fd, 0, state_fd, off, ram_bytes)
+    except OSError as exc:
+        raise VmUnavailable(f"appending the VM's RAM to its saved state failed: {exc}; "
+                            "check the memory directory's space") from None
 
 
 async def restore_memory(vm: VmSupervisor, fd: int, timeout: float) -> None:
