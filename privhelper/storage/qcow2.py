@@ -53,6 +53,8 @@ from .qcow2_state import (
     VolumeMeta,
     base_dependents,
     decode_meta,
+    deletion_token,
+    describe_deletion,
     encode_meta,
     layer_users,
     next_seq,
@@ -497,22 +499,7 @@ class Qcow2Backend:
             self._refuse_merging(volume, "delete a snapshot")
             meta = self._load(volume)
             plan = plan_delete_snapshot(meta, snapshot, self._load_all())
-            new_backing = self.layout.backing_of(plan.meta, plan.child_index)
-            live = plan.child == meta.top
-            return SnapshotDeletion(
-                volume=volume,
-                snapshot=snapshot,
-                stream_into=BlockNode(
-                    self.layout.layer(plan.child), ImageFormat.QCOW2, Protocol.FILE, False
-                )
-                if live
-                else None,
-                new_backing=BlockNode(new_backing, ImageFormat.QCOW2, Protocol.FILE, True),
-                removed=BlockNode(
-                    self.layout.layer(plan.layer), ImageFormat.QCOW2, Protocol.FILE, True
-                ),
-                token=f"{plan.layer}:{plan.child}",
-            )
+            return describe_deletion(self.layout, meta, plan, volume, snapshot)
 
     async def commit_delete_snapshot(
         self, plan: SnapshotDeletion, *, streamed: bool = False
@@ -523,7 +510,7 @@ class Qcow2Backend:
             self._refuse_merging(plan.volume, "delete a snapshot")
             meta = self._load(plan.volume)
             dplan = plan_delete_snapshot(meta, plan.snapshot, self._load_all())
-            if plan.token != f"{dplan.layer}:{dplan.child}":
+            if plan.token != deletion_token(dplan):
                 raise CorruptState(f"volume {plan.volume!r} changed during the deletion")
             child = self.layout.layer(dplan.child)
             new_backing = self.layout.backing_of(dplan.meta, dplan.child_index)

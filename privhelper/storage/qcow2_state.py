@@ -29,6 +29,7 @@ from pathlib import Path
 import msgspec
 
 from .errors import CorruptState, HasDependents, InvalidName, NotFound
+from .model import BlockNode, ImageFormat, Protocol, SnapshotDeletion
 from .names import check_name
 
 METADATA_VERSION = 1
@@ -239,6 +240,32 @@ def plan_delete_snapshot(
         snapshots=[s for s in meta.snapshots if s.name != snapshot],
     )
     return DeleteSnapshotPlan(new, layer, child, idx)
+
+
+def deletion_token(plan: DeleteSnapshotPlan) -> str:
+    """Names the deletion's layers: a commit whose fresh plan has another
+    token finds the volume changed since the prepare."""
+    return f"{plan.layer}:{plan.child}"
+
+
+def describe_deletion(
+    layout: Layout, meta: VolumeMeta, plan: DeleteSnapshotPlan, volume: str, snapshot: str
+) -> SnapshotDeletion:
+    """What deleting ``snapshot`` of ``meta`` (planned as ``plan``) asks of a
+    running QEMU: stream into the top when the merged layer's child is the
+    top, and the nodes before and after."""
+
+    def node(path: Path, read_only: bool) -> BlockNode:
+        return BlockNode(path, ImageFormat.QCOW2, Protocol.FILE, read_only)
+
+    return SnapshotDeletion(
+        volume=volume,
+        snapshot=snapshot,
+        stream_into=node(layout.layer(plan.child), False) if plan.child == meta.top else None,
+        new_backing=node(layout.backing_of(plan.meta, plan.child_index), True),
+        removed=node(layout.layer(plan.layer), True),
+        token=deletion_token(plan),
+    )
 
 
 def unreferenced(layers: Iterable[str], metas: Iterable[VolumeMeta]) -> list[str]:
