@@ -142,6 +142,11 @@ class Freezer:
         self._freeze: Callable[[int], object] = freeze or (lambda fd: fcntl.ioctl(fd, FIFREEZE, 0))
         self._thaw: Callable[[int], object] = thaw or (lambda fd: fcntl.ioctl(fd, FITHAW, 0))
         self._timer: asyncio.TimerHandle | None = None
+        # Orders the host's Freeze and Thaw requests: a Thaw that arrives while
+        # a Freeze is still syncing (in a thread) runs after it instead of
+        # finding the filesystem not yet frozen and doing nothing, and two
+        # Freezes never both reach FIFREEZE (the second would get EBUSY).
+        self._order = asyncio.Lock()
         self.frozen = False
         self.auto_thaws = 0
 
@@ -182,6 +187,19 @@ class Freezer:
         self.frozen = False
         return True
 
+    async def hold(self, auto_thaw_s: float) -> None:
+        """Freeze (sync and FIFREEZE in a thread, so the loop keeps serving)
+        and arm the automatic thaw; if frozen already, re-arm it.  Ordered
+        with :meth:`release`."""
+        async with self._order:
+            await asyncio.to_thread(self.freeze_now)
+            self.arm(auto_thaw_s)
+
+    async def release(self) -> bool:
+        """Thaw once any Freeze that came first is done; False if not frozen."""
+        async with self._order:
+            return self.thaw()
+
     def _auto_thaw(self) -> None:
         self._timer = None
         log.warning("no thaw from the host in time: thawing %s", self.path)
@@ -196,9 +214,7 @@ async def handle_freeze(req: gp.Freeze, ctx: RequestContext) -> gp.Ok:
     require_vm(ctx, "freezing the root filesystem")
     freezer = ctx.state.freezer
     try:
-        # sync can take long with much dirty data: keep the loop serving meanwhile.
-        await asyncio.to_thread(freezer.freeze_now)
-        freezer.arm(req.auto_thaw_s)
+        await freezer.hold(req.auto_thaw_s)
     except OSError as exc:
         raise from_oserror(exc, "FIFREEZE /") from None
     return gp.Ok(id=req.id)
@@ -206,7 +222,7 @@ async def handle_freeze(req: gp.Freeze, ctx: RequestContext) -> gp.Ok:
 
 async def handle_thaw(req: gp.Thaw, ctx: RequestContext) -> gp.Ok:
     try:
-        ctx.state.freezer.thaw()
+        await ctx.state.freezer.release()
     except OSError as exc:
         raise from_oserror(exc, "FITHAW /") from None
     return gp.Ok(id=req.id)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import anyio
@@ -147,6 +149,36 @@ async def test_freezer_thaws_by_itself_when_the_host_is_gone(tmp_path: Path) -> 
     fz.freeze(30)
     assert fz.thaw() and not fz.thaw()
     assert calls == ["freeze", "thaw", "freeze", "thaw"]
+
+
+@pytest.mark.anyio
+async def test_a_thaw_sent_during_a_slow_freeze_is_not_lost(tmp_path: Path) -> None:
+    """The host's Thaw can arrive while the Freeze is still syncing (a
+    guest-call timeout, then the helper's Thaw): it must thaw after the
+    freeze, not find "not frozen" and leave the filesystem frozen until the
+    automatic thaw.  Two Freezes at once freeze once."""
+    calls: list[str] = []
+    started = threading.Event()
+
+    def slow_freeze(fd: int) -> None:
+        started.set()
+        time.sleep(0.3)  # the sync and FIFREEZE of a busy filesystem
+        calls.append("freeze")
+
+    fz = Freezer(str(tmp_path), freeze=slow_freeze, thaw=lambda fd: calls.append("thaw"))
+    thawed: list[bool] = []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fz.hold, 30.0)
+            tg.start_soon(fz.hold, 30.0)  # at once: re-arms, never FIFREEZE twice
+            await anyio.to_thread.run_sync(started.wait)
+
+            async def release() -> None:
+                thawed.append(await fz.release())
+
+            tg.start_soon(release)
+    assert calls == ["freeze", "thaw"] and thawed == [True]
+    assert not fz.frozen and fz.auto_thaws == 0
 
 
 @pytest.mark.anyio
