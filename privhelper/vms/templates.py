@@ -42,6 +42,7 @@ import fcntl
 import hashlib
 import ipaddress
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -155,6 +156,15 @@ def ready_template(registry: Registry, key: str, vcpus: int, memory_mib: int) ->
     return Ready(vol, source_of(snap))
 
 
+def stale_rams(rams: Collection[tuple[str, int]], running: Collection[int],
+               seen: dict[int, float], now: float, keep_s: float) -> list[tuple[str, int]]:
+    """The RAM copies (by (key, owner)) to drop at ``now``: those of owners
+    who run no VM and were last seen running one (``seen``) ``keep_s`` or
+    more ago."""
+    return [k for k in rams if k[1] not in running
+            and now - seen.get(k[1], float("-inf")) >= keep_s]
+
+
 def helper_context(server: Any = None) -> RequestContext:
     """A request context for the helper's own requests (owner 0)."""
     peer = PeerCredentials(pid=os.getpid(), uid=0, gid=0, groups=frozenset())
@@ -175,10 +185,16 @@ class Templates:
     #: ``share_memory``: the sealed RAM memfd of each ready template for
     #: each owner, by (key, owner uid), loaded from its state file on that
     #: owner's first claim: pages are shared among one user's workspaces,
-    #: never across users (shared pages are a cache side channel; DESIGN.md
-    #: §9); and the writable memfd of each template VM being built (by name).
+    #: never across users (shared pages are a cache side channel:
+    #: docs/security.md); and the writable memfd of each template VM being
+    #: built (by name).
     rams: dict[tuple[str, int], int] = field(default_factory=dict)
     build_rams: dict[str, int] = field(default_factory=dict)
+    #: When each owner with a RAM copy was last seen running a VM (or
+    #: claiming); the copy is kept ``ram_keep_s`` after (:func:`stale_rams`).
+    ram_seen: dict[int, float] = field(default_factory=dict)
+    #: A :meth:`_prune_while_kept` task runs.
+    pruning: bool = False
 
     def _key(self, image: images.Image, vcpus: int, memory_mib: int) -> str:
         return template_key(image, vcpus, memory_mib, self.config.share_memory)
@@ -234,13 +250,33 @@ class Templates:
         return True
 
     def _prune_rams(self) -> None:
-        """Close the RAM copies of users who run no VM now: a copy costs the
-        template's RAM once, worth it only while siblings can share it (a
-        running clone keeps its own mapping; the user's next claim loads a
-        new copy)."""
+        """Close the RAM copies of users who have run no VM for
+        ``ram_keep_s``: a copy costs the template's RAM once, worth it while
+        siblings share it or a next create of that user may come (a running
+        clone keeps its own mapping; a later claim loads a new copy)."""
+        now = anyio.current_time()
         running = {m.owner for m in self.ws.registry.vms()}
-        for k in [k for k in self.rams if k[1] not in running]:
+        self.ram_seen.update(dict.fromkeys(running, now))
+        for k in stale_rams(self.rams, running, self.ram_seen, now, self.config.ram_keep_s):
             os.close(self.rams.pop(k))
+        for owner in set(self.ram_seen) - {k[1] for k in self.rams}:
+            del self.ram_seen[owner]
+
+    async def _prune_while_kept(self) -> None:
+        """Prune every quarter of ``ram_keep_s`` while any copy is kept, so a
+        copy goes about ``ram_keep_s`` after its user's last VM, claims or
+        not; one such task at a time."""
+        try:
+            while self.rams:
+                await anyio.sleep(max(self.config.ram_keep_s / 4, 1.0))
+                self._prune_rams()
+        finally:
+            self.pruning = False
+
+    def _keep_pruning(self) -> None:
+        if not self.pruning and self.tg is not None and self.rams:
+            self.pruning = True
+            self.tg.start_soon(self._prune_while_kept)
 
     def _drop_ram(self, key: str) -> None:
         for k in [k for k in self.rams if k[0] == key]:
@@ -264,6 +300,8 @@ class Templates:
             if not await anyio.to_thread.run_sync(
                     self._load_ram, key, vol.owner, ready, req.memory_mib):
                 return None
+            self.ram_seen[vol.owner] = anyio.current_time()
+            self._keep_pruning()
         if vol.pristine_clone_of != clone_mark(key):
             await self._swap_in_clone(vol, ready.volume, key)
         log.info("template_claimed", volume=vol.key, template=key)

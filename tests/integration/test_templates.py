@@ -47,12 +47,13 @@ from tests.support.helper_process import IMAGES, HelperProcess, public_tmpdir, r
 
 pytestmark = skip_unless_image("minimal")
 
-USER_A, USER_B = 61001, 61002
+USER_A, USER_B, USER_C = 61001, 61002, 61003
 PORT = 80
 PROBE = "/root/probe.py"
 POLICY = hp.NetworkPolicy(inbound_ports=[PORT])
 CONFIG = ("[limits]\nper_uid_memory_mib = 4096\nper_uid_vms = 8\n"
-          "[templates]\nbuild = \"on-miss\"\nshare_memory = true\n")
+          "[templates]\nbuild = \"on-miss\"\nshare_memory = true\nram_keep_s = 4\n")
+RAM_KEEP_S = 4.0
 TEMPLATE_WAIT_S = 300.0
 
 
@@ -372,3 +373,38 @@ def test_after_a_helper_restart_the_ram_comes_from_the_state_file(lab: Lab) -> N
     assert len(template_rams(lab.helper.proc.pid)) == 1  # USER_A's, loaded again
     with lab.client() as c:
         c.request(hp.VmStop(id=0, name="r1", owner=USER_A, force=True))
+
+
+def ram_owners(pid: int) -> list[int]:
+    """The owners of the template RAM copies the helper ``pid`` holds (their
+    memfds are named ``agentiso-tpl-<key>-<owner uid>``)."""
+    owners = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("/memfd:agentiso-tpl-"):
+            owners.append(int(target.split()[0].rsplit("-", 1)[1]))
+    return owners
+
+
+def test_a_users_ram_copy_is_kept_ram_keep_s_after_their_last_vm(lab: Lab) -> None:
+    """Kept: the user's next create within ``ram_keep_s`` does not read the
+    whole RAM again; then dropped, so an idle user costs no host memory."""
+    assert lab.helper.proc is not None
+    pid = lab.helper.proc.pid
+    lab.create("u1", USER_C)
+    assert USER_C in ram_owners(pid)
+    with lab.client() as c:
+        c.request(hp.VmStop(id=0, name="u1", owner=USER_C, force=True))
+    stopped = time.monotonic()
+    assert USER_C in ram_owners(pid)  # kept for a next create
+    while USER_C in ram_owners(pid):
+        assert time.monotonic() - stopped < RAM_KEEP_S + 15, ram_owners(pid)
+        time.sleep(0.2)
+    gone = time.monotonic() - stopped
+    # Not before its time, less one prune interval (max(ram_keep_s / 4, 1 s)):
+    # the user was last seen running at most that long before the stop.
+    assert gone >= RAM_KEEP_S - 1.5, gone
+    assert USER_A in ram_owners(pid)  # a user who runs VMs keeps theirs

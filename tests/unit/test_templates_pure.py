@@ -19,6 +19,7 @@ from agentiso.privhelper.vms.templates import (
     clone_mark,
     is_template,
     source_of,
+    stale_rams,
     template_key,
     template_name,
 )
@@ -97,9 +98,22 @@ def test_config_defaults_and_refusals() -> None:
     assert parse_config("[templates]\nshare_memory = true\n").templates.share_memory
     assert parse_config('[templates]\nbuild = "on-miss"\n').templates.build == "on-miss"
     for bad in ('[templates]\nbuild = "always"\n', "[templates]\nsize = 3\n",
-                '[templates]\nuse = "yes"\n', '[templates]\nshare_memory = "on"\n'):
+                '[templates]\nuse = "yes"\n', '[templates]\nshare_memory = "on"\n',
+                "[templates]\nram_keep_s = -1\n", "[templates]\nram_keep_s = 1e9\n",
+                '[templates]\nram_keep_s = "2m"\n'):
         with pytest.raises(ConfigError):
             parse_config(bad)
+
+
+def test_a_users_ram_copy_is_kept_while_they_run_a_vm_and_ram_keep_s_after() -> None:
+    rams = [("k1", 1001), ("k2", 1001), ("k1", 1002), ("k1", 1003)]
+    seen = {1001: 100.0, 1002: 50.0}  # 1003: never seen running (its claim failed)
+    # 1001 runs a VM: kept however long ago; 1002 stopped 70 s ago, 1003 unknown.
+    assert stale_rams(rams, {1001}, seen, 120.0, 60.0) == [("k1", 1002), ("k1", 1003)]
+    assert stale_rams(rams, set(), seen, 120.0, 60.0) == [("k1", 1002), ("k1", 1003)]
+    assert stale_rams(rams, set(), seen, 160.0, 60.0) == rams  # 1001's 60 s are over too
+    assert stale_rams(rams, set(), seen, 100.0, 0.0) == rams  # 0: dropped at once
+    assert stale_rams(rams, {1001, 1002, 1003}, {}, 1e9, 0.0) == []  # running: never
 
 
 def test_the_ram_after_a_state_is_copied_with_its_holes_and_found_again(
