@@ -297,6 +297,21 @@ async def test_forced_stop_and_stop_without_agent(env: Env) -> None:
         with pytest.raises(VmUnavailable):
             await engine.query_status(n2)
         assert await engine.query_status(n2) == "running"
+        # A memory save takes the same path: cut again, it fails once, the
+        # next one reconnects and saves.
+        qmp = engine._vms[n2]._qmp
+        assert qmp is not None
+        await qmp.close()
+        fd = os.open(env.base / "q.mem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with pytest.raises(VmUnavailable):
+                await engine.save_memory(n2, fd)
+            saved = await engine.save_memory(n2, fd)
+        finally:
+            os.close(fd)
+        assert saved.bytes_written > 1024 * 1024
+        await engine.resume(n2)
+        assert await engine.query_status(n2) == "running"
         killed = await engine.kill(n1)
         assert killed.state is VmState.STOPPED and "SIGKILL" in (killed.exit_reason or "")
         # No agent hook: ACPI powerdown (our guest has no handler) then QMP quit.
