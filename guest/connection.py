@@ -45,7 +45,7 @@ from agentiso.protocol import guest as gp
 from agentiso.protocol.codec import peek_request_id
 from agentiso.protocol.errors import DecodeError, ErrorCode, FramingError
 from agentiso.protocol.framing import encode_frame
-from agentiso.protocol.guest_session import AgentSync, greeting
+from agentiso.protocol.guest_session import AgentSync, behind_marker, greeting
 from agentiso.protocol.guest_stream import HostMarker, HostStreamDecoder
 
 from . import __version__
@@ -282,9 +282,8 @@ class Session:
                 or not hmac.compare_digest(msg.secret, self.secret)):
             # Behind a sync marker: the host decodes nothing before one.
             err = gp.Error(id=0, code=ErrorCode.PERMISSION_DENIED, message="authentication failed")
-            frame = encode_frame(gp.response_codec.encode(err), gp.GUEST_MAX_FRAME)
             async with self._lock:
-                await self.channel.send(gp.GUEST_SYNC_MAGIC + frame)
+                await self.channel.send(behind_marker(err))
             return False
         self._authenticated = True
         # A listener's channel counts its unauthenticated connections (see

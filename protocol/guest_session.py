@@ -157,4 +157,11 @@ def greeting(hello: gp.Hello, *, nonce: bytes | None = None, session: int | None
         changes["session"] = session
     if changes:
         hello = msgspec.structs.replace(hello, **changes)
-    return GUEST_SYNC_MAGIC + encode_frame(gp.response_codec.encode(hello), GUEST_MAX_FRAME)
+    return behind_marker(hello)
+
+
+def behind_marker(msg: gp.GuestResponse) -> bytes:
+    """The guest sync marker then ``msg`` framed: how an agent starts what
+    it sends on a connection (the host decodes nothing before a marker): its
+    Hello, or the Error that refuses an unauthenticated connection."""
+    return GUEST_SYNC_MAGIC + encode_frame(gp.response_codec.encode(msg), GUEST_MAX_FRAME)
