@@ -161,6 +161,8 @@ async def test_workspace_lifecycle_exec_and_files(tools: Tools, env: Env) -> Non
     src.write_bytes(os.urandom(50 * 1024 * 1024))
     os.chown(src, USER, USER)
     want = hashlib.sha256(src.read_bytes()).hexdigest()
+    server = _the_server(env)
+    peak_before = _peak_rss(server)
     up = await tools.call("file_upload", workspace="alpha", host_path=str(src),
                           guest_path="/root/big.bin")
     assert (up["bytes"], up["sha256"]) == (50 * 1024 * 1024, want)
@@ -171,6 +173,10 @@ async def test_workspace_lifecycle_exec_and_files(tools: Tools, env: Env) -> Non
     back = env.host / "back.bin"
     assert down["sha256"] == want and hashlib.sha256(back.read_bytes()).hexdigest() == want
     assert back.stat().st_uid == USER, "the frontend writes host files as the user"
+    # Streamed: the server's peak memory grows by a window of chunks (16 of 1 MiB
+    # up, 8 down), never by the file; a whole-file buffer would add >= 50 MiB.
+    grown = _peak_rss(server) - peak_before
+    assert grown < 32 * 1024 * 1024, f"the server's peak RSS grew {grown >> 20} MiB"
     src.unlink()
     back.unlink()
 
@@ -204,6 +210,8 @@ async def test_workspace_lifecycle_exec_and_files(tools: Tools, env: Env) -> Non
     assert r["content"] == "one\n2\nthree\n"
     info = await tools.call("workspace_info", workspace="alpha")
     assert info["disk_size_bytes"] and info["uptime_secs"] is not None
+    assert info["disk_used_bytes"] > 50 * 1024 * 1024, "the upload is on the disk"
+    assert info["snapshot_count"] == 0
     ip = await tools.call("workspace_ip", workspace="alpha")
     assert ip["address"] == info["address"]
     logs = await tools.call("workspace_logs", workspace="alpha", lines=20)
@@ -215,6 +223,21 @@ async def test_workspace_lifecycle_exec_and_files(tools: Tools, env: Env) -> Non
     assert "alpha" not in {w["name"] for w in listed["workspaces"]}
     vms, vols = env.helper_names()
     assert ws["id"] not in vms | vols
+
+
+def _the_server(env: Env) -> int:
+    """The pid of the one ``agentiso serve`` running (the module's)."""
+    alive = [p for p in env.live_sessions().values() if Path(f"/proc/{p}").exists()]
+    assert len(alive) == 1, alive
+    return alive[0]
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident set (``VmHWM``), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
 
 
 # --- exec details ---------------------------------------------------------------------------
@@ -353,7 +376,7 @@ async def test_bad_input_gets_clear_errors_and_leaves_nothing(
 
 @pytest.mark.anyio
 async def test_failed_creates_leave_nothing(tools: Tools, env: Env) -> None:
-    before = env.helper_names()
+    before, net = env.helper_names(), env.helper_network()
     listed_before = await tools.call("workspace_list")
     err = await tools.fails("workspace_create", name="noimage", image="no-such-image")
     assert "no-such-image" in err
@@ -364,6 +387,7 @@ async def test_failed_creates_leave_nothing(tools: Tools, env: Env) -> None:
     _two_lines(err)
     assert "ended during boot" in err and "console" in err, err
     assert env.helper_names() == before
+    assert env.helper_network() == net, "no TAP, nft change or address lease is left"
     listed = await tools.call("workspace_list")
     assert listed["workspaces"] == listed_before["workspaces"]
     assert listed["orphans"] == []
@@ -459,24 +483,13 @@ async def test_a_crashed_vm_shows_as_crashed_and_starts_again(
     assert r["stdout"] == "back\n"
 
 
-def _live_sessions(env: Env) -> dict[str, int]:
-    import sqlite3
-
-    db = sqlite3.connect(env.work / "state" / "catalog.db")
-    try:
-        rows = db.execute("SELECT id, pid FROM sessions WHERE ended_at IS NULL").fetchall()
-    finally:
-        db.close()
-    return dict(rows)
-
-
 @pytest.mark.anyio
 async def test_a_frontend_killed_mid_create_leaves_nothing(env: Env, tools: Tools) -> None:
-    before = env.helper_names()
-    known = set(_live_sessions(env))
+    before, net = env.helper_names(), env.helper_network()
+    known = set(env.live_sessions())
     try:
         async with mcp_tools(env.params()) as doomed:
-            pid = next(p for s, p in _live_sessions(env).items() if s not in known)
+            pid = next(p for s, p in env.live_sessions().items() if s not in known)
 
             outcome: list[str] = []
 
@@ -503,11 +516,12 @@ async def test_a_frontend_killed_mid_create_leaves_nothing(env: Env, tools: Tool
         for _ in range(300):
             listed = await t.call("workspace_list")
             if ("doomed" not in {w["name"] for w in listed["workspaces"]}
-                    and env.helper_names() == before):
+                    and env.helper_names() == before and env.helper_network() == net):
                 break
             await anyio.sleep(0.2)
     assert "doomed" not in {w["name"] for w in listed["workspaces"]}
     assert env.helper_names() == before
+    assert env.helper_network() == net, "no TAP, nft change or address lease is left"
 
 
 # --- details an agent meets (from review) ------------------------------------------------------
@@ -555,17 +569,18 @@ async def test_exec_and_file_edge_cases(tools: Tools, beta: dict[str, Any]) -> N
 
 @pytest.mark.anyio
 async def test_a_cancelled_create_leaves_nothing(tools: Tools, env: Env) -> None:
-    before = env.helper_names()
+    before, net = env.helper_names(), env.helper_network()
     with anyio.move_on_after(1.5):
         await tools.call("workspace_create", name="cancelled")
     for _ in range(150):
         listed = await tools.call("workspace_list")
         if ("cancelled" not in {w["name"] for w in listed["workspaces"]}
-                and env.helper_names() == before):
+                and env.helper_names() == before and env.helper_network() == net):
             break
         await anyio.sleep(0.2)
     assert "cancelled" not in {w["name"] for w in listed["workspaces"]}
     assert env.helper_names() == before
+    assert env.helper_network() == net, "no TAP, nft change or address lease is left"
 
 
 @pytest.mark.anyio

@@ -10,21 +10,35 @@ looks at what the helper holds for them.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mcp.client.stdio import StdioServerParameters
 
+from agentiso.privhelper.net.config import NetConfig
+from agentiso.privhelper.net.store import STATE_FILE_NAME
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
 from tests.harness.images import pin_image
 from tests.support.helper_process import IMAGES, HelperProcess, public_tmpdir, running_helper
 from tests.support.mcp_client import serve_params
+
+
+@dataclass(frozen=True)
+class HelperNetwork:
+    """The network state a failed or undone create must leave as it found."""
+
+    links: frozenset[str]
+    ruleset: str
+    leases: dict[str, Any]
 
 
 @dataclass
@@ -55,6 +69,31 @@ class McpEnv:
             vols = c.request(hp.VolumeList(id=0, owner=self.user))
         assert isinstance(vms, hp.Vms) and isinstance(vols, hp.Volumes)
         return {v.name for v in vms.vms}, {v.name for v in vols.volumes}
+
+    def helper_network(self) -> HelperNetwork:
+        """What the helper holds of the network in its namespace: its per-VM
+        links (TAPs), its nftables ruleset and its address leases."""
+        ns = self.helper.netns
+        links = subprocess.run(["ip", "-n", ns, "-o", "link", "show"], capture_output=True,
+                               text=True, check=True, timeout=30).stdout
+        # "3: tap-x@if2: <...>": the name is the second field, before any "@".
+        names = {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()}
+        ruleset = subprocess.run(["ip", "netns", "exec", ns, "nft", "-s", "list", "ruleset"],
+                                 capture_output=True, text=True, check=True, timeout=30).stdout
+        state = self.helper.state_dir / STATE_FILE_NAME
+        leases = json.loads(state.read_text())["workspaces"] if state.exists() else {}
+        # The loopback and the shared bridge are not any one VM's.
+        shared = {"lo", NetConfig().bridge}
+        return HelperNetwork(frozenset(names - shared), ruleset, leases)
+
+    def live_sessions(self) -> dict[str, int]:
+        """The catalog's open sessions: session id → ``agentiso serve`` pid."""
+        db = sqlite3.connect(self.work / "state" / "catalog.db")
+        try:
+            rows = db.execute("SELECT id, pid FROM sessions WHERE ended_at IS NULL").fetchall()
+        finally:
+            db.close()
+        return dict(rows)
 
     def host_curl(self, port: int, path: str = "") -> subprocess.CompletedProcess[str]:
         """``curl 127.0.0.1:port`` on the helper's host (its network namespace)."""
