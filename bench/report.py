@@ -97,6 +97,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("live fork 1 -> first exec", "s", "mcp.live1", "vm.resume_to_hello"),
     Spec("live fork 5 -> all exec", "s", "mcp.live5"),
     Spec("fork 1 (disk snapshot) -> first exec", "s", "mcp.fork1", "vm.boot_to_hello"),
+    Spec("fork 5 (disk snapshot) -> all exec", "s", "mcp.fork5"),
     Spec("workspace_destroy", "s", "mcp.destroy"),
     Spec("idle PSS per 256 MiB workspace", "MiB", "density.pss_per_ws_mib",
          "vm.idle_pss_mib", max=120.0),
