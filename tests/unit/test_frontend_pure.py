@@ -14,8 +14,8 @@ import anyio
 import jsonschema
 import pytest
 
-from agentiso.frontend import guestfiles
-from agentiso.frontend.config import ConfigError, parse_config
+from agentiso.frontend import cli, guestfiles
+from agentiso.frontend.config import ConfigError, default_config_path, load_config, parse_config
 from agentiso.frontend.errors import ConnectionLost, HelperUnavailable, Hop
 from agentiso.frontend.execution import decode_output, plain_argv
 from agentiso.frontend.keepopen import KeptOpen
@@ -50,6 +50,52 @@ def test_config_refuses_bad_files(text: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(text, source="c.toml")
     assert str(e.value).startswith("c.toml") and "\n" in str(e.value)
+
+
+def test_helper_socket_option_wins_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(f'helper_socket = "/from/file.sock"\nstate_dir = "{tmp_path}"\n')
+    assert load_config(path).helper_socket == "/from/file.sock"
+    assert load_config(path, helper_socket="/x.sock").helper_socket == "/x.sock"
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")  # named, so it must be there
+
+
+def test_default_config_is_in_the_platform_config_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert default_config_path() == tmp_path / "xdg" / "agentiso" / "config.toml"
+    cfg = load_config()  # no file yet: all defaults, from no file
+    assert cfg.source is None and cfg.helper_socket == "/run/agentiso/helper.sock"
+    assert cfg.state_dir == tmp_path / "state" / "agentiso"
+    default_config_path().parent.mkdir(parents=True)
+    default_config_path().write_text('helper_socket = "/mine.sock"\n')
+    cfg = load_config()
+    assert cfg.helper_socket == "/mine.sock" and cfg.source == str(default_config_path())
+    assert load_config(helper_socket="/x.sock").helper_socket == "/x.sock"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--helper-socket", "/x.sock", "--config", "/c.toml", "serve"],
+    ["serve", "--helper-socket", "/x.sock", "--config", "/c.toml"],
+    ["--config", "/c.toml", "status", "--helper-socket", "/x.sock"],
+])
+def test_cli_takes_the_overrides_before_or_after_the_command(argv: list[str]) -> None:
+    args = cli._parser().parse_args(argv)
+    assert (args.helper_socket, args.config) == ("/x.sock", Path("/c.toml"))
+
+
+def test_cli_uses_the_helper_socket_option(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(f'helper_socket = "{tmp_path}/from-file.sock"\n'
+                    f'state_dir = "{tmp_path / "state"}"\n')
+    override = tmp_path / "override.sock"
+    assert cli.main(["--config", str(path), "status", "--helper-socket", str(override)]) == 1
+    out = capsys.readouterr().out
+    assert "NOT reachable" in out and str(override) in out and "from-file" not in out
 
 
 # --- exec output ---------------------------------------------------------------------------------
