@@ -26,6 +26,7 @@ from agentiso.frontend.helper_client import HelperClient, connect_helper
 from agentiso.protocol import helper as hp
 from agentiso.protocol.errors import (
     ErrorCode,
+    FrameTooLarge,
     InvalidRequest,
     NotFound,
     PermissionDenied,
@@ -285,6 +286,67 @@ async def test_a_silent_helper_is_helper_unavailable(tmp_path: Path) -> None:
         with anyio.fail_after(5), pytest.raises(HelperUnavailable, match="did not answer hello"):
             async with connect_helper(path, timeout=0.3):
                 pass
+
+
+# --- the frame cap ---------------------------------------------------------------------
+
+
+def _oversize_header() -> bytes:
+    """A frame header announcing one byte more than the helper protocol allows."""
+    return (hp.HELPER_MAX_FRAME + 1).to_bytes(4, "big")
+
+
+async def test_an_oversize_frame_from_the_helper_ends_the_connection_fast(
+    tmp_path: Path
+) -> None:
+    async def answer_badly(h: FakeHelper) -> None:
+        await h.read()
+        await h.stream.send(_oversize_header())
+
+    async with connected(tmp_path, answer_badly) as helper:
+        # Refused from the header alone: the client never waits for 4 MiB.
+        with anyio.fail_after(5), pytest.raises(ConnectionLost) as info:
+            await helper.ping()
+        assert info.value.hop is Hop.HELPER_SOCKET
+        assert not isinstance(info.value, HelperUnavailable)
+        assert isinstance(info.value.__cause__, FrameTooLarge)
+        assert "invalid frame" in str(info.value)
+        with pytest.raises(ConnectionLost):
+            await helper.whoami()  # the connection is done for
+
+
+async def test_an_oversize_answer_to_hello_is_helper_unavailable(tmp_path: Path) -> None:
+    async def answer_badly(h: FakeHelper) -> None:
+        await h.read()
+        await h.stream.send(_oversize_header())
+
+    async with fake_helper(tmp_path, answer_badly) as path:
+        with anyio.fail_after(5), pytest.raises(HelperUnavailable, match="invalid frame"):
+            async with connect_helper(path):
+                pass
+
+
+async def test_a_request_above_the_frame_cap_is_refused_before_sending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[hp.HelperRequest] = []
+
+    async def record(h: FakeHelper) -> None:
+        while True:
+            r = await h.read()
+            seen.append(r)
+            await h.respond(hp.Pong(id=r.id))
+
+    async with connected(tmp_path, record) as helper:
+        # No request within its bounds reaches the real 4 MiB cap: lower the cap.
+        monkeypatch.setattr(hp, "HELPER_MAX_FRAME", 48)
+        big = hp.VolumeCreate(id=0, name="a-volume-with-a-long-name",
+                              source=hp.FromImage(image="minimal"))
+        with pytest.raises(InvalidArgument, match="volume_create: the request is too large"):
+            await helper.request(big)
+        monkeypatch.undo()
+        await helper.ping()  # the connection is fine
+    assert [type(r) for r in seen] == [hp.Ping], "the oversize request was never sent"
 
 
 # --- timeouts ---------------------------------------------------------------------------
