@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .channel import Channel
-from .connection import Session
+from .connection import Session, load_auth
 from .handlers import HANDLERS
 from .reaper import Reaper
 from .state import AgentState, kernel_uptime
@@ -125,6 +125,8 @@ async def amain(args: Args) -> int:
                 if secret is None:
                     log.warning("a vsock device but no secret in fw_cfg: vsock disabled")
                 else:
+                    load_auth()
+
                     async def vsock() -> None:
                         await serve_listener(vsock_listener(), "vsock", agent.serve, secret)
                     tasks.append(loop.create_task(_supervise("vsock", vsock)))
