@@ -11,9 +11,15 @@ and identity.  A mixin of :class:`~.workspaces.Workspaces`.
 
 ``snapshot`` omitted forks the current state: a running workspace is
 snapshotted with its memory first (a live fork), a stopped one disk-only.
-Each fork is made like a create (a row, then the helper's resources, undone
-on failure); a batch reports each fork's success or failure and never leaves
-a half-made one.
+The whole batch's quotas (workspaces, vCPUs, memory, disk) are checked
+before anything is made, the live snapshot included; each fork is then made
+like a create (a row checked against the quotas again in the catalog's
+transaction, for races with other sessions, then the helper's resources,
+undone on failure).  A batch reports each fork's success or failure and never
+leaves a half-made one.  When no fork of it was made, the snapshot taken for
+it is deleted again; the helper cannot delete a snapshot of a running
+workspace's disk, so after a failed live fork it is kept and the batch's
+``note`` says so (delete it after a stop).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 import anyio
+import structlog
 
 from agentiso.protocol import helper as hp
 
@@ -34,6 +41,8 @@ from .helper_client import HelperClient
 from .lifecycle import Event, Operation, State
 from .sessions import Session
 from .workspace_errors import WorkspaceError
+
+log = structlog.get_logger(__name__)
 
 
 class ForkError(WorkspaceError):
@@ -46,6 +55,15 @@ class ForkOutcome:
     record: WorkspaceRecord | None
     vm: hp.VmInfo | None
     error: BaseException | None
+
+
+@dataclass(frozen=True)
+class ForkBatch:
+    source: WorkspaceRecord
+    snapshot: SnapshotRecord
+    outcomes: list[ForkOutcome]
+    #: What else the caller should know (a snapshot kept although no fork was made).
+    note: str = ""
 
 
 class ForkOps:
@@ -83,9 +101,11 @@ class ForkOps:
     def _node(self, rec: WorkspaceRecord, name: str) -> SnapshotRecord:
         raise NotImplementedError
 
+    async def snapshot_delete(self, ref: str, name: str) -> None:
+        raise NotImplementedError
+
     async def fork(self, ref: str, *, snapshot: str | None, count: int,
-                   name_prefix: str | None) -> tuple[WorkspaceRecord, SnapshotRecord,
-                                                     list[ForkOutcome]]:
+                   name_prefix: str | None) -> ForkBatch:
         src = self.owned(ref)
         lifecycle.require(src.name, src.state, Operation.FORK)
         most = self.config.quotas.forks_per_call
@@ -98,6 +118,10 @@ class ForkOps:
         if taken:
             raise ForkError(f"workspaces named {', '.join(taken)} exist already",
                             "Choose another name_prefix.")
+        # The whole batch first, before the live snapshot: a batch the quotas
+        # cannot hold is refused with nothing made.  Each fork checks again.
+        quotas.check(self.config.quotas, self.catalog.list_workspaces(), self.session.id,
+                     batch_ask(src, count))
         if snapshot is None:
             live = src.state is State.RUNNING
             snap = await self.snapshot_create(
@@ -105,10 +129,30 @@ class ForkOps:
                 f"taken to fork {count}", include_memory=live)
         else:
             snap = self._node(src, snapshot)
-        outcomes = []
-        for name in names:  # one at a time: each resume or boot is CPU-bound here
-            outcomes.append(await self._fork_one(src, snap, name))
-        return src, snap, outcomes
+        outcomes: list[ForkOutcome] = []
+        note = ""
+        try:
+            for name in names:  # one at a time: each resume or boot is CPU-bound here
+                outcomes.append(await self._fork_one(src, snap, name))
+        finally:
+            if snapshot is None and not any(o.error is None for o in outcomes):
+                with anyio.CancelScope(shield=True):
+                    note = await self._drop_unused(src, snap)
+        return ForkBatch(src, snap, outcomes, note)
+
+    async def _drop_unused(self, src: WorkspaceRecord, snap: SnapshotRecord) -> str:
+        """Delete the snapshot taken for a batch none of whose forks was made
+        (it would only count toward snapshots_per_workspace).  Returns "" or,
+        when it had to be kept, a sentence saying so."""
+        try:
+            await self.snapshot_delete(src.id, snap.name)
+        except Exception as exc:
+            log.warning("fork_snapshot_kept", workspace=src.name, snapshot=snap.name,
+                        error=str(exc))
+            return (f"no fork was made, and the snapshot {snap.name!r} taken for them is "
+                    f"kept ({str(exc).splitlines()[0]}); delete it with snapshot_delete "
+                    "once the workspace is stopped")
+        return ""
 
     async def _fork_one(self, src: WorkspaceRecord, snap: SnapshotRecord,
                         name: str) -> ForkOutcome:
@@ -122,8 +166,7 @@ class ForkOps:
             network={k: v for k, v in src.network.items() if k != "forwards"},
             time_limits=dict(src.time_limits),
         )
-        ask = quotas.Ask(workspaces=1, vcpus=src.vcpus, memory_mb=src.memory_mb,
-                         disk_gb=src.disk_gb or 1)
+        ask = batch_ask(src, 1)
         try:
             self.catalog.add_workspace(rec, check=lambda rows: quotas.check(
                 self.config.quotas, rows, self.session.id, ask))
@@ -152,3 +195,9 @@ class ForkOps:
                 raise
             return ForkOutcome(name, None, None, exc)
         return ForkOutcome(name, rec, vm, None)
+
+
+def batch_ask(src: WorkspaceRecord, count: int) -> quotas.Ask:
+    """What ``count`` forks of ``src`` add to the quotas (each runs, with src's size)."""
+    return quotas.Ask(workspaces=count, vcpus=src.vcpus * count,
+                      memory_mb=src.memory_mb * count, disk_gb=(src.disk_gb or 1) * count)

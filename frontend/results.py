@@ -294,3 +294,5 @@ class ForkResult(_Model):
     forks: list[ForkItem]
     created: int
     failed: int
+    note: str = Field(default="", description=(
+        "Anything else to know, e.g. a snapshot kept although no fork was made"))

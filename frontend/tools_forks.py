@@ -23,8 +23,11 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         "Make `count` new workspaces from a snapshot of this one, each with its own disk, "
         "address, MAC, hostname and machine-id, named name_prefix-1, -2, ... Without "
         "`snapshot`, forks the current state: a running workspace is forked live (its "
-        "memory too: running processes go on in every fork). Each fork is reported "
-        "separately; a failed one leaves nothing."))
+        "memory too: running processes go on in every fork). The quotas are checked for "
+        "the whole batch before anything is made. Each fork is reported separately; a "
+        "failed one leaves nothing. If no fork is made, the snapshot taken for them is "
+        "deleted again, except a live one (a running workspace's disk): it is kept and "
+        "`note` says so."))
     @tool_errors
     async def workspace_fork(
         workspace: WorkspaceRef,
@@ -33,10 +36,10 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
             "How many forks (at most [quotas] forks_per_call, 20 by default)"))] = 1,
         name_prefix: Name | None = None,
     ) -> ForkResult:
-        src, snap, outcomes = await rt.ws.fork(workspace, snapshot=snapshot, count=count,
-                                               name_prefix=name_prefix)
+        batch = await rt.ws.fork(workspace, snapshot=snapshot, count=count,
+                                 name_prefix=name_prefix)
         items = []
-        for o in outcomes:
+        for o in batch.outcomes:
             net = o.vm.network if o.vm is not None else None
             items.append(ForkItem(
                 name=o.name, ok=o.error is None, id=o.record.id if o.record else None,
@@ -45,5 +48,6 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
                 error=None if o.error is None else describe(o.error, "workspace_fork"),
             ))
         ok = sum(1 for i in items if i.ok)
-        return ForkResult(source=src.name, snapshot=snap.name, live=snap.memory, forks=items,
-                          created=ok, failed=len(items) - ok)
+        return ForkResult(source=batch.source.name, snapshot=batch.snapshot.name,
+                          live=batch.snapshot.memory, forks=items, created=ok,
+                          failed=len(items) - ok, note=batch.note)

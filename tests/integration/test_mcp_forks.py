@@ -7,7 +7,11 @@
   forks cannot reach each other by traffic unless peered.
 * Forks of a disk-only snapshot boot with their own identity.
 * Limits: too many forks in one call, a name taken; a snapshot with forks
-  cannot be deleted.
+  cannot be deleted.  A batch the quotas cannot hold is refused whole before
+  anything is made (the live snapshot included); a batch that passes the
+  quotas but meets the helper's per-uid VM limit (the hard floor under them)
+  reports each fork, keeps the ones made and leaves nothing of the others;
+  a live batch none of whose forks was made says that its snapshot was kept.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from tests.support.mcp_env import mcp_env
 
 GROUP = 64381
 USER = 64382
+VMS = 6
 pytestmark = skip_unless_image()
 
 
@@ -34,8 +39,12 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    with mcp_env(group=GROUP, user=USER, user_config="[quotas]\nforks_per_call = 5\n",
-                 helper_config="[limits]\nper_uid_memory_mib = 3072\nper_uid_vms = 10\n") as e:
+    # The helper allows 6 VMs (the origin and 5 live forks); the frontend's
+    # quota 8 workspaces, so a batch can pass the quota and meet the helper.
+    with mcp_env(group=GROUP, user=USER,
+                 user_config="[quotas]\nforks_per_call = 8\nworkspaces = 8\n",
+                 helper_config=f"[limits]\nper_uid_memory_mib = 3072\nper_uid_vms = {VMS}\n"
+                 ) as e:
         yield e
 
 
@@ -60,6 +69,16 @@ async def sh(t: Tools, ws: str, command: str) -> str:
     r = await t.call("exec", workspace=ws, command=command)
     assert r["exit_code"] == 0, (ws, command, r)
     return str(r["stdout"]).strip()
+
+
+async def leftovers(env: Env, t: Tools) -> tuple[Any, ...]:
+    """What a refused or failed fork must not change: the helper's VMs and
+    volumes, the workspace list and the origin's snapshots."""
+    vms, volumes = env.helper_names()
+    listed = sorted((w["name"], w["id"]) for w in (await t.call("workspace_list"))["workspaces"])
+    snaps = sorted(s["name"] for s in (await t.call("snapshot_list",
+                                                    workspace="origin"))["snapshots"])
+    return vms, volumes, listed, snaps
 
 
 IDENTITY = ("hostname; cat /etc/machine-id; ip -o link show eth0 | grep -o 'ether [^ ]*'; "
@@ -114,7 +133,7 @@ async def test_a_live_fork_runs_everywhere_with_new_identities(
 
 @pytest.mark.anyio
 async def test_forks_of_a_disk_snapshot_boot_with_their_own_identity(
-    t: Tools, origin: dict[str, Any]
+    env: Env, t: Tools, origin: dict[str, Any]
 ) -> None:
     await t.call("snapshot_create", workspace="origin", name="disk")
     result = await t.call("workspace_fork", workspace="origin", snapshot="disk", count=2,
@@ -124,10 +143,59 @@ async def test_forks_of_a_disk_snapshot_boot_with_their_own_identity(
                                                                         "cold-2")}
     assert len(ids) == 3
     assert await sh(t, "cold-1", "pgrep -x sleep || echo none") == "none", "booted, not resumed"
-    err = await t.fails("workspace_fork", workspace="origin", snapshot="disk", count=6)
-    assert "limit of 5" in err
+    before = await leftovers(env, t)
+    err = await t.fails("workspace_fork", workspace="origin", snapshot="disk", count=9)
+    assert "limit of 8" in err
+    assert await leftovers(env, t) == before
     err = await t.fails("workspace_fork", workspace="origin", snapshot="disk", count=1,
                         name_prefix="cold")
     assert "exist already" in err
     for n in ("cold-1", "cold-2"):
         await t.call("workspace_destroy", workspace=n)
+
+
+@pytest.mark.anyio
+async def test_a_batch_is_checked_whole_then_each_fork_meets_the_helper_floor(
+    env: Env, t: Tools, origin: dict[str, Any]
+) -> None:
+    assert [w["name"] for w in (await t.call("workspace_list"))["workspaces"]] == ["origin"]
+    before = await leftovers(env, t)
+
+    # 1 + 8 > 8 workspaces: refused before the live snapshot is taken.
+    err = await t.fails("workspace_fork", workspace="origin", count=8, name_prefix="over")
+    assert "quota exceeded: workspaces per user: 1 in use + 8 asked > 8 allowed" in err, err
+    assert await leftovers(env, t) == before
+
+    # 1 + 7 fits the quota; the helper holds 6 VMs: five are made, two fail.
+    batch = await t.call("workspace_fork", workspace="origin", count=7, name_prefix="h")
+    assert batch["live"] and batch["created"] == VMS - 1 and batch["failed"] == 2, batch
+    made = {f["name"]: f["id"] for f in batch["forks"] if f["ok"]}
+    assert list(made) == [f"h-{i}" for i in range(1, VMS)], batch
+    for f in batch["forks"][VMS - 1:]:
+        assert not f["ok"] and f["id"] is None and f["state"] is None, f
+        assert "limit reached" in f["error"] and "VMs per user" in f["error"], f
+    vms, volumes, listed, snaps = await leftovers(env, t)
+    assert vms == before[0] | set(made.values())
+    assert volumes == before[1] | set(made.values())
+    assert {n for n, _ in listed} == {"origin", *made}, "a failed fork left a row"
+    assert snaps == sorted([*before[3], batch["snapshot"]])
+    assert await sh(t, f"h-{VMS - 1}", "pgrep -x sleep >/dev/null && echo alive") == "alive"
+
+    # Every fork of a batch fails at the helper: nothing of them is left.  The
+    # live snapshot taken for them cannot be deleted while the origin runs on
+    # its disk: it is kept, and the result says so and how to delete it.
+    middle = await leftovers(env, t)
+    result = await t.call("workspace_fork", workspace="origin", count=2, name_prefix="none")
+    assert result["created"] == 0 and result["failed"] == 2, result
+    assert result["snapshot"] in result["note"] and "snapshot_delete" in result["note"], result
+    vms, volumes, listed, snaps = await leftovers(env, t)
+    assert (vms, volumes, listed) == middle[:3], "a failed fork left something"
+    assert snaps == sorted([*middle[3], result["snapshot"]])
+    await t.call("workspace_stop", workspace="origin")
+    await t.call("snapshot_delete", workspace="origin", name=result["snapshot"])
+
+    for name in made:
+        await t.call("workspace_destroy", workspace=name)
+    await t.call("snapshot_delete", workspace="origin", name=batch["snapshot"])
+    after = await leftovers(env, t)
+    assert after[0] == set() and after[1:] == before[1:]  # the origin is stopped
