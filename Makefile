@@ -98,9 +98,11 @@ unit: venv
 	$(call run_pytest,tests/unit $(PYTEST_ARGS))
 
 # The agent-workflow tests need the dev image (git) besides the default one.
+# scripts/run_tests.py runs the integration modules AGENTISO_TEST_JOBS (2) at a
+# time, each its own pytest; AGENTISO_TEST_JOBS=1 runs one plain pytest.
 test: setup lint image
 	$(MAKE) image IMAGE=dev
-	$(call run_pytest,tests --durations=25 $(PYTEST_ARGS))
+	$(VPY) scripts/run_tests.py -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
 bench: setup image
 	$(VPY) -m bench
