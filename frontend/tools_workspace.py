@@ -84,7 +84,7 @@ def info(d: Detail, own_session: str) -> WorkspaceInfo:
         forwards=[Forward(host_port=f.host_port, guest_port=f.guest_port, protocol=f.protocol,
                           external=(f.host_port, f.protocol) in _external(d))
                   for f in (net.forwards if net else [])],
-        snapshot_count=len(d.volume.snapshots) if d.volume else 0,
+        snapshot_count=d.snapshot_count,
         accel=d.vm.accel or None if d.vm is not None else None,
         env_keys=sorted(d.record.env),
         forked_from=d.parent_name,
@@ -150,7 +150,10 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         lifetime_secs: Annotated[int, Field(ge=10, le=30 * 86400, description=(
             "Stop it this long after it starts, whatever it is doing"))] | None = None,
         on_timeout: Annotated[Literal["stop", "destroy"], Field(description=(
-            "What a time limit does: stop (the disk is kept) or destroy"))] = "stop",
+            "What a time limit does: stop (the disk is kept) or destroy (VM, disk and "
+            "snapshots are deleted; the workspace stays listed as stopped, its reason "
+            "saying it was destroyed, until workspace_destroy removes the entry; "
+            "workspace_start refuses it)"))] = "stop",
     ) -> WorkspaceInfo:
         d = rt.config.defaults
         progress = _progress(ctx, 4)
@@ -174,7 +177,8 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
         return Destroyed(id=rec.id, name=rec.name)
 
     @app.tool(annotations=changes, description=(
-        "Boot a stopped (or crashed) workspace again, with its disk as it was left."))
+        "Boot a stopped (or crashed) workspace again, with its disk as it was left. "
+        "Refused for one a time limit destroyed (on_timeout=\"destroy\"): it has no disk."))
     @tool_errors
     async def workspace_start(ctx: Context, workspace: WorkspaceRef) -> WorkspaceInfo:
         d = await rt.ws.start(workspace, _progress(ctx, 3))

@@ -93,6 +93,9 @@ class Detail:
     volume: hp.VolumeInfo | None
     #: The name of the workspace it was forked from (its id if that is gone).
     parent_name: str | None = None
+    #: The snapshots of its tree, as the catalog keeps them (a restore moves the
+    #: workspace onto another volume, so the helper's per-volume list is not it).
+    snapshot_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -327,6 +330,15 @@ class Workspaces(NetworkOps, SnapshotOps, ForkOps):
     async def start(self, ref: str, progress: Progress = _no_progress) -> Detail:
         rec = await self._owned_fresh(ref)
         lifecycle.require(rec.name, rec.state, Operation.START)
+        try:  # a time limit with on_timeout="destroy" leaves only the row
+            async with self.helper_call() as h:
+                await h.volume_get(name=rec.volume)
+        except NotFound:
+            raise WorkspaceError(
+                f"workspace {rec.name!r} has no disk any more "
+                f"({rec.state_reason or 'its volume is gone from the helper'})",
+                "Remove the entry with workspace_destroy and create a new workspace.",
+            ) from None
         return await self._boot(rec, None, progress)
 
     async def _boot(self, rec: WorkspaceRecord, resume: str | None,
@@ -470,7 +482,7 @@ class Workspaces(NetworkOps, SnapshotOps, ForkOps):
         if rec.parent_workspace:
             found_parent = self.catalog.find_workspace(rec.parent_workspace)
             parent = found_parent.name if found_parent else rec.parent_workspace
-        return Detail(rec, vm, vol, parent)
+        return Detail(rec, vm, vol, parent, len(self.catalog.list_snapshots(rec.id)))
 
     async def list_all(self) -> tuple[list[Detail], list[Orphan]]:
         """Every workspace of this user (reconciled with the helper) and the
@@ -503,7 +515,9 @@ class Workspaces(NetworkOps, SnapshotOps, ForkOps):
             return rec
         if state != State.RUNNING:
             self._drop_guest(rec.vm)
-        if vm is not None and vm.reason:
+        if vm is not None and vm.ended is not None and vm.ended.action == "destroy":
+            reason = f"{vm.reason}; only this entry is left (workspace_destroy removes it)"
+        elif vm is not None and vm.reason:
             reason = f"{reason}: {vm.reason}"
         try:
             return self.catalog.set_state(rec.id, state, reason, expect=[rec.state])

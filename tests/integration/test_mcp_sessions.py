@@ -14,6 +14,7 @@ unprivileged uid in the helper's group.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import anyio
@@ -226,6 +227,8 @@ async def test_snapshot_tree_restores_every_node(env: Env, a: Tools) -> None:
     assert nodes["s1"]["parent"] is None and sorted(nodes["s1"]["children"]) == ["s2", "s3"]
     assert nodes["s2"]["parent"] == "s1" and nodes["s3"]["parent"] == "s1"
     assert tree["head"] == "s2" and nodes["s2"]["is_head"]
+    info = await a.call("workspace_info", workspace="owned")
+    assert info["snapshot_count"] == len(tree["snapshots"]) == 3
     err = await a.fails("snapshot_create", workspace="owned", name="s1")
     assert "already has a snapshot" in err
     err = await a.fails("snapshot_restore", workspace="owned", name="nope")
@@ -256,6 +259,7 @@ async def test_snapshot_tree_restores_every_node(env: Env, a: Tools) -> None:
     await a.call("workspace_start", workspace="owned")
     names = {n["name"] for n in (await a.call("snapshot_list", workspace="owned"))["snapshots"]}
     assert names == {"s1", "s2"}
+    assert (await a.call("workspace_info", workspace="owned"))["snapshot_count"] == 2
 
 
 @pytest.mark.anyio
@@ -281,6 +285,43 @@ async def test_an_idle_timeout_stops_a_workspace_with_no_frontend_running(
     again = await a.call("workspace_start", workspace="sleepy")
     assert again["state"] == "running"
     await a.call("workspace_destroy", workspace="sleepy")
+
+
+def wait_ended(env: Env, vm: str) -> hp.VmInfo:
+    """The helper's view of ``vm`` once a time limit has ended it (within 60 s)."""
+    for _ in range(120):
+        with BlockingHelperClient(str(env.helper.socket), timeout=60) as c:
+            info = c.request(hp.VmGet(id=0, name=vm, owner=USER))
+        assert isinstance(info, hp.VmInfo)
+        if info.ended is not None:
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"no time limit ended {vm}: {info}")
+
+
+@pytest.mark.anyio
+async def test_a_lifetime_that_destroys_leaves_an_honest_entry(env: Env, a: Tools) -> None:
+    """on_timeout="destroy": the helper deletes VM and disk; the workspace
+    stays listed as stopped with a reason saying it was destroyed, a start is
+    refused with a hint, and workspace_destroy removes the entry."""
+    async with mcp_tools(env.params()) as s:
+        ws = await s.call("workspace_create", name="doomed", lifetime_secs=10,
+                          on_timeout="destroy")
+        assert ws["lifetime_secs"] == 10, ws
+        ended = await anyio.to_thread.run_sync(wait_ended, env, ws["id"])
+        assert ended.ended is not None and ended.ended.action == "destroy", ended
+        assert ws["id"] not in env.helper_names()[1], "its volume is gone"
+        row = {w["name"]: w for w in (await s.call("workspace_list"))["workspaces"]}["doomed"]
+        assert row["state"] == "stopped", row
+        assert "lifetime" in row["state_reason"] and "destroyed" in row["state_reason"], row
+        assert "workspace_destroy" in row["state_reason"], row
+        err = await s.fails("workspace_start", workspace="doomed")
+        assert "no disk any more" in err and "workspace_destroy" in err, err
+        await s.call("workspace_destroy", workspace="doomed")
+        names = {w["name"] for w in (await s.call("workspace_list"))["workspaces"]}
+        assert "doomed" not in names
+    vms, volumes = env.helper_names()
+    assert ws["id"] not in vms and ws["id"] not in volumes
 
 
 @pytest.mark.anyio
