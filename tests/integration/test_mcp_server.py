@@ -31,7 +31,7 @@ from tests.harness.images import skip_unless_image
 from tests.support.helper_process import IMAGES
 from tests.support.mcp_client import ToolFailed, Tools, mcp_tools
 from tests.support.mcp_env import McpEnv as Env
-from tests.support.mcp_env import mcp_env
+from tests.support.mcp_env import mcp_env, peak_rss
 
 GROUP = 64361
 USER = 64362
@@ -161,8 +161,8 @@ async def test_workspace_lifecycle_exec_and_files(tools: Tools, env: Env) -> Non
     src.write_bytes(os.urandom(50 * 1024 * 1024))
     os.chown(src, USER, USER)
     want = hashlib.sha256(src.read_bytes()).hexdigest()
-    server = _the_server(env)
-    peak_before = _peak_rss(server)
+    server = env.the_server()
+    peak_before = peak_rss(server)
     up = await tools.call("file_upload", workspace="alpha", host_path=str(src),
                           guest_path="/root/big.bin")
     assert (up["bytes"], up["sha256"]) == (50 * 1024 * 1024, want)
@@ -175,7 +175,7 @@ async def test_workspace_lifecycle_exec_and_files(tools: Tools, env: Env) -> Non
     assert back.stat().st_uid == USER, "the frontend writes host files as the user"
     # Streamed: the server's peak memory grows by a window of chunks (16 of 1 MiB
     # up, 8 down), never by the file; a whole-file buffer would add >= 50 MiB.
-    grown = _peak_rss(server) - peak_before
+    grown = peak_rss(server) - peak_before
     assert grown < 32 * 1024 * 1024, f"the server's peak RSS grew {grown >> 20} MiB"
     src.unlink()
     back.unlink()
@@ -223,21 +223,6 @@ async def test_workspace_lifecycle_exec_and_files(tools: Tools, env: Env) -> Non
     assert "alpha" not in {w["name"] for w in listed["workspaces"]}
     vms, vols = env.helper_names()
     assert ws["id"] not in vms | vols
-
-
-def _the_server(env: Env) -> int:
-    """The pid of the one ``agentiso serve`` running (the module's)."""
-    alive = [p for p in env.live_sessions().values() if Path(f"/proc/{p}").exists()]
-    assert len(alive) == 1, alive
-    return alive[0]
-
-
-def _peak_rss(pid: int) -> int:
-    """The process's peak resident set (``VmHWM``), in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM for {pid}")
 
 
 # --- exec details ---------------------------------------------------------------------------
@@ -556,6 +541,12 @@ async def test_exec_and_file_edge_cases(tools: Tools, beta: dict[str, Any]) -> N
         if not p["running"]:
             break
     assert text == "é" * 18
+    # a binary file is text only when asked for as base64
+    await tools.call("file_write", workspace="beta", path="/root/bin.dat",
+                     content="AAEC/w==", encoding="base64")
+    err = await tools.fails("file_read", workspace="beta", path="/root/bin.dat")
+    assert "UTF-8" in err and "base64" in err, err
+    _two_lines(err)
     # file_edit: not through a symlink; not past the size limit
     await tools.call("exec", workspace="beta", command="ln -sf /root/plain.sh /root/link.sh")
     err = await tools.fails("file_edit", workspace="beta", path="/root/link.sh",

@@ -95,6 +95,12 @@ class McpEnv:
             db.close()
         return dict(rows)
 
+    def the_server(self) -> int:
+        """The pid of the one ``agentiso serve`` of this env that is running."""
+        alive = [p for p in self.live_sessions().values() if Path(f"/proc/{p}").exists()]
+        assert len(alive) == 1, f"not one live server: {alive}"
+        return alive[0]
+
     def host_curl(self, port: int, path: str = "") -> subprocess.CompletedProcess[str]:
         """``curl 127.0.0.1:port`` on the helper's host (its network namespace)."""
         return subprocess.run(
@@ -102,6 +108,14 @@ class McpEnv:
              f"http://127.0.0.1:{port}/{path}"],
             capture_output=True, text=True, timeout=30,
         )
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set size (``VmHWM``), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"/proc/{pid}/status has no VmHWM")
 
 
 @contextmanager
