@@ -67,11 +67,25 @@ class ConnectionLost(FrontendError, Unavailable):
             self.__cause__ = cause
 
 
-class HelperUnavailable(ConnectionLost):
-    """The helper cannot be reached at all: nothing was sent to it."""
+#: What to do when the helper cannot be reached, unless the raiser knows better.
+START_THE_HELPER = (
+    "start the helper (systemctl start agentiso-helper.socket, or agentiso-helper serve"
+    " --socket PATH), make sure you are root or in its group, then retry"
+)
 
-    def __init__(self, message: str, *, cause: BaseException | None = None) -> None:
-        super().__init__(Hop.HELPER_SOCKET, message, cause=cause)
+
+class HelperUnavailable(ConnectionLost):
+    """The helper cannot be reached at all: nothing was sent to it.
+
+    ``reason`` is the cause (one line, naming the hop) and ``advice`` what to
+    do, kept apart so a tool error can show each once, on its own line;
+    ``str()`` joins them (for logs and the command line)."""
+
+    def __init__(self, message: str, *, advice: str = START_THE_HELPER,
+                 cause: BaseException | None = None) -> None:
+        self.reason = f"{Hop.HELPER_SOCKET}: {message}"
+        self.advice = advice
+        super().__init__(Hop.HELPER_SOCKET, f"{message}; {advice}", cause=cause)
 
 
 class RequestTimeout(FrontendError, RemoteTimeout):

@@ -78,10 +78,8 @@ from .mux import (
 DEFAULT_TIMEOUT_S = 30.0
 R = TypeVar("R", bound=hp.HelperResponse)
 
-_START_ADVICE = (
-    "start it (systemctl start agentiso-helper.socket, or agentiso-helper serve"
-    " --socket PATH) and make sure you are root or in its group"
-)
+#: What to do when the helper hung up on us before the session was usable.
+_SEE_ITS_LOG = "see the helper's log (journalctl -u agentiso-helper), then retry"
 _LOST_ADVICE = (
     "the helper may have stopped or restarted: reconnect; a request that was in"
     " flight may or may not have taken effect (check with a get or list request)"
@@ -382,16 +380,19 @@ class HelperClient:
             resp = None if body is None else hp.response_codec.decode(body)
         except _GONE as exc:
             raise HelperUnavailable(
-                f"{self._where} closed the connection during {what} ({exc})", cause=exc
+                f"{self._where} closed the connection during {what} ({exc})",
+                advice=_SEE_ITS_LOG, cause=exc,
             ) from exc
         except (FramingError, DecodeError) as exc:  # an oversize frame, or not a response
             raise HelperUnavailable(
-                f"{self._where} answered {what} with an invalid frame ({exc}):"
-                " is that socket the agentiso helper's, of this version?",
+                f"{self._where} answered {what} with an invalid frame ({exc})",
+                advice="check that the socket is the agentiso helper's and of this version"
+                       " (agentiso doctor), then retry",
                 cause=exc,
             ) from exc
         if resp is None:
-            raise HelperUnavailable(f"{self._where} closed the connection during {what}")
+            raise HelperUnavailable(f"{self._where} closed the connection during {what}",
+                                    advice=_SEE_ITS_LOG)
         if isinstance(resp, hp.Error):
             raise remote_error(resp.code, resp.message)
         return resp
@@ -419,7 +420,8 @@ class HelperClient:
         except RequestTimeout as exc:
             raise HelperUnavailable(
                 f"{self._where} did not answer hello within {timeout:g} s: it may be hung"
-                " or overloaded (see agentiso-helper status and the helper's log)",
+                " or overloaded",
+                advice=f"check agentiso-helper status, and {_SEE_ITS_LOG}",
                 cause=exc,
             ) from exc
         if not isinstance(resp, hp.HelloOk):
@@ -507,13 +509,10 @@ async def _connect_unix(path: str, seconds: float) -> anyio.abc.SocketStream:
             return await anyio.connect_unix(path)
         except OSError as exc:
             raise HelperUnavailable(
-                f"cannot connect to the agentiso helper at {path}: {exc.strerror or exc};"
-                f" {_START_ADVICE}",
+                f"cannot connect to the agentiso helper at {path}: {exc.strerror or exc}",
                 cause=exc,
             ) from exc
-    raise HelperUnavailable(
-        f"cannot connect to the agentiso helper at {path} within {seconds:g} s; {_START_ADVICE}"
-    )
+    raise HelperUnavailable(f"cannot connect to the agentiso helper at {path} within {seconds:g} s")
 
 
 __all__ = [

@@ -56,8 +56,7 @@ _HINTS: dict[pe.ErrorCode, str] = {
 def describe(exc: BaseException, tool: str) -> str:
     """Two lines: the cause, and what to do."""
     if isinstance(exc, HelperUnavailable):
-        return (f"{exc.message}\nStart the helper (systemctl start agentiso-helper.socket), "
-                "make sure you are in the agentiso group, then retry.")
+        return f"{exc.reason}\n{_sentence(exc.advice)}"
     if isinstance(exc, ConnectionLost):
         return (f"{exc.message}\nRetry; if it keeps failing check workspace_info and "
                 "workspace_logs.")

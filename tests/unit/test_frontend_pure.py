@@ -203,6 +203,17 @@ def test_describe_is_cause_then_what_to_do(exc: BaseException) -> None:
     assert "Traceback" not in text and "[" not in lines[0][:1]
 
 
+def test_helper_unavailable_is_its_cause_then_the_fix_once() -> None:
+    exc = HelperUnavailable("cannot connect to the agentiso helper at /x.sock: No such file")
+    cause, todo = describe(exc, "exec").splitlines()
+    assert cause == "helper socket: cannot connect to the agentiso helper at /x.sock: No such file"
+    assert todo.startswith("Start the helper (systemctl start agentiso-helper.socket")
+    assert todo.endswith("then retry.") and "systemctl" not in cause
+    assert "systemctl" in str(exc), "logs and the command line get the fix too"
+    custom = HelperUnavailable("it hung up during hello", advice="see its log")
+    assert describe(custom, "exec") == "helper socket: it hung up during hello\nSee its log."
+
+
 def test_describe_hides_internal_details() -> None:
     text = describe(KeyError("secret internals"), "exec")
     assert "secret" not in text and "internal error" in text

@@ -254,7 +254,7 @@ async def test_an_undecodable_answer_fails_only_its_request(tmp_path: Path) -> N
 
 
 async def test_no_helper_socket_is_helper_unavailable(tmp_path: Path) -> None:
-    with pytest.raises(HelperUnavailable, match=r"cannot connect.*start it") as info:
+    with pytest.raises(HelperUnavailable, match=r"cannot connect.*; start the helper") as info:
         async with connect_helper(str(tmp_path / "missing.sock")):
             pass
     assert isinstance(info.value, ConnectionLost) and info.value.hop is Hop.HELPER_SOCKET
