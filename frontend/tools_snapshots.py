@@ -64,7 +64,10 @@ def register(app: MCPServer[Any], rt: Runtime) -> None:
                                           idempotent_hint=False), description=(
         "Bring the workspace back to any snapshot (not only the newest); the other "
         "snapshots are all kept. Unsaved changes since the last snapshot are discarded "
-        "(the result says what). A running workspace is running again afterwards."))
+        "(the result says what). A running workspace is running again afterwards. A "
+        "snapshot's memory is resumed only when it is the newest snapshot of the "
+        "workspace's current disk; any other memory snapshot restores its disk and the "
+        "workspace boots from it (memory_restored is false and `note` says so)."))
     @tool_errors
     async def snapshot_restore(workspace: WorkspaceRef, name: SnapshotName) -> SnapshotRestored:
         r = await rt.ws.snapshot_restore(workspace, name)

@@ -258,6 +258,31 @@ def test_sessions(cat: Catalog) -> None:
         cat.end_session("s-none")
 
 
+def test_adopt_leaves_a_live_sessions_workspace_alone(cat: Catalog) -> None:
+    """What workspace_adopt_all relies on: a workspace whose owner the
+    liveness check reports alive is neither taken nor touched."""
+    rec = cat.add_workspace(make(cat, "theirs", session="s-live", state=State.RUNNING))
+    asked: list[str] = []
+
+    def alive(s: str) -> bool:
+        asked.append(s)
+        return True
+
+    assert cat.adopt(rec.id, "s-me", unless_alive=alive) is None
+    assert asked == ["s-live"]
+    assert cat.get_workspace(rec.id) == rec  # owner and updated_at unchanged
+    # Its owner gone, the same call takes it; without the check, it is taken anyway.
+    got = cat.adopt(rec.id, "s-me", unless_alive=lambda s: False)
+    assert got is not None and got.session == "s-me"
+    assert cat.adopt(rec.id, "s-other") is not None
+    assert cat.get_workspace(rec.id).session == "s-other"
+    # Its own session's workspace is returned as it is, never asked about.
+    assert cat.adopt(rec.id, "s-other", unless_alive=alive) == cat.get_workspace(rec.id)
+    assert asked == ["s-live"]
+    with pytest.raises(WorkspaceNotFound):
+        cat.adopt("ws-0000000000", "s-me", unless_alive=alive)
+
+
 # --- files, schema, migrations ----------------------------------------------------------
 
 
