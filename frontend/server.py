@@ -29,6 +29,7 @@ from .config import FrontendConfig
 from .errors import FrontendError
 from .hostpaths import HostRoots
 from .sessions import Session, session_alive
+from .toolerrors import ToolServer
 from .workspaces import Workspaces
 
 log = structlog.get_logger("agentiso.frontend.server")
@@ -110,7 +111,7 @@ def build_server(config: FrontendConfig) -> MCPServer[Any]:
             session.close()
             catalog.close()
 
-    app: MCPServer[Any] = MCPServer(
+    app: MCPServer[Any] = ToolServer(
         "agentiso", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan,
         log_level="INFO",
     )

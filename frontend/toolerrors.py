@@ -11,11 +11,14 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import anyio
 import structlog
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from mcp_types import CallToolResult, InputRequiredResult
+from pydantic import ValidationError
 
 from agentiso.protocol import errors as pe
 
@@ -170,3 +173,43 @@ def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise ToolError(describe(exc, fn.__name__)) from None
 
     return wrapper
+
+
+#: How many of a refusal's failed fields are named (the rest are counted).
+_MAX_FIELDS = 3
+
+
+def describe_refusal(tool: str, exc: ValidationError) -> str:
+    """Arguments the input schema refused, as two lines: each failed field
+    with why (never its value: it may be huge, or the user's data), and what
+    to do."""
+    errors = exc.errors(include_url=False, include_input=False)
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}"
+             for e in errors[:_MAX_FIELDS]]
+    more = len(errors) - _MAX_FIELDS
+    if more > 0:
+        parts.append(f"and {more} more")
+    return (f"the arguments of {tool} were refused by its input schema: {'; '.join(parts)}\n"
+            "Fix them as the tool's input schema says (tools/list), then call again.")
+
+
+class ToolServer(MCPServer[Any]):
+    """``MCPServer`` whose schema refusals read like every other tool error.
+
+    The SDK checks arguments against the input schema before the tool runs
+    (so :func:`tool_errors` never sees them) and answers with pydantic's
+    multi-line report and a documentation URL; this says the same in two lines.
+    """
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            refusal = exc.__cause__
+            if isinstance(exc, UnexpectedToolError) or not isinstance(refusal, ValidationError):
+                raise
+            # Chained to the ValidationError, so the SDK still logs field names only.
+            raise ToolError(describe_refusal(name, refusal)) from refusal
+

@@ -318,6 +318,45 @@ async def test_every_tool_schema_compiles_and_has_no_naive_datetimes(tmp_path: P
             assert "workspace" in t.input_schema["properties"], t.name
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize(("arguments", "field"), [
+    ({"timeout_secs": 0}, "timeout_secs"),
+    ({"command": "x" * 200_000}, "command"),
+    ({"command": None}, "command"),
+    ({"env": {"1BAD": "x"}}, "env"),
+])
+async def test_a_schema_refusal_is_one_line_of_cause_and_one_of_what_to_do(
+    tmp_path: Path, arguments: dict[str, Any], field: str
+) -> None:
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    from agentiso.frontend.server import build_server
+
+    app = build_server(parse_config(f'state_dir = "{tmp_path}"\n', cwd=tmp_path))
+    args = {k: v for k, v in {"workspace": "w", "command": "true", **arguments}.items()
+            if v is not None}
+    with pytest.raises(ToolError) as info:
+        await app.call_tool("exec", args)
+    cause, todo = str(info.value).splitlines()
+    assert "refused by its input schema" in cause and field in cause, cause
+    assert "input schema" in todo
+    assert "pydantic" not in str(info.value) and "http" not in str(info.value)
+    assert len(cause) < 300, "the refused value is not echoed"
+
+
+@pytest.mark.anyio
+async def test_a_schema_refusal_names_a_few_fields_and_counts_the_rest(tmp_path: Path) -> None:
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    from agentiso.frontend.server import build_server
+
+    app = build_server(parse_config(f'state_dir = "{tmp_path}"\n', cwd=tmp_path))
+    with pytest.raises(ToolError) as info:
+        await app.call_tool("workspace_create", {"name": "Bad Name", "vcpus": 0,
+                                                 "memory_mb": 1, "disk_gb": 0, "image": "B A D"})
+    assert str(info.value).splitlines()[0].endswith("and 2 more"), str(info.value)
+
+
 def test_the_tool_reference_is_current() -> None:
     from agentiso.frontend import tooldoc
 
