@@ -8,7 +8,8 @@ unprivileged uid in the helper's group.
 * ``port_forward`` reaches a server in the guest from the host's 127.0.0.1
   (in the helper's network namespace); ``network_policy`` peers two workspaces
   that cannot talk by default; forwards come back after a restart.
-* Quotas per session and per user refuse cleanly and leave nothing behind.
+* Quotas per session and per user (workspaces, vCPUs, memory, disk,
+  snapshots per workspace) refuse cleanly and leave nothing behind.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 
 import anyio
 import pytest
@@ -31,13 +33,18 @@ GROUP = 64371
 USER = 64372
 OTHER = 64373
 pytestmark = skip_unless_image()
+# Each per-user limit is above its per-session one, so that a create in a
+# fresh session (session "a" holds 2 workspaces: 2 vCPUs, 512 MB, 2 GB) can
+# hit either.
 QUOTAS = """
 [quotas]
 workspaces = 3
 workspaces_per_session = 2
-memory_mb = 1024
-memory_mb_per_session = 768
+vcpus = 6
 vcpus_per_session = 3
+memory_mb = 2048
+memory_mb_per_session = 768
+disk_gb = 12
 disk_gb_per_session = 8
 snapshots_per_workspace = 4
 """
@@ -98,6 +105,10 @@ async def test_a_session_uses_only_its_own_workspaces_until_it_adopts(
                      content="written by b\n")
         err = await a.fails("exec", workspace="owned", command="true")
         assert "workspace_adopt" in err
+        # adopt_all takes only what a gone session held: b is alive, so nothing.
+        assert (await a.call("workspace_adopt_all"))["workspaces"] == []
+        assert (await b.call("workspace_info", workspace="owned"))["own_session"] is True
+        assert (await a.call("workspace_info", workspace="owned"))["own_session"] is False
         os.kill(pid, 9)  # b dies without a word
     finally:
         try:
@@ -109,6 +120,16 @@ async def test_a_session_uses_only_its_own_workspaces_until_it_adopts(
     assert [w["name"] for w in taken["workspaces"]] == ["owned"]
     r = await a.call("exec", workspace="owned", command="cat /root/from-b.txt")
     assert r["stdout"] == "written by b\n"
+
+
+def helper_state(env: Env) -> tuple[set[str], dict[str, list[str]]]:
+    """The user's VMs in the helper, and each volume's snapshots."""
+    with BlockingHelperClient(str(env.helper.socket), timeout=60) as c:
+        vms = c.request(hp.VmList(id=0, owner=USER))
+        vols = c.request(hp.VolumeList(id=0, owner=USER))
+    assert isinstance(vms, hp.Vms) and isinstance(vols, hp.Volumes)
+    return ({v.name for v in vms.vms},
+            {v.name: sorted(s.name for s in v.snapshots) for v in vols.volumes})
 
 
 def probe_to(ip: str) -> str:
@@ -188,12 +209,16 @@ async def test_quotas_refuse_cleanly(env: Env, a: Tools) -> None:
     err = await a.fails("workspace_create", name="third")
     assert "workspaces per session: 2 in use + 1 asked > 2 allowed" in err
     async with mcp_tools(env.params()) as b:
-        err = await b.fails("workspace_create", name="big", memory_mb=1024)
-        assert "memory per user: 512 MB in use + 1024 MB asked > 1024 MB allowed" in err
-        err = await b.fails("workspace_create", name="cpus", vcpus=4)
-        assert "vcpus per session" in err
-        err = await b.fails("workspace_create", name="disk", disk_gb=20)
-        assert "disk per session: 0 GB in use + 20 GB asked > 8 GB allowed" in err
+        for args, want in (
+            ({"memory_mb": 1600}, "memory per user: 512 MB in use + 1600 MB asked > 2048 MB"),
+            ({"memory_mb": 1024}, "memory per session: 0 MB in use + 1024 MB asked > 768 MB"),
+            ({"vcpus": 5}, "vcpus per user: 2 in use + 5 asked > 6 allowed"),
+            ({"vcpus": 4}, "vcpus per session: 0 in use + 4 asked > 3 allowed"),
+            ({"disk_gb": 11}, "disk per user: 2 GB in use + 11 GB asked > 12 GB allowed"),
+            ({"disk_gb": 9}, "disk per session: 0 GB in use + 9 GB asked > 8 GB allowed"),
+        ):
+            err = await b.fails("workspace_create", name="big", **args)
+            assert want in err, (args, err)
         await b.call("workspace_create", name="third")
         err = await b.fails("workspace_create", name="fourth")
         assert "workspaces per user: 3 in use + 1 asked > 3 allowed" in err
@@ -245,8 +270,22 @@ async def test_snapshot_tree_restores_every_node(env: Env, a: Tools) -> None:
     p = await a.call("exec", workspace="owned", command="pgrep -x sleep")
     assert p["exit_code"] == 0, "the process saved with the memory is running again"
 
+    before = helper_state(env)
+    listed = await a.call("snapshot_list", workspace="owned")
     err = await a.fails("snapshot_create", workspace="owned", name="fifth")
     assert "snapshots per workspace: 4 in use + 1 asked > 4 allowed" in err
+    assert helper_state(env) == before, "the refused snapshot left something"
+    assert await a.call("snapshot_list", workspace="owned") == listed
+
+    # The listing's times, sizes and memory flags.
+    nodes = {n["name"]: n for n in listed["snapshots"]}
+    assert nodes["mem"]["memory"] is True
+    assert [nodes[n]["memory"] for n in ("s1", "s2", "s3")] == [False] * 3
+    for n in nodes.values():
+        assert isinstance(n["size_bytes"], int) and n["size_bytes"] > 0, n
+    times = [datetime.fromisoformat(nodes[n]["created_at"]) for n in ("s1", "s2", "s3", "mem")]
+    assert times == sorted(times) and len(set(times)) == 4, times
+    assert nodes["s1"]["description"] == "first"
 
     # Snapshots other states were built on cannot be deleted; the others can.
     err = await a.fails("snapshot_delete", workspace="owned", name="s2")
