@@ -3,7 +3,8 @@
 One VM runs a TCP server and a sleeping process, writes a file and saves its
 memory with a snapshot; three clones of that snapshot are resumed from that
 memory while the original keeps running.  All four run at once, each with
-its own address, MAC, hostname, machine-id and random bytes, the processes
+its own address, MAC, hostname, machine-id and random bytes, its clock
+stepped to the host's (within a few seconds), the processes
 started before the snapshot alive in each, their disks apart, each reachable
 from the host at its new address.  Stopping them leaves no link, rule or
 address behind; a ``resume_from`` on a volume that is not an unused clone of
@@ -80,6 +81,8 @@ while True:
 """
 PORT = 80
 FORKS = ("f1", "f2", "f3")
+#: How far a guest's clock may be from the host's around one exec.
+CLOCK_SLACK_S = 2.0
 POLICY = hp.NetworkPolicy(inbound_ports=[PORT])
 SOURCE = hp.FromSnapshot(volume="src-vol", snapshot="s1")
 
@@ -94,6 +97,9 @@ class Lab:
     #: What the sniffer saw: lines "TAP MAC IP".
     frames: Path = Path("/nonexistent")
     sleeper: str = ""
+    #: Host time (time.time()) of the memory snapshot, and of each fork's VmStart.
+    snapshot_at: float = 0.0
+    resumed_at: dict[str, float] = field(default_factory=dict)
     machine_ids: dict[str, str] = field(default_factory=dict)
 
     def client(self) -> BlockingHelperClient:
@@ -176,11 +182,13 @@ def _start_source_and_fork_it(lab: Lab) -> None:
         lab.sleeper = lab.sh("src", "sleep 100000 >/dev/null 2>&1 & echo $!")
         lab.sh("src", "echo before > /root/f; sync")
         snap = c.request(hp.SnapshotCreate(id=0, volume="src-vol", snapshot="s1", memory=True))
+        lab.snapshot_at = time.time()
         assert isinstance(snap, hp.VolumeInfo) and snap.snapshots[0].memory
         lab.sh("src", "echo after > /root/f")  # the original runs on and changes
         for vm in FORKS:
             c.request(hp.VolumeCreate(id=0, name=f"{vm}-vol", source=SOURCE))
             t0 = time.monotonic()
+            lab.resumed_at[vm] = time.time()
             info = c.request(
                 hp.VmStart(id=0, name=vm, volume=f"{vm}-vol", network=POLICY, resume_from=SOURCE)
             )
@@ -202,15 +210,23 @@ def test_all_run_at_once_each_with_its_own_identity(lab: Lab) -> None:
     macs = {vm: lab.net(vm).mac for vm in ALL}
     assert len(set(addrs.values())) == 4 and len(set(macs.values())) == 4
     seen: dict[str, set[str]] = {"host": set(), "mid": set(), "rand": set()}
+    offsets: dict[str, float] = {}
     for vm in ALL:
+        asked = time.time()
         out = lab.sh(
             vm,
             "hostname; cat /etc/machine-id;"
             " head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n';"
-            " echo; ip -o link show eth0; ip -o -4 addr show eth0",
+            " echo; ip -o link show eth0; ip -o -4 addr show eth0; date +%s.%N",
         ).splitlines()
-        assert len(out) == 5, (vm, out)
-        hostname, machine_id, rand, link, addr = out
+        answered = time.time()
+        assert len(out) == 6, (vm, out)
+        hostname, machine_id, rand, link, addr, clock = out
+        # The forks resumed seconds after the snapshot: without the clock step
+        # of the reidentify their clocks would lag the host by that much.
+        guest = float(clock)
+        offsets[vm] = round(guest - (asked + answered) / 2, 3)
+        assert asked - CLOCK_SLACK_S <= guest <= answered + CLOCK_SLACK_S, (vm, offsets)
         assert hostname == vm
         assert macs[vm] in link.lower(), (vm, link)
         assert f"inet {addrs[vm]}/" in addr, (vm, addr)
@@ -220,6 +236,11 @@ def test_all_run_at_once_each_with_its_own_identity(lab: Lab) -> None:
         seen["mid"].add(machine_id)
         seen["rand"].add(rand)
     assert all(len(s) == 4 for s in seen.values()), seen
+    print("guest clock - host clock at the exec's midpoint (s):", offsets)
+    # What a fork's clock would lag without the step: enough to be caught.
+    unstepped = {vm: round(lab.resumed_at[vm] - lab.snapshot_at, 2) for vm in FORKS}
+    print("a fork's clock would lag by (s):", unstepped)
+    assert max(unstepped.values()) > 2 * CLOCK_SLACK_S, unstepped
 
 
 def test_a_fork_never_sends_a_frame_under_the_old_identity(lab: Lab) -> None:
