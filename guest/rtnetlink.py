@@ -29,7 +29,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from agentiso.protocol.errors import ErrorCode
 
@@ -99,9 +99,10 @@ def _align(n: int) -> int:
     return (n + 3) & ~3
 
 
-@dataclass(frozen=True)
-class Message:
-    """One netlink message: header fields and the body after the header."""
+class Message(NamedTuple):
+    """One netlink message: header fields and the body after the header.
+    (A NamedTuple, not a dataclass: the agent imports this module at start,
+    and a dataclass compiles its methods at import, which costs boot time.)"""
 
     type: int
     flags: int
