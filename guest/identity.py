@@ -165,11 +165,12 @@ async def handle_reidentify(req: gp.Reidentify, ctx: RequestContext) -> gp.Ok:
     require_vm(ctx, "taking a new identity")
 
     # Every step runs inline in the event loop, without asyncio.to_thread:
-    # right after a resume under TCG the first thread the executor spawns
-    # costs more (tens of ms, all code cold) than the blocking it would
-    # spare, which is a few writes of a few bytes to local files, an ioctl
-    # and some netlink messages.  Nothing else is in flight while a VM takes
-    # its identity: the host sends nothing else until this is answered.
+    # right after a resume under TCG a hop to the executor's thread (spawn
+    # or wake it, switch to it and back, all of it cold) costs more than the
+    # blocking it would spare, which is a few writes of a few bytes to
+    # local files, an ioctl and some netlink messages.  Nothing else is in
+    # flight while a VM takes its identity: the host sends nothing else
+    # until this is answered.
     async def entropy() -> None:
         _reseed(req.entropy)
 
