@@ -31,6 +31,7 @@ from .registry import Registry, SnapshotRecord, VolumeRecord
 from .server import RequestContext
 from .storage import FromBase, FromSnapshot, VolumeBackend
 from .storage import VolumeInfo as BackendVolumeInfo
+from .storage.errors import NotFound as StorageNotFound
 
 log = structlog.get_logger("agentiso.helper.service")
 
@@ -46,6 +47,10 @@ class WorkspaceService:
     #: Serialises every change to the registry (volumes, snapshots, VMs) with
     #: the checks it depends on: a name is checked free, and taken, under it.
     lock: anyio.Lock = field(default_factory=anyio.Lock)
+    #: Storage keys of volumes whose storage is being made or removed now:
+    #: registered (or still registered) while their disk is not there.
+    #: VolumeList, which takes no lock, leaves them out instead of failing.
+    pending: set[str] = field(default_factory=set)
 
     # --- wiring ------------------------------------------------------------------------
 
@@ -125,11 +130,14 @@ class WorkspaceService:
             size = max(req.size_bytes or 0, source_size)
             self.check_limits(owner, limits.Usage(volumes=1, disk_bytes=size))
             rec = self.registry.add_volume(owner, req.name, origin, size, image_name)
+            self.pending.add(rec.key)
             try:
                 info = await self.storage.create_volume(rec.key, source, req.size_bytes)
             except BaseException:
                 self.registry.remove_volume(rec.key)
                 raise
+            finally:
+                self.pending.discard(rec.key)
             rec.size_bytes = info.virtual_size
             if isinstance(source, FromSnapshot):
                 rec.pristine_clone_of = f"{source.volume}@{source.snapshot}"
@@ -145,11 +153,15 @@ class WorkspaceService:
         """Destroy volume ``rec`` (``conflict`` if a VM uses it) with its
         snapshots' saved memory.  The caller holds :attr:`lock`."""
         self._refuse_if_in_use(rec, "destroy")
-        await self.storage.destroy_volume(rec.key)
-        for snap in rec.snapshots:
-            self.drop_memory(snap)
-        self.registry.remove_volume(rec.key)
-        self.registry.save()
+        self.pending.add(rec.key)
+        try:
+            await self.storage.destroy_volume(rec.key)
+            for snap in rec.snapshots:
+                self.drop_memory(snap)
+            self.registry.remove_volume(rec.key)
+            self.registry.save()
+        finally:
+            self.pending.discard(rec.key)
 
     async def volume_get(self, req: hp.VolumeGet, ctx: RequestContext) -> hp.VolumeInfo:
         rec = self.registry.volume(ctx.owner, req.name)
@@ -158,7 +170,13 @@ class WorkspaceService:
     async def volume_list(self, req: hp.VolumeList, ctx: RequestContext) -> hp.Volumes:
         out = []
         for rec in self.registry.volumes(ctx.owner):
-            out.append(self.volume_info(0, rec, await self.storage.volume_info(rec.key)))
+            try:
+                info = await self.storage.volume_info(rec.key)
+            except StorageNotFound:
+                if rec.key in self.pending:  # not made yet, or being removed
+                    continue
+                raise
+            out.append(self.volume_info(0, rec, info))
         volumes, next_cursor = page(out, req.cursor)
         return hp.Volumes(id=req.id, volumes=volumes, next_cursor=next_cursor)
 

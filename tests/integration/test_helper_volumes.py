@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
-from agentiso.protocol.errors import AlreadyExists, Conflict, NotFound
+from agentiso.protocol.errors import AlreadyExists, Conflict, NotFound, RemoteError
 from tests.harness.images import require_image
 from tests.support.helper_process import HelperProcess, run_as, running_helper
 
@@ -161,3 +162,44 @@ def test_snapshot_clone_rollback_destroy_life_cycle(helper: HelperProcess) -> No
     reg = json.loads((helper.workdir / "state" / "registry.json").read_text())
     assert reg["volumes"] == []
 
+
+
+def test_a_listing_during_creates_and_destroys_never_fails(helper: HelperProcess) -> None:
+    """VolumeList takes no lock: a volume registered while its disk is still
+    being made (or already removed) is left out of the listing, not a
+    ``not_found`` for the whole listing (an agent's workspace_list while
+    another create runs)."""
+    errors: list[str] = []
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def churn() -> None:
+        try:
+            with BlockingHelperClient(str(helper.socket), timeout=180) as c:
+                for i in range(12):
+                    c.request(hp.VolumeCreate(id=0, name=f"churn{i}",
+                                              source=hp.FromImage(image="minimal")))
+                    c.request(hp.VolumeDestroy(id=0, name=f"churn{i}"))
+        finally:
+            done.set()
+
+    t = threading.Thread(target=churn)
+    t.start()
+    listings = 0
+    with BlockingHelperClient(str(helper.socket), timeout=180) as c:
+        while not done.is_set():
+            try:
+                vols = c.request(hp.VolumeList(id=0))
+            except RemoteError as exc:
+                errors.append(f"{exc.code}: {exc}")
+                continue
+            assert isinstance(vols, hp.Volumes)
+            seen.update(v.name for v in vols.volumes)
+            listings += 1
+    t.join(60)
+    assert not errors, errors[:3]
+    assert listings > 12 and seen, (listings, seen)  # it listed while they came and went
+    with BlockingHelperClient(str(helper.socket), timeout=180) as c:
+        vols = c.request(hp.VolumeList(id=0))
+    assert isinstance(vols, hp.Volumes) and not [v for v in vols.volumes
+                                                 if v.name.startswith("churn")]
