@@ -434,3 +434,27 @@ def test_every_quota_refuses_naming_the_limit_the_use_and_the_request(
         with pytest.raises(quotas.QuotaExceeded) as again:
             quotas.check(q, [*running, stopped], "s-me", full)
         assert message in str(again.value)
+
+
+@pytest.mark.parametrize(("limit", "value", "message"), [
+    ("workspaces", 4, "workspaces per user: 1 in use + 4 asked > 4"),
+    ("vcpus", 8, "vcpus per user: 2 in use + 8 asked > 8"),
+    ("memory_mb", 3000, "memory per user: 512 MB in use + 3072 MB asked > 3000 MB"),
+    ("disk_gb_per_session", 12, "disk per session: 3 GB in use + 12 GB asked > 12 GB"),
+])
+def test_a_fork_batch_is_asked_whole(limit: str, value: int, message: str) -> None:
+    """workspace_fork checks count times the source's size before anything is
+    made: a batch whose single forks would each fit is refused as a whole."""
+    from agentiso.frontend import quotas
+    from agentiso.frontend.config import Quotas
+    from agentiso.frontend.forks import batch_ask
+
+    src = _row("ws-0000000001", "s-me", vcpus=2, memory_mb=512, disk_gb=3)
+    q = Quotas(**{limit: value})  # type: ignore[arg-type]
+    assert batch_ask(src, 4) == quotas.Ask(workspaces=4, vcpus=8, memory_mb=2048, disk_gb=12)
+    quotas.check(q, [src], "s-me", batch_ask(src, 1))  # one fork fits
+    with pytest.raises(quotas.QuotaExceeded) as e:
+        quotas.check(q, [src], "s-me", batch_ask(src, 6 if limit == "memory_mb" else 4))
+    assert message in str(e.value), str(e.value)
+    no_size = _row("ws-0000000002", "s-me", disk_gb=None)  # type: ignore[arg-type]
+    assert batch_ask(no_size, 3).disk_gb == 3  # an image-sized disk counts 1 GB each
