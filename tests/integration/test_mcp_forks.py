@@ -4,7 +4,7 @@
   original's memory with a new identity (address, MAC, hostname,
   machine-id, fresh randomness); a process started before the fork runs in
   the original and every fork at once; a write in one shows in no other;
-  forks cannot reach each other by traffic unless peered.
+  forks cannot reach each other by traffic unless peered or in one group.
 * Forks of a disk-only snapshot boot with their own identity.
 * Limits: too many forks in one call, a name taken; a snapshot with forks
   cannot be deleted.  A batch the quotas cannot hold is refused whole before
@@ -124,6 +124,23 @@ async def test_a_live_fork_runs_everywhere_with_new_identities(
         if r["stdout"] == "connected\n":
             break
     assert r["stdout"] == "connected\n", r
+
+    # A group: f-2 and f-4 opt in to "team" and talk; f-5, outside it, still cannot.
+    r = await t.call("exec", workspace="f-4", command=probe)
+    assert r["exit_code"] != 0, "f-4 reached f-2 before any group"
+    pol = await t.call("network_policy", workspace="f-2", groups=["team"])
+    assert pol["groups"] == ["team"] and pol["peers"] == ["f-3"] and pol["applied"], pol
+    await t.call("network_policy", workspace="f-4", groups=["team"])
+    for _ in range(30):
+        r = await t.call("exec", workspace="f-4", command=probe)
+        if r["stdout"] == "connected\n":
+            break
+    assert r["stdout"] == "connected\n", r
+    r = await t.call("exec", workspace="f-5", command=probe)
+    assert r["exit_code"] != 0, "f-5 is in no group with f-2"
+    await t.call("network_policy", workspace="f-4", groups=[])
+    r = await t.call("exec", workspace="f-4", command=probe)
+    assert r["exit_code"] != 0, "f-4 left the group and still reaches f-2"
 
     err = await t.fails("snapshot_delete", workspace="origin", name=result["snapshot"])
     assert "f-1" in err
