@@ -17,10 +17,12 @@ unprivileged uid in the helper's group.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
+from typing import Any
 
 import anyio
 import pytest
@@ -28,7 +30,7 @@ import pytest
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
 from tests.harness.images import skip_unless_image
-from tests.support.mcp_client import Tools, mcp_tools
+from tests.support.mcp_client import ToolFailed, Tools, mcp_tools
 from tests.support.mcp_env import McpEnv as Env
 from tests.support.mcp_env import mcp_env
 
@@ -326,6 +328,31 @@ async def test_snapshot_tree_restores_every_node(env: Env, a: Tools) -> None:
     assert (await a.call("workspace_info", workspace="owned"))["snapshot_count"] == 2
 
 
+#: Valid values for the arguments besides the workspace, by name.
+_VALUES: dict[str, Any] = {
+    "command": "true", "job": 1, "path": "/root", "guest_path": "/root/x",
+    "host_path": "x", "old_text": "a", "new_text": "b", "content": "x",
+    "url": "git://198.51.100.2/x", "message": "m", "guest_port": 8000,
+    "host_port": 40000, "name": "snap",
+}
+
+
+def _touching(props: dict[str, Any], required: list[str], ref: str,
+              alt: str) -> dict[str, Any] | None:
+    """Arguments that point a tool at workspace ``ref`` (None: it takes none);
+    ``alt``: another reference to it, for a target beside sources."""
+    args: dict[str, Any] = {k: _VALUES[k] for k in required if k in _VALUES}
+    if "workspace" in props:
+        args["workspace"] = ref
+    elif "workspaces" in props:
+        args["workspaces"] = [ref]
+    elif "sources" in props:
+        args.update(sources=[ref], target=alt)
+    else:
+        return None
+    return args
+
+
 def wait_ended(env: Env, vm: str) -> hp.VmInfo:
     """The helper's view of ``vm`` once a time limit has ended it (within 60 s)."""
     for _ in range(120):
@@ -379,14 +406,27 @@ async def test_another_user_sees_and_touches_nothing(env: Env, a: Tools) -> None
     async with mcp_tools(params) as o:
         listed = await o.call("workspace_list")
         assert listed == {"workspaces": [], "orphans": []}, listed
-        for ref in ("owned", owned["id"]):
-            for tool, args in (("exec", {"command": "true"}), ("workspace_info", {}),
-                               ("workspace_destroy", {}), ("workspace_adopt", {}),
-                               ("file_read", {"path": "/etc/hostname"}),
-                               ("snapshot_list", {})):
-                err = await o.fails(tool, workspace=ref, **args)
-                assert "no workspace" in err, (tool, err)
-    # USER's catalog is not even readable by the other uid.
-    assert (env.work / "state").stat().st_mode & 0o077 == 0 or \
-        (env.work / "state" / "catalog.db").stat().st_mode & 0o077 == 0
+        tried = 0
+        for tool in o.listed:
+            props = tool.input_schema.get("properties", {})
+            for ref, alt in (("owned", owned["id"]), (owned["id"], "owned")):
+                args = _touching(props, tool.input_schema.get("required", []), ref, alt)
+                if args is None:
+                    continue
+                try:  # a tool over several workspaces reports each one instead
+                    err = json.dumps(await o.call_with(tool.name, args))
+                except ToolFailed as exc:
+                    err = str(exc)
+                assert "no workspace" in err, (tool.name, args, err)
+                tried += 1
+        assert tried >= 2 * 30, tried  # every tool that takes a workspace, by name and id
+        # workspace_adopt_all takes nothing of USER's either.
+        assert (await o.call("workspace_adopt_all"))["workspaces"] == []
+    # USER's catalog is not even readable by the other uid: its files are
+    # USER's own, with no access for anyone else.
+    files = list((env.work / "state").glob("catalog.db*"))
+    assert env.work / "state" / "catalog.db" in files
+    for path in files:
+        st = path.stat()
+        assert st.st_uid == USER and st.st_mode & 0o077 == 0, (path, oct(st.st_mode))
     assert (await a.call("workspace_info", workspace="owned"))["state"] == "running"
