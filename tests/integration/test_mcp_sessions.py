@@ -257,10 +257,17 @@ async def test_quotas_refuse_cleanly(env: Env, a: Tools) -> None:
 @pytest.mark.anyio
 async def test_snapshot_tree_restores_every_node(env: Env, a: Tools) -> None:
     async def put(text: str) -> None:
+        """Change the state: a file's content, and one more file of its own."""
         await a.call("file_write", workspace="owned", path="/root/state.txt", content=text)
+        await a.call("file_write", workspace="owned", path=f"/root/at-{text.strip()}",
+                     content=text)
 
     async def state() -> str:
         return (await a.call("file_read", workspace="owned", path="/root/state.txt"))["content"]
+
+    async def markers() -> list[str]:
+        r = await a.call("exec", workspace="owned", command="cd /root && ls -d at-* | sort")
+        return str(r["stdout"]).split()
 
     await put("one\n")
     await a.call("snapshot_create", workspace="owned", name="s1", description="first")
@@ -271,9 +278,11 @@ async def test_snapshot_tree_restores_every_node(env: Env, a: Tools) -> None:
     assert await state() == "one\n"
     await put("three\n")
     await a.call("snapshot_create", workspace="owned", name="s3")
+    files = {"s1": ["at-one"], "s2": ["at-one", "at-two"], "s3": ["at-one", "at-three"]}
     for node, want in (("s2", "two\n"), ("s3", "three\n"), ("s1", "one\n"), ("s2", "two\n")):
         await a.call("snapshot_restore", workspace="owned", name=node)
         assert await state() == want, node
+        assert await markers() == files[node], node  # exactly its files, no other state's
     tree = await a.call("snapshot_list", workspace="owned")
     nodes = {n["name"]: n for n in tree["snapshots"]}
     assert nodes["s1"]["parent"] is None and sorted(nodes["s1"]["children"]) == ["s2", "s3"]
