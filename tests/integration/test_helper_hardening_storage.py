@@ -472,10 +472,12 @@ def test_a_long_snapshot_merge_does_not_delay_other_requests(helper: LoopHelper)
     print(f"merge of 384 MiB took {result.get('took')}; meanwhile another uid's {others}, "
           f"create {create:.2f}; grow of the merging volume: {busy}")
     assert "took" in result, "the merge failed"
+    # The other uid's requests were answered while the merge still ran (had
+    # they waited for its locks they would have ended after it).  Their
+    # times are printed, not judged against the merge's: a fast disk merges
+    # 384 MiB in under a second, as long as a loaded host's snapshot takes.
     assert merging, f"the merge ({result['took']:.1f} s) ended before the others were done"
     assert busy is not None and "being deleted" in busy and "retry" in busy
-    for what, took in others.items():
-        assert took < float(result["took"]) / 2, (what, others, result)  # type: ignore[arg-type]
     # The merge kept the data, and the volume works again.
     meta = json.loads((helper.state_dir / f"storage/qcow2/volumes/{key}.json").read_bytes())
     top = helper.state_dir / f"storage/qcow2/layers/{meta['chain'][-1]}.qcow2"
