@@ -8,6 +8,10 @@ Each process is a whole pytest run: module fixtures stay per module, and the
 session leak check in tests/conftest.py tells the runs' resources apart
 (it already lets engineers' runs overlap).
 
+A part's own leak check (tests/conftest.py) judges only what is provably
+that part's; what belongs to no live process (an orphaned QEMU, a root
+namespace nft table) is checked once, here, when every part has ended.
+
 Each part's output goes to ``build/test-logs/<part>.log``; a line is printed
 when a part ends, the whole log of a part that failed, and at the end one
 summary line in pytest's own form.  Exit status: 0 when every part passed or
@@ -28,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
@@ -102,14 +107,43 @@ def _load_times() -> dict[str, float]:
 def _run_part(part: str, args: list[str]) -> Result:
     log = LOGS / (part.replace("/", "_") + ".log")
     start = time.monotonic()
+    # AGENTISO_TEST_PART: the part's own leak check judges only what is
+    # provably its own (tests/conftest.py); the rest is checked at the end.
+    env = {**os.environ, "AGENTISO_TEST_PART": "1"}
     with open(log, "w") as out:
         rc = subprocess.run([sys.executable, "-m", "pytest", part, *args], cwd=REPO, stdout=out,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env).returncode
     return Result(part, rc, time.monotonic() - start, counts_of(log.read_text(errors="replace")))
+
+
+def _suite_check() -> Any:
+    """The host's footprint before the suite (None when not root: the
+    per-run check in tests/conftest.py does not run either)."""
+    if os.geteuid() != 0:
+        return None
+    sys.path.insert(0, str(REPO))
+    from tests.conftest import suite_footprint
+
+    return suite_footprint()
+
+
+def _suite_leaks(before: Any, grace_s: float = 10.0) -> dict[str, object]:
+    """What the whole suite left on the host (asked again for ``grace_s``
+    while something is still going away)."""
+    if before is None:
+        return {}
+    from tests.conftest import suite_leaks
+
+    deadline = time.monotonic() + grace_s
+    while (leaks := suite_leaks(before)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return dict(leaks)
 
 
 def run_parallel(jobs: int, args: list[str]) -> int:
     LOGS.mkdir(parents=True, exist_ok=True)
+    before = _suite_check()
     times = _load_times()
     queue = order(parts(), times)
     results: list[Result] = []
@@ -142,11 +176,13 @@ def run_parallel(jobs: int, args: list[str]) -> int:
     (LOGS / "times.json").write_text(json.dumps(
         {r.part: round(r.seconds, 1) for r in results if r.counts}, indent=1, sort_keys=True))
     failed = [r.part for r in results if not ok(r.rc)]
+    leaks = _suite_leaks(before)
     print(summary_line(results, time.monotonic() - start), flush=True)
     if failed:
         print("failed parts: " + " ".join(failed), flush=True)
-        return 1
-    return 0
+    if leaks:
+        print(f"the test suite left these behind on the host: {leaks}", flush=True)
+    return 1 if failed or leaks else 0
 
 
 def main(argv: list[str]) -> int:

@@ -135,8 +135,11 @@ def _netns_owner(name: str, procs: _Procs) -> str | None:
     return "theirs" if procs.other_run(pid) else None
 
 
-def _host_footprint() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-    """(this run's or nobody's, another run's): nft tables, links, namespaces,
+Footprint = dict[str, set[str]]
+
+
+def _host_footprint() -> tuple[Footprint, Footprint, Footprint]:
+    """(this run's, nobody's, another run's): nft tables, links, namespaces,
     QEMU processes, system state directories."""
 
     def lines(*argv: str) -> list[str]:
@@ -147,14 +150,15 @@ def _host_footprint() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
         return [line.strip() for line in out.splitlines() if line.strip()]
 
     procs = _Procs()
-    mine: dict[str, set[str]] = {k: set() for k in (
+    ours: Footprint = {k: set() for k in (
         "nft tables", "links", "network namespaces", "QEMU pids", "state dirs")}
-    theirs: dict[str, set[str]] = {k: set() for k in mine}
+    nobody: Footprint = {k: set() for k in ours}
+    theirs: Footprint = {k: set() for k in ours}
 
     def put(kind: str, item: str, owner: str | None) -> None:
-        (theirs if owner == "theirs" else mine)[kind].add(item)
+        {"ours": ours, "theirs": theirs}.get(owner or "", nobody)[kind].add(item)
 
-    mine["nft tables"] = {t for t in lines("nft", "list", "tables") if "agentiso" in t}
+    nobody["nft tables"] = {t for t in lines("nft", "list", "tables") if "agentiso" in t}
     namespaces: dict[int, str | None] = {}  # inode -> owner
     for line in lines("ip", "netns", "list"):
         name = line.split()[0]
@@ -189,8 +193,40 @@ def _host_footprint() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
             owner = ("ours" if "ours" in (netns_owner, *watched)
                      else "theirs" if "theirs" in (netns_owner, *watched) else None)
         put("QEMU pids", str(pid), owner)
-    mine["state dirs"] = {d for d in ("/var/lib/agentiso", "/run/agentiso") if Path(d).exists()}
-    return mine, theirs
+    nobody["state dirs"] = {d for d in ("/var/lib/agentiso", "/run/agentiso") if Path(d).exists()}
+    return ours, nobody, theirs
+
+
+def _union(a: Footprint, b: Footprint) -> Footprint:
+    return {k: a[k] | b[k] for k in a}
+
+
+def _new(after: Footprint, *before: Footprint) -> Footprint:
+    """What ``after`` holds that none of ``before`` did, by kind (non-empty only)."""
+    found = {k: after[k].difference(*(b[k] for b in before)) for k in after}
+    return {k: v for k, v in found.items() if v}
+
+
+def suite_footprint() -> tuple[Footprint, Footprint]:
+    """(this process's or nobody's, another run's): for scripts/run_tests.py,
+    the ancestor of every part, whose own check at the end of the suite
+    catches what no part could call its own (an orphaned QEMU, a root
+    namespace nft table) once nothing of the suite runs any more."""
+    ours, nobody, theirs = _host_footprint()
+    return _union(ours, nobody), theirs
+
+
+def suite_leaks(before: tuple[Footprint, Footprint]) -> dict[str, list[str]]:
+    """What the suite left on the host since ``before`` (a :func:`suite_footprint`)."""
+    after, _ = suite_footprint()
+    return {k: sorted(v) for k, v in _new(after, *before).items()}
+
+
+#: Set by scripts/run_tests.py for each part (one pytest process among
+#: several at once): a part fails on what is provably its own; what is
+#: nobody's when it ends may be another part's still running, and is left to
+#: the runner's check at the end of the suite.
+_PART = "AGENTISO_TEST_PART"
 
 
 # Every process this run starts inherits this variable (unless something on the
@@ -242,12 +278,12 @@ def host_left_clean() -> object:
     marker_value = str(os.getpid())
     os.environ[_RUN_MARKER] = marker_value
     marker = f"{_RUN_MARKER}={marker_value}".encode()
-    before, before_theirs = _host_footprint()
+    before_ours, before_nobody, before_theirs = _host_footprint()
     yield None
-    after, _ = _host_footprint()
+    after_ours, after_nobody, _ = _host_footprint()
+    after = after_ours if os.environ.get(_PART) else _union(after_ours, after_nobody)
     leaked: dict[str, object] = {
-        k: sorted(after[k] - before[k] - before_theirs[k]) for k in after
-        if after[k] - before[k] - before_theirs[k]
+        k: sorted(v) for k, v in _new(after, before_ours, before_nobody, before_theirs).items()
     }
     if processes := _leftover_processes(marker):
         leaked["processes"] = sorted(processes)
