@@ -4,21 +4,16 @@ meaning."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
+
+from tests.support.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _configdoc() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("configdoc", REPO / "scripts" / "configdoc.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["configdoc"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("configdoc")
 
 
 def test_configuration_reference_is_current() -> None:

@@ -3,21 +3,16 @@ the suite splits into, their order, and reading pytest's summary."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
+
+from tests.support.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def runner() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("run_tests", REPO / "scripts" / "run_tests.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["run_tests"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("run_tests")
 
 
 def test_the_parts_are_the_unit_tests_and_each_integration_module() -> None:
