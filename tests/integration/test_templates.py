@@ -120,8 +120,9 @@ class Lab:
                              f"{self.helper.log()[-3000:]}")
 
 
-def template_rams(pid: int) -> dict[str, str]:
-    """The template RAM memfds the helper ``pid`` holds: /proc path -> sha256."""
+def ram_fds(pid: int) -> dict[Path, str]:
+    """The template RAM memfds the helper ``pid`` holds: /proc path -> name
+    (``/memfd:agentiso-tpl-<key>-<owner uid> (deleted)``)."""
     out = {}
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -129,11 +130,19 @@ def template_rams(pid: int) -> dict[str, str]:
         except OSError:
             continue
         if target.startswith("/memfd:agentiso-tpl-"):
-            h = hashlib.sha256()
-            with open(fd, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            out[str(fd)] = h.hexdigest()
+            out[fd] = target
+    return out
+
+
+def template_rams(pid: int) -> dict[str, str]:
+    """The template RAM memfds the helper ``pid`` holds: /proc path -> sha256."""
+    out = {}
+    for fd in ram_fds(pid):
+        h = hashlib.sha256()
+        with open(fd, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        out[str(fd)] = h.hexdigest()
     return out
 
 
@@ -376,17 +385,8 @@ def test_after_a_helper_restart_the_ram_comes_from_the_state_file(lab: Lab) -> N
 
 
 def ram_owners(pid: int) -> list[int]:
-    """The owners of the template RAM copies the helper ``pid`` holds (their
-    memfds are named ``agentiso-tpl-<key>-<owner uid>``)."""
-    owners = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("/memfd:agentiso-tpl-"):
-            owners.append(int(target.split()[0].rsplit("-", 1)[1]))
-    return owners
+    """The owners of the template RAM copies the helper ``pid`` holds."""
+    return [int(name.split()[0].rsplit("-", 1)[1]) for name in ram_fds(pid).values()]
 
 
 def test_a_users_ram_copy_is_kept_ram_keep_s_after_their_last_vm(lab: Lab) -> None:
