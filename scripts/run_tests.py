@@ -104,8 +104,17 @@ def _load_times() -> dict[str, float]:
     return {}
 
 
+def _log_of(part: str) -> Path:
+    return LOGS / (part.replace("/", "_") + ".log")
+
+
+def _ran_tests(r: Result) -> bool:
+    """Its time says how long the part takes (not a ``-k`` that ran none of it)."""
+    return any(r.counts.get(k) for k in ("passed", "failed", "errors"))
+
+
 def _run_part(part: str, args: list[str]) -> Result:
-    log = LOGS / (part.replace("/", "_") + ".log")
+    log = _log_of(part)
     start = time.monotonic()
     # AGENTISO_TEST_PART: the part's own leak check judges only what is
     # provably its own (tests/conftest.py); the rest is checked at the end.
@@ -165,16 +174,15 @@ def run_parallel(jobs: int, args: list[str]) -> int:
                 print(f"[{time.monotonic() - start:6.0f} s] {word} {part}: {r.seconds:.0f} s, "
                       f"{counts}", flush=True)
                 if not ok(r.rc):
-                    print((LOGS / (part.replace("/", "_") + ".log")).read_text(errors="replace"),
-                          flush=True)
+                    print(_log_of(part).read_text(errors="replace"), flush=True)
 
     threads = [threading.Thread(target=worker) for _ in range(jobs)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    (LOGS / "times.json").write_text(json.dumps(
-        {r.part: round(r.seconds, 1) for r in results if r.counts}, indent=1, sort_keys=True))
+    times.update({r.part: round(r.seconds, 1) for r in results if _ran_tests(r)})
+    (LOGS / "times.json").write_text(json.dumps(times, indent=1, sort_keys=True))
     failed = [r.part for r in results if not ok(r.rc)]
     leaks = _suite_leaks(before)
     print(summary_line(results, time.monotonic() - start), flush=True)

@@ -48,3 +48,11 @@ def test_exit_5_is_not_a_failure_and_the_summary_adds_up() -> None:
     assert "1 failed, 5 passed, 1 skipped in 12.35s (3 parts)" in line
     assert rt.counts_of(line) == {"failed": 1, "passed": 5, "skipped": 1}
     assert "no tests ran" in rt.summary_line([results[2]], 1.0)
+
+
+def test_only_a_part_that_ran_tests_teaches_its_time() -> None:
+    rt = runner()
+    assert rt._ran_tests(rt.Result("a", 0, 9.0, {"passed": 1}))
+    assert rt._ran_tests(rt.Result("a", 1, 9.0, {"failed": 1, "deselected": 5}))
+    assert not rt._ran_tests(rt.Result("a", 5, 0.5, {"deselected": 12}))  # a -k elsewhere
+    assert not rt._ran_tests(rt.Result("a", 0, 0.5, {"skipped": 3}))
