@@ -69,8 +69,10 @@ log = structlog.get_logger("agentiso.helper.storage")
 #: and never scans the partition table its guest wrote (no kpartx/udev
 #: parsing of guest data as root).
 ZVOL_PROPS = {"volmode": "dev"}
-#: Attempts of a zfs command failing with a transient "dataset is busy".
-_BUSY_RETRIES = 5
+#: Attempts of a zfs command failing with a transient "dataset is busy",
+#: about 3 s in all (1 s was too short for zfs-fuse on a loaded host; a
+#: QEMU holding the volume is refused before, by its image lock).
+_BUSY_RETRIES = 10
 #: How long a new zvol's device node may take to appear (udev).
 _ZVOL_NODE_TIMEOUT_S = 10.0
 
@@ -262,7 +264,7 @@ class ZfsBackend:
                     raise
                 if attempt == _BUSY_RETRIES - 1:
                     raise VolumeBusy(volume, op) from None
-                await anyio.sleep(0.1 * (attempt + 1))
+                await anyio.sleep(min(0.4, 0.1 * (attempt + 1)))
 
     async def _destroy(self, target: str, *, recursive: bool, volume: str, op: str) -> None:
         await self._run_unbusy(cmd.zfs_destroy(target, recursive=recursive), volume, op)
