@@ -71,6 +71,16 @@ async def sh(t: Tools, ws: str, command: str) -> str:
     return str(r["stdout"]).strip()
 
 
+async def connects(t: Tools, ws: str, probe: str) -> None:
+    """``probe`` (a TCP connect printing "connected") succeeds from ``ws``
+    within 30 tries: a policy change takes a moment to apply."""
+    for _ in range(30):
+        r = await t.call("exec", workspace=ws, command=probe)
+        if r["stdout"] == "connected\n":
+            return
+    raise AssertionError(f"{ws} never connected: {r}")
+
+
 async def leftovers(env: Env, t: Tools) -> tuple[Any, ...]:
     """What a refused or failed fork must not change: the helper's VMs and
     volumes, the workspace list and the origin's snapshots."""
@@ -119,11 +129,7 @@ async def test_a_live_fork_runs_everywhere_with_new_identities(
     r = await t.call("exec", workspace="f-3", command=probe)
     assert r["exit_code"] != 0
     await t.call("network_policy", workspace="f-2", peers=["f-3"])
-    for _ in range(30):
-        r = await t.call("exec", workspace="f-3", command=probe)
-        if r["stdout"] == "connected\n":
-            break
-    assert r["stdout"] == "connected\n", r
+    await connects(t, "f-3", probe)
 
     # A group: f-2 and f-4 opt in to "team" and talk; f-5, outside it, still cannot.
     r = await t.call("exec", workspace="f-4", command=probe)
@@ -131,11 +137,7 @@ async def test_a_live_fork_runs_everywhere_with_new_identities(
     pol = await t.call("network_policy", workspace="f-2", groups=["team"])
     assert pol["groups"] == ["team"] and pol["peers"] == ["f-3"] and pol["applied"], pol
     await t.call("network_policy", workspace="f-4", groups=["team"])
-    for _ in range(30):
-        r = await t.call("exec", workspace="f-4", command=probe)
-        if r["stdout"] == "connected\n":
-            break
-    assert r["stdout"] == "connected\n", r
+    await connects(t, "f-4", probe)
     r = await t.call("exec", workspace="f-5", command=probe)
     assert r["exit_code"] != 0, "f-5 is in no group with f-2"
     await t.call("network_policy", workspace="f-4", groups=[])

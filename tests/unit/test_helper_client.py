@@ -326,16 +326,23 @@ async def test_an_oversize_answer_to_hello_is_helper_unavailable(tmp_path: Path)
                 pass
 
 
-async def test_a_request_above_the_frame_cap_is_refused_before_sending(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen: list[hp.HelperRequest] = []
+def recorder(seen: list[hp.HelperRequest]) -> Callable[[FakeHelper], Awaitable[None]]:
+    """A fake helper that records every request in ``seen`` and answers Pong."""
 
     async def record(h: FakeHelper) -> None:
         while True:
             r = await h.read()
             seen.append(r)
             await h.respond(hp.Pong(id=r.id))
+
+    return record
+
+
+async def test_a_request_above_the_frame_cap_is_refused_before_sending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[hp.HelperRequest] = []
+    record = recorder(seen)
 
     async with connected(tmp_path, record) as helper:
         # No request within its bounds reaches the real 4 MiB cap: lower the cap.
@@ -354,12 +361,7 @@ async def test_a_request_above_the_frame_cap_is_refused_before_sending(
 
 async def test_timeout_zero_fails_at_once_without_sending(tmp_path: Path) -> None:
     seen: list[hp.HelperRequest] = []
-
-    async def record(h: FakeHelper) -> None:
-        while True:
-            r = await h.read()
-            seen.append(r)
-            await h.respond(hp.Pong(id=r.id))
+    record = recorder(seen)
 
     async with connected(tmp_path, record) as helper:
         with anyio.fail_after(1), pytest.raises(RequestTimeout) as info:
