@@ -23,7 +23,9 @@ from agentiso.protocol.errors import map_exceptions
 from .errors import QmpError, VmTimeout, VmUnavailable
 
 #: Events the engine reacts to; everything else is dropped on arrival.
-WATCHED_EVENTS = ("SHUTDOWN", "STOP", "RESUME", "RESET", "MIGRATION", "GUEST_PANICKED")
+WATCHED_EVENTS = (
+    "SHUTDOWN", "STOP", "RESUME", "RESET", "MIGRATION", "GUEST_PANICKED", "BLOCK_IO_ERROR",
+)
 MAX_QUEUED_EVENTS = 64
 
 

@@ -75,7 +75,15 @@ class GuestChannels:
     def of_running(self, vm: VmRecord) -> GuestChannel:
         """The channel of a VM that runs; ``unavailable`` otherwise."""
         running = self._running.get(vm.key)
-        if running is None or engine_state(self.engine, vm.key) not in (VmState.RUNNING, None):
+        try:
+            st = self.engine.status(vm.key)
+        except HelperError:
+            st = None
+        if st is not None and st.io_error is not None:
+            raise RequestFailed(
+                ErrorCode.UNAVAILABLE, f"VM {vm.name!r} is paused by QEMU: {st.io_error}"
+            )
+        if running is None or (st is not None and st.state != VmState.RUNNING):
             raise RequestFailed(ErrorCode.UNAVAILABLE, f"VM {vm.name!r} is not running")
         return running.channel
 

@@ -17,7 +17,7 @@ import os
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import anyio
 import structlog
@@ -27,7 +27,7 @@ from agentiso.protocol import helper as hp
 from agentiso.protocol.errors import ErrorCode
 
 from .. import images, limits, vsock
-from ..errors import RequestFailed
+from ..errors import HelperError, RequestFailed
 from ..net.manager import Attachment as NetAttachmentInfo
 from ..paging import page
 from ..registry import VmRecord
@@ -35,7 +35,7 @@ from ..relay import GuestChannel
 from ..server import RequestContext
 from ..service import WorkspaceService
 from ..storage import Attachment
-from ..vm.engine import VmConfig, VmEngine
+from ..vm.engine import VmConfig, VmEngine, VmStatus
 from ..vm.engine.types import FINISHED
 from ..vm.spec import DiskLayer, NetAttachment
 from .channels import GuestChannels, engine_state
@@ -54,6 +54,8 @@ HELLO_TIMEOUT_S = 90.0
 #: How often the hello wait looks whether QEMU still runs.
 HELLO_POLL_S = 0.25
 GUEST_CALL_TIMEOUT_S = 30.0
+
+_T = TypeVar("_T")
 
 
 def push_shielded(
@@ -246,22 +248,24 @@ class VmLifecycle:
 
         A step the guest refuses raises GuestStepFailed (``guest_failed``)."""
         await self._wait_hello(req, key, channel)
-        await channel.call(gp.SetHostname(id=0, hostname=req.name), GUEST_CALL_TIMEOUT_S)
+        await self._guest_step(
+            req, key, channel, gp.SetHostname(id=0, hostname=req.name)
+        )
         machine_id = None
         if give_machine_id:
             machine_id = new_machine_id()
-            await channel.call(
+            await self._guest_step(
+                req, key, channel,
                 gp.FileWrite(id=0, path=MACHINE_ID_PATH, data=f"{machine_id}\n".encode(),
                              perm=0o444),
-                GUEST_CALL_TIMEOUT_S,
             )
         if net is not None:
-            await channel.call(
+            await self._guest_step(
+                req, key, channel,
                 gp.ConfigureNetwork(
                     id=0, mac=net.mac, address=net.address, prefix=net.prefix,
                     gateway=net.gateway, dns=list(net.dns),
                 ),
-                GUEST_CALL_TIMEOUT_S,
             )
         return machine_id
 
@@ -273,32 +277,82 @@ class VmLifecycle:
         the link comes up (see :mod:`.forks`).  Returns the new machine-id."""
         await self._wait_hello(req, key, channel)
         identity = reidentify_request(req.name, net, fork.old_mac)
-        await channel.call(identity, GUEST_CALL_TIMEOUT_S)
+        await self._guest_step(req, key, channel, identity)
         await self.engine.set_link(key, True)
         return identity.machine_id
 
     async def _wait_hello(self, req: hp.VmStart, key: str, channel: GuestChannel) -> None:
-        """Wait for the agent's hello, but no longer than QEMU lives: a guest
-        that powers off or crashes during boot fails the start at once, with
-        its console tail, instead of after the whole hello timeout."""
-        deadline = anyio.current_time() + HELLO_TIMEOUT_S
-        while True:
-            with anyio.move_on_after(HELLO_POLL_S):
-                await channel.wait_ready(HELLO_POLL_S + 1)
-                return
-            state = engine_state(self.engine, key)
-            if state in FINISHED or state is None:
-                raise RequestFailed(
-                    ErrorCode.GUEST_FAILED,
-                    f"VM {req.name!r} ended during boot ({state or 'gone'}) before its agent "
-                    f"said hello; console: {self.views.console(key)[-1500:]}",
-                )
-            if anyio.current_time() >= deadline:
-                raise RequestFailed(
-                    ErrorCode.TIMEOUT,
-                    f"VM {req.name!r} did not say hello within {HELLO_TIMEOUT_S:.0f} s "
-                    f"(state {state}); console: {self.views.console(key)[-1500:]}",
-                )
+        """Wait for the agent's hello (see :meth:`_while_answerable`)."""
+        try:
+            await self._while_answerable(req, key, lambda: channel.wait_ready(HELLO_TIMEOUT_S))
+        except TimeoutError:
+            raise RequestFailed(
+                ErrorCode.TIMEOUT,
+                f"VM {req.name!r} did not say hello within {HELLO_TIMEOUT_S:.0f} s "
+                f"(state {engine_state(self.engine, key)}); "
+                f"console: {self.views.console(key)[-1500:]}",
+            ) from None
+
+    async def _guest_step(
+        self, req: hp.VmStart, key: str, channel: GuestChannel, msg: Any
+    ) -> Any:
+        """One configuration request to the agent during a start."""
+        return await self._while_answerable(
+            req, key, lambda: channel.call(msg, GUEST_CALL_TIMEOUT_S)
+        )
+
+    async def _while_answerable(
+        self, req: hp.VmStart, key: str, step: Callable[[], Awaitable[_T]]
+    ) -> _T:
+        """Run one guest step of a start, but only while the guest can answer.
+
+        A guest that powers off or crashes during boot, or that QEMU paused on
+        a disk error (the host filesystem full), fails the start within
+        :data:`HELLO_POLL_S`, saying why, instead of after the step's timeout.
+        """
+        failure: RequestFailed | None = None
+        error: Exception | None = None
+        done: list[_T] = []
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                nonlocal failure
+                while failure is None:
+                    await anyio.sleep(HELLO_POLL_S)
+                    failure = self._why_unanswerable(req, key)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            try:
+                done.append(await step())
+            except Exception as exc:  # raised as it is, not in an ExceptionGroup
+                error = exc
+            tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise error
+        return done[0]
+
+    def _why_unanswerable(self, req: hp.VmStart, key: str) -> RequestFailed | None:
+        """Why VM ``key``'s guest cannot answer now (None: it may)."""
+        try:
+            st: VmStatus | None = self.engine.status(key)
+        except HelperError:
+            st = None
+        if st is None or st.state in FINISHED:
+            return RequestFailed(
+                ErrorCode.GUEST_FAILED,
+                f"VM {req.name!r} ended during boot ({st.state if st else 'gone'}) before its "
+                f"agent was configured; console: {self.views.console(key)[-1500:]}",
+            )
+        if st.io_error is not None:
+            return RequestFailed(
+                ErrorCode.UNAVAILABLE,
+                f"VM {req.name!r} was paused by QEMU during boot: {st.io_error}. "
+                "Free space on the helper's state filesystem, then start it again.",
+            )
+        return None
 
     async def _unregister(self, key: str) -> None:
         async with self.ws.lock:

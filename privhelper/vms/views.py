@@ -54,6 +54,8 @@ class VmViews:
             reason = f"{st.exit_reason}; console: {(st.console_tail or '')[-2000:]}"
         elif st is None:
             reason = "QEMU is gone (it ended while the helper was not running)"
+        elif st.io_error is not None:
+            reason = f"paused by QEMU: {st.io_error}"
         return hp.VmInfo(
             id=rid,
             name=rec.name,

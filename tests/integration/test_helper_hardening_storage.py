@@ -10,7 +10,9 @@ under TCG, real qemu-img, a real ext4 loop mount as the state filesystem):
 * the per-uid snapshot and memory-state quotas are hit and refused;
 * a full state filesystem: creates and snapshots are refused by the reserve,
   a VM start fails with a typed error and leaves no QEMU, and the helper
-  keeps serving (and works again once space is freed).
+  keeps serving (and works again once space is freed);
+* a running VM whose write finds the state filesystem full is paused by
+  QEMU: the helper says why, and refuses its guest requests at once.
 
 One helper and one loop mount for the module; each test makes its own
 resources under its own uid.
@@ -56,6 +58,7 @@ CAROL = 64364  # quotas (root acting for her)
 DAVE = 64365  # the full filesystem (root acting for him)
 EVE = 64366  # a long snapshot merge (root acting for her)
 FRANK = 64367  # requests during eve's merge (root acting for him)
+GRACE = 64368  # a running VM that fills the state filesystem (root acting for her)
 MIB = 1024 * 1024
 RESERVE = 128 * MIB
 CONFIG = f"""
@@ -554,6 +557,63 @@ def test_full_state_filesystem_gives_typed_errors_and_the_helper_serves(
     c.request(hp.SnapshotCreate(id=0, owner=DAVE, volume="full", snapshot="x"))
     c.request(hp.VolumeCreate(id=0, owner=DAVE, name="more", source=hp.FromImage(image="minimal")))
     assert helper.proc is not None and helper.proc.poll() is None
+
+
+def test_a_vm_paused_on_a_full_disk_says_why_and_is_refused_at_once(
+    helper: LoopHelper,
+) -> None:
+    c = client(helper)
+    c.request(hp.VolumeCreate(id=0, owner=GRACE, name="ws", source=hp.FromImage(image="minimal")))
+    c.request(hp.VmStart(id=0, owner=GRACE, name="writer", volume="ws"))
+    writer_ended = threading.Event()
+
+    def write() -> None:
+        # A write the host cannot hold: QEMU pauses the VM, so this exec
+        # never answers; it ends when the VM is stopped below.
+        async def run() -> None:
+            with suppress(Exception):
+                async with open_guest(str(helper.socket), "writer", owner=GRACE) as g:
+                    await g.exec(
+                        shell="dd if=/dev/urandom of=/var/tmp/big bs=1M count=96 conv=fsync",
+                        timeout_s=120,
+                    )
+
+        anyio.run(run)
+        writer_ended.set()
+
+    filler = fill(helper.mount)
+    thread = threading.Thread(target=write, daemon=True)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 90
+        info = c.request(hp.VmGet(id=0, owner=GRACE, name="writer"))
+        while "no space left" not in info.reason and time.monotonic() < deadline:
+            time.sleep(0.5)
+            info = c.request(hp.VmGet(id=0, owner=GRACE, name="writer"))
+        print(f"VmGet of the paused VM: {info.state}: {info.reason}")
+        assert info.reason.startswith("paused by QEMU: no space left on the host's storage")
+        assert not writer_ended.is_set()
+        # A new guest request is refused at once, saying why (not after the
+        # guest call timeout).
+        t0 = time.monotonic()
+
+        async def echo() -> None:
+            async with open_guest(str(helper.socket), "writer", owner=GRACE) as g:
+                await g.exec(shell="echo hi")
+
+        with pytest.raises(RemoteError) as e:
+            anyio.run(echo)
+        assert e.value.code == "unavailable", e.value
+        assert "paused by QEMU" in e.value.message and "no space left" in e.value.message
+        assert time.monotonic() - t0 < 10
+        assert isinstance(c.request(hp.Ping(id=0)), hp.Pong)
+    finally:
+        filler.unlink()
+        with suppress(RemoteError):
+            c.request(hp.VmStop(id=0, owner=GRACE, name="writer", force=True))
+        thread.join(timeout=60)
+    assert writer_ended.is_set()
+    c.request(hp.VolumeDestroy(id=0, owner=GRACE, name="ws"))
 
 
 # --- 6: console and stderr logs on a full filesystem ---------------------------------

@@ -110,3 +110,33 @@ def test_a_switch_puts_the_new_top_over_a_read_only_chain() -> None:
     assert new.top_node == "disk0-s1" and new.overlay_generation == 1
     assert new.spec.disks[0].path == "/v/top2.qcow2" and not new.spec.disks[0].read_only
     assert all(layer.read_only for layer in new.spec.disks[1:])
+
+
+def test_a_disk_error_that_pauses_the_vm_is_kept_until_it_resumes() -> None:
+    vm = supervisor()
+    vm.transition(VmState.RUNNING)
+    # QEMU reports the error, then pauses (werror=enospc).
+    vm._on_event("BLOCK_IO_ERROR", {
+        "device": "", "node-name": "disk0", "operation": "write", "action": "stop",
+        "nospace": True, "reason": "No space left on device",
+    })
+    vm._on_event("STOP", None)
+    st = vm.status()
+    assert st.state == VmState.PAUSED
+    assert st.io_error is not None and "no space left on the host's storage" in st.io_error
+    vm._on_event("RESUME", None)
+    assert vm.status().io_error is None and vm.state == VmState.RUNNING
+
+
+def test_only_a_disk_error_that_pauses_the_vm_is_reported() -> None:
+    from agentiso.privhelper.vm.engine.types import io_error_reason
+
+    base = {"operation": "read", "reason": "Input/output error"}
+    assert io_error_reason({**base, "action": "report"}) is None
+    assert io_error_reason({**base, "action": "ignore"}) is None
+    assert io_error_reason("not a dict") is None
+    other = io_error_reason({**base, "action": "stop"})
+    assert other == "a host I/O error on read of its disk (Input/output error)"
+    # A guest-chosen reason cannot make the text unbounded.
+    long = io_error_reason({**base, "action": "stop", "reason": "x" * 10_000})
+    assert long is not None and len(long) < 300

@@ -31,7 +31,15 @@ from ..boundedlog import BoundedLog, cap_appended_file, tail
 from ..errors import LaunchError, VmStateConflict, VmTimeout, VmUnavailable
 from ..qmp import Qmp
 from ..record import VmRecord
-from .types import FINISHED, EngineSettings, VmEvent, VmState, VmStatus, may_transition
+from .types import (
+    FINISHED,
+    EngineSettings,
+    VmEvent,
+    VmState,
+    VmStatus,
+    io_error_reason,
+    may_transition,
+)
 
 log = structlog.get_logger("agentiso.helper.vm")
 
@@ -79,6 +87,8 @@ class VmSupervisor:
         self._console_eof = anyio.Event()
         self._migration: str | None = None
         self._migration_changed = anyio.Event()
+        #: Why QEMU paused the VM on a disk error (see ``io_error_reason``).
+        self.io_error: str | None = None
 
     @property
     def name(self) -> str:
@@ -131,6 +141,7 @@ class VmSupervisor:
             channel_socket=self.record.channel_socket,
             exit_reason=self.exit_reason,
             console_tail=self.console_tail_text() if finished else None,
+            io_error=None if finished else self.io_error,
         )
 
     def console_tail_text(self) -> str:
@@ -273,7 +284,14 @@ class VmSupervisor:
         elif kind == "STOP":
             self.transition(VmState.PAUSED, only_from=(VmState.RUNNING,))
         elif kind == "RESUME":
+            self.io_error = None
             self.transition(VmState.RUNNING, only_from=(VmState.PAUSED,))
+        elif kind == "BLOCK_IO_ERROR":
+            reason = io_error_reason(data)
+            if reason is not None:
+                if self.io_error is None:
+                    log.warning("vm_paused_on_io_error", vm=self.name, reason=reason)
+                self.io_error = reason
         elif kind == "MIGRATION" and isinstance(data, dict):
             self._migration = str(data.get("status"))
             self._migration_changed.set()

@@ -129,6 +129,26 @@ class VmStatus:
     exit_reason: str | None = None
     #: Last bytes of the serial console, for a VM that has ended.
     console_tail: str | None = None
+    #: Why QEMU paused it on a disk error (a full host filesystem, say); None
+    #: while it runs, and once it is resumed.
+    io_error: str | None = None
+
+
+def io_error_reason(data: object) -> str | None:
+    """What a QMP ``BLOCK_IO_ERROR`` event means for the VM's owner, or None
+    when QEMU did not pause the VM for it (``action`` other than ``stop``).
+
+    The root disk's ``werror`` is QEMU's default, ``enospc``: a write that
+    finds the host filesystem full pauses the VM (nothing is lost, it can go
+    on once there is room) instead of failing the write in the guest.
+    """
+    if not isinstance(data, dict) or data.get("action") != "stop":
+        return None
+    if data.get("nospace"):
+        return "no space left on the host's storage for a write to its disk"
+    operation = str(data.get("operation", "an access"))
+    reason = str(data.get("reason", "") or "unknown error")
+    return f"a host I/O error on {operation} of its disk ({reason[:200]})"
 
 
 @dataclass(frozen=True)
