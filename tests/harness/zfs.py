@@ -156,6 +156,7 @@ def _pool(workdir: Path, size: int) -> Iterator[ZfsPool]:
     try:
         with vdev.open("wb") as f:
             f.truncate(size)
+        _shared_mountpoint(mountpoint)
         res = _run(["zpool", "create", "-m", str(mountpoint), name, str(vdev)])
         if res.returncode != 0:
             raise ZfsUnavailable(f"zpool create failed: {res.stderr.strip()}")
@@ -172,7 +173,29 @@ def _pool(workdir: Path, size: int) -> Iterator[ZfsPool]:
         finally:
             if proc is not None:
                 _stop_daemon(proc)
+            _run(["umount", str(mountpoint)])
             vdev.unlink(missing_ok=True)
+
+
+def _shared_mountpoint(mountpoint: Path) -> None:
+    """Make ``mountpoint`` a shared mount, so that every dataset mounted below
+    it is shared too.
+
+    Without it, on a host whose ``/`` is private (this machine's is), a
+    process that enters a new mount namespace while a dataset is mounted (the
+    ``ip netns exec`` of a helper in another test part) keeps its own copy of
+    that FUSE mount: zfs-fuse then calls the dataset busy until that process
+    ends.  A shared mount's copy in such a namespace is its slave, so the
+    unmount reaches it.  (On a systemd host ``/`` is shared already.)
+    """
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    for argv in (
+        ["mount", "--bind", str(mountpoint), str(mountpoint)],
+        ["mount", "--make-shared", str(mountpoint)],
+    ):
+        res = _run(argv)
+        if res.returncode != 0:
+            raise ZfsUnavailable(f"{' '.join(argv)} failed: {res.stderr.strip()}")
 
 
 def pool_datasets(pool: str) -> list[str]:

@@ -78,7 +78,7 @@ class PolkitBus:
 
     def start_polkitd(self) -> None:
         self.polkitd = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", POLKITD_SCRIPT,
+            ["unshare", "--mount", "--propagation", "slave", "sh", "-c", POLKITD_SCRIPT,
              "polkitd", str(self.workdir), str(POLKITD)],
             env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.address},
             stdout=subprocess.DEVNULL, stderr=open(self.workdir / "polkitd.log", "ab"),  # noqa: SIM115
