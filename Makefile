@@ -98,8 +98,8 @@ unit: venv
 	$(call run_pytest,tests/unit $(PYTEST_ARGS))
 
 # The agent-workflow tests need the dev image (git) besides the default one.
-# scripts/run_tests.py: one plain pytest by default; AGENTISO_TEST_JOBS=2 runs the
-# integration modules two at a time, each its own pytest (10 min instead of 16).
+# scripts/run_tests.py runs the integration modules two at a time, each its own
+# pytest (10 min instead of 16); AGENTISO_TEST_JOBS=1 runs one plain pytest.
 test: setup lint image
 	$(MAKE) image IMAGE=dev
 	$(VPY) scripts/run_tests.py -p no:cacheprovider --durations=25 $(PYTEST_ARGS)

@@ -3,9 +3,8 @@
 Most of the suite's time is spent waiting (guests booting under TCG, idle
 timers firing, QEMU starting) while a core is free, so the integration
 modules run as separate pytest processes, ``--jobs`` at a time (default
-``AGENTISO_TEST_JOBS`` or 1: one plain pytest; 2 halves the suite's time
-here but zfs-fuse can still race under it: README), longest first;
-``tests/unit`` is one more.
+``AGENTISO_TEST_JOBS`` or 2, which halves the suite's time here; 1: one
+plain pytest), longest first; ``tests/unit`` is one more.
 Each process is a whole pytest run: module fixtures stay per module, and the
 session leak check in tests/conftest.py tells the runs' resources apart
 (it already lets engineers' runs overlap).
@@ -196,7 +195,7 @@ def run_parallel(jobs: int, args: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    jobs = int(os.environ.get("AGENTISO_TEST_JOBS", "1"))
+    jobs = int(os.environ.get("AGENTISO_TEST_JOBS", "2"))
     if argv[:1] == ["--jobs"]:
         jobs, argv = int(argv[1]), argv[2:]
     if jobs <= 1:
