@@ -140,6 +140,7 @@ async def _serve(cfg: HelperConfig) -> None:
         vms = VmServices.build(service, engine, tg, net)
         await vms.lifecycle.adopt()
         tg.start_soon(vms.timer.run)
+        tg.start_soon(vms.pool.run)
         server = HelperServer(
             cfg,
             handlers=vms.handlers(service),

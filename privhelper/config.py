@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from agentiso.protocol.types import NAME_PATTERN
+
 from .errors import ConfigError
 from .limits import LimitsConfig
 from .net.config import NetConfig
@@ -89,6 +91,38 @@ class TemplatesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ram_keep_s: Annotated[float, Meta(ge=0, le=86400)] = 120.0
 
 
+class PoolShape(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One ``[[pool.shapes]]`` entry: keep ``count`` VMs of this image and
+    shape ready (the frontend's ``workspace_create`` defaults are 1 vCPU and
+    256 MiB)."""
+
+    #: The guest image of the pool's VMs.
+    image: Annotated[str, Meta(pattern=NAME_PATTERN)] = "minimal"
+    #: Their vCPUs: a ``VmStart`` of exactly this shape (and the image's
+    #: default disk size) takes one over.
+    vcpus: Annotated[int, Meta(ge=1, le=64)] = 1
+    #: Their memory (MiB).
+    memory_mib: Annotated[int, Meta(ge=64, le=1024 * 1024)] = 256
+    #: How many are kept ready (within ``[pool] memory_mib``).
+    count: Annotated[int, Meta(ge=0, le=64)] = 1
+
+
+class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[pool]``: the warm pool (privhelper/vms/pool.py; docs/templates.md).
+
+    Each pool VM is resumed from its shape's boot template ahead of time and
+    waits, warm, for a ``VmStart`` of that image and shape, which takes it
+    over with a new identity instead of resuming the template then.  None by
+    default: each costs its memory and a little CPU while it waits."""
+
+    #: The shapes kept ready: ``[[pool.shapes]]`` tables of ``image``,
+    #: ``vcpus``, ``memory_mib`` and ``count`` (two VMs of the default shape:
+    #: a ``[[pool.shapes]]`` line, then ``count = 2``).
+    shapes: list[PoolShape] = msgspec.field(default_factory=list)
+    #: The pool's VMs together never hold more guest memory than this.
+    memory_mib: Annotated[int, Meta(ge=0, le=2**30)] = 2048
+
+
 class HelperConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
@@ -97,6 +131,8 @@ class HelperConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     net: NetConfig = msgspec.field(default_factory=NetConfig)
     #: Boot templates (privhelper/vms/templates.py; docs/templates.md).
     templates: TemplatesConfig = msgspec.field(default_factory=TemplatesConfig)
+    #: The warm pool (privhelper/vms/pool.py; docs/templates.md).
+    pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
     #: The VM engine's settings (privhelper.vm.engine.EngineSettings, without
     #: state_dir, which comes from [paths]); validated at start-up.
     vm: dict[str, object] = msgspec.field(default_factory=dict)

@@ -213,8 +213,9 @@ def _prose(text: str) -> str:
 
 
 def keys_of(cls: type, section: str, skip: tuple[str, ...] = (), ns: str = ""
-            ) -> tuple[list[Key], list[tuple[str, type]]]:
-    """The scalar keys of a struct, and its sub-tables (name, struct) to list apart."""
+            ) -> tuple[list[Key], list[tuple[str, type, bool]]]:
+    """The scalar keys of a struct, and its sub-tables (name, struct, whether
+    an array of tables, ``[[...]]``) to list apart."""
     info = mi.type_info(cls)
     assert isinstance(info, mi.StructType)
     comments = field_comments(cls)
@@ -223,8 +224,10 @@ def keys_of(cls: type, section: str, skip: tuple[str, ...] = (), ns: str = ""
         if f.name in skip:
             continue
         if isinstance(f.type, mi.StructType):
-            tables.append((f.name, f.type.cls))
+            tables.append((f.name, f.type.cls, False))
             continue
+        if isinstance(f.type, mi.ListType) and isinstance(f.type.item_type, mi.StructType):
+            tables.append((f.name, f.type.item_type.cls, True))  # and listed as a key
         if isinstance(f.type, mi.DictType):
             continue  # a free-form table documented by its own struct (e.g. [vm])
         dotted = f"{section}.{f.name}" if section else f.name
@@ -251,15 +254,17 @@ def _class_doc(cls: type) -> str:
 
 
 def sections(cls: type, prefix: str, extra: dict[str, type] | None = None,
-             skip: tuple[str, ...] = (), ns: str = "") -> list[str]:
+             skip: tuple[str, ...] = (), ns: str = "", array: bool = False) -> list[str]:
     """Markdown for a struct and, depth first, its sub-tables (``ns``: the
-    :data:`MEANINGS` namespace, "user." for the user's file)."""
+    :data:`MEANINGS` namespace, "user." for the user's file; ``array``: an
+    array of tables, ``[[prefix]]``)."""
     keys, tables = keys_of(cls, prefix, skip, ns)
-    out = [table(f"[{prefix}]" if prefix else "", _class_doc(cls) if prefix else "", keys)] \
-        if keys else []
-    for name, sub in [*tables, *(extra or {}).items()]:
+    title = (f"[[{prefix}]]" if array else f"[{prefix}]") if prefix else ""
+    out = [table(title, _class_doc(cls) if prefix else "", keys)] if keys else []
+    for name, sub, is_array in [*tables, *((n, c, False) for n, c in (extra or {}).items())]:
         dotted = f"{prefix}.{name}" if prefix else name
-        out += sections(sub, dotted, skip=("state_dir",) if name == "vm" else (), ns=ns)
+        out += sections(sub, dotted, skip=("state_dir",) if name == "vm" else (), ns=ns,
+                        array=is_array)
     return out
 
 

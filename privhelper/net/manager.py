@@ -255,6 +255,19 @@ class NetworkManager:
                         self.detach(workspace)
                 raise
 
+    def hand_over(self, workspace: str, owner_uid: int, policy: NetPolicy) -> Attachment:
+        """Give ``workspace``'s network (TAP, address, MAC, forwards none) to
+        ``owner_uid`` under ``policy``: a warm pool VM taken over.  Its rules
+        change in one commit; the returned attachment has no TAP fd (-1)."""
+        check_uid(owner_uid)
+        with self._lock:
+            ws = msgspec.structs.replace(
+                self.get(workspace), owner_uid=owner_uid, policy=check_policy(policy),
+                forwards=(),
+            )
+            self._commit(self._with(ws))
+            return self._attachment(ws, -1)
+
     def detach(self, workspace: str) -> None:
         """Destroy the workspace's network: rules, forwards, address, TAP."""
         with self._lock:

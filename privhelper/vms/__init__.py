@@ -4,6 +4,7 @@
 * :mod:`.network`    VmNetworkSet, ForwardAdd, ForwardRemove (and attaching a VM);
 * :mod:`.snapshots`  SnapshotCreate (live when a VM runs on the volume);
 * :mod:`.templates`  boot templates that a fresh volume's VmStart resumes;
+* :mod:`.pool`       the warm pool: VMs resumed ahead of time that a VmStart takes over;
 * :mod:`.admin`      AdminList, Gc;
 * :mod:`.channels`   the guest channel of each running VM;
 * :mod:`.views`      VmInfo as a client sees it; :mod:`.policy` its policy names;
@@ -31,6 +32,7 @@ from .admin import Admin
 from .channels import GuestChannels
 from .lifecycle import VmLifecycle
 from .network import VmNetwork
+from .pool import WarmPool
 from .snapshots import LiveSnapshots
 from .templates import Templates
 from .timelimited import TimeLimitedRequests
@@ -83,6 +85,8 @@ class VmServices:
     time_limits: TimeLimitedRequests
     #: Boot templates; VmStart of a fresh volume resumes one when it fits.
     templates: Templates
+    #: The warm pool: run :meth:`WarmPool.run` in a task once the VMs are adopted.
+    pool: WarmPool
 
     @classmethod
     def build(
@@ -98,6 +102,8 @@ class VmServices:
         snapshots = LiveSnapshots(ws, engine, channels, network)
         templates = Templates(ws, ws.config.templates, tg, lifecycle, snapshots)
         lifecycle.templates = templates
+        pool = WarmPool(ws, ws.config.pool, templates, lifecycle)
+        lifecycle.pool = pool
         return cls(
             lifecycle=lifecycle,
             network=network,
@@ -106,6 +112,7 @@ class VmServices:
             timer=timer,
             time_limits=TimeLimitedRequests(timer),
             templates=templates,
+            pool=pool,
         )
 
     def handlers(self, ws: WorkspaceService) -> dict[type[Any], Handler]:

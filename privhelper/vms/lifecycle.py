@@ -30,7 +30,7 @@ from .. import images, limits, vsock
 from ..errors import HelperError, RequestFailed
 from ..net.manager import Attachment as NetAttachmentInfo
 from ..paging import page
-from ..registry import VmRecord
+from ..registry import VmRecord, VolumeRecord
 from ..relay import GuestChannel
 from ..server import RequestContext
 from ..service import WorkspaceService
@@ -44,6 +44,7 @@ from .network import VmNetwork
 from .views import VmViews
 
 if TYPE_CHECKING:
+    from .pool import WarmPool
     from .templates import Templates
 
 log = structlog.get_logger("agentiso.helper.vms")
@@ -96,6 +97,8 @@ class VmLifecycle:
     use_vsock: bool = field(default_factory=vsock.available)
     #: Boot templates (:mod:`.templates`): a fresh volume's start may resume one.
     templates: Templates | None = None
+    #: The warm pool (:mod:`.pool`): a fresh volume's start may take a pool VM over.
+    pool: WarmPool | None = None
 
     async def open_guest(self, req: hp.GuestOpen, ctx: RequestContext) -> GuestChannel:
         return self.channels.of_running(self.ws.registry.vm(ctx.owner, req.vm))
@@ -118,25 +121,32 @@ class VmLifecycle:
 
     # --- start -----------------------------------------------------------------------------
 
+    def check_start(self, owner: int, req: hp.VmStart) -> VolumeRecord:
+        """``owner``'s volume that ``req`` starts on, once every check a start
+        makes before it takes anything has passed (the volume is free, the
+        name is new, the limits allow it).  The caller holds ``ws.lock``."""
+        ws = self.ws
+        vol = ws.registry.volume(owner, req.volume)
+        other = ws.registry.vm_on_volume(vol.key)
+        if other is not None:
+            raise RequestFailed(
+                ErrorCode.CONFLICT, f"volume {vol.name!r} is in use by VM {other.name!r}"
+            )
+        if any(m.name == req.name for m in ws.registry.vms(owner)):
+            raise RequestFailed(ErrorCode.ALREADY_EXISTS, f"VM {req.name!r} already exists")
+        ws.check_limits(owner, limits.Usage(vms=1, memory_mib=req.memory_mib))
+        return vol
+
     async def vm_start(self, req: hp.VmStart, ctx: RequestContext) -> hp.VmInfo:
+        if self.pool is not None and (taken := await self.pool.claim(req, ctx)) is not None:
+            return taken  # a warm pool VM, taken over (pool.py)
         owner = ctx.owner
         ws = self.ws
         # QEMU holds its own copies of the fds once it runs (``fds``).
         async with AsyncExitStack() as undo:
             with ExitStack() as fds:
                 async with ws.lock:  # checks and registrations; QEMU starts after it
-                    vol = ws.registry.volume(owner, req.volume)
-                    other = ws.registry.vm_on_volume(vol.key)
-                    if other is not None:
-                        raise RequestFailed(
-                            ErrorCode.CONFLICT,
-                            f"volume {vol.name!r} is in use by VM {other.name!r}",
-                        )
-                    if any(m.name == req.name for m in ws.registry.vms(owner)):
-                        raise RequestFailed(
-                            ErrorCode.ALREADY_EXISTS, f"VM {req.name!r} already exists"
-                        )
-                    ws.check_limits(owner, limits.Usage(vms=1, memory_mib=req.memory_mib))
+                    vol = self.check_start(owner, req)
                     image = images.load_image(ws.images_dir, vol.image)
                     memory_fd: int | None = None
                     address: str | None = None
@@ -248,19 +258,19 @@ class VmLifecycle:
 
         A step the guest refuses raises GuestStepFailed (``guest_failed``)."""
         await self._wait_hello(req, key, channel)
-        await self._guest_step(
+        await self.guest_step(
             req, key, channel, gp.SetHostname(id=0, hostname=req.name)
         )
         machine_id = None
         if give_machine_id:
             machine_id = new_machine_id()
-            await self._guest_step(
+            await self.guest_step(
                 req, key, channel,
                 gp.FileWrite(id=0, path=MACHINE_ID_PATH, data=f"{machine_id}\n".encode(),
                              perm=0o444),
             )
         if net is not None:
-            await self._guest_step(
+            await self.guest_step(
                 req, key, channel,
                 gp.ConfigureNetwork(
                     id=0, mac=net.mac, address=net.address, prefix=net.prefix,
@@ -277,7 +287,7 @@ class VmLifecycle:
         the link comes up (see :mod:`.forks`).  Returns the new machine-id."""
         await self._wait_hello(req, key, channel)
         identity = reidentify_request(req.name, net, fork.old_mac)
-        await self._guest_step(req, key, channel, identity)
+        await self.guest_step(req, key, channel, identity)
         await self.engine.set_link(key, True)
         return identity.machine_id
 
@@ -293,10 +303,11 @@ class VmLifecycle:
                 f"console: {self.views.console(key)[-1500:]}",
             ) from None
 
-    async def _guest_step(
+    async def guest_step(
         self, req: hp.VmStart, key: str, channel: GuestChannel, msg: Any
     ) -> Any:
-        """One configuration request to the agent during a start."""
+        """One configuration request to the agent during a start (or a warm
+        pool VM's take-over), failed at once if the guest cannot answer."""
         return await self._while_answerable(
             req, key, lambda: channel.call(msg, GUEST_CALL_TIMEOUT_S)
         )

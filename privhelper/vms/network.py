@@ -54,6 +54,13 @@ class VmNetwork:
         policy = to_net_policy(self.registry, owner, wire)
         return await anyio.to_thread.run_sync(net.attach, key, owner, policy, address)
 
+    async def hand_over(self, owner: int, key: str, wire: hp.NetworkPolicy) -> NetAttachmentInfo:
+        """VM ``key``'s network becomes ``owner``'s, under policy ``wire``
+        (a warm pool VM taken over: :mod:`.pool`)."""
+        net = self.need()
+        policy = to_net_policy(self.registry, owner, wire)
+        return await anyio.to_thread.run_sync(net.hand_over, key, owner, policy)
+
     async def detach(self, key: str) -> None:
         """Remove VM ``key``'s TAP, address and rules, if it has any."""
         if self.net is not None and key in self.net.state.workspaces:

@@ -81,6 +81,9 @@ SNAPSHOT = "booted"
 FORMAT = 1
 #: Where a ``pristine_clone_of`` mark names a template instead of a snapshot.
 MARK_PREFIX = "template:"
+#: The owner of every warm pool VM and volume (:mod:`.pool`): (uid_t)-2, a
+#: uid no user has, so no user's listing (root's included) shows them.
+POOL_OWNER = 2**32 - 2
 
 
 #: Every seal: no write, resize or shared writable mapping, and no unsealing.
@@ -106,6 +109,17 @@ def template_name(key: str) -> str:
 
 def is_template(vol: VolumeRecord) -> bool:
     return vol.owner == TEMPLATE_OWNER and vol.name.startswith(NAME_PREFIX)
+
+
+def ram_holder(vol: VolumeRecord) -> int:
+    """Whose copy of a template's RAM a clone on ``vol`` maps: its owner's,
+    shared with that owner's other clones; for a warm pool VM (whose user
+    is not known yet) one of its own, a negative number no uid is."""
+    if vol.owner == POOL_OWNER:
+        # By name: the claim swaps a new storage key in between loading the
+        # copy and handing it to QEMU.  Pool names are unique (random).
+        return -1 - int(hashlib.sha256(vol.name.encode()).hexdigest()[:8], 16)
+    return vol.owner
 
 
 def clone_mark(key: str) -> str:
@@ -213,7 +227,7 @@ class Templates:
             return None if fd is None else (fd, True)
         mark = vol.pristine_clone_of or ""
         if claimed and mark.startswith(MARK_PREFIX):
-            ram = self.rams.get((mark[len(MARK_PREFIX):], vol.owner))
+            ram = self.rams.get((mark[len(MARK_PREFIX):], ram_holder(vol)))
             return None if ram is None else (os.dup(ram), False)
         return None
 
@@ -278,6 +292,20 @@ class Templates:
             self.pruning = True
             self.tg.start_soon(self._prune_while_kept)
 
+    def key_for(self, image_name: str, vcpus: int, memory_mib: int) -> str:
+        """The key of the template of this image and shape (built or not)."""
+        return self._key(images.load_image(self.ws.images_dir, image_name), vcpus, memory_mib)
+
+    def is_ready(self, key: str, vcpus: int, memory_mib: int) -> bool:
+        return ready_template(self.ws.registry, key, vcpus, memory_mib) is not None
+
+    def drop_rams_of(self, holder: int) -> None:
+        """Close every RAM copy of ``holder`` (a warm pool VM's, once its QEMU
+        maps it: nothing else ever will)."""
+        for k in [k for k in self.rams if k[1] == holder]:
+            os.close(self.rams.pop(k))
+        self.ram_seen.pop(holder, None)
+
     def _drop_ram(self, key: str) -> None:
         for k in [k for k in self.rams if k[0] == key]:
             os.close(self.rams.pop(k))
@@ -298,9 +326,9 @@ class Templates:
         if self.config.share_memory:
             self._prune_rams()
             if not await anyio.to_thread.run_sync(
-                    self._load_ram, key, vol.owner, ready, req.memory_mib):
+                    self._load_ram, key, ram_holder(vol), ready, req.memory_mib):
                 return None
-            self.ram_seen[vol.owner] = anyio.current_time()
+            self.ram_seen[ram_holder(vol)] = anyio.current_time()
             self._keep_pruning()
         if vol.pristine_clone_of != clone_mark(key):
             await self._swap_in_clone(vol, ready.volume, key)
