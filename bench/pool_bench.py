@@ -1,12 +1,15 @@
 """Create from the warm pool (privhelper/vms/pool.py) through the real MCP
-client, beside a create from the template on the same helper.
+client, beside a create from the template.
 
-A private helper with ``[pool]`` of two VMs of the default shape: once the
-pool is full, ``ROUNDS`` times: ``workspace_create`` then ``exec true``,
-timed to the exec's result, then destroy, then wait for the pool to be full
-again (so each create finds a warm pool VM).  Then the same with the pool
-drained first (two workspaces hold its VMs), so each create resumes the
-template: the two paths side by side, under the same helper and load.
+Two private helpers in turn, the same load for both as far as a shared host
+allows:
+
+* one with templates only: a cold create builds the template, then
+  ``ROUNDS`` creates resume it (``workspace_create`` then ``exec true``,
+  timed to the exec's result, then destroy);
+* one with ``[pool]`` of two VMs of the default shape: once the pool is
+  full, ``ROUNDS`` creates, each after the pool is full again, so each
+  takes a warm pool VM over (checked in the helper's log).
 
 Prints the p50 of each and records ``pool.create_pool_to_exec`` and
 ``pool.create_template_to_exec``.
@@ -20,21 +23,23 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 
 from agentiso.privhelper.vms.templates import POOL_OWNER
 from bench import report
+from bench.mcp_bench import ready_templates
 from tests.harness.images import image_dir, unusable_reason
 from tests.support.helper_process import IMAGES, HelperProcess, public_tmpdir, running_helper
 from tests.support.mcp_client import Tools, mcp_tools, serve_params
 
 ROUNDS = 7
 POOL_SIZE = 2
-CONFIG = ("[limits]\nper_uid_memory_mib = 4096\nper_uid_vms = 12\n"
-          "[templates]\nbuild = \"on-miss\"\n"
-          f"[pool]\nmemory_mib = 1024\n[[pool.shapes]]\nimage = \"minimal\"\ncount = {POOL_SIZE}\n")
+TEMPLATES = ("[limits]\nper_uid_memory_mib = 4096\nper_uid_vms = 12\n"
+             "[templates]\nbuild = \"on-miss\"\n")
+POOL = f"[pool]\nmemory_mib = 1024\n[[pool.shapes]]\nimage = \"minimal\"\ncount = {POOL_SIZE}\n"
 WAIT_S = 300.0
 
 
@@ -67,43 +72,49 @@ async def create_to_exec(tools: Tools, name: str) -> float:
     return time.perf_counter() - t
 
 
-async def run(tools: Tools, helper: HelperProcess) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def taken_over(helper: HelperProcess) -> int:
+    return helper.log().count('"pool_taken_over"')
+
+
+async def from_template(tools: Tools, helper: HelperProcess) -> list[float]:
+    await tools.call("workspace_create", name="cold")  # builds the template
+    await tools.call("workspace_destroy", workspace="cold")
+    t = time.perf_counter()
+    while not await anyio.to_thread.run_sync(ready_templates, str(helper.socket)):
+        if time.perf_counter() - t > WAIT_S:
+            raise RuntimeError(f"no template within {WAIT_S:.0f} s")
+        await anyio.sleep(0.5)
+    times = []
+    for i in range(ROUNDS):
+        await anyio.sleep(1)
+        times.append(await create_to_exec(tools, f"tpl{i}"))
+        print(f"  create from the template {i + 1}/{ROUNDS}: {times[-1]:.3f} s", flush=True)
+        await tools.call("workspace_destroy", workspace=f"tpl{i}")
+    return times
+
+
+async def from_pool(tools: Tools, helper: HelperProcess, out: dict[str, Any]) -> list[float]:
     print(f"  waiting for the pool ({POOL_SIZE} VMs, a template build first)", flush=True)
     t = time.perf_counter()
     await wait_full(helper)
     out["pool_fill_wait"] = time.perf_counter() - t
-    pool = []
+    times = []
     for i in range(ROUNDS):
         await wait_full(helper)
-        await anyio.sleep(2)  # the refill's load has passed
-        pool.append(await create_to_exec(tools, f"pool{i}"))
-        print(f"  create from the pool {i + 1}/{ROUNDS}: {pool[-1]:.3f} s", flush=True)
+        await anyio.sleep(1)  # the refill's load has passed
+        before = taken_over(helper)
+        times.append(await create_to_exec(tools, f"pool{i}"))
+        if taken_over(helper) != before + 1:
+            raise RuntimeError("a create was not served by the pool")
+        print(f"  create from the pool {i + 1}/{ROUNDS}: {times[-1]:.3f} s", flush=True)
         await tools.call("workspace_destroy", workspace=f"pool{i}")
-    out["create_pool"] = pool
-    # The template beside it: drain the pool (two held workspaces), then
-    # create while it refills (each refill takes several seconds).
-    tpl = []
-    for i in range(ROUNDS):
-        await wait_full(helper)
-        for j in range(POOL_SIZE):
-            await tools.call("workspace_create", name=f"hold{j}")
-        await anyio.sleep(2)
-        tpl.append(await create_to_exec(tools, f"tpl{i}"))
-        print(f"  create from the template {i + 1}/{ROUNDS}: {tpl[-1]:.3f} s", flush=True)
-        for name in (f"tpl{i}", *(f"hold{j}" for j in range(POOL_SIZE))):
-            await tools.call("workspace_destroy", workspace=name)
-    out["create_template"] = tpl
-    return out
+    return times
 
 
-def main() -> int:
-    reason = "needs root" if os.geteuid() != 0 else unusable_reason(image_dir("minimal"))
-    if reason is not None:
-        print(f"skipped: {reason}")
-        return 0
+def through_mcp(config: str, fn: Callable[[Tools, HelperProcess], Awaitable[list[float]]]
+                ) -> list[float]:
     with running_helper(group=0, extra_args=("--images-dir", str(IMAGES)),
-                        config=CONFIG) as helper:
+                        config=config) as helper:
         work = public_tmpdir("agentiso-pool-bench-")
         try:
             (work / "host").mkdir()
@@ -111,13 +122,25 @@ def main() -> int:
             cfg.write_text(f'helper_socket = "{helper.socket}"\nhost_roots = ["{work}/host"]\n'
                            f'state_dir = "{work}/state"\n')
 
-            async def go() -> dict[str, Any]:
+            async def go() -> list[float]:
                 async with mcp_tools(serve_params(cfg)) as tools:
-                    return await run(tools, helper)
+                    return await fn(tools, helper)
 
-            m = anyio.run(go)
+            return anyio.run(go)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    reason = "needs root" if os.geteuid() != 0 else unusable_reason(image_dir("minimal"))
+    if reason is not None:
+        print(f"skipped: {reason}")
+        return 0
+    m: dict[str, Any] = {}
+    print("templates only:", flush=True)
+    m["create_template"] = through_mcp(TEMPLATES, from_template)
+    print("with the pool:", flush=True)
+    m["create_pool"] = through_mcp(TEMPLATES + POOL, lambda t, h: from_pool(t, h, m))
     p50_pool = statistics.median(m["create_pool"])
     p50_tpl = statistics.median(m["create_template"])
     print(f"create -> first exec result through MCP, {ROUNDS} each, p50:")

@@ -102,7 +102,7 @@ class VmServices:
         snapshots = LiveSnapshots(ws, engine, channels, network)
         templates = Templates(ws, ws.config.templates, tg, lifecycle, snapshots)
         lifecycle.templates = templates
-        pool = WarmPool(ws, ws.config.pool, templates, lifecycle)
+        pool = WarmPool(ws, ws.config.pool, templates, lifecycle, tg)
         lifecycle.pool = pool
         return cls(
             lifecycle=lifecycle,

@@ -30,7 +30,8 @@ that VM:
    the agent takes a new hostname, machine-id, entropy and clock, and the
    link comes up.  The address and MAC stay the pool VM's: no other VM had
    them, and the allocator hands a freed address out last;
-3. the caller's set-aside fresh disk is destroyed.
+3. after the answer, the caller's set-aside fresh disk is destroyed and the
+   pool refills (neither is waited for by the caller).
 
 A failure in 2 (the pool VM died or hangs) discards the pool VM and puts the
 caller's volume back: the start goes on as if there were no pool (a template
@@ -59,6 +60,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import structlog
+from anyio.abc import TaskGroup
 
 from agentiso.protocol import guest as gp
 from agentiso.protocol import helper as hp
@@ -84,6 +86,10 @@ _NAME = re.compile(r"\Apool-([0-9a-f]{16})-[0-9a-f]{8}\Z")
 #: How often the pool looks whether it must refill or drop a VM when no
 #: take-over woke it.
 REFILL_POLL_S = 10.0
+#: How long the refill waits after a take-over: the new owner's first
+#: commands run meanwhile without a VM being made beside them (on a small
+#: host a fill takes a core for a fraction of a second).
+REFILL_DELAY_S = 2.0
 #: The warm-up command each pool VM runs once (the first exec's paths).
 WARM_UP = ("/bin/sh", "-c", "true")
 WARM_UP_TIMEOUT_S = 60.0
@@ -159,6 +165,8 @@ class WarmPool:
     config: PoolConfig
     templates: Templates
     lifecycle: VmLifecycle
+    #: Runs what follows a take-over (the set-aside disk's removal, the refill).
+    tg: TaskGroup | None = None
     #: Pool VMs ready to be taken over: VM key -> template key.
     ready: dict[str, str] = field(default_factory=dict)
     _wake: anyio.Event = field(default_factory=anyio.Event)
@@ -190,9 +198,9 @@ class WarmPool:
                 handover.revert_volume(ws)
                 self.ready[handover.rec.key] = key
                 raise
-        self._wake.set()  # refill
+        steps: dict[str, float] = {}
         try:
-            machine_id = await self._take_over(handover.rec, req)
+            machine_id = await self._take_over(handover.rec, req, steps)
         except Exception as exc:
             log.warning("pool_takeover_failed", vm=handover.rec.key, error=str(exc),
                         hint="the start goes on without the pool")
@@ -203,16 +211,30 @@ class WarmPool:
             with anyio.CancelScope(shield=True):
                 await self._undo(handover)
             raise
+        t = anyio.current_time()
         async with ws.lock:
             handover.pool_vol.machine_id = machine_id
             ws.registry.save()
-        try:
-            await ws.storage.destroy_volume(handover.user_vol.key)
-        except HelperError as exc:
-            log.warning("pool_takeover_left_disk", key=handover.user_vol.key,
-                        error=exc.message, hint="agentiso-helper gc")
-        log.info("pool_taken_over", vm=handover.rec.key, owner=ctx.owner, template=key)
+        steps["saved"] = anyio.current_time() - t
+        log.info("pool_taken_over", vm=handover.rec.key, owner=ctx.owner, template=key,
+                 ms={k: round(v * 1000, 1) for k, v in steps.items()})
+        # After the answer: the caller's set-aside disk goes, then the pool
+        # refills.  Neither waits on the caller (a refill holds ws.lock while
+        # it loads a RAM copy, which the save above would otherwise wait for).
+        if self.tg is not None:
+            self.tg.start_soon(self._cleanup, handover.user_vol.key)
+        else:
+            await self._cleanup(handover.user_vol.key)
         return self.lifecycle.views.info(req.id, handover.rec)
+
+    async def _cleanup(self, old_disk: str) -> None:
+        try:
+            await self.ws.storage.destroy_volume(old_disk)
+        except HelperError as exc:
+            log.warning("pool_takeover_left_disk", key=old_disk, error=exc.message,
+                        hint="agentiso-helper gc")
+        await anyio.sleep(REFILL_DELAY_S)
+        self._wake.set()
 
     def _take(self, key: str, vol: VolumeRecord) -> _Handover | None:
         """Remove from :attr:`ready` a running pool VM of ``key`` whose disk
@@ -236,17 +258,29 @@ class WarmPool:
             return _Handover(rec=rec, pool_vol=pool_vol, user_vol=vol, pool_name=rec.name)
         return None
 
-    async def _take_over(self, rec: VmRecord, req: hp.VmStart) -> str:
+    async def _take_over(self, rec: VmRecord, req: hp.VmStart, steps: dict[str, float]) -> str:
         """The pool VM ``rec`` (now the caller's) takes its new owner's rules
-        and a new identity with its link down.  Returns the new machine-id."""
+        and a new identity with its link down.  Returns the new machine-id;
+        ``steps`` gets each step's time (seconds), for the log."""
         lc = self.lifecycle
         assert req.network is not None  # claimable() checked it
+        t = anyio.current_time()
+
+        def lap(name: str) -> None:
+            nonlocal t
+            now = anyio.current_time()
+            steps[name], t = now - t, now
+
         await lc.engine.set_link(rec.key, False)
+        lap("link_down")
         net = await lc.network.hand_over(rec.owner, rec.key, req.network)
+        lap("rules")
         channel = lc.channels.of_running(rec)
         identity = reidentify_request(req.name, net, net.mac)
         await lc.guest_step(req, rec.key, channel, identity)
+        lap("reidentify")
         await lc.engine.set_link(rec.key, True)
+        lap("link_up")
         channel.touch()  # an idle limit counts from now, not from the fill
         return identity.machine_id
 
