@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 
 from agentiso.frontend.guest_channel import open_guest
-from agentiso.privhelper.vms.templates import NAME_PREFIX, SNAPSHOT
+from agentiso.privhelper.vms.templates import NAME_PREFIX, SNAPSHOT, TEMPLATE_OWNER
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
 from bench import report
@@ -100,7 +100,7 @@ async def raw_floor(sock: str, vm: str) -> tuple[list[float], float, float, floa
 def ready_templates(sock: str) -> set[str]:
     """The helper's ready boot templates (root's tpl-* volumes with memory)."""
     with BlockingHelperClient(sock, timeout=60) as c:
-        vols = c.request(hp.VolumeList(id=0, owner=0))
+        vols = c.request(hp.VolumeList(id=0, owner=TEMPLATE_OWNER))
     assert isinstance(vols, hp.Volumes)
     return {v.name for v in vols.volumes if v.name.startswith(NAME_PREFIX)
             and any(s.name == SNAPSHOT and s.memory for s in v.snapshots)}

@@ -31,6 +31,7 @@ from .service import WorkspaceService
 from .storage import make_backend
 from .vm.engine import EngineSettings, VmEngine
 from .vms import VmServices
+from .vms.templates import POOL_OWNER, TEMPLATE_OWNER
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -266,7 +267,13 @@ def _gather_view(c: BlockingHelperClient) -> AdminView:
     return view
 
 
+#: The helper's own owners, as the operator's listing names them.
+HELPER_OWNERS = {TEMPLATE_OWNER: "templates", POOL_OWNER: "pool"}
+
+
 def _user_name(uid: int) -> str:
+    if uid in HELPER_OWNERS:
+        return HELPER_OWNERS[uid]
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+import structlog
 from anyio.abc import TaskGroup
 
 from ..net.manager import NetworkManager
@@ -34,10 +35,12 @@ from .lifecycle import VmLifecycle
 from .network import VmNetwork
 from .pool import WarmPool
 from .snapshots import LiveSnapshots
-from .templates import Templates
+from .templates import Templates, migrate_owner
 from .timelimited import TimeLimitedRequests
 from .timer import TimeLimitTimer
 from .views import VmViews
+
+log = structlog.get_logger("agentiso.helper.vms")
 
 
 class Service(Protocol):
@@ -101,6 +104,9 @@ class VmServices:
         views.expires_at = timer.expires_at
         snapshots = LiveSnapshots(ws, engine, channels, network)
         templates = Templates(ws, ws.config.templates, tg, lifecycle, snapshots)
+        if moved := migrate_owner(ws.registry):
+            ws.registry.save()
+            log.info("templates_moved_from_root", templates=moved)
         lifecycle.templates = templates
         pool = WarmPool(ws, ws.config.pool, templates, lifecycle, tg)
         lifecycle.pool = pool

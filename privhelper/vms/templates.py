@@ -1,8 +1,9 @@
 """Boot templates: a booted VM of one image and shape, saved at one paused
 instant (memory and disk), that new VMs resume instead of booting.
 
-A template is an ordinary volume of the helper's own (owner 0, named
-``tpl-<key>``) with one snapshot, :data:`SNAPSHOT`, taken with memory right
+A template is an ordinary volume of the helper's own (owner
+:data:`TEMPLATE_OWNER`, a uid no user has, so no user's listing shows it,
+root's included; named ``tpl-<key>``) with one snapshot, :data:`SNAPSHOT`, taken with memory right
 after its VM booted and was configured; its VM is then killed.  The key is a
 hash of the image's exact build (the sha256 of its kernel, initrd and root
 filesystem, and its kernel command line) and the shape (vCPUs, MiB): a
@@ -73,7 +74,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("agentiso.helper.templates")
 
 #: The owner of every template (the helper itself).
-TEMPLATE_OWNER = 0
+TEMPLATE_OWNER = 2**32 - 3
+#: Who owned templates before they had an owner of their own (root: their
+#: volumes showed in root's listings); moved at start (:func:`migrate_owner`).
+LEGACY_TEMPLATE_OWNER = 0
 NAME_PREFIX = "tpl-"
 #: The one snapshot of a template volume: its booted instant.
 SNAPSHOT = "booted"
@@ -82,7 +86,8 @@ FORMAT = 1
 #: Where a ``pristine_clone_of`` mark names a template instead of a snapshot.
 MARK_PREFIX = "template:"
 #: The owner of every warm pool VM and volume (:mod:`.pool`): (uid_t)-2, a
-#: uid no user has, so no user's listing (root's included) shows them.
+#: uid no user has (nor has :data:`TEMPLATE_OWNER`, (uid_t)-3), so no user's
+#: listing, root's included, shows them.
 POOL_OWNER = 2**32 - 2
 
 
@@ -120,6 +125,22 @@ def ram_holder(vol: VolumeRecord) -> int:
         # copy and handing it to QEMU.  Pool names are unique (random).
         return -1 - int(hashlib.sha256(vol.name.encode()).hexdigest()[:8], 16)
     return vol.owner
+
+
+def migrate_owner(registry: Registry) -> list[str]:
+    """Give :data:`TEMPLATE_OWNER` the templates root still owns (a helper
+    from before they had their own owner); returns their names.  Pure on the
+    registry (the caller saves).  A root volume named like a template that
+    is not one (no memory snapshot of that name) stays root's."""
+    moved = []
+    for vol in registry.volumes(LEGACY_TEMPLATE_OWNER):
+        snap = next((x for x in vol.snapshots if x.name == SNAPSHOT), None)
+        if vol.name.startswith(NAME_PREFIX) and snap is not None and snap.memory_file:
+            if any(v.name == vol.name for v in registry.volumes(TEMPLATE_OWNER)):
+                continue
+            vol.owner = TEMPLATE_OWNER
+            moved.append(vol.name)
+    return moved
 
 
 def clone_mark(key: str) -> str:
@@ -180,7 +201,7 @@ def stale_rams(rams: Collection[tuple[str, int]], running: Collection[int],
 
 
 def helper_context(server: Any = None) -> RequestContext:
-    """A request context for the helper's own requests (owner 0)."""
+    """A request context for the helper's own template requests."""
     peer = PeerCredentials(pid=os.getpid(), uid=0, gid=0, groups=frozenset())
     return RequestContext(peer=peer, server=cast(Any, server), owner=TEMPLATE_OWNER)
 

@@ -7,7 +7,8 @@ agent's uptime is older than the create), for two users, with identities
 that differ (address, MAC, hostname, machine-id, /dev/urandom) and rules
 handed over (the host reaches a1's inbound port, b1 does not reach it); no
 user's listing, root's included, shows a pool VM or volume; the pool
-refills; a pool VM killed during its take-over is discarded whole and the
+refills; a start that no pool VM fits (another disk size) goes on without
+the pool; a pool VM killed during its take-over is discarded whole and the
 start still succeeds (from the template); a helper restart keeps the pool
 VMs and uses them; a changed image is never served by a pool VM of the
 stale template, which the pool drops.
@@ -229,9 +230,32 @@ def test_the_pool_refills(lab: Lab) -> None:
     assert len(filled) == 2 and not taken & set(lab.pool_vms().values())
 
 
+def test_a_start_no_pool_vm_fits_goes_on_without_the_pool(lab: Lab) -> None:
+    lab.wait_pool(2)
+    taken, claims = lab.count("pool_taken_over"), lab.count("template_claimed")
+    with lab.client() as c:  # a disk larger than the image's: no pool VM has one
+        probe = c.request(hp.VolumeCreate(id=0, name="probe", owner=USER_B,
+                                          source=hp.FromImage(image="minimal")))
+        assert isinstance(probe, hp.VolumeInfo)
+        c.request(hp.VolumeDestroy(id=0, name="probe", owner=USER_B))
+        c.request(hp.VolumeCreate(id=0, name="big-vol", owner=USER_B,
+                                  source=hp.FromImage(image="minimal"),
+                                  size_bytes=probe.size_bytes + (1 << 30)))
+        info = c.request(hp.VmStart(id=0, name="big", volume="big-vol", network=POLICY,
+                                    owner=USER_B))
+    assert isinstance(info, hp.VmInfo) and info.state == "running", info
+    lab.info["big"], lab.owner["big"] = info, USER_B
+    assert lab.sh("big", "hostname") == "big"
+    assert lab.count("pool_taken_over") == taken  # booted cold: no pool VM, no template
+    assert lab.count("template_claimed") == claims
+    assert len(lab.pool_vms()) == 2  # the pool is untouched
+    lab.stop("big")
+
+
 def test_a_pool_vm_killed_during_its_takeover_leaves_nothing(lab: Lab) -> None:
     pool = lab.wait_pool(2)
     pids = {k: qemu_pid(k) for k in pool}
+    pool_disks = {m["volume_key"] for m in lab.registry()["vms"] if m["key"] in pids}
     for pid in pids.values():  # frozen: the take-over waits on them
         os.kill(pid, signal.SIGSTOP)
     failed = lab.count("pool_takeover_failed")
@@ -263,8 +287,7 @@ def test_a_pool_vm_killed_during_its_takeover_leaves_nothing(lab: Lab) -> None:
     reg = lab.registry()
     assert not {m["key"] for m in reg["vms"]} & set(pids)
     assert [v["name"] for v in reg["volumes"] if v["owner"] == USER_A].count("k1-vol") == 1
-    assert len(reg["volumes"]) == len(reg["vms"]) + sum(  # every volume has its VM
-        1 for v in reg["volumes"] if v["name"].startswith("tpl-"))
+    assert len(pool_disks) == 2 and not {v["key"] for v in reg["volumes"]} & pool_disks
     assert not lab.net_workspaces() & set(pids)
     for pid in pids.values():
         assert not Path(f"/proc/{pid}").exists()

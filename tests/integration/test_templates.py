@@ -36,7 +36,7 @@ import anyio
 import pytest
 
 from agentiso.frontend.guest_channel import open_guest
-from agentiso.privhelper.vms.templates import NAME_PREFIX, SNAPSHOT
+from agentiso.privhelper.vms.templates import NAME_PREFIX, SNAPSHOT, TEMPLATE_OWNER
 from agentiso.protocol import helper as hp
 from agentiso.protocol.blocking import BlockingHelperClient
 from agentiso.protocol.errors import RemoteError
@@ -104,7 +104,7 @@ class Lab:
     def templates(self) -> dict[str, hp.VolumeInfo]:
         """The helper's ready templates (volume name -> info)."""
         with self.client() as c:
-            vols = c.request(hp.VolumeList(id=0, owner=0))
+            vols = c.request(hp.VolumeList(id=0, owner=TEMPLATE_OWNER))
         assert isinstance(vols, hp.Volumes)
         return {v.name: v for v in vols.volumes if v.name.startswith(NAME_PREFIX)
                 and any(s.name == SNAPSHOT and s.memory for s in v.snapshots)}

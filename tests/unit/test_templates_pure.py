@@ -12,12 +12,15 @@ import pytest
 from agentiso.privhelper import images
 from agentiso.privhelper.config import parse_config
 from agentiso.privhelper.errors import ConfigError
-from agentiso.privhelper.registry import SnapshotRecord, VolumeRecord
+from agentiso.privhelper.registry import Registry, SnapshotRecord, VolumeRecord
 from agentiso.privhelper.vms.templates import (
+    POOL_OWNER,
+    SNAPSHOT,
     TEMPLATE_OWNER,
     claimable,
     clone_mark,
     is_template,
+    migrate_owner,
     source_of,
     stale_rams,
     template_key,
@@ -80,8 +83,26 @@ def test_only_a_fresh_volume_started_plainly_with_a_network_is_claimable() -> No
 
 def test_templates_are_the_helpers_own_volumes_by_name() -> None:
     assert is_template(volume(owner=TEMPLATE_OWNER, name="tpl-0123456789abcdef"))
-    assert not is_template(volume(owner=TEMPLATE_OWNER, name="ws"))  # root's workspace
+    assert not is_template(volume(owner=TEMPLATE_OWNER, name="ws"))
     assert not is_template(volume(owner=1000, name="tpl-0123456789abcdef"))
+    assert not is_template(volume(owner=0, name="tpl-0123456789abcdef"))  # root's own
+    # No user has the helper's owners, root included.
+    assert TEMPLATE_OWNER > 2**31 and POOL_OWNER > 2**31 and TEMPLATE_OWNER != POOL_OWNER
+
+
+def test_templates_root_owned_before_are_moved_to_their_own_owner() -> None:
+    reg = Registry(Path("/nonexistent"))
+    snap = SnapshotRecord(name=SNAPSHOT, created=0.0, memory_file="m.mem", vcpus=1,
+                          memory_mib=256)
+    old = reg.add_volume(0, "tpl-0123456789abcdef", "image:minimal", 1 << 30, "minimal")
+    old.snapshots.append(snap)
+    fake = reg.add_volume(0, "tpl-fedcba9876543210", "image:minimal", 1 << 30, "minimal")
+    mine = reg.add_volume(0, "ws", "image:minimal", 1 << 30, "minimal")
+    mine.snapshots.append(snap)
+    assert migrate_owner(reg) == ["tpl-0123456789abcdef"]
+    assert old.owner == TEMPLATE_OWNER
+    assert fake.owner == 0 and mine.owner == 0  # not templates: root's own
+    assert migrate_owner(reg) == []  # once
 
 
 def test_the_source_carries_the_saved_mac_and_secret() -> None:
